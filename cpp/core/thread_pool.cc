@@ -1,0 +1,96 @@
+#include "core/thread_pool.h"
+
+#include <sched.h>
+
+#include <chrono>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define MRT_PAUSE() _mm_pause()
+#else
+#define MRT_PAUSE() std::this_thread::yield()
+#endif
+
+namespace medusa_rt {
+
+int available_cores() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    int n = CPU_COUNT(&set);
+    if (n > 0) return n;
+  }
+  unsigned n = std::thread::hardware_concurrency();
+  return n ? static_cast<int>(n) : 1;
+}
+
+ThreadPool::ThreadPool(int num_threads) {
+  for (int i = 1; i < num_threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+}
+
+ThreadPool::~ThreadPool() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_.store(true);
+    generation_.fetch_add(1);
+  }
+  cv_.notify_all();
+  for (auto& t : workers_) t.join();
+}
+
+void ThreadPool::run_tasks() {
+  while (true) {
+    // acquire pairs with the release reset in parallel_for: a worker that takes a task
+    // of a new job sees that job's fn and task count.
+    int t = next_task_.fetch_add(1, std::memory_order_acq_rel);
+    if (t >= num_tasks_) break;
+    (*job_)(t);
+    done_tasks_.fetch_add(1, std::memory_order_release);
+  }
+}
+
+void ThreadPool::worker_loop() {
+  uint64_t seen = 0;
+  while (true) {
+    // Spin for a short while: jobs of one forward come back to back.
+    auto spin_start = std::chrono::steady_clock::now();
+    int spins = 0;
+    while (generation_.load(std::memory_order_acquire) == seen) {
+      MRT_PAUSE();
+      if (++spins == 256) {
+        spins = 0;
+        if (std::chrono::steady_clock::now() - spin_start > std::chrono::microseconds(2000)) {
+          std::unique_lock<std::mutex> lock(mu_);
+          sleepers_.fetch_add(1);
+          cv_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+          sleepers_.fetch_sub(1);
+          break;
+        }
+      }
+    }
+    seen = generation_.load(std::memory_order_acquire);
+    if (stop_.load()) return;
+    run_tasks();
+  }
+}
+
+void ThreadPool::parallel_for(int num_tasks, const std::function<void(int)>& fn) {
+  if (num_tasks <= 0) return;
+  if (workers_.empty() || num_tasks == 1) {
+    for (int t = 0; t < num_tasks; ++t) fn(t);
+    return;
+  }
+  job_ = &fn;
+  num_tasks_ = num_tasks;
+  done_tasks_.store(0, std::memory_order_relaxed);
+  next_task_.store(0, std::memory_order_release);
+  if (sleepers_.load() > 0) {
+    { std::lock_guard<std::mutex> lock(mu_); generation_.fetch_add(1, std::memory_order_release); }
+    cv_.notify_all();
+  } else {
+    generation_.fetch_add(1, std::memory_order_release);
+  }
+  run_tasks();
+  while (done_tasks_.load(std::memory_order_acquire) < num_tasks) MRT_PAUSE();
+}
+
+}  // namespace medusa_rt

@@ -1,0 +1,220 @@
+// The CPU backend: host memory, a thread pool, and the kernels of cpu/kernels.h.
+#include <sys/sysinfo.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "core/thread_pool.h"
+#include "cpu/kernels.h"
+#include "medusa_rt/errors.h"
+#include "model/backend.h"
+
+namespace medusa_rt {
+namespace {
+
+cpu::WType wtype(DType d) {
+  switch (d) {
+    case DType::kF32: return cpu::WType::kF32;
+    case DType::kBF16: return cpu::WType::kBF16;
+    case DType::kF16: return cpu::WType::kF16;
+    default: throw UnsupportedModelError(std::string("weight dtype ") + dtype_name(d) + " is not supported by the CPU backend");
+  }
+}
+
+size_t mem_available_bytes() {
+  std::ifstream in("/proc/meminfo");
+  std::string key;
+  size_t value = 0;
+  std::string unit;
+  while (in >> key >> value >> unit) {
+    if (key == "MemAvailable:") return value * 1024;
+  }
+  struct sysinfo si;
+  if (sysinfo(&si) == 0) return size_t(si.freeram) * si.mem_unit;
+  return 0;
+}
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(int num_threads) : pool_(num_threads), k_(cpu::kernels()) {}
+
+  std::string name() const override { return std::string("cpu/") + k_.isa; }
+  int num_threads() const override { return pool_.num_threads(); }
+
+  void* allocate(size_t bytes, const char* what) override {
+    void* p = nullptr;
+    size_t rounded = (std::max<size_t>(bytes, 64) + 63) & ~size_t(63);
+    if (posix_memalign(&p, 64, rounded) != 0 || !p) {
+      throw CapacityError(std::string("out of memory allocating ") + std::to_string(bytes >> 20) + " MiB for " + what);
+    }
+    return p;
+  }
+  void deallocate(void* p) override { std::free(p); }
+  void copy_to_device(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
+  void copy_to_host(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
+  void fill_zero(void* dst, size_t bytes) override { std::memset(dst, 0, bytes); }
+  size_t available_memory() const override { return mem_available_bytes(); }
+
+  void prepare(const KVLayout& layout) override {
+    // Attention scores: one strip per thread; a row never sees more than max_seq keys.
+    scratch_stride_ = (size_t(layout.max_seq) + 15) & ~size_t(15);
+    scratch_.assign(scratch_stride_ * pool_.num_threads(), 0.f);
+  }
+
+  void embed(const Matrix& table, const int32_t* tokens, int rows, float* out) override {
+    const int dim = table.cols;
+    for (int r = 0; r < rows; ++r) {
+      const int64_t base = int64_t(tokens[r]) * dim;
+      float* o = out + int64_t(r) * dim;
+      switch (table.dtype) {
+        case DType::kF32: std::memcpy(o, static_cast<const float*>(table.data) + base, dim * sizeof(float)); break;
+        case DType::kBF16: {
+          const uint16_t* s = static_cast<const uint16_t*>(table.data) + base;
+          for (int i = 0; i < dim; ++i) o[i] = bf16_to_f32(s[i]);
+          break;
+        }
+        case DType::kF16: {
+          const uint16_t* s = static_cast<const uint16_t*>(table.data) + base;
+          for (int i = 0; i < dim; ++i) o[i] = f16_to_f32(s[i]);
+          break;
+        }
+        default: throw UnsupportedModelError("embedding dtype not supported");
+      }
+    }
+  }
+
+  void rmsnorm(const float* x, const float* w, int rows, int dim, float eps, float* out) override {
+    for (int r = 0; r < rows; ++r) {
+      const float* xr = x + int64_t(r) * dim;
+      float* o = out + int64_t(r) * dim;
+      double ss = 0.0;
+      for (int i = 0; i < dim; ++i) ss += double(xr[i]) * xr[i];
+      const float inv = 1.0f / std::sqrt(float(ss / dim) + eps);
+      for (int i = 0; i < dim; ++i) o[i] = w[i] * (xr[i] * inv);
+    }
+  }
+
+  void linear(const float* x, int rows, const Matrix& w, const float* bias, float* y) override {
+    const cpu::WType wt = wtype(w.dtype);
+    const int N = w.rows, K = w.cols;
+    const int T = pool_.num_threads();
+    // Split the output columns evenly, in multiples of 8.
+    const int chunk = ((N + T - 1) / T + 7) & ~7;
+    const int tasks = (N + chunk - 1) / chunk;
+    pool_.parallel_for(tasks, [&](int t) {
+      const int n0 = t * chunk, n1 = std::min(N, n0 + chunk);
+      k_.gemm(x, K, rows, K, w.data, wt, bias, n0, n1, y, N);
+    });
+  }
+
+  void rope(float* x, int rows, int row_stride, int col0, int heads, int head_dim, const int32_t* positions,
+            const float* cos, const float* sin) override {
+    const int half = head_dim / 2;
+    for (int r = 0; r < rows; ++r) {
+      const float* c = cos + int64_t(positions[r]) * half;
+      const float* s = sin + int64_t(positions[r]) * half;
+      for (int h = 0; h < heads; ++h) {
+        float* v = x + int64_t(r) * row_stride + col0 + int64_t(h) * head_dim;
+        for (int i = 0; i < half; ++i) {
+          const float a = v[i], b = v[i + half];
+          v[i] = a * c[i] - b * s[i];
+          v[i + half] = b * c[i] + a * s[i];
+        }
+      }
+    }
+  }
+
+  void kv_store(const float* qkv, int row_stride, int k_col0, int v_col0, const RowsMeta& meta, const KVLayout& L,
+                float* k_cache, float* v_cache) override {
+    const size_t hd_bytes = size_t(L.head_dim) * sizeof(float);
+    for (int r = 0; r < meta.rows; ++r) {
+      for (int h = 0; h < L.kv_heads; ++h) {
+        const size_t dst = ((size_t(meta.slots[r]) * L.kv_heads + h) * L.max_seq + meta.cache_index[r]) * L.head_dim;
+        const float* row = qkv + int64_t(r) * row_stride;
+        std::memcpy(k_cache + dst, row + k_col0 + h * L.head_dim, hd_bytes);
+        std::memcpy(v_cache + dst, row + v_col0 + h * L.head_dim, hd_bytes);
+      }
+    }
+  }
+
+  void attention(const float* qkv, int row_stride, int heads, const RowsMeta& meta, const KVLayout& L,
+                 const float* k_cache, const float* v_cache, float* out) override {
+    const int units = meta.rows * heads;
+    const int group = heads / L.kv_heads;
+    const float scale = 1.0f / std::sqrt(float(L.head_dim));
+    const int T = std::min(pool_.num_threads(), units);
+    if (scratch_stride_ < size_t(L.max_seq)) throw Error("internal: CpuBackend::prepare() was not called");
+    pool_.parallel_for(T, [&](int t) {
+      const int u0 = int(int64_t(units) * t / T), u1 = int(int64_t(units) * (t + 1) / T);
+      float* scores = scratch_.data() + size_t(t) * scratch_stride_;
+      for (int u = u0; u < u1; ++u) {
+        const int r = u / heads, h = u % heads, kvh = h / group;
+        const size_t base = (size_t(meta.slots[r]) * L.kv_heads + kvh) * L.max_seq * L.head_dim;
+        cpu::AttendArgs a;
+        a.q = qkv + int64_t(r) * row_stride + int64_t(h) * L.head_dim;
+        a.k = k_cache + base;
+        a.v = v_cache + base;
+        a.head_dim = L.head_dim;
+        a.prefix_len = meta.prefix_len[r];
+        if (meta.extra_offsets) {
+          a.extra = meta.extra + meta.extra_offsets[r];
+          a.num_extra = meta.extra_offsets[r + 1] - meta.extra_offsets[r];
+        } else {
+          a.extra = nullptr;
+          a.num_extra = 0;
+        }
+        a.scale = scale;
+        a.scores = scores;
+        a.out = out + int64_t(r) * heads * L.head_dim + int64_t(h) * L.head_dim;
+        k_.attend(a);
+      }
+    });
+  }
+
+  void silu_mul(const float* gu, int rows, int dim, float* out) override {
+    for (int r = 0; r < rows; ++r) {
+      const float* g = gu + int64_t(r) * 2 * dim;
+      const float* u = g + dim;
+      float* o = out + int64_t(r) * dim;
+      for (int i = 0; i < dim; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    }
+  }
+
+  void add(float* x, const float* y, size_t n) override {
+    for (size_t i = 0; i < n; ++i) x[i] += y[i];
+  }
+
+  void gather_rows(const float* x, int dim, const int32_t* index, int n, float* out) override {
+    for (int i = 0; i < n; ++i) std::memcpy(out + int64_t(i) * dim, x + int64_t(index[i]) * dim, dim * sizeof(float));
+  }
+
+  void argmax(const float* logits, int rows, int vocab, int32_t* out) override {
+    for (int r = 0; r < rows; ++r) {
+      const float* l = logits + int64_t(r) * vocab;
+      int best = 0;
+      for (int i = 1; i < vocab; ++i) {
+        if (l[i] > l[best]) best = i;
+      }
+      out[r] = best;
+    }
+  }
+
+ private:
+  ThreadPool pool_;
+  const cpu::Kernels& k_;
+  std::vector<float> scratch_;
+  size_t scratch_stride_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend(int num_threads) { return std::make_unique<CpuBackend>(num_threads); }
+
+}  // namespace medusa_rt

@@ -1,0 +1,45 @@
+// CPU kernels with runtime ISA dispatch.
+//
+// The table is chosen once per process: AVX2+FMA+F16C when the CPU has them, otherwise a
+// portable path. MEDUSA_RT_ISA=generic forces the portable path (for tests).
+//
+// Reduction order contract (losslessness of speculative decoding): each output element of
+// gemm() and each attention row is computed by the same sequence of operations whatever the
+// number of rows M in flight, the column range, or the thread that computes it.
+#pragma once
+
+#include <cstdint>
+
+namespace medusa_rt::cpu {
+
+enum class WType { kF32, kBF16, kF16 };
+
+struct AttendArgs {
+  const float* q;        // [head_dim]
+  const float* k;        // keys of one kv head: [cache_len][head_dim]
+  const float* v;        // values of one kv head
+  int head_dim;
+  int prefix_len;        // keys [0, prefix_len) are visible
+  const int32_t* extra;  // further visible key indices (increasing, all >= prefix_len), may be null
+  int num_extra;
+  float scale;
+  float* scores;         // scratch, >= prefix_len + num_extra floats
+  float* out;            // [head_dim]
+};
+
+struct Kernels {
+  const char* isa;
+  // y[m*ldy + n] = bias[n] + sum_k x[m*ldx + k] * w[n*K + k]   for m in [0, M), n in [n0, n1).
+  // bias may be null.
+  void (*gemm)(const float* x, int ldx, int M, int K, const void* w, WType wt, const float* bias, int n0, int n1,
+               float* y, int ldy);
+  // Softmax attention of one query row over one kv head, keys in index order.
+  void (*attend)(const AttendArgs& a);
+};
+
+const Kernels& kernels();
+const Kernels& generic_kernels();
+// nullptr when this build or this CPU has no AVX2/FMA/F16C.
+const Kernels* avx2_kernels();
+
+}  // namespace medusa_rt::cpu

@@ -1,0 +1,72 @@
+// Portable kernels: plain C++, no ISA assumptions beyond the build's baseline.
+#include <cmath>
+#include <cstring>
+
+#include "core/dtype.h"
+#include "cpu/kernels.h"
+
+namespace medusa_rt::cpu {
+namespace {
+
+inline float load_w(const void* w, WType wt, int64_t i) {
+  switch (wt) {
+    case WType::kF32: return static_cast<const float*>(w)[i];
+    case WType::kBF16: return bf16_to_f32(static_cast<const uint16_t*>(w)[i]);
+    case WType::kF16: return f16_to_f32(static_cast<const uint16_t*>(w)[i]);
+  }
+  return 0.f;
+}
+
+void gemm_generic(const float* x, int ldx, int M, int K, const void* w, WType wt, const float* bias, int n0, int n1,
+                  float* y, int ldy) {
+  for (int n = n0; n < n1; ++n) {
+    const int64_t row = static_cast<int64_t>(n) * K;
+    for (int m = 0; m < M; ++m) {
+      const float* xm = x + static_cast<int64_t>(m) * ldx;
+      float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int k = 0;
+      for (; k + 8 <= K; k += 8) {
+        for (int l = 0; l < 8; ++l) lanes[l] += xm[k + l] * load_w(w, wt, row + k + l);
+      }
+      float s = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+      for (; k < K; ++k) s += xm[k] * load_w(w, wt, row + k);
+      y[static_cast<int64_t>(m) * ldy + n] = bias ? s + bias[n] : s;
+    }
+  }
+}
+
+void attend_generic(const AttendArgs& a) {
+  const int n = a.prefix_len + a.num_extra;
+  float mx = -INFINITY;
+  for (int j = 0; j < n; ++j) {
+    const int key = j < a.prefix_len ? j : a.extra[j - a.prefix_len];
+    const float* kr = a.k + static_cast<int64_t>(key) * a.head_dim;
+    float s = 0.f;
+    for (int d = 0; d < a.head_dim; ++d) s += a.q[d] * kr[d];
+    s *= a.scale;
+    a.scores[j] = s;
+    mx = s > mx ? s : mx;
+  }
+  float sum = 0.f;
+  for (int j = 0; j < n; ++j) {
+    a.scores[j] = std::exp(a.scores[j] - mx);
+    sum += a.scores[j];
+  }
+  const float inv = 1.f / sum;
+  for (int d = 0; d < a.head_dim; ++d) a.out[d] = 0.f;
+  for (int j = 0; j < n; ++j) {
+    const int key = j < a.prefix_len ? j : a.extra[j - a.prefix_len];
+    const float* vr = a.v + static_cast<int64_t>(key) * a.head_dim;
+    const float p = a.scores[j] * inv;
+    for (int d = 0; d < a.head_dim; ++d) a.out[d] += p * vr[d];
+  }
+}
+
+}  // namespace
+
+const Kernels& generic_kernels() {
+  static const Kernels k{"generic", gemm_generic, attend_generic};
+  return k;
+}
+
+}  // namespace medusa_rt::cpu

@@ -1,0 +1,355 @@
+#include "model/llama.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "core/safetensors.h"
+#include "medusa_rt/errors.h"
+
+namespace medusa_rt {
+namespace {
+
+constexpr int kMaxExtraPerRow = 16;
+
+std::string layer_name(int i, const char* suffix) { return "model.layers." + std::to_string(i) + "." + suffix; }
+
+void convert_into(const TensorView& t, DType dst_type, void* dst) {
+  const int64_t n = t.numel();
+  if (t.dtype == dst_type) {
+    std::memcpy(dst, t.data, t.nbytes);
+    return;
+  }
+  auto src_at = [&](int64_t i) -> float {
+    uint16_t h;
+    float f;
+    switch (t.dtype) {
+      case DType::kF32: std::memcpy(&f, t.data + 4 * i, 4); return f;
+      case DType::kBF16: std::memcpy(&h, t.data + 2 * i, 2); return bf16_to_f32(h);
+      case DType::kF16: std::memcpy(&h, t.data + 2 * i, 2); return f16_to_f32(h);
+      default: return 0.f;
+    }
+  };
+  switch (dst_type) {
+    case DType::kF32: {
+      float* d = static_cast<float*>(dst);
+      for (int64_t i = 0; i < n; ++i) d[i] = src_at(i);
+      break;
+    }
+    case DType::kBF16: {
+      uint16_t* d = static_cast<uint16_t*>(dst);
+      for (int64_t i = 0; i < n; ++i) d[i] = f32_to_bf16(src_at(i));
+      break;
+    }
+    case DType::kF16: {
+      uint16_t* d = static_cast<uint16_t*>(dst);
+      for (int64_t i = 0; i < n; ++i) d[i] = f32_to_f16(src_at(i));
+      break;
+    }
+    default: throw Error("internal: bad conversion target");
+  }
+}
+
+void check_float_dtype(const TensorView& t) {
+  if (t.dtype != DType::kF32 && t.dtype != DType::kBF16 && t.dtype != DType::kF16) {
+    throw ModelFormatError("tensor '" + t.name + "' in " + *t.file + " has dtype " + dtype_name(t.dtype) +
+                           "; expected F32, BF16 or F16");
+  }
+}
+
+void check_shape(const TensorView& t, const std::vector<int64_t>& expect) {
+  if (t.shape != expect) {
+    TensorView e;
+    e.shape = expect;
+    throw ModelFormatError("tensor '" + t.name + "' in " + *t.file + " has shape " + t.shape_str() + " but the config (" +
+                           "config.json) requires " + e.shape_str());
+  }
+}
+
+}  // namespace
+
+void ForwardRows::clear() {
+  tokens.clear();
+  positions.clear();
+  slots.clear();
+  cache_index.clear();
+  prefix_len.clear();
+  extra_offsets.clear();
+  extra.clear();
+  logit_rows.clear();
+}
+
+size_t LlamaModel::weight_bytes_for(const ModelConfig& c, DType dtype) {
+  const size_t es = dtype_size(dtype);
+  const size_t H = c.hidden_size, F = c.intermediate_size, hd = c.head_dim;
+  const size_t qkv = (size_t(c.num_heads) + 2 * c.num_kv_heads) * hd;
+  size_t per_layer = es * (qkv * H + H * c.num_heads * hd + 2 * F * H + H * F) + 4 * (2 * H + (c.attention_bias ? qkv : 0));
+  size_t total = per_layer * c.num_layers + es * size_t(c.vocab_size) * H * (c.tie_word_embeddings ? 1 : 2) + 4 * H;
+  return total;
+}
+
+size_t LlamaModel::kv_bytes_for(const ModelConfig& c, const ModelLimits& lim) {
+  return 2 * sizeof(float) * size_t(c.num_layers) * lim.slots * c.num_kv_heads * size_t(lim.max_seq) * c.head_dim;
+}
+
+size_t LlamaModel::workspace_bytes_for(const ModelConfig& c, const ModelLimits& lim) {
+  const size_t H = c.hidden_size, F = c.intermediate_size, hd = c.head_dim;
+  const size_t qkv = (size_t(c.num_heads) + 2 * c.num_kv_heads) * hd;
+  size_t per_row = 4 * (3 * H + qkv + c.num_heads * hd + 3 * F);
+  return per_row * lim.max_rows + 4 * size_t(lim.max_logit_rows) * (H + c.vocab_size) +
+         4 * size_t(lim.max_seq) * hd /* rope */ + 4 * size_t(lim.max_rows) * (8 + kMaxExtraPerRow);
+}
+
+void* LlamaModel::alloc(size_t bytes, const char* what) {
+  void* p = be_.allocate(bytes, what);
+  allocations_.push_back(p);
+  return p;
+}
+
+Matrix LlamaModel::load_matrix(const TensorStore& store, const std::vector<std::string>& names, int cols, DType dtype) {
+  // Concatenates the named [rows_i, cols] tensors along rows into one matrix (fused q/k/v, gate/up).
+  std::vector<const TensorView*> views;
+  int rows = 0;
+  for (const auto& n : names) {
+    const TensorView& t = store.get(n);
+    check_float_dtype(t);
+    if (t.shape.size() != 2 || t.shape[1] != cols) {
+      throw ModelFormatError("tensor '" + n + "' in " + *t.file + " has shape " + t.shape_str() +
+                             "; expected [*, " + std::to_string(cols) + "] from config.json");
+    }
+    views.push_back(&t);
+    rows += static_cast<int>(t.shape[0]);
+  }
+  const size_t es = dtype_size(dtype);
+  const size_t bytes = es * size_t(rows) * cols;
+  void* dst = alloc(bytes, ("weights (" + names[0] + ")").c_str());
+  std::vector<uint8_t> staging;
+  size_t off = 0;
+  for (const TensorView* t : views) {
+    const size_t part = es * size_t(t->numel());
+    staging.resize(part);
+    convert_into(*t, dtype, staging.data());
+    be_.copy_to_device(static_cast<uint8_t*>(dst) + off, staging.data(), part);
+    off += part;
+  }
+  weight_bytes_ += bytes;
+  return Matrix{dst, dtype, rows, cols};
+}
+
+const float* LlamaModel::load_vector(const TensorStore& store, const std::vector<std::string>& names,
+                                     const std::vector<int>& sizes) {
+  int total = 0;
+  for (int s : sizes) total += s;
+  std::vector<float> host(total);
+  int off = 0;
+  for (size_t i = 0; i < names.size(); ++i) {
+    const TensorView& t = store.get(names[i]);
+    check_float_dtype(t);
+    check_shape(t, {sizes[i]});
+    convert_into(t, DType::kF32, host.data() + off);
+    off += sizes[i];
+  }
+  float* dst = static_cast<float*>(alloc(sizeof(float) * total, "norm weights"));
+  be_.copy_to_device(dst, host.data(), sizeof(float) * total);
+  weight_bytes_ += sizeof(float) * total;
+  return dst;
+}
+
+void LlamaModel::build_rope_tables() {
+  // Mirrors transformers' rope initialisation in fp32: inv_freq = 1 / theta^(2i/d), scaled per
+  // rope type, angle = float(pos) * inv_freq.
+  const int d = cfg_.head_dim, half = d / 2;
+  std::vector<float> inv(half);
+  const float theta = static_cast<float>(cfg_.rope.theta);
+  for (int i = 0; i < half; ++i) inv[i] = 1.0f / std::pow(theta, static_cast<float>(2 * i) / static_cast<float>(d));
+  const RopeConfig& r = cfg_.rope;
+  if (r.type == RopeConfig::Type::kLinear) {
+    for (float& f : inv) f /= static_cast<float>(r.factor);
+  } else if (r.type == RopeConfig::Type::kLlama3) {
+    const float factor = r.factor, lo = r.low_freq_factor, hi = r.high_freq_factor;
+    const float old_ctx = static_cast<float>(r.original_max_position_embeddings);
+    const float low_wavelen = old_ctx / lo, high_wavelen = old_ctx / hi;
+    for (float& f : inv) {
+      const float wavelen = 2.0f * static_cast<float>(M_PI) / f;
+      float scaled = wavelen > low_wavelen ? f / factor : f;
+      if (!(wavelen < high_wavelen) && !(wavelen > low_wavelen)) {
+        const float smooth = (old_ctx / wavelen - lo) / (hi - lo);
+        scaled = (1.0f - smooth) * scaled / factor + smooth * scaled;
+      }
+      f = scaled;
+    }
+  }
+  std::vector<float> c(size_t(lim_.max_seq) * half), s(size_t(lim_.max_seq) * half);
+  for (int p = 0; p < lim_.max_seq; ++p) {
+    for (int i = 0; i < half; ++i) {
+      const float a = static_cast<float>(p) * inv[i];
+      c[size_t(p) * half + i] = std::cos(a);
+      s[size_t(p) * half + i] = std::sin(a);
+    }
+  }
+  rope_cos_ = static_cast<float*>(alloc(c.size() * sizeof(float), "rope tables"));
+  rope_sin_ = static_cast<float*>(alloc(s.size() * sizeof(float), "rope tables"));
+  be_.copy_to_device(rope_cos_, c.data(), c.size() * sizeof(float));
+  be_.copy_to_device(rope_sin_, s.data(), s.size() * sizeof(float));
+}
+
+LlamaModel::LlamaModel(const ModelConfig& cfg, const TensorStore& store, DType dtype, const ModelLimits& lim,
+                       Backend& backend)
+    : cfg_(cfg), lim_(lim), be_(backend) {
+  if (lim.max_rows <= 0 || lim.max_logit_rows > lim.max_rows || lim.slots <= 0 || lim.max_seq <= 0) {
+    throw Error("internal: bad model limits");
+  }
+  try {
+    const int H = cfg.hidden_size, F = cfg.intermediate_size, hd = cfg.head_dim;
+    const int nq = cfg.num_heads * hd, nkv = cfg.num_kv_heads * hd;
+    qkv_width_ = nq + 2 * nkv;
+
+    // Validate every shape before converting anything.
+    auto expect = [&](const std::string& name, std::vector<int64_t> shape) {
+      const TensorView& t = store.get(name);
+      check_float_dtype(t);
+      check_shape(t, shape);
+    };
+    expect("model.embed_tokens.weight", {cfg.vocab_size, H});
+    expect("model.norm.weight", {H});
+    if (!cfg.tie_word_embeddings) expect("lm_head.weight", {cfg.vocab_size, H});
+    for (int i = 0; i < cfg.num_layers; ++i) {
+      expect(layer_name(i, "input_layernorm.weight"), {H});
+      expect(layer_name(i, "post_attention_layernorm.weight"), {H});
+      expect(layer_name(i, "self_attn.q_proj.weight"), {nq, H});
+      expect(layer_name(i, "self_attn.k_proj.weight"), {nkv, H});
+      expect(layer_name(i, "self_attn.v_proj.weight"), {nkv, H});
+      expect(layer_name(i, "self_attn.o_proj.weight"), {H, nq});
+      expect(layer_name(i, "mlp.gate_proj.weight"), {F, H});
+      expect(layer_name(i, "mlp.up_proj.weight"), {F, H});
+      expect(layer_name(i, "mlp.down_proj.weight"), {H, F});
+      if (cfg.attention_bias) {
+        expect(layer_name(i, "self_attn.q_proj.bias"), {nq});
+        expect(layer_name(i, "self_attn.k_proj.bias"), {nkv});
+        expect(layer_name(i, "self_attn.v_proj.bias"), {nkv});
+      }
+    }
+
+    embed_ = load_matrix(store, {"model.embed_tokens.weight"}, H, dtype);
+    lm_head_ = cfg.tie_word_embeddings ? embed_ : load_matrix(store, {"lm_head.weight"}, H, dtype);
+    final_norm_ = load_vector(store, {"model.norm.weight"}, {H});
+    layers_.resize(cfg.num_layers);
+    for (int i = 0; i < cfg.num_layers; ++i) {
+      Layer& L = layers_[i];
+      L.ln1 = load_vector(store, {layer_name(i, "input_layernorm.weight")}, {H});
+      L.ln2 = load_vector(store, {layer_name(i, "post_attention_layernorm.weight")}, {H});
+      L.qkv = load_matrix(store,
+                          {layer_name(i, "self_attn.q_proj.weight"), layer_name(i, "self_attn.k_proj.weight"),
+                           layer_name(i, "self_attn.v_proj.weight")},
+                          H, dtype);
+      if (cfg.attention_bias) {
+        L.qkv_bias = load_vector(store,
+                                 {layer_name(i, "self_attn.q_proj.bias"), layer_name(i, "self_attn.k_proj.bias"),
+                                  layer_name(i, "self_attn.v_proj.bias")},
+                                 {nq, nkv, nkv});
+      }
+      L.o = load_matrix(store, {layer_name(i, "self_attn.o_proj.weight")}, nq, dtype);
+      L.gate_up = load_matrix(store, {layer_name(i, "mlp.gate_proj.weight"), layer_name(i, "mlp.up_proj.weight")}, H, dtype);
+      L.down = load_matrix(store, {layer_name(i, "mlp.down_proj.weight")}, F, dtype);
+    }
+
+    kv_layout_ = KVLayout{lim.slots, cfg.num_kv_heads, lim.max_seq, hd};
+    const size_t kv_elems = kv_layout_.layer_elems() * cfg.num_layers;
+    k_cache_ = static_cast<float*>(alloc(kv_elems * sizeof(float), "the KV cache (keys)"));
+    v_cache_ = static_cast<float*>(alloc(kv_elems * sizeof(float), "the KV cache (values)"));
+    be_.fill_zero(k_cache_, kv_elems * sizeof(float));  // commit the pages now, not mid-generation
+    be_.fill_zero(v_cache_, kv_elems * sizeof(float));
+    kv_bytes_ = 2 * kv_elems * sizeof(float);
+    build_rope_tables();
+
+    const size_t R = lim.max_rows, LR = lim.max_logit_rows;
+    auto fbuf = [&](size_t n) { return static_cast<float*>(alloc(n * sizeof(float), "activation workspace")); };
+    auto ibuf = [&](size_t n) { return static_cast<int32_t*>(alloc(n * sizeof(int32_t), "row metadata")); };
+    x_ = fbuf(R * H);
+    xn_ = fbuf(R * std::max(H, nq));
+    qkv_ = fbuf(R * qkv_width_);
+    attn_ = fbuf(R * nq);
+    tmp_ = fbuf(R * H);
+    gu_ = fbuf(R * 2 * F);
+    act_ = fbuf(R * F);
+    hidden_ = fbuf(LR * H);
+    logits_ = fbuf(LR * cfg.vocab_size);
+    d_tokens_ = ibuf(R);
+    d_positions_ = ibuf(R);
+    d_slots_ = ibuf(R);
+    d_cache_index_ = ibuf(R);
+    d_prefix_len_ = ibuf(R);
+    d_extra_offsets_ = ibuf(R + 1);
+    d_extra_ = ibuf(R * kMaxExtraPerRow);
+    d_logit_rows_ = ibuf(LR);
+    be_.prepare(kv_layout_);
+  } catch (...) {
+    for (void* p : allocations_) be_.deallocate(p);
+    allocations_.clear();
+    throw;
+  }
+}
+
+LlamaModel::~LlamaModel() {
+  for (void* p : allocations_) be_.deallocate(p);
+}
+
+void LlamaModel::forward(const ForwardRows& rows) {
+  const int R = rows.size();
+  const int NL = static_cast<int>(rows.logit_rows.size());
+  if (R <= 0 || R > lim_.max_rows || NL > lim_.max_logit_rows) throw Error("internal: forward row count out of limits");
+  if (rows.extra.size() > size_t(R) * kMaxExtraPerRow) throw Error("internal: too many tree keys per row");
+  const int H = cfg_.hidden_size, F = cfg_.intermediate_size, hd = cfg_.head_dim;
+  const int nq = cfg_.num_heads * hd, nkv = cfg_.num_kv_heads * hd;
+  const float eps = static_cast<float>(cfg_.rms_norm_eps);
+
+  auto up = [&](int32_t* dst, const std::vector<int32_t>& src) {
+    if (!src.empty()) be_.copy_to_device(dst, src.data(), src.size() * sizeof(int32_t));
+  };
+  up(d_tokens_, rows.tokens);
+  up(d_positions_, rows.positions);
+  up(d_slots_, rows.slots);
+  up(d_cache_index_, rows.cache_index);
+  up(d_prefix_len_, rows.prefix_len);
+  up(d_extra_offsets_, rows.extra_offsets);
+  up(d_extra_, rows.extra);
+  up(d_logit_rows_, rows.logit_rows);
+  RowsMeta meta;
+  meta.rows = R;
+  meta.tokens = d_tokens_;
+  meta.positions = d_positions_;
+  meta.slots = d_slots_;
+  meta.cache_index = d_cache_index_;
+  meta.prefix_len = d_prefix_len_;
+  meta.extra_offsets = rows.extra_offsets.empty() ? nullptr : d_extra_offsets_;
+  meta.extra = rows.extra_offsets.empty() ? nullptr : d_extra_;
+
+  be_.embed(embed_, d_tokens_, R, x_);
+  const size_t layer_elems = kv_layout_.layer_elems();
+  for (int l = 0; l < cfg_.num_layers; ++l) {
+    const Layer& L = layers_[l];
+    float* kc = k_cache_ + layer_elems * l;
+    float* vc = v_cache_ + layer_elems * l;
+    be_.rmsnorm(x_, L.ln1, R, H, eps, xn_);
+    be_.linear(xn_, R, L.qkv, L.qkv_bias, qkv_);
+    be_.rope(qkv_, R, qkv_width_, 0, cfg_.num_heads, hd, d_positions_, rope_cos_, rope_sin_);
+    be_.rope(qkv_, R, qkv_width_, nq, cfg_.num_kv_heads, hd, d_positions_, rope_cos_, rope_sin_);
+    be_.kv_store(qkv_, qkv_width_, nq, nq + nkv, meta, kv_layout_, kc, vc);
+    be_.attention(qkv_, qkv_width_, cfg_.num_heads, meta, kv_layout_, kc, vc, attn_);
+    be_.linear(attn_, R, L.o, nullptr, tmp_);
+    be_.add(x_, tmp_, size_t(R) * H);
+    be_.rmsnorm(x_, L.ln2, R, H, eps, xn_);
+    be_.linear(xn_, R, L.gate_up, nullptr, gu_);
+    be_.silu_mul(gu_, R, F, act_);
+    be_.linear(act_, R, L.down, nullptr, tmp_);
+    be_.add(x_, tmp_, size_t(R) * H);
+  }
+  if (NL > 0) {
+    be_.gather_rows(x_, H, d_logit_rows_, NL, tmp_);
+    be_.rmsnorm(tmp_, final_norm_, NL, H, eps, hidden_);
+    be_.linear(hidden_, NL, lm_head_, nullptr, logits_);
+  }
+}
+
+}  // namespace medusa_rt

@@ -1,0 +1,91 @@
+// The Llama-family decoder (Llama, Mistral, Qwen2), written once against Backend.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "core/model_config.h"
+#include "model/backend.h"
+
+namespace medusa_rt {
+
+class TensorStore;
+
+// Host-side description of the rows of one forward. Vectors are reserved once and reused.
+struct ForwardRows {
+  std::vector<int32_t> tokens, positions, slots, cache_index, prefix_len;
+  std::vector<int32_t> extra_offsets, extra;  // optional tree visibility (CSR), empty for causal rows
+  std::vector<int32_t> logit_rows;            // rows whose logits (and final hidden states) are wanted
+  void clear();
+  int size() const { return static_cast<int>(tokens.size()); }
+};
+
+struct ModelLimits {
+  int max_rows = 0;        // rows per forward
+  int max_logit_rows = 0;  // rows whose logits one forward returns
+  int slots = 0;           // sequences in the KV cache
+  int max_seq = 0;         // tokens per sequence
+};
+
+class LlamaModel {
+ public:
+  // Bytes this model will allocate for the given options (for the memory check before loading).
+  static size_t weight_bytes_for(const ModelConfig& cfg, DType dtype);
+  static size_t kv_bytes_for(const ModelConfig& cfg, const ModelLimits& lim);
+  static size_t workspace_bytes_for(const ModelConfig& cfg, const ModelLimits& lim);
+
+  // Loads and validates the weights (shape or dtype mismatch: ModelFormatError naming the tensor).
+  LlamaModel(const ModelConfig& cfg, const TensorStore& store, DType dtype, const ModelLimits& lim, Backend& backend);
+  ~LlamaModel();
+  LlamaModel(const LlamaModel&) = delete;
+  LlamaModel& operator=(const LlamaModel&) = delete;
+
+  // Runs the decoder over rows (which must satisfy the limits and reference valid slots and
+  // positions; the engine validates user input before). Afterwards logits() holds
+  // [rows.logit_rows.size(), vocab] and hidden() the final normed hidden states of those rows.
+  void forward(const ForwardRows& rows);
+  const float* logits() const { return logits_; }
+  const float* hidden() const { return hidden_; }
+
+  const ModelConfig& config() const { return cfg_; }
+  const ModelLimits& limits() const { return lim_; }
+  size_t weight_bytes() const { return weight_bytes_; }
+  size_t kv_bytes() const { return kv_bytes_; }
+
+ private:
+  struct Layer {
+    const float* ln1 = nullptr;
+    const float* ln2 = nullptr;
+    Matrix qkv, o, gate_up, down;
+    const float* qkv_bias = nullptr;
+  };
+
+  void* alloc(size_t bytes, const char* what);
+  Matrix load_matrix(const TensorStore& store, const std::vector<std::string>& names, int cols, DType dtype);
+  const float* load_vector(const TensorStore& store, const std::vector<std::string>& names, const std::vector<int>& sizes);
+  void build_rope_tables();
+
+  ModelConfig cfg_;
+  ModelLimits lim_;
+  Backend& be_;
+  std::vector<void*> allocations_;
+  size_t weight_bytes_ = 0, kv_bytes_ = 0;
+
+  Matrix embed_, lm_head_;
+  const float* final_norm_ = nullptr;
+  std::vector<Layer> layers_;
+  KVLayout kv_layout_;
+  float* k_cache_ = nullptr;
+  float* v_cache_ = nullptr;
+  float* rope_cos_ = nullptr;
+  float* rope_sin_ = nullptr;
+
+  // Workspace.
+  float *x_ = nullptr, *xn_ = nullptr, *qkv_ = nullptr, *attn_ = nullptr, *tmp_ = nullptr, *gu_ = nullptr,
+        *act_ = nullptr, *hidden_ = nullptr, *logits_ = nullptr;
+  int32_t *d_tokens_ = nullptr, *d_positions_ = nullptr, *d_slots_ = nullptr, *d_cache_index_ = nullptr,
+          *d_prefix_len_ = nullptr, *d_extra_offsets_ = nullptr, *d_extra_ = nullptr, *d_logit_rows_ = nullptr;
+  int qkv_width_ = 0;
+};
+
+}  // namespace medusa_rt

@@ -1,0 +1,61 @@
+// Plain data classes of engine.h: options, configs, statistics, results, model info.
+#include <pybind11/stl.h>
+
+#include "python/bindings.h"
+#include "medusa_rt/engine.h"
+
+namespace py = pybind11;
+
+namespace medusa_rt::python {
+
+void register_options(py::module_& m) {
+  py::class_<EngineOptions>(m, "EngineOptions")
+      .def(py::init<>())
+      .def_readwrite("dtype", &EngineOptions::dtype)
+      .def_readwrite("max_batch_size", &EngineOptions::max_batch_size)
+      .def_readwrite("max_seq_len", &EngineOptions::max_seq_len)
+      .def_readwrite("num_threads", &EngineOptions::num_threads)
+      .def_readwrite("prefill_chunk", &EngineOptions::prefill_chunk);
+
+  py::class_<GenerationConfig>(m, "GenerationConfig")
+      .def(py::init<>())
+      .def_readwrite("max_new_tokens", &GenerationConfig::max_new_tokens)
+      .def_readwrite("stop_token_ids", &GenerationConfig::stop_token_ids)
+      .def_readwrite("stop_sequences", &GenerationConfig::stop_sequences)
+      .def_readwrite("ignore_eos", &GenerationConfig::ignore_eos);
+
+  py::class_<GenerationStats>(m, "GenerationStats")
+      .def_readonly("prompt_tokens", &GenerationStats::prompt_tokens)
+      .def_readonly("new_tokens", &GenerationStats::new_tokens)
+      .def_readonly("steps", &GenerationStats::steps)
+      .def_readonly("prefill_seconds", &GenerationStats::prefill_seconds)
+      .def_readonly("decode_seconds", &GenerationStats::decode_seconds)
+      .def_readonly("total_seconds", &GenerationStats::total_seconds)
+      .def_readonly("tokens_per_second", &GenerationStats::tokens_per_second)
+      .def_readonly("decode_tokens_per_second", &GenerationStats::decode_tokens_per_second);
+
+  py::class_<GenerationResult>(m, "GenerationResult")
+      .def_readonly("tokens", &GenerationResult::tokens)
+      .def_property_readonly("finish_reason", [](const GenerationResult& r) { return std::string(to_string(r.finish_reason)); })
+      .def_readonly("stats", &GenerationResult::stats);
+
+  py::class_<ModelInfo>(m, "ModelInfo")
+      .def_readonly("architecture", &ModelInfo::architecture)
+      .def_readonly("vocab_size", &ModelInfo::vocab_size)
+      .def_readonly("hidden_size", &ModelInfo::hidden_size)
+      .def_readonly("num_layers", &ModelInfo::num_layers)
+      .def_readonly("num_heads", &ModelInfo::num_heads)
+      .def_readonly("num_kv_heads", &ModelInfo::num_kv_heads)
+      .def_readonly("head_dim", &ModelInfo::head_dim)
+      .def_readonly("max_seq_len", &ModelInfo::max_seq_len)
+      .def_readonly("max_batch_size", &ModelInfo::max_batch_size)
+      .def_readonly("dtype", &ModelInfo::dtype)
+      .def_readonly("isa", &ModelInfo::isa)
+      .def_readonly("num_threads", &ModelInfo::num_threads)
+      .def_readonly("eos_token_ids", &ModelInfo::eos_token_ids)
+      .def_readonly("bos_token_id", &ModelInfo::bos_token_id)
+      .def_readonly("weight_bytes", &ModelInfo::weight_bytes)
+      .def_readonly("kv_cache_bytes", &ModelInfo::kv_cache_bytes);
+}
+
+}  // namespace medusa_rt::python

@@ -1,0 +1,165 @@
+// medusa_rt — the inference engine's public C++ API.
+//
+// An Engine loads a model directory in the runtime format (see docs/FORMAT.md), reserves
+// everything it needs up front (weights, a KV cache for max_batch_size sequences of
+// max_seq_len tokens, workspaces) and then generates without allocating in the decode loop.
+// A Session holds one sequence slot of the engine. The API works on token ids; tokenization
+// lives with the caller (the Python package provides it).
+//
+// Thread safety: an Engine may be shared by several threads, each with its own Session.
+// Calls on different sessions are serialized inside the engine (one forward at a time).
+// A single Session must not be used by two threads at once.
+//
+// Errors: every function reports failures by throwing one of the classes in errors.h.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "medusa_rt/errors.h"
+#include "medusa_rt/version.h"
+
+namespace medusa_rt {
+
+/// Options fixed at engine creation.
+struct EngineOptions {
+  /// Weight precision in memory: "fp32", "bf16" or "fp16". Arithmetic is always fp32.
+  std::string dtype = "bf16";
+  /// Number of sequence slots (sessions that can exist at once).
+  int max_batch_size = 1;
+  /// Tokens per sequence (prompt + generated). 0 = min(model's max_position_embeddings, 4096).
+  int max_seq_len = 0;
+  /// Worker threads for the CPU backend. 0 = one per available core.
+  int num_threads = 0;
+  /// Rows processed per forward during prefill (bounds the activation workspace).
+  int prefill_chunk = 128;
+};
+
+/// Static facts about the loaded model and engine.
+struct ModelInfo {
+  std::string architecture;   ///< "llama", "mistral" or "qwen2"
+  int vocab_size = 0;
+  int hidden_size = 0;
+  int num_layers = 0;
+  int num_heads = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  int max_seq_len = 0;        ///< the engine's limit (after defaults)
+  int max_batch_size = 0;
+  std::string dtype;          ///< weight dtype in memory
+  std::string isa;            ///< CPU kernel set in use: "avx2" or "generic"
+  int num_threads = 0;
+  std::vector<int32_t> eos_token_ids;
+  int32_t bos_token_id = -1;  ///< -1 if the model has none
+  std::size_t weight_bytes = 0;    ///< bytes of weights held by the engine
+  std::size_t kv_cache_bytes = 0;  ///< bytes of the KV cache
+};
+
+/// How one generation is run.
+struct GenerationConfig {
+  /// Maximum number of new tokens (>= 0). Generation stops earlier at a stop token.
+  int max_new_tokens = 128;
+  /// Token ids that end generation (in addition to the model's EOS ids unless ignore_eos).
+  /// The stop token itself is not part of the result.
+  std::vector<int32_t> stop_token_ids;
+  /// Token sequences that end generation when the generated tokens end with one of them.
+  /// The matched sequence is removed from the result.
+  std::vector<std::vector<int32_t>> stop_sequences;
+  /// Do not stop at the model's EOS tokens.
+  bool ignore_eos = false;
+};
+
+/// Why a generation ended.
+enum class FinishReason {
+  kStop,       ///< a stop token or stop sequence was generated
+  kLength,     ///< max_new_tokens reached, or the sequence reached max_seq_len
+  kCancelled,  ///< the stream callback asked to stop
+};
+
+/// Returns "stop", "length" or "cancelled".
+const char* to_string(FinishReason reason);
+
+/// Statistics of one generation.
+struct GenerationStats {
+  int prompt_tokens = 0;
+  int new_tokens = 0;
+  int steps = 0;                ///< decode steps (forwards after the prefill)
+  double prefill_seconds = 0;   ///< time of the prompt's forward (including the first token)
+  double decode_seconds = 0;    ///< time after the first token
+  double total_seconds = 0;
+  /// new_tokens / total_seconds (0 if nothing was generated).
+  double tokens_per_second = 0;
+  /// (new_tokens - 1) / decode_seconds: decode speed without the prefill.
+  double decode_tokens_per_second = 0;
+};
+
+/// Result of one generation.
+struct GenerationResult {
+  std::vector<int32_t> tokens;  ///< generated tokens (stop token/sequence removed)
+  FinishReason finish_reason = FinishReason::kLength;
+  GenerationStats stats;
+};
+
+/// Called with each block of newly committed tokens, in order, as they are decoded.
+/// Return false to cancel the generation (finish reason kCancelled).
+using TokenCallback = std::function<bool(const std::vector<int32_t>& new_tokens)>;
+
+class Session;
+
+/// The engine: weights, KV cache and workspaces of one model.
+class Engine {
+ public:
+  /// Loads the model directory. Throws ModelNotFoundError, ModelFormatError,
+  /// UnsupportedModelError, InvalidArgumentError (bad options) or CapacityError (memory).
+  Engine(const std::string& model_dir, const EngineOptions& options = EngineOptions());
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  const ModelInfo& info() const;
+
+  /// Acquires a free sequence slot. Throws CapacityError if all max_batch_size slots are held.
+  /// The slot is released when the Session is destroyed. The Engine must outlive its sessions.
+  Session session();
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+/// One sequence slot of an engine.
+class Session {
+ public:
+  Session(Session&&) noexcept;
+  Session& operator=(Session&&) noexcept;
+  ~Session();
+
+  /// Generates a continuation of prompt (token ids). Starts from an empty context.
+  /// Throws InvalidArgumentError (empty prompt, token id out of range, negative max_new_tokens)
+  /// or CapacityError (prompt longer than max_seq_len - 1).
+  GenerationResult generate(const std::vector<int32_t>& prompt, const GenerationConfig& config,
+                            const TokenCallback& on_tokens = TokenCallback());
+
+  /// Clears the session's context.
+  void reset();
+
+  /// Number of tokens in the session's context (the KV cache of its slot).
+  int context_length() const;
+
+  /// Appends tokens to the context, runs the model over them and returns logits
+  /// (row-major, [rows, vocab]): of every appended token if all_logits, else of the last one.
+  /// This is the scoring / debugging entry point: generate() uses the same forward.
+  std::vector<float> forward(const std::vector<int32_t>& tokens, bool all_logits = false);
+
+ private:
+  friend class Engine;
+  struct State;
+  explicit Session(std::unique_ptr<State> state);
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace medusa_rt
