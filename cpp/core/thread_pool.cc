@@ -57,6 +57,7 @@ void ThreadPool::worker_loop() {
     while (generation_.load(std::memory_order_acquire) == seen) {
       MRT_PAUSE();
       if (++spins == 256) {
+        std::this_thread::yield();
         spins = 0;
         if (std::chrono::steady_clock::now() - spin_start > std::chrono::microseconds(2000)) {
           std::unique_lock<std::mutex> lock(mu_);
@@ -90,7 +91,12 @@ void ThreadPool::parallel_for(int num_tasks, const std::function<void(int)>& fn)
     generation_.fetch_add(1, std::memory_order_release);
   }
   run_tasks();
-  while (done_tasks_.load(std::memory_order_acquire) < num_tasks) MRT_PAUSE();
+  // Wait for the workers; yield now and then so that a worker sharing this core (an
+  // oversubscribed machine) gets to run.
+  for (int spins = 0; done_tasks_.load(std::memory_order_acquire) < num_tasks; ++spins) {
+    MRT_PAUSE();
+    if (spins > 4096 && (spins & 63) == 0) std::this_thread::yield();
+  }
 }
 
 }  // namespace medusa_rt

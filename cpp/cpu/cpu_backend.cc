@@ -13,6 +13,7 @@
 
 #include "core/thread_pool.h"
 #include "cpu/kernels.h"
+#include "cpu/packing.h"
 #include "medusa_rt/errors.h"
 #include "model/backend.h"
 
@@ -68,25 +69,17 @@ class CpuBackend final : public Backend {
     scratch_.assign(scratch_stride_ * pool_.num_threads(), 0.f);
   }
 
+  Matrix upload_matrix(const void* host, DType dtype, int rows, int cols, const char* what) override {
+    const cpu::WType wt = wtype(dtype);
+    void* p = allocate(cpu::packed_bytes(rows, cols, wt), what);
+    cpu::pack_rows(host, rows, cols, wt, p);
+    return Matrix{p, dtype, rows, cols};
+  }
+
   void embed(const Matrix& table, const int32_t* tokens, int rows, float* out) override {
-    const int dim = table.cols;
+    const cpu::WType wt = wtype(table.dtype);
     for (int r = 0; r < rows; ++r) {
-      const int64_t base = int64_t(tokens[r]) * dim;
-      float* o = out + int64_t(r) * dim;
-      switch (table.dtype) {
-        case DType::kF32: std::memcpy(o, static_cast<const float*>(table.data) + base, dim * sizeof(float)); break;
-        case DType::kBF16: {
-          const uint16_t* s = static_cast<const uint16_t*>(table.data) + base;
-          for (int i = 0; i < dim; ++i) o[i] = bf16_to_f32(s[i]);
-          break;
-        }
-        case DType::kF16: {
-          const uint16_t* s = static_cast<const uint16_t*>(table.data) + base;
-          for (int i = 0; i < dim; ++i) o[i] = f16_to_f32(s[i]);
-          break;
-        }
-        default: throw UnsupportedModelError("embedding dtype not supported");
-      }
+      cpu::unpack_row(table.data, table.rows, table.cols, wt, tokens[r], out + int64_t(r) * table.cols);
     }
   }
 

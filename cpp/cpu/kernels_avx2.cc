@@ -42,57 +42,70 @@ struct F16W {
   static inline float load1(const T* p) { return _cvtsh_ss(*p); }
 };
 
-// MR rows of x times NR rows of w. One accumulator per output element, one FMA per 8 k:
-// the reduction order of an element does not depend on MR or NR.
+// MR rows of x times NR rows (r0 .. r0+NR-1) of one packed panel (see packing.h). One
+// accumulator per output element, one FMA per chunk of 8 k, chunks in order, then a fixed
+// horizontal sum: the reduction order of an element does not depend on MR, NR or M.
 template <class W, int MR, int NR>
-inline void micro(const float* x, int ldx, int K, const typename W::T* w, const float* bias, int n, float* y, int ldy) {
+inline void micro(const float* x, int ldx, int K, const typename W::T* panel, int r0, const float* bias, int n,
+                  int valid, float* y, int ldy) {
   __m256 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
-  const int K8 = K & ~7;
-  for (int k = 0; k < K8; k += 8) {
+  const int full = K / 8, tail = K % 8;
+  const typename W::T* w = panel + r0 * 8;
+  for (int c = 0; c < full; ++c, w += 64) {
     __m256 xv[MR];
-    for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(x + static_cast<int64_t>(i) * ldx + k);
+    for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(x + static_cast<int64_t>(i) * ldx + c * 8);
     for (int j = 0; j < NR; ++j) {
-      const __m256 wv = W::load8(w + static_cast<int64_t>(j) * K + k);
+      const __m256 wv = W::load8(w + j * 8);
+      for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
+    }
+  }
+  if (tail) {  // the packed weights are zero past K; mask x so nothing is read past a row
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256 xv[MR];
+    for (int i = 0; i < MR; ++i) xv[i] = _mm256_maskload_ps(x + static_cast<int64_t>(i) * ldx + full * 8, mask);
+    for (int j = 0; j < NR; ++j) {
+      const __m256 wv = W::load8(w + j * 8);
       for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
     }
   }
   for (int i = 0; i < MR; ++i) {
-    const float* xi = x + static_cast<int64_t>(i) * ldx;
-    for (int j = 0; j < NR; ++j) {
-      float s = hsum(acc[i][j]);
-      const typename W::T* wj = w + static_cast<int64_t>(j) * K;
-      for (int k = K8; k < K; ++k) s = std::fma(xi[k], W::load1(wj + k), s);
-      y[static_cast<int64_t>(i) * ldy + n + j] = bias ? s + bias[n + j] : s;
+    for (int j = 0; j < NR && r0 + j < valid; ++j) {
+      const float s = hsum(acc[i][j]);
+      y[static_cast<int64_t>(i) * ldy + n + r0 + j] = bias ? s + bias[n + r0 + j] : s;
     }
   }
-}
-
-template <class W, int NR>
-inline void column_block(const float* x, int ldx, int M, int K, const typename W::T* w, const float* bias, int n,
-                         float* y, int ldy) {
-  int m = 0;
-  for (; m + 2 <= M; m += 2) {
-    micro<W, 2, NR>(x + static_cast<int64_t>(m) * ldx, ldx, K, w, bias, n, y + static_cast<int64_t>(m) * ldy, ldy);
-  }
-  if (m < M) micro<W, 1, NR>(x + static_cast<int64_t>(m) * ldx, ldx, K, w, bias, n, y + static_cast<int64_t>(m) * ldy, ldy);
 }
 
 template <class W>
 void gemm_t(const float* x, int ldx, int M, int K, const void* wv, const float* bias, int n0, int n1, float* y, int ldy) {
   const typename W::T* w = static_cast<const typename W::T*>(wv);
-  int n = n0;
-  // Large M (prefill): walk rows of x in blocks so that a block stays in L2 across columns.
+  const int64_t panel_stride = int64_t(8) * ((K + 7) / 8 * 8);
+  // Large M (prefill): rows of x in blocks that stay in cache while a panel is reused.
   const int mblock = M <= 32 ? M : 32;
-  for (; n + 4 <= n1; n += 4) {
+  for (int n = n0; n < n1; n += 8) {
+    const typename W::T* panel = w + (n / 8) * panel_stride;
+    const int valid = n1 - n < 8 ? n1 - n : 8;
+    if (M == 1) {
+      micro<W, 1, 8>(x, ldx, K, panel, 0, bias, n, valid, y, ldy);
+      continue;
+    }
     for (int m0 = 0; m0 < M; m0 += mblock) {
-      const int mb = M - m0 < mblock ? M - m0 : mblock;
-      column_block<W, 4>(x + static_cast<int64_t>(m0) * ldx, ldx, mb, K, w + static_cast<int64_t>(n) * K, bias, n,
-                         y + static_cast<int64_t>(m0) * ldy, ldy);
+      const int mend = M < m0 + mblock ? M : m0 + mblock;
+      for (int r0 = 0; r0 < valid; r0 += 4) {
+        int m = m0;
+        for (; m + 2 <= mend; m += 2) {
+          micro<W, 2, 4>(x + static_cast<int64_t>(m) * ldx, ldx, K, panel, r0, bias, n, valid,
+                         y + static_cast<int64_t>(m) * ldy, ldy);
+        }
+        if (m < mend) {
+          micro<W, 1, 4>(x + static_cast<int64_t>(m) * ldx, ldx, K, panel, r0, bias, n, valid,
+                         y + static_cast<int64_t>(m) * ldy, ldy);
+        }
+      }
     }
   }
-  for (; n < n1; ++n) column_block<W, 1>(x, ldx, M, K, w + static_cast<int64_t>(n) * K, bias, n, y, ldy);
 }
 
 void gemm_avx2(const float* x, int ldx, int M, int K, const void* w, WType wt, const float* bias, int n0, int n1,

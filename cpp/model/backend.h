@@ -15,7 +15,8 @@
 
 namespace medusa_rt {
 
-// A weight matrix [rows = out features, cols = in features], row-major, in backend memory.
+// A weight matrix [rows = out features, cols = in features] in backend memory, in the
+// backend's own layout (made by Backend::upload_matrix; the CPU backend packs row panels).
 struct Matrix {
   const void* data = nullptr;
   DType dtype = DType::kF32;  // kF32, kBF16 or kF16
@@ -55,6 +56,9 @@ class Backend {
   virtual void copy_to_device(void* dst, const void* src, size_t bytes) = 0;
   virtual void copy_to_host(void* dst, const void* src, size_t bytes) = 0;
   virtual void fill_zero(void* dst, size_t bytes) = 0;
+  // Allocates a matrix and fills it from host data (row-major [rows, cols] of dtype) in the
+  // layout the backend's kernels want. Free it with deallocate(matrix.data).
+  virtual Matrix upload_matrix(const void* host, DType dtype, int rows, int cols, const char* what) = 0;
   // Bytes the device can still provide (0 if unknown).
   virtual size_t available_memory() const = 0;
   // Called once at engine creation with the KV cache layout, so that per-forward scratch is

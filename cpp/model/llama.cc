@@ -122,19 +122,16 @@ Matrix LlamaModel::load_matrix(const TensorStore& store, const std::vector<std::
     rows += static_cast<int>(t.shape[0]);
   }
   const size_t es = dtype_size(dtype);
-  const size_t bytes = es * size_t(rows) * cols;
-  void* dst = alloc(bytes, ("weights (" + names[0] + ")").c_str());
-  std::vector<uint8_t> staging;
+  std::vector<uint8_t> staging(es * size_t(rows) * cols);
   size_t off = 0;
   for (const TensorView* t : views) {
-    const size_t part = es * size_t(t->numel());
-    staging.resize(part);
-    convert_into(*t, dtype, staging.data());
-    be_.copy_to_device(static_cast<uint8_t*>(dst) + off, staging.data(), part);
-    off += part;
+    convert_into(*t, dtype, staging.data() + off);
+    off += es * size_t(t->numel());
   }
-  weight_bytes_ += bytes;
-  return Matrix{dst, dtype, rows, cols};
+  Matrix m = be_.upload_matrix(staging.data(), dtype, rows, cols, ("weights (" + names[0] + ")").c_str());
+  allocations_.push_back(const_cast<void*>(m.data));
+  weight_bytes_ += staging.size();
+  return m;
 }
 
 const float* LlamaModel::load_vector(const TensorStore& store, const std::vector<std::string>& names,
