@@ -1,0 +1,323 @@
+"""Python face of the C++ engine: :class:`Engine`, :class:`Session` and their results.
+
+All model math and decoding run in C++ (``medusa_rt._core``); this module resolves model
+names, tokenizes, converts options and results, and turns the engine's token callback into
+a text stream. The GIL is released while the engine computes.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+
+from . import _core
+from .errors import InvalidArgumentError, ModelFormatError
+from .registry import invalidate, is_known_model, resolve_model
+from .tokenizer import Tokenizer
+
+Prompt = Union[str, Sequence[int]]
+Stop = Union[None, str, int, Sequence[Union[str, int]]]
+
+__all__ = ["Engine", "Session", "GenerationResult", "GenerationStats", "ModelInfo"]
+
+ModelInfo = _core.ModelInfo
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """Statistics of one generation (times in seconds)."""
+
+    prompt_tokens: int
+    new_tokens: int
+    steps: int
+    prefill_seconds: float
+    decode_seconds: float
+    seconds: float
+    tokens_per_second: float
+    decode_tokens_per_second: float
+
+    @classmethod
+    def _from_core(cls, s: "_core.GenerationStats") -> "GenerationStats":
+        return cls(
+            prompt_tokens=s.prompt_tokens,
+            new_tokens=s.new_tokens,
+            steps=s.steps,
+            prefill_seconds=s.prefill_seconds,
+            decode_seconds=s.decode_seconds,
+            seconds=s.total_seconds,
+            tokens_per_second=s.tokens_per_second,
+            decode_tokens_per_second=s.decode_tokens_per_second,
+        )
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """Result of :meth:`Session.generate`.
+
+    ``finish_reason`` is ``"stop"`` (a stop/EOS token or stop string was produced; it is not
+    part of ``tokens`` or ``text``), ``"length"`` (max_new_tokens or max_seq_len reached) or
+    ``"cancelled"``.
+    """
+
+    tokens: List[int]
+    text: str
+    finish_reason: str
+    stats: GenerationStats = field(repr=False)
+
+
+class Engine:
+    """A loaded model with its KV cache and workspaces, ready to generate.
+
+    Args:
+        model: a registry name (``"smollm2-135m"``, pulled and converted on first use) or the
+            path of a model directory in the runtime format (see ``medusa-rt export``).
+        dtype: weight precision in memory, ``"bf16"``, ``"fp32"`` or ``"fp16"``; arithmetic is fp32.
+        max_batch_size: number of sessions that can exist at once (sequence slots).
+        max_seq_len: tokens per sequence, prompt included; 0 picks min(model limit, 4096).
+        num_threads: CPU threads; 0 uses every available core.
+        prefill_chunk: prompt tokens per forward during prefill.
+        progress: show progress when a named model must be pulled.
+
+    Raises:
+        ModelNotFoundError, ModelFormatError, UnsupportedModelError, InvalidArgumentError,
+        CapacityError: see :mod:`medusa_rt.errors`.
+    """
+
+    def __init__(
+        self,
+        model: Union[str, "os.PathLike[str]"] = "smollm2-135m",
+        *,
+        dtype: str = "bf16",
+        max_batch_size: int = 1,
+        max_seq_len: int = 0,
+        num_threads: int = 0,
+        prefill_chunk: int = 128,
+        progress: bool = True,
+    ) -> None:
+        options = _core.EngineOptions()
+        options.dtype = _check_str("dtype", dtype)
+        options.max_batch_size = _check_int("max_batch_size", max_batch_size)
+        options.max_seq_len = _check_int("max_seq_len", max_seq_len)
+        options.num_threads = _check_int("num_threads", num_threads)
+        options.prefill_chunk = _check_int("prefill_chunk", prefill_chunk)
+
+        path = resolve_model(model, progress=progress)
+        try:
+            self._engine = _core.Engine(str(path), options)
+        except ModelFormatError:
+            # A cached registry model that fails to load is rebuilt once; user directories are
+            # never touched.
+            if not (isinstance(model, str) and is_known_model(model) and not Path(model).exists()):
+                raise
+            invalidate(model)
+            path = resolve_model(model, progress=progress)
+            self._engine = _core.Engine(str(path), options)
+        self.model_dir: Path = Path(path)
+        self.tokenizer: Tokenizer = Tokenizer.from_model_dir(self.model_dir)
+
+    @property
+    def info(self) -> "_core.ModelInfo":
+        """Model and engine facts: dimensions, max_seq_len, dtype, ISA, memory use."""
+        return self._engine.info
+
+    def session(self) -> "Session":
+        """Acquires a sequence slot. Raises CapacityError when all slots are taken.
+
+        Close the session (or use it as a context manager) to free the slot.
+        """
+        return Session(self, self._engine.session())
+
+    def generate(self, prompt: Prompt, **kwargs) -> GenerationResult:
+        """Shorthand for a one-off generation on a fresh session (see :meth:`Session.generate`)."""
+        with self.session() as s:
+            return s.generate(prompt, **kwargs)
+
+
+class Session:
+    """One sequence slot of an :class:`Engine`. Not to be used by two threads at once."""
+
+    def __init__(self, engine: Engine, core_session: "_core.Session") -> None:
+        self._engine = engine
+        self._session: Optional[_core.Session] = core_session
+        self.last_result: Optional[GenerationResult] = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def close(self) -> None:
+        """Frees the session's slot. The session cannot be used afterwards."""
+        self._session = None
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _core(self) -> "_core.Session":
+        if self._session is None:
+            raise InvalidArgumentError("this session is closed")
+        return self._session
+
+    # -- generation ----------------------------------------------------------------------
+    def _prepare(
+        self, prompt: Prompt, max_new_tokens: int, stop: Stop, chat: bool, ignore_eos: bool
+    ) -> "tuple[List[int], _core.GenerationConfig]":
+        tok = self._engine.tokenizer
+        if isinstance(prompt, str):
+            if chat:
+                ids = tok.encode(tok.apply_chat_template(prompt), add_special_tokens=False)
+            else:
+                ids = tok.encode(prompt)
+        elif isinstance(prompt, (list, tuple, np.ndarray)):
+            if chat:
+                raise InvalidArgumentError("chat=True needs a text prompt, not token ids")
+            ids = [_check_int("prompt token", t) for t in prompt]
+        else:
+            raise InvalidArgumentError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+        config = _core.GenerationConfig()
+        config.max_new_tokens = _check_int("max_new_tokens", max_new_tokens)
+        config.ignore_eos = bool(ignore_eos)
+        stop_ids: List[int] = []
+        stop_seqs: List[List[int]] = []
+        items = [] if stop is None else [stop] if isinstance(stop, (str, int)) else list(stop)
+        for item in items:
+            if isinstance(item, str):
+                if not item:
+                    raise InvalidArgumentError("stop strings must not be empty")
+                special = tok.token_to_id(item)
+                seq = [special] if special is not None else tok.encode(item, add_special_tokens=False)
+                stop_seqs.append(seq)
+            else:
+                stop_ids.append(_check_int("stop token", item))
+        config.stop_token_ids = stop_ids
+        config.stop_sequences = stop_seqs
+        return ids, config
+
+    def _result(self, core_result: "_core.GenerationResult") -> GenerationResult:
+        tokens = list(core_result.tokens)
+        result = GenerationResult(
+            tokens=tokens,
+            text=self._engine.tokenizer.decode(tokens),
+            finish_reason=core_result.finish_reason,
+            stats=GenerationStats._from_core(core_result.stats),
+        )
+        self.last_result = result
+        return result
+
+    def generate(
+        self,
+        prompt: Prompt,
+        *,
+        max_new_tokens: int = 128,
+        stop: Stop = None,
+        chat: bool = False,
+        ignore_eos: bool = False,
+    ) -> GenerationResult:
+        """Generates a continuation of ``prompt`` greedily, from an empty context.
+
+        Args:
+            prompt: text, or token ids used as they are.
+            max_new_tokens: upper bound on new tokens (>= 0).
+            stop: stop strings and/or token ids; the model's EOS tokens always stop unless
+                ``ignore_eos``. A stop string is matched as the token sequence it encodes to.
+            chat: wrap a text prompt in the model's chat template (one user turn).
+            ignore_eos: keep generating past EOS tokens.
+
+        Raises:
+            InvalidArgumentError: bad prompt or options (empty prompt, token id out of range,
+                negative max_new_tokens, ...).
+            CapacityError: the prompt does not fit in max_seq_len.
+        """
+        ids, config = self._prepare(prompt, max_new_tokens, stop, chat, ignore_eos)
+        return self._result(self._core().generate(ids, config))
+
+    def stream(
+        self,
+        prompt: Prompt,
+        *,
+        max_new_tokens: int = 128,
+        stop: Stop = None,
+        chat: bool = False,
+        ignore_eos: bool = False,
+    ) -> Iterator[str]:
+        """Like :meth:`generate`, but yields text pieces as tokens are decoded.
+
+        Pieces never split a UTF-8 character. Closing the iterator early cancels the
+        generation. Afterwards :attr:`last_result` holds the full :class:`GenerationResult`.
+        """
+        ids, config = self._prepare(prompt, max_new_tokens, stop, chat, ignore_eos)
+        core = self._core()
+        events: "queue.Queue[tuple[str, object]]" = queue.Queue()
+        cancel = threading.Event()
+
+        def on_tokens(tokens: List[int]) -> bool:
+            events.put(("tokens", tokens))
+            return not cancel.is_set()
+
+        def run() -> None:
+            try:
+                events.put(("done", core.generate(ids, config, on_tokens)))
+            except BaseException as exc:  # re-raised in the consumer's thread
+                events.put(("error", exc))
+
+        worker = threading.Thread(target=run, name="medusa_rt-stream", daemon=True)
+        worker.start()
+        decoder = self._engine.tokenizer.incremental_decoder()
+        try:
+            while True:
+                kind, payload = events.get()
+                if kind == "tokens":
+                    piece = decoder.feed(payload)  # type: ignore[arg-type]
+                    if piece:
+                        yield piece
+                elif kind == "done":
+                    tail = decoder.flush()
+                    if tail:
+                        yield tail
+                    self._result(payload)  # type: ignore[arg-type]
+                    return
+                else:
+                    raise payload  # type: ignore[misc]
+        finally:
+            # Closing the iterator early cancels the engine at its next token block; the
+            # cancelled result still becomes last_result.
+            cancel.set()
+            worker.join()
+            while not events.empty():
+                kind, payload = events.get_nowait()
+                if kind == "done":
+                    self._result(payload)  # type: ignore[arg-type]
+
+    # -- low level -----------------------------------------------------------------------
+    def forward(self, tokens: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
+        """Appends ``tokens`` to the session's context and returns logits, shape
+        ``[len(tokens), vocab]`` if ``all_logits`` else ``[1, vocab]`` (the last token's)."""
+        return self._core().forward([_check_int("token", t) for t in tokens], all_logits)
+
+    def reset(self) -> None:
+        """Clears the session's context."""
+        self._core().reset()
+
+    @property
+    def context_length(self) -> int:
+        """Tokens currently in the session's context."""
+        return self._core().context_length
+
+
+def _check_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidArgumentError(f"{name} must be an integer, got {value!r}")
+    if not -(2**31) <= int(value) < 2**31:
+        raise InvalidArgumentError(f"{name} {int(value)} is out of range (32-bit integers)")
+    return int(value)
+
+
+def _check_str(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidArgumentError(f"{name} must be a string, got {value!r}")
+    return value

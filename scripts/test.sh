@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Sets up everything the tests need on a fresh machine and runs them.
+#   bash scripts/test.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+# torch first, pinned to the CPU build: anything that pulls plain `torch` later would fetch a
+# multi-GB CUDA build instead.
+"$PY" -m pip install --quiet torch==2.13.0
+"$PY" -m pip install --quiet ".[test]"
+"$PY" -m pytest -q -p no:cacheprovider tests "$@"

@@ -1,0 +1,212 @@
+"""The Python API over the engine: generate, stream, stop handling, cancellation, threads,
+the portable kernel path, and the CLI, on a tiny random model with a tiny tokenizer."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import medusa_rt
+from medusa_rt import _core
+
+from _tiny_models import build_hf_model, save_and_export
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    pytest.importorskip("torch")
+    return save_and_export(build_hf_model("llama-gqa-untied", seed=7), tmp_path_factory.mktemp("api"), "api")
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    return medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=128, max_batch_size=4)
+
+
+PROMPT = [5, 17, 99, 200, 3, 42, 7]
+
+
+def test_info(engine):
+    info = engine.info
+    assert info.vocab_size == 384 and info.num_layers == 2 and info.num_kv_heads == 2
+    assert info.max_seq_len == 128 and info.max_batch_size == 4 and info.dtype == "fp32"
+    assert info.isa in ("avx2", "generic") and info.num_threads >= 1
+    assert info.weight_bytes > 0 and info.kv_cache_bytes == 2 * 4 * 2 * 4 * 2 * 128 * 24
+
+
+def test_generate_result_and_stats(engine):
+    with engine.session() as s:
+        r = s.generate(PROMPT, max_new_tokens=20, ignore_eos=True)
+    assert len(r.tokens) == 20 and r.finish_reason == "length"
+    assert r.text == engine.tokenizer.decode(r.tokens)
+    st = r.stats
+    assert st.prompt_tokens == len(PROMPT) and st.new_tokens == 20 and st.steps == 19
+    assert st.seconds > 0 and st.tokens_per_second > 0
+    assert st.prefill_seconds + st.decode_seconds == pytest.approx(st.seconds, rel=0.05, abs=1e-3)
+
+
+def test_generate_is_deterministic_and_fresh(engine):
+    with engine.session() as s:
+        a = s.generate(PROMPT, max_new_tokens=15, ignore_eos=True).tokens
+        s.forward([1, 2, 3])  # leaves context behind; generate starts fresh anyway
+        b = s.generate(PROMPT, max_new_tokens=15, ignore_eos=True).tokens
+    assert a == b
+
+
+def test_forward_matches_generate(engine):
+    with engine.session() as s:
+        greedy = s.generate(PROMPT, max_new_tokens=6, ignore_eos=True).tokens
+        s.reset()
+        assert s.context_length == 0
+        logits = s.forward(PROMPT)
+        assert logits.shape == (1, engine.info.vocab_size)
+        toks = [int(np.argmax(logits[0]))]
+        for _ in range(5):
+            toks.append(int(np.argmax(s.forward([toks[-1]])[0])))
+        assert s.context_length == len(PROMPT) + 5
+    assert toks == greedy
+
+
+def test_stop_token_and_sequence(engine):
+    with engine.session() as s:
+        full = s.generate(PROMPT, max_new_tokens=30, ignore_eos=True).tokens
+        stop_tok = full[9]
+        first = full.index(stop_tok)
+        r = s.generate(PROMPT, max_new_tokens=30, stop=stop_tok, ignore_eos=True)
+        assert r.tokens == full[:first] and r.finish_reason == "stop"
+
+        # A multi-token stop sequence, through the core API, with streaming hold-back.
+        seq = full[12:14]
+        first_seq = next(i for i in range(len(full) - 1) if full[i : i + 2] == seq)
+        cfg = _core.GenerationConfig()
+        cfg.max_new_tokens = 30
+        cfg.ignore_eos = True
+        cfg.stop_sequences = [seq]
+        streamed = []
+        res = s._core().generate(PROMPT, cfg, lambda toks: streamed.extend(toks) or True)
+        assert list(res.tokens) == full[:first_seq] and res.finish_reason == "stop"
+        assert streamed == list(res.tokens)  # the held-back part of the stop sequence never streamed
+
+
+def test_eos_stops(engine):
+    with engine.session() as s:
+        full = s.generate(PROMPT, max_new_tokens=30, ignore_eos=True).tokens
+    eos = full[4]
+    # A model whose EOS is a token greedy decoding produces stops there.
+    core = _core.GenerationConfig()
+    core.max_new_tokens = 30
+    core.stop_token_ids = [eos]
+    with engine.session() as s:
+        res = s._core().generate(PROMPT, core)
+    assert list(res.tokens) == full[: full.index(eos)] and res.finish_reason == "stop"
+
+
+def test_stream_equals_generate(engine):
+    with engine.session() as s:
+        want = s.generate("hello world", max_new_tokens=25, ignore_eos=True)
+        pieces = list(s.stream("hello world", max_new_tokens=25, ignore_eos=True))
+        assert "".join(pieces) == want.text
+        assert s.last_result is not None and s.last_result.tokens == want.tokens
+
+
+def test_stream_cancel(engine):
+    with engine.session() as s:
+        it = s.stream(PROMPT, max_new_tokens=100, ignore_eos=True)
+        next(it)
+        it.close()  # cancels the generation in the engine
+        assert s.last_result is not None
+        assert s.last_result.finish_reason == "cancelled" and len(s.last_result.tokens) < 100
+        # the session is usable afterwards
+        assert len(s.generate(PROMPT, max_new_tokens=3, ignore_eos=True).tokens) == 3
+
+
+def test_callback_error_propagates(engine):
+    def boom(tokens):
+        raise RuntimeError("callback failed")
+
+    cfg = _core.GenerationConfig()
+    cfg.max_new_tokens = 5
+    with engine.session() as s:
+        with pytest.raises(RuntimeError, match="callback failed"):
+            s._core().generate(PROMPT, cfg, boom)
+        assert len(s.generate(PROMPT, max_new_tokens=2, ignore_eos=True).tokens) == 2
+
+
+def test_chat_template(engine):
+    tok = engine.tokenizer
+    text = tok.apply_chat_template("hi there")
+    assert text.endswith("assistant\n")
+    with engine.session() as s:
+        r = s.generate("hi there", chat=True, max_new_tokens=3, ignore_eos=True)
+    assert r.stats.prompt_tokens == len(tok.encode(text, add_special_tokens=False))
+
+
+def test_max_seq_len_ends_generation(engine):
+    with engine.session() as s:
+        r = s.generate(list(range(1, 121)), max_new_tokens=50, ignore_eos=True)
+    assert r.finish_reason == "length" and len(r.tokens) == 128 - 120 + 1
+
+
+def test_concurrent_sessions_from_threads(engine):
+    prompts = [[i + 1, 2 * i + 3, 50 + i, 7] for i in range(4)]
+    with engine.session() as s:
+        expected = [s.generate(p, max_new_tokens=24, ignore_eos=True).tokens for p in prompts]
+    got = [None] * 4
+    errors = []
+
+    def worker(i):
+        try:
+            with engine.session() as s:
+                for _ in range(3):
+                    got[i] = s.generate(prompts[i], max_new_tokens=24, ignore_eos=True).tokens
+                    assert got[i] == expected[i]
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and got == expected
+
+
+def test_portable_kernels_agree(model_dir):
+    """MEDUSA_RT_ISA=generic forces the portable kernels; they agree with the dispatched ones."""
+    code = (
+        "import sys, numpy as np, medusa_rt;"
+        f"e = medusa_rt.Engine({str(model_dir)!r}, dtype='bf16', max_seq_len=64);"
+        "s = e.session(); l = s.forward(list(range(1, 30)), all_logits=True);"
+        "s.reset(); g = s.generate(list(range(1, 30)), max_new_tokens=16, ignore_eos=True).tokens;"
+        "np.save(sys.argv[1], l); print(e.info.isa, *g)"
+    )
+    outs = {}
+    for isa in ("generic", None):
+        env = dict(os.environ)
+        env.pop("MEDUSA_RT_ISA", None)
+        if isa:
+            env["MEDUSA_RT_ISA"] = isa
+        f = model_dir.parent / f"logits-{isa}.npy"
+        p = subprocess.run([sys.executable, "-c", code, str(f)], env=env, capture_output=True, text=True, check=True)
+        outs[isa] = (p.stdout.split(), np.load(f))
+    assert outs["generic"][0][0] == "generic"
+    np.testing.assert_allclose(outs["generic"][1], outs[None][1], atol=1e-4, rtol=1e-4)
+    assert outs["generic"][0][1:] == outs[None][0][1:]
+
+
+def test_cli_generate_and_errors(model_dir):
+    cli = [sys.executable, "-m", "medusa_rt.cli"]
+    p = subprocess.run(cli + ["generate", "--model", str(model_dir), "-n", "8", "--dtype", "fp32", "hello"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "tokens/s" in p.stderr
+    p = subprocess.run(cli + ["generate", "--model", str(model_dir / "nope"), "hello"], capture_output=True, text=True)
+    assert p.returncode == 2 and "ModelNotFoundError" in p.stderr
+    p = subprocess.run(cli + ["info", "--model", str(model_dir), "--max-seq-len", "64"], capture_output=True, text=True)
+    assert p.returncode == 0 and '"vocab_size": 384' in p.stdout
