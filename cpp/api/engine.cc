@@ -3,19 +3,26 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <mutex>
 #include <string>
 
 #include "core/model_config.h"
 #include "core/safetensors.h"
 #include "core/thread_pool.h"
+#include "decoding/decoder.h"
 #include "decoding/stop_criteria.h"
 #include "model/backend.h"
 #include "model/llama.h"
+#include "model/medusa_heads.h"
 
 namespace medusa_rt {
 
 const char* version() { return MEDUSA_RT_VERSION_STRING; }
+
+const char* to_string(Acceptance acceptance) {
+  return acceptance == Acceptance::kGreedy ? "greedy" : "typical";
+}
 
 const char* to_string(FinishReason reason) {
   switch (reason) {
@@ -47,19 +54,17 @@ struct Engine::Impl {
   ModelInfo info;
   std::unique_ptr<Backend> backend;
   std::unique_ptr<LlamaModel> model;
-  int prefill_chunk = 0;
+  std::unique_ptr<MedusaHeads> heads;
+  std::unique_ptr<Decoder> decoder;
 
-  std::mutex forward_mu;  // one forward at a time; guards rows, host_logits, argmax buffers
-  ForwardRows rows;
-  int32_t* d_argmax = nullptr;
-  std::vector<int32_t> host_argmax;
-
+  std::mutex forward_mu;  // one forward at a time (the decoder's buffers are shared)
   std::mutex slot_mu;
   std::vector<bool> slot_used;
 
   ~Impl() {
+    decoder.reset();
+    heads.reset();
     model.reset();
-    if (d_argmax) backend->deallocate(d_argmax);
   }
 
   void validate_tokens(const std::vector<int32_t>& tokens, const char* what) const {
@@ -72,41 +77,26 @@ struct Engine::Impl {
       }
     }
   }
-
-  // Runs tokens[begin, end) of one slot through the model as causal rows starting at cache
-  // position `start`. Must hold forward_mu. If want_all, logits of every row are copied into
-  // all_logits (appended); the argmax of the last row is returned.
-  int32_t run_causal(int slot, int start, const int32_t* tokens, int n, std::vector<float>* all_logits) {
-    int32_t last = -1;
-    for (int off = 0; off < n; off += prefill_chunk) {
-      const int c = std::min(prefill_chunk, n - off);
-      rows.clear();
-      for (int i = 0; i < c; ++i) {
-        const int pos = start + off + i;
-        rows.tokens.push_back(tokens[off + i]);
-        rows.positions.push_back(pos);
-        rows.slots.push_back(slot);
-        rows.cache_index.push_back(pos);
-        rows.prefix_len.push_back(pos + 1);
-        if (all_logits) rows.logit_rows.push_back(i);
-      }
-      const bool last_chunk = off + c == n;
-      if (!all_logits && last_chunk) rows.logit_rows.push_back(c - 1);
-      model->forward(rows);
-      const int nl = static_cast<int>(rows.logit_rows.size());
-      if (all_logits) {
-        const size_t old = all_logits->size();
-        all_logits->resize(old + size_t(nl) * cfg.vocab_size);
-        backend->copy_to_host(all_logits->data() + old, model->logits(), size_t(nl) * cfg.vocab_size * sizeof(float));
-      }
-      if (last_chunk) {
-        backend->argmax(model->logits() + size_t(nl - 1) * cfg.vocab_size, 1, cfg.vocab_size, d_argmax);
-        backend->copy_to_host(&last, d_argmax, sizeof(int32_t));
-      }
-    }
-    return last;
-  }
 };
+
+namespace {
+
+// The tree an engine runs: explicit paths, a name, the heads' default, or mc_sim_7b_63 cut to
+// the number of heads.
+TreeSpec choose_tree(const EngineOptions& o, const MedusaHeadsMeta& heads) {
+  const int num_heads = heads.num_heads;
+  if (!o.tree_paths.empty()) return TreeSpec(o.tree_paths);
+  if (!o.tree.empty()) return TreeSpec::named(o.tree);
+  if (heads.has_default_tree) return heads.default_tree;
+  std::vector<TreeSpec::Path> paths;
+  const TreeSpec full = TreeSpec::named("mc_sim_7b_63");
+  for (const auto& p : full.paths()) {
+    if (int(p.size()) <= num_heads) paths.push_back(p);
+  }
+  return TreeSpec(paths, num_heads >= 4 ? "mc_sim_7b_63" : "mc_sim_7b_63[depth<=" + std::to_string(num_heads) + "]");
+}
+
+}  // namespace
 
 Engine::Engine(const std::string& model_dir, const EngineOptions& options) : impl_(std::make_unique<Impl>()) {
   Impl& e = *impl_;
@@ -136,16 +126,41 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
                                "so max_seq_len must be <= " + std::to_string(c.sliding_window));
   }
   const int threads = options.num_threads ? options.num_threads : available_cores();
-  e.prefill_chunk = std::min(options.prefill_chunk, max_seq);
+  const int prefill_chunk = std::min(options.prefill_chunk, max_seq);
+  if (options.medusa_top_k < 1 || options.medusa_top_k > c.vocab_size) {
+    throw InvalidArgumentError("medusa_top_k must be in [1, vocab_size], got " + std::to_string(options.medusa_top_k));
+  }
 
+  // Medusa heads: an explicit file must exist; the model directory's is optional.
+  std::string heads_file = options.medusa_heads;
+  if (!heads_file.empty()) {
+    if (!file_exists(heads_file)) throw ModelNotFoundError("Medusa heads file not found: " + heads_file);
+  } else if (file_exists(model_dir + "/medusa_heads.safetensors")) {
+    heads_file = model_dir + "/medusa_heads.safetensors";
+  }
+  if (heads_file.empty() && (!options.tree.empty() || !options.tree_paths.empty())) {
+    throw InvalidArgumentError("a Medusa tree was given but the model has no Medusa heads "
+                               "(no medusa_heads.safetensors in " + model_dir + ")");
+  }
+  // Heads metadata and the tree are checked before anything big is allocated.
+  TreeSpec tree;
+  MedusaHeadsMeta heads_meta;
+  if (!heads_file.empty()) {
+    heads_meta = MedusaHeads::read_meta(heads_file, c);
+    tree = choose_tree(options, heads_meta);
+    tree.check_fits(heads_meta.num_heads, options.medusa_top_k);
+  }
+
+  e.backend = make_cpu_backend(threads);
+  const size_t heads_bytes = heads_file.empty() ? 0 : MappedFile(heads_file).size();
   ModelLimits lim;
   lim.slots = options.max_batch_size;
   lim.max_seq = max_seq;
-  lim.max_rows = std::max(e.prefill_chunk, options.max_batch_size);
+  // Rows of one forward: a tree per sequence, or a prefill chunk.
+  lim.max_rows = std::max(prefill_chunk, options.max_batch_size * tree.num_nodes());
   lim.max_logit_rows = lim.max_rows;
 
-  e.backend = make_cpu_backend(threads);
-  const size_t wbytes = LlamaModel::weight_bytes_for(c, dtype);
+  const size_t wbytes = LlamaModel::weight_bytes_for(c, dtype) + heads_bytes;
   const size_t kvbytes = LlamaModel::kv_bytes_for(c, lim);
   const size_t wsbytes = LlamaModel::workspace_bytes_for(c, lim);
   const size_t need = wbytes + kvbytes + wsbytes;
@@ -161,12 +176,12 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
     TensorStore store(model_dir, "model");
     e.model = std::make_unique<LlamaModel>(c, store, dtype, lim, *e.backend);
   }  // the mapping is released once the weights are converted
-  e.d_argmax = static_cast<int32_t*>(e.backend->allocate(sizeof(int32_t) * lim.max_logit_rows, "argmax output"));
+  if (!heads_file.empty()) {
+    e.heads = std::make_unique<MedusaHeads>(heads_file, c, dtype, options.max_batch_size, options.medusa_top_k,
+                                            *e.backend, e.model->lm_head());
+  }
+  e.decoder = std::make_unique<Decoder>(*e.model, e.heads.get(), tree, options.max_batch_size);
   e.slot_used.assign(lim.slots, false);
-  const size_t R = lim.max_rows;
-  ForwardRows& r = e.rows;
-  for (auto* v : {&r.tokens, &r.positions, &r.slots, &r.cache_index, &r.prefix_len, &r.logit_rows}) v->reserve(R);
-  r.extra_offsets.reserve(R + 1);
 
   ModelInfo& info = e.info;
   info.architecture = c.architecture;
@@ -184,8 +199,12 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
   info.num_threads = e.backend->num_threads();
   info.eos_token_ids = c.eos_token_ids;
   info.bos_token_id = c.bos_token_id;
-  info.weight_bytes = e.model->weight_bytes();
+  info.weight_bytes = e.model->weight_bytes() + (e.heads ? e.heads->weight_bytes() : 0);
   info.kv_cache_bytes = e.model->kv_bytes();
+  info.medusa_heads = e.heads ? e.heads->num_heads() : 0;
+  info.medusa_shared_lm_head = e.heads && e.heads->shared_lm_head();
+  info.tree = e.decoder->tree().name();
+  info.tree_nodes = e.decoder->tree().num_nodes();
 }
 
 Engine::~Engine() = default;
@@ -194,12 +213,11 @@ const ModelInfo& Engine::info() const { return impl_->info; }
 
 struct Session::State {
   Engine::Impl* engine = nullptr;
-  int slot = -1;
-  int length = 0;  // tokens in the slot's KV cache
+  SequenceState seq;
   ~State() {
-    if (engine && slot >= 0) {
+    if (engine && seq.slot >= 0) {
       std::lock_guard<std::mutex> lock(engine->slot_mu);
-      engine->slot_used[slot] = false;
+      engine->slot_used[seq.slot] = false;
     }
   }
 };
@@ -211,7 +229,7 @@ Session Engine::session() {
       impl_->slot_used[i] = true;
       auto st = std::make_unique<Session::State>();
       st->engine = impl_.get();
-      st->slot = static_cast<int>(i);
+      st->seq.slot = static_cast<int>(i);
       return Session(std::move(st));
     }
   }
@@ -224,30 +242,23 @@ Session::Session(Session&&) noexcept = default;
 Session& Session::operator=(Session&&) noexcept = default;
 Session::~Session() = default;
 
-void Session::reset() { state_->length = 0; }
+void Session::reset() { state_->seq.length = 0; }
 
-int Session::context_length() const { return state_->length; }
+int Session::context_length() const { return state_->seq.length; }
 
 std::vector<float> Session::forward(const std::vector<int32_t>& tokens, bool all_logits) {
   Engine::Impl& e = *state_->engine;
   if (tokens.empty()) throw InvalidArgumentError("forward() needs at least one token");
   e.validate_tokens(tokens, "input");
   const int max_seq = e.info.max_seq_len;
-  if (state_->length + tokens.size() > size_t(max_seq)) {
-    throw CapacityError("context would hold " + std::to_string(state_->length + tokens.size()) +
+  SequenceState& s = state_->seq;
+  if (s.length + tokens.size() > size_t(max_seq)) {
+    throw CapacityError("context would hold " + std::to_string(s.length + tokens.size()) +
                         " tokens but the engine's max_seq_len is " + std::to_string(max_seq));
   }
   std::vector<float> out;
   std::lock_guard<std::mutex> lock(e.forward_mu);
-  if (all_logits) {
-    e.run_causal(state_->slot, state_->length, tokens.data(), static_cast<int>(tokens.size()), &out);
-  } else {
-    e.run_causal(state_->slot, state_->length, tokens.data(), static_cast<int>(tokens.size()), nullptr);
-    out.resize(e.cfg.vocab_size);
-    e.backend->copy_to_host(out.data(), e.model->logits() + size_t(e.rows.logit_rows.size() - 1) * e.cfg.vocab_size,
-                            out.size() * sizeof(float));
-  }
-  state_->length += static_cast<int>(tokens.size());
+  e.decoder->append(s, tokens.data(), static_cast<int>(tokens.size()), false, &out, all_logits);
   return out;
 }
 
@@ -258,9 +269,20 @@ GenerationResult Session::generate(const std::vector<int32_t>& prompt, const Gen
   if (config.max_new_tokens < 0) {
     throw InvalidArgumentError("max_new_tokens must be >= 0, got " + std::to_string(config.max_new_tokens));
   }
+  if (config.acceptance == Acceptance::kTypical) {
+    if (!(config.posterior_threshold > 0.f && config.posterior_threshold <= 1.f)) {
+      throw InvalidArgumentError("posterior_threshold must be in (0, 1], got " + std::to_string(config.posterior_threshold));
+    }
+    if (!(config.posterior_alpha > 0.f && config.posterior_alpha <= 1.f)) {
+      throw InvalidArgumentError("posterior_alpha must be in (0, 1], got " + std::to_string(config.posterior_alpha));
+    }
+    if (!(config.temperature > 0.f && std::isfinite(config.temperature))) {
+      throw InvalidArgumentError("temperature must be > 0 for typical acceptance, got " + std::to_string(config.temperature));
+    }
+  }
   e.validate_tokens(prompt, "prompt");
   e.validate_tokens(config.stop_token_ids, "stop");
-  for (const auto& s : config.stop_sequences) e.validate_tokens(s, "stop sequence");
+  for (const auto& seq : config.stop_sequences) e.validate_tokens(seq, "stop sequence");
   const int max_seq = e.info.max_seq_len;
   if (prompt.size() >= size_t(max_seq)) {
     throw CapacityError("the prompt has " + std::to_string(prompt.size()) + " tokens but the engine's max_seq_len is " +
@@ -268,36 +290,49 @@ GenerationResult Session::generate(const std::vector<int32_t>& prompt, const Gen
                         " prompt tokens leave room for a new token");
   }
 
+  SequenceState& s = state_->seq;
+  const bool medusa = config.medusa && e.heads != nullptr;
+  StepOptions opt;
+  opt.medusa = medusa;
+  opt.acceptance = config.acceptance;
+  opt.posterior_threshold = config.posterior_threshold;
+  opt.posterior_alpha = config.posterior_alpha;
+  opt.temperature = config.temperature;
+
   GenerationResult result;
-  result.stats.prompt_tokens = static_cast<int>(prompt.size());
-  state_->length = 0;
+  GenerationStats& st = result.stats;
+  st.prompt_tokens = static_cast<int>(prompt.size());
+  st.medusa = medusa;
+  st.accepted_per_head.assign(medusa ? e.heads->num_heads() : 0, 0);
+  s.length = 0;
   if (config.max_new_tokens == 0) return result;
 
   StopCriteria stop(config, e.cfg.eos_token_ids);
+  const double fwd0 = e.decoder->forward_seconds();
   const auto t0 = Clock::now();
-  int32_t next;
   {
     std::lock_guard<std::mutex> lock(e.forward_mu);
-    next = e.run_causal(state_->slot, 0, prompt.data(), static_cast<int>(prompt.size()), nullptr);
+    e.decoder->append(s, prompt.data(), static_cast<int>(prompt.size()), medusa, nullptr, false);
   }
-  state_->length = static_cast<int>(prompt.size());
   const auto t_first = Clock::now();
-  result.stats.prefill_seconds = std::chrono::duration<double>(t_first - t0).count();
+  st.prefill_seconds = std::chrono::duration<double>(t_first - t0).count();
 
+  std::vector<int32_t> block = {s.root};
   size_t emitted = 0;
-  std::vector<int32_t> block;
+  std::vector<int32_t> piece;
+  SequenceState* seqs[1] = {&s};
   while (true) {
-    bool finished = stop.append(&next, 1, result.tokens);
+    bool finished = stop.append(block.data(), static_cast<int>(block.size()), result.tokens);
     FinishReason reason = stop.finish_reason();
-    if (!finished && state_->length >= max_seq) {
-      finished = true;  // the cache is full: the last token cannot be fed back
+    if (!finished && s.length >= max_seq) {
+      finished = true;  // the cache is full: the pending token cannot be fed back
       reason = FinishReason::kLength;
     }
     const size_t ready = stop.emittable(result.tokens, finished);
     if (on_tokens && ready > emitted) {
-      block.assign(result.tokens.begin() + emitted, result.tokens.begin() + ready);
+      piece.assign(result.tokens.begin() + emitted, result.tokens.begin() + ready);
       emitted = ready;
-      if (!on_tokens(block)) {
+      if (!on_tokens(piece)) {
         result.finish_reason = FinishReason::kCancelled;
         break;
       }
@@ -308,18 +343,22 @@ GenerationResult Session::generate(const std::vector<int32_t>& prompt, const Gen
     }
     {
       std::lock_guard<std::mutex> lock(e.forward_mu);
-      next = e.run_causal(state_->slot, state_->length, &next, 1, nullptr);
+      e.decoder->step(seqs, 1, opt);
     }
-    ++state_->length;
-    ++result.stats.steps;
+    ++st.steps;
+    for (int d = 0; d < s.accepted && d < int(st.accepted_per_head.size()); ++d) ++st.accepted_per_head[d];
+    block = s.new_tokens;
   }
 
-  GenerationStats& s = result.stats;
-  s.new_tokens = static_cast<int>(result.tokens.size());
-  s.total_seconds = seconds_since(t0);
-  s.decode_seconds = std::chrono::duration<double>(Clock::now() - t_first).count();
-  s.tokens_per_second = s.total_seconds > 0 ? s.new_tokens / s.total_seconds : 0;
-  s.decode_tokens_per_second = (s.decode_seconds > 0 && s.new_tokens > 1) ? (s.new_tokens - 1) / s.decode_seconds : 0;
+  st.new_tokens = static_cast<int>(result.tokens.size());
+  st.total_seconds = seconds_since(t0);
+  st.decode_seconds = std::chrono::duration<double>(Clock::now() - t_first).count();
+  st.tokens_per_second = st.total_seconds > 0 ? st.new_tokens / st.total_seconds : 0;
+  st.decode_tokens_per_second =
+      (st.decode_seconds > 0 && st.new_tokens > 1) ? (st.new_tokens - 1) / st.decode_seconds : 0;
+  st.tokens_per_step = st.steps > 0 ? double(stop.produced() - 1) / st.steps : 0;
+  st.forward_seconds = e.decoder->forward_seconds() - fwd0;
+  st.other_seconds = std::max(0.0, st.total_seconds - st.forward_seconds);
   return result;
 }
 

@@ -96,7 +96,14 @@ SafetensorsFile::SafetensorsFile(const std::string& path) {
   struct Span { uint64_t begin, end; const std::string* name; };
   std::vector<Span> spans;
   for (const auto& [name, entry] : header.as_object()) {
-    if (name == "__metadata__") continue;
+    if (name == "__metadata__") {
+      if (!entry.is_object()) throw bad("__metadata__ is not an object");
+      for (const auto& [k, v] : entry.as_object()) {
+        if (!v.is_string()) throw bad("__metadata__ value '" + k + "' is not a string");
+        metadata_[k] = v.as_string();
+      }
+      continue;
+    }
     auto tbad = [&](const std::string& msg) { return bad("tensor '" + name + "': " + msg); };
     if (!entry.is_object()) throw tbad("entry is not an object");
     const json::Value* dt = entry.find("dtype");
@@ -141,6 +148,12 @@ SafetensorsFile::SafetensorsFile(const std::string& path) {
       throw bad("tensors '" + *spans[i - 1].name + "' and '" + *spans[i].name + "' overlap");
     }
   }
+}
+
+const TensorView& SafetensorsFile::get(const std::string& name) const {
+  auto it = tensors_.find(name);
+  if (it == tensors_.end()) throw ModelFormatError("tensor '" + name + "' is missing from " + path());
+  return it->second;
 }
 
 TensorStore::TensorStore(const std::string& dir, const std::string& stem) {

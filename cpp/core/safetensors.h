@@ -48,11 +48,16 @@ class SafetensorsFile {
  public:
   explicit SafetensorsFile(const std::string& path);
   const std::map<std::string, TensorView>& tensors() const { return tensors_; }
+  // The header's "__metadata__" (string to string), empty if absent.
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
   const std::string& path() const { return file_->path(); }
+  // Throws ModelFormatError naming the tensor and this file if absent.
+  const TensorView& get(const std::string& name) const;
 
  private:
   std::unique_ptr<MappedFile> file_;
   std::map<std::string, TensorView> tensors_;
+  std::map<std::string, std::string> metadata_;
 };
 
 // The tensors of a model: `<dir>/<stem>.safetensors`, or the shards listed in

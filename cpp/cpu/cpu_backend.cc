@@ -61,6 +61,7 @@ class CpuBackend final : public Backend {
   void copy_to_device(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
   void copy_to_host(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
   void fill_zero(void* dst, size_t bytes) override { std::memset(dst, 0, bytes); }
+  void copy_on_device(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
   size_t available_memory() const override { return mem_available_bytes(); }
 
   void prepare(const KVLayout& layout) override {
@@ -196,6 +197,65 @@ class CpuBackend final : public Backend {
         if (l[i] > l[best]) best = i;
       }
       out[r] = best;
+    }
+  }
+
+  void topk(const float* logits, int rows, int vocab, int k, int32_t* out) override {
+    // Selection by insertion into a sorted list of k: O(vocab) for the small k Medusa uses.
+    for (int r = 0; r < rows; ++r) {
+      const float* l = logits + int64_t(r) * vocab;
+      int32_t* o = out + int64_t(r) * k;
+      int n = 0;
+      for (int i = 0; i < vocab; ++i) {
+        const float v = l[i];
+        if (n == k && !(v > l[o[k - 1]])) continue;
+        int pos = n < k ? n++ : k - 1;
+        while (pos > 0 && v > l[o[pos - 1]]) {
+          o[pos] = o[pos - 1];
+          --pos;
+        }
+        o[pos] = i;
+      }
+    }
+  }
+
+  void softmax_stats(const float* logits, int rows, int vocab, float temperature, float* lse,
+                     float* entropy) override {
+    const float inv_t = 1.0f / temperature;
+    for (int r = 0; r < rows; ++r) {
+      const float* l = logits + int64_t(r) * vocab;
+      float mx = -INFINITY;
+      for (int i = 0; i < vocab; ++i) mx = std::max(mx, l[i] * inv_t);
+      double sum = 0.0;
+      for (int i = 0; i < vocab; ++i) sum += std::exp(double(l[i] * inv_t - mx));
+      const double log_z = std::log(sum) + mx;
+      double h = 0.0;
+      for (int i = 0; i < vocab; ++i) {
+        const double p = std::exp(double(l[i] * inv_t) - log_z);
+        h -= p * std::log(p + 1e-5);
+      }
+      lse[r] = static_cast<float>(log_z);
+      entropy[r] = static_cast<float>(h);
+    }
+  }
+
+  void add_silu(float* x, const float* y, size_t n) override {
+    for (size_t i = 0; i < n; ++i) x[i] += y[i] / (1.0f + std::exp(-y[i]));
+  }
+
+  void kv_copy(float* k_cache, float* v_cache, int layers, const KVLayout& L, const int32_t* slots,
+               const int32_t* src, const int32_t* dst, int n) override {
+    const size_t layer_elems = L.layer_elems();
+    const size_t hd_bytes = size_t(L.head_dim) * sizeof(float);
+    for (int l = 0; l < layers; ++l) {
+      for (int i = 0; i < n; ++i) {
+        if (src[i] == dst[i]) continue;
+        for (int h = 0; h < L.kv_heads; ++h) {
+          const size_t base = layer_elems * l + (size_t(slots[i]) * L.kv_heads + h) * L.max_seq * L.head_dim;
+          std::memcpy(k_cache + base + size_t(dst[i]) * L.head_dim, k_cache + base + size_t(src[i]) * L.head_dim, hd_bytes);
+          std::memcpy(v_cache + base + size_t(dst[i]) * L.head_dim, v_cache + base + size_t(src[i]) * L.head_dim, hd_bytes);
+        }
+      }
     }
   }
 

@@ -24,6 +24,8 @@ class StopCriteria {
   size_t emittable(const std::vector<int32_t>& out, bool finished) const;
 
   FinishReason finish_reason() const { return reason_; }
+  // Tokens consumed by append() so far (a stop token included, tokens after it not).
+  int produced() const { return produced_; }
 
  private:
   bool is_stop_token(int32_t t) const;

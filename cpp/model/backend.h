@@ -56,6 +56,7 @@ class Backend {
   virtual void copy_to_device(void* dst, const void* src, size_t bytes) = 0;
   virtual void copy_to_host(void* dst, const void* src, size_t bytes) = 0;
   virtual void fill_zero(void* dst, size_t bytes) = 0;
+  virtual void copy_on_device(void* dst, const void* src, size_t bytes) = 0;
   // Allocates a matrix and fills it from host data (row-major [rows, cols] of dtype) in the
   // layout the backend's kernels want. Free it with deallocate(matrix.data).
   virtual Matrix upload_matrix(const void* host, DType dtype, int rows, int cols, const char* what) = 0;
@@ -91,6 +92,18 @@ class Backend {
   virtual void gather_rows(const float* x, int dim, const int32_t* index, int n, float* out) = 0;
   // out[r] = first index of the maximum of logits[r]
   virtual void argmax(const float* logits, int rows, int vocab, int32_t* out) = 0;
+  // out[r*k + j] = index of the j-th largest of logits[r] (descending; equal values: lower index first)
+  virtual void topk(const float* logits, int rows, int vocab, int k, int32_t* out) = 0;
+  // Per row r of z = logits[r] / temperature: lse[r] = log(sum exp z) and
+  // entropy[r] = -sum p log(p + 1e-5) with p = softmax(z) (Medusa's typical acceptance).
+  virtual void softmax_stats(const float* logits, int rows, int vocab, float temperature, float* lse,
+                             float* entropy) = 0;
+  // x += silu(y)   (Medusa head residual block)
+  virtual void add_silu(float* x, const float* y, size_t n) = 0;
+  // Copies K/V of every layer within sequence slots: (slots[i], src[i]) -> (slots[i], dst[i]),
+  // for i = 0..n-1 in order (KV compaction after tree verification).
+  virtual void kv_copy(float* k_cache, float* v_cache, int layers, const KVLayout& layout, const int32_t* slots,
+                       const int32_t* src, const int32_t* dst, int n) = 0;
 };
 
 std::unique_ptr<Backend> make_cpu_backend(int num_threads);

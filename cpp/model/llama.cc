@@ -15,58 +15,6 @@ constexpr int kMaxExtraPerRow = 16;
 
 std::string layer_name(int i, const char* suffix) { return "model.layers." + std::to_string(i) + "." + suffix; }
 
-void convert_into(const TensorView& t, DType dst_type, void* dst) {
-  const int64_t n = t.numel();
-  if (t.dtype == dst_type) {
-    std::memcpy(dst, t.data, t.nbytes);
-    return;
-  }
-  auto src_at = [&](int64_t i) -> float {
-    uint16_t h;
-    float f;
-    switch (t.dtype) {
-      case DType::kF32: std::memcpy(&f, t.data + 4 * i, 4); return f;
-      case DType::kBF16: std::memcpy(&h, t.data + 2 * i, 2); return bf16_to_f32(h);
-      case DType::kF16: std::memcpy(&h, t.data + 2 * i, 2); return f16_to_f32(h);
-      default: return 0.f;
-    }
-  };
-  switch (dst_type) {
-    case DType::kF32: {
-      float* d = static_cast<float*>(dst);
-      for (int64_t i = 0; i < n; ++i) d[i] = src_at(i);
-      break;
-    }
-    case DType::kBF16: {
-      uint16_t* d = static_cast<uint16_t*>(dst);
-      for (int64_t i = 0; i < n; ++i) d[i] = f32_to_bf16(src_at(i));
-      break;
-    }
-    case DType::kF16: {
-      uint16_t* d = static_cast<uint16_t*>(dst);
-      for (int64_t i = 0; i < n; ++i) d[i] = f32_to_f16(src_at(i));
-      break;
-    }
-    default: throw Error("internal: bad conversion target");
-  }
-}
-
-void check_float_dtype(const TensorView& t) {
-  if (t.dtype != DType::kF32 && t.dtype != DType::kBF16 && t.dtype != DType::kF16) {
-    throw ModelFormatError("tensor '" + t.name + "' in " + *t.file + " has dtype " + dtype_name(t.dtype) +
-                           "; expected F32, BF16 or F16");
-  }
-}
-
-void check_shape(const TensorView& t, const std::vector<int64_t>& expect) {
-  if (t.shape != expect) {
-    TensorView e;
-    e.shape = expect;
-    throw ModelFormatError("tensor '" + t.name + "' in " + *t.file + " has shape " + t.shape_str() + " but the config (" +
-                           "config.json) requires " + e.shape_str());
-  }
-}
-
 }  // namespace
 
 void ForwardRows::clear() {
@@ -101,58 +49,6 @@ size_t LlamaModel::workspace_bytes_for(const ModelConfig& c, const ModelLimits& 
          4 * size_t(lim.max_seq) * hd /* rope */ + 4 * size_t(lim.max_rows) * (8 + kMaxExtraPerRow);
 }
 
-void* LlamaModel::alloc(size_t bytes, const char* what) {
-  void* p = be_.allocate(bytes, what);
-  allocations_.push_back(p);
-  return p;
-}
-
-Matrix LlamaModel::load_matrix(const TensorStore& store, const std::vector<std::string>& names, int cols, DType dtype) {
-  // Concatenates the named [rows_i, cols] tensors along rows into one matrix (fused q/k/v, gate/up).
-  std::vector<const TensorView*> views;
-  int rows = 0;
-  for (const auto& n : names) {
-    const TensorView& t = store.get(n);
-    check_float_dtype(t);
-    if (t.shape.size() != 2 || t.shape[1] != cols) {
-      throw ModelFormatError("tensor '" + n + "' in " + *t.file + " has shape " + t.shape_str() +
-                             "; expected [*, " + std::to_string(cols) + "] from config.json");
-    }
-    views.push_back(&t);
-    rows += static_cast<int>(t.shape[0]);
-  }
-  const size_t es = dtype_size(dtype);
-  std::vector<uint8_t> staging(es * size_t(rows) * cols);
-  size_t off = 0;
-  for (const TensorView* t : views) {
-    convert_into(*t, dtype, staging.data() + off);
-    off += es * size_t(t->numel());
-  }
-  Matrix m = be_.upload_matrix(staging.data(), dtype, rows, cols, ("weights (" + names[0] + ")").c_str());
-  allocations_.push_back(const_cast<void*>(m.data));
-  weight_bytes_ += staging.size();
-  return m;
-}
-
-const float* LlamaModel::load_vector(const TensorStore& store, const std::vector<std::string>& names,
-                                     const std::vector<int>& sizes) {
-  int total = 0;
-  for (int s : sizes) total += s;
-  std::vector<float> host(total);
-  int off = 0;
-  for (size_t i = 0; i < names.size(); ++i) {
-    const TensorView& t = store.get(names[i]);
-    check_float_dtype(t);
-    check_shape(t, {sizes[i]});
-    convert_into(t, DType::kF32, host.data() + off);
-    off += sizes[i];
-  }
-  float* dst = static_cast<float*>(alloc(sizeof(float) * total, "norm weights"));
-  be_.copy_to_device(dst, host.data(), sizeof(float) * total);
-  weight_bytes_ += sizeof(float) * total;
-  return dst;
-}
-
 void LlamaModel::build_rope_tables() {
   // Mirrors transformers' rope initialisation in fp32: inv_freq = 1 / theta^(2i/d), scaled per
   // rope type, angle = float(pos) * inv_freq.
@@ -185,29 +81,28 @@ void LlamaModel::build_rope_tables() {
       s[size_t(p) * half + i] = std::sin(a);
     }
   }
-  rope_cos_ = static_cast<float*>(alloc(c.size() * sizeof(float), "rope tables"));
-  rope_sin_ = static_cast<float*>(alloc(s.size() * sizeof(float), "rope tables"));
+  rope_cos_ = alloc<float>(c.size(), "rope tables");
+  rope_sin_ = alloc<float>(s.size(), "rope tables");
   be_.copy_to_device(rope_cos_, c.data(), c.size() * sizeof(float));
   be_.copy_to_device(rope_sin_, s.data(), s.size() * sizeof(float));
 }
 
 LlamaModel::LlamaModel(const ModelConfig& cfg, const TensorStore& store, DType dtype, const ModelLimits& lim,
                        Backend& backend)
-    : cfg_(cfg), lim_(lim), be_(backend) {
+    : cfg_(cfg), lim_(lim), be_(backend), arena_(backend) {
   if (lim.max_rows <= 0 || lim.max_logit_rows > lim.max_rows || lim.slots <= 0 || lim.max_seq <= 0) {
     throw Error("internal: bad model limits");
   }
-  try {
+  {
     const int H = cfg.hidden_size, F = cfg.intermediate_size, hd = cfg.head_dim;
     const int nq = cfg.num_heads * hd, nkv = cfg.num_kv_heads * hd;
     qkv_width_ = nq + 2 * nkv;
 
     // Validate every shape before converting anything.
     auto expect = [&](const std::string& name, std::vector<int64_t> shape) {
-      const TensorView& t = store.get(name);
-      check_float_dtype(t);
-      check_shape(t, shape);
+      check_shape(store.get(name), shape, "config.json");
     };
+    auto T = [&](const std::string& name) { return &store.get(name); };
     expect("model.embed_tokens.weight", {cfg.vocab_size, H});
     expect("model.norm.weight", {H});
     if (!cfg.tie_word_embeddings) expect("lm_head.weight", {cfg.vocab_size, H});
@@ -228,41 +123,38 @@ LlamaModel::LlamaModel(const ModelConfig& cfg, const TensorStore& store, DType d
       }
     }
 
-    embed_ = load_matrix(store, {"model.embed_tokens.weight"}, H, dtype);
-    lm_head_ = cfg.tie_word_embeddings ? embed_ : load_matrix(store, {"lm_head.weight"}, H, dtype);
-    final_norm_ = load_vector(store, {"model.norm.weight"}, {H});
+    embed_ = arena_.matrix({T("model.embed_tokens.weight")}, H, dtype);
+    lm_head_ = cfg.tie_word_embeddings ? embed_ : arena_.matrix({T("lm_head.weight")}, H, dtype);
+    final_norm_ = arena_.vector({T("model.norm.weight")});
     layers_.resize(cfg.num_layers);
     for (int i = 0; i < cfg.num_layers; ++i) {
       Layer& L = layers_[i];
-      L.ln1 = load_vector(store, {layer_name(i, "input_layernorm.weight")}, {H});
-      L.ln2 = load_vector(store, {layer_name(i, "post_attention_layernorm.weight")}, {H});
-      L.qkv = load_matrix(store,
-                          {layer_name(i, "self_attn.q_proj.weight"), layer_name(i, "self_attn.k_proj.weight"),
-                           layer_name(i, "self_attn.v_proj.weight")},
-                          H, dtype);
+      auto lt = [&](const char* suffix) { return T(layer_name(i, suffix)); };
+      L.ln1 = arena_.vector({lt("input_layernorm.weight")});
+      L.ln2 = arena_.vector({lt("post_attention_layernorm.weight")});
+      L.qkv = arena_.matrix({lt("self_attn.q_proj.weight"), lt("self_attn.k_proj.weight"), lt("self_attn.v_proj.weight")},
+                            H, dtype);
       if (cfg.attention_bias) {
-        L.qkv_bias = load_vector(store,
-                                 {layer_name(i, "self_attn.q_proj.bias"), layer_name(i, "self_attn.k_proj.bias"),
-                                  layer_name(i, "self_attn.v_proj.bias")},
-                                 {nq, nkv, nkv});
+        L.qkv_bias = arena_.vector({lt("self_attn.q_proj.bias"), lt("self_attn.k_proj.bias"), lt("self_attn.v_proj.bias")});
       }
-      L.o = load_matrix(store, {layer_name(i, "self_attn.o_proj.weight")}, nq, dtype);
-      L.gate_up = load_matrix(store, {layer_name(i, "mlp.gate_proj.weight"), layer_name(i, "mlp.up_proj.weight")}, H, dtype);
-      L.down = load_matrix(store, {layer_name(i, "mlp.down_proj.weight")}, F, dtype);
+      L.o = arena_.matrix({lt("self_attn.o_proj.weight")}, nq, dtype);
+      L.gate_up = arena_.matrix({lt("mlp.gate_proj.weight"), lt("mlp.up_proj.weight")}, H, dtype);
+      L.down = arena_.matrix({lt("mlp.down_proj.weight")}, F, dtype);
     }
+    weight_bytes_ = arena_.weight_bytes();
 
     kv_layout_ = KVLayout{lim.slots, cfg.num_kv_heads, lim.max_seq, hd};
     const size_t kv_elems = kv_layout_.layer_elems() * cfg.num_layers;
-    k_cache_ = static_cast<float*>(alloc(kv_elems * sizeof(float), "the KV cache (keys)"));
-    v_cache_ = static_cast<float*>(alloc(kv_elems * sizeof(float), "the KV cache (values)"));
+    k_cache_ = alloc<float>(kv_elems, "the KV cache (keys)");
+    v_cache_ = alloc<float>(kv_elems, "the KV cache (values)");
     be_.fill_zero(k_cache_, kv_elems * sizeof(float));  // commit the pages now, not mid-generation
     be_.fill_zero(v_cache_, kv_elems * sizeof(float));
     kv_bytes_ = 2 * kv_elems * sizeof(float);
     build_rope_tables();
 
     const size_t R = lim.max_rows, LR = lim.max_logit_rows;
-    auto fbuf = [&](size_t n) { return static_cast<float*>(alloc(n * sizeof(float), "activation workspace")); };
-    auto ibuf = [&](size_t n) { return static_cast<int32_t*>(alloc(n * sizeof(int32_t), "row metadata")); };
+    auto fbuf = [&](size_t n) { return alloc<float>(n, "activation workspace"); };
+    auto ibuf = [&](size_t n) { return alloc<int32_t>(n, "row metadata"); };
     x_ = fbuf(R * H);
     xn_ = fbuf(R * std::max(H, nq));
     qkv_ = fbuf(R * qkv_width_);
@@ -280,16 +172,22 @@ LlamaModel::LlamaModel(const ModelConfig& cfg, const TensorStore& store, DType d
     d_extra_offsets_ = ibuf(R + 1);
     d_extra_ = ibuf(R * kMaxExtraPerRow);
     d_logit_rows_ = ibuf(LR);
+    d_copy_slots_ = ibuf(R);
+    d_copy_src_ = ibuf(R);
+    d_copy_dst_ = ibuf(R);
     be_.prepare(kv_layout_);
-  } catch (...) {
-    for (void* p : allocations_) be_.deallocate(p);
-    allocations_.clear();
-    throw;
   }
 }
 
-LlamaModel::~LlamaModel() {
-  for (void* p : allocations_) be_.deallocate(p);
+LlamaModel::~LlamaModel() = default;
+
+void LlamaModel::copy_kv(const int32_t* slots, const int32_t* src, const int32_t* dst, int n) {
+  if (n <= 0) return;
+  if (n > lim_.max_rows) throw Error("internal: too many KV copies");
+  be_.copy_to_device(d_copy_slots_, slots, n * sizeof(int32_t));
+  be_.copy_to_device(d_copy_src_, src, n * sizeof(int32_t));
+  be_.copy_to_device(d_copy_dst_, dst, n * sizeof(int32_t));
+  be_.kv_copy(k_cache_, v_cache_, cfg_.num_layers, kv_layout_, d_copy_slots_, d_copy_src_, d_copy_dst_, n);
 }
 
 void LlamaModel::forward(const ForwardRows& rows) {

@@ -6,6 +6,7 @@
 
 #include "core/model_config.h"
 #include "model/backend.h"
+#include "model/weights.h"
 
 namespace medusa_rt {
 
@@ -47,6 +48,13 @@ class LlamaModel {
   const float* logits() const { return logits_; }
   const float* hidden() const { return hidden_; }
 
+  // Copies KV entries of every layer within slots: (slots[i], src[i]) -> (slots[i], dst[i]),
+  // i = 0..n-1 in order (host arrays; n <= limits().max_rows).
+  void copy_kv(const int32_t* slots, const int32_t* src, const int32_t* dst, int n);
+
+  const Matrix& lm_head() const { return lm_head_; }
+  Backend& backend() { return be_; }
+
   const ModelConfig& config() const { return cfg_; }
   const ModelLimits& limits() const { return lim_; }
   size_t weight_bytes() const { return weight_bytes_; }
@@ -60,15 +68,16 @@ class LlamaModel {
     const float* qkv_bias = nullptr;
   };
 
-  void* alloc(size_t bytes, const char* what);
-  Matrix load_matrix(const TensorStore& store, const std::vector<std::string>& names, int cols, DType dtype);
-  const float* load_vector(const TensorStore& store, const std::vector<std::string>& names, const std::vector<int>& sizes);
+  template <class T>
+  T* alloc(size_t count, const char* what) {
+    return static_cast<T*>(arena_.buffer(count * sizeof(T), what));
+  }
   void build_rope_tables();
 
   ModelConfig cfg_;
   ModelLimits lim_;
   Backend& be_;
-  std::vector<void*> allocations_;
+  WeightArena arena_;
   size_t weight_bytes_ = 0, kv_bytes_ = 0;
 
   Matrix embed_, lm_head_;
@@ -85,6 +94,7 @@ class LlamaModel {
         *act_ = nullptr, *hidden_ = nullptr, *logits_ = nullptr;
   int32_t *d_tokens_ = nullptr, *d_positions_ = nullptr, *d_slots_ = nullptr, *d_cache_index_ = nullptr,
           *d_prefix_len_ = nullptr, *d_extra_offsets_ = nullptr, *d_extra_ = nullptr, *d_logit_rows_ = nullptr;
+  int32_t *d_copy_slots_ = nullptr, *d_copy_src_ = nullptr, *d_copy_dst_ = nullptr;
   int qkv_width_ = 0;
 };
 

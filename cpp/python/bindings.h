@@ -9,5 +9,6 @@ void register_errors(pybind11::module_& m);
 void register_options(pybind11::module_& m);
 void register_engine(pybind11::module_& m);
 void register_session(pybind11::module_& m);
+void register_tree(pybind11::module_& m);
 
 }  // namespace medusa_rt::python

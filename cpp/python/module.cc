@@ -10,4 +10,5 @@ PYBIND11_MODULE(_core, m) {
   medusa_rt::python::register_options(m);
   medusa_rt::python::register_engine(m);
   medusa_rt::python::register_session(m);
+  medusa_rt::python::register_tree(m);
 }

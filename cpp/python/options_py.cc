@@ -3,6 +3,7 @@
 
 #include "python/bindings.h"
 #include "medusa_rt/engine.h"
+#include "medusa_rt/errors.h"
 
 namespace py = pybind11;
 
@@ -15,14 +16,29 @@ void register_options(py::module_& m) {
       .def_readwrite("max_batch_size", &EngineOptions::max_batch_size)
       .def_readwrite("max_seq_len", &EngineOptions::max_seq_len)
       .def_readwrite("num_threads", &EngineOptions::num_threads)
-      .def_readwrite("prefill_chunk", &EngineOptions::prefill_chunk);
+      .def_readwrite("prefill_chunk", &EngineOptions::prefill_chunk)
+      .def_readwrite("medusa_heads", &EngineOptions::medusa_heads)
+      .def_readwrite("tree", &EngineOptions::tree)
+      .def_readwrite("tree_paths", &EngineOptions::tree_paths)
+      .def_readwrite("medusa_top_k", &EngineOptions::medusa_top_k);
 
   py::class_<GenerationConfig>(m, "GenerationConfig")
       .def(py::init<>())
       .def_readwrite("max_new_tokens", &GenerationConfig::max_new_tokens)
       .def_readwrite("stop_token_ids", &GenerationConfig::stop_token_ids)
       .def_readwrite("stop_sequences", &GenerationConfig::stop_sequences)
-      .def_readwrite("ignore_eos", &GenerationConfig::ignore_eos);
+      .def_readwrite("ignore_eos", &GenerationConfig::ignore_eos)
+      .def_readwrite("medusa", &GenerationConfig::medusa)
+      .def_property(
+          "acceptance", [](const GenerationConfig& c) { return std::string(to_string(c.acceptance)); },
+          [](GenerationConfig& c, const std::string& v) {
+            if (v == "greedy") c.acceptance = Acceptance::kGreedy;
+            else if (v == "typical") c.acceptance = Acceptance::kTypical;
+            else throw InvalidArgumentError("acceptance must be \"greedy\" or \"typical\", got \"" + v + "\"");
+          })
+      .def_readwrite("posterior_threshold", &GenerationConfig::posterior_threshold)
+      .def_readwrite("posterior_alpha", &GenerationConfig::posterior_alpha)
+      .def_readwrite("temperature", &GenerationConfig::temperature);
 
   py::class_<GenerationStats>(m, "GenerationStats")
       .def_readonly("prompt_tokens", &GenerationStats::prompt_tokens)
@@ -32,7 +48,12 @@ void register_options(py::module_& m) {
       .def_readonly("decode_seconds", &GenerationStats::decode_seconds)
       .def_readonly("total_seconds", &GenerationStats::total_seconds)
       .def_readonly("tokens_per_second", &GenerationStats::tokens_per_second)
-      .def_readonly("decode_tokens_per_second", &GenerationStats::decode_tokens_per_second);
+      .def_readonly("decode_tokens_per_second", &GenerationStats::decode_tokens_per_second)
+      .def_readonly("medusa", &GenerationStats::medusa)
+      .def_readonly("tokens_per_step", &GenerationStats::tokens_per_step)
+      .def_readonly("accepted_per_head", &GenerationStats::accepted_per_head)
+      .def_readonly("forward_seconds", &GenerationStats::forward_seconds)
+      .def_readonly("other_seconds", &GenerationStats::other_seconds);
 
   py::class_<GenerationResult>(m, "GenerationResult")
       .def_readonly("tokens", &GenerationResult::tokens)
@@ -55,7 +76,11 @@ void register_options(py::module_& m) {
       .def_readonly("eos_token_ids", &ModelInfo::eos_token_ids)
       .def_readonly("bos_token_id", &ModelInfo::bos_token_id)
       .def_readonly("weight_bytes", &ModelInfo::weight_bytes)
-      .def_readonly("kv_cache_bytes", &ModelInfo::kv_cache_bytes);
+      .def_readonly("kv_cache_bytes", &ModelInfo::kv_cache_bytes)
+      .def_readonly("medusa_heads", &ModelInfo::medusa_heads)
+      .def_readonly("medusa_shared_lm_head", &ModelInfo::medusa_shared_lm_head)
+      .def_readonly("tree", &ModelInfo::tree)
+      .def_readonly("tree_nodes", &ModelInfo::tree_nodes);
 }
 
 }  // namespace medusa_rt::python

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "medusa_rt/errors.h"
+#include "medusa_rt/tree.h"
 #include "medusa_rt/version.h"
 
 namespace medusa_rt {
@@ -36,6 +37,17 @@ struct EngineOptions {
   int num_threads = 0;
   /// Rows processed per forward during prefill (bounds the activation workspace).
   int prefill_chunk = 128;
+
+  /// Medusa heads file (runtime format, see docs/FORMAT.md). Empty: use
+  /// <model_dir>/medusa_heads.safetensors if it exists, else run without heads.
+  std::string medusa_heads;
+  /// Medusa tree: a built-in name (see TreeSpec::named). Empty: the heads' own default tree,
+  /// else "mc_sim_7b_63" cut to the number of heads. Ignored without heads.
+  std::string tree;
+  /// Tree as explicit paths; overrides `tree` when non-empty.
+  std::vector<std::vector<int>> tree_paths;
+  /// Candidates kept per head; every rank in the tree must be below it.
+  int medusa_top_k = 10;
 };
 
 /// Static facts about the loaded model and engine.
@@ -54,8 +66,18 @@ struct ModelInfo {
   int num_threads = 0;
   std::vector<int32_t> eos_token_ids;
   int32_t bos_token_id = -1;  ///< -1 if the model has none
-  std::size_t weight_bytes = 0;    ///< bytes of weights held by the engine
+  std::size_t weight_bytes = 0;    ///< bytes of weights held by the engine (heads included)
   std::size_t kv_cache_bytes = 0;  ///< bytes of the KV cache
+  int medusa_heads = 0;            ///< 0 when the engine has no Medusa heads
+  bool medusa_shared_lm_head = false;
+  std::string tree;                ///< name of the tree in use ("root" without heads)
+  int tree_nodes = 1;              ///< nodes of that tree, root included
+};
+
+/// How speculative tokens are accepted.
+enum class Acceptance {
+  kGreedy,   ///< exact match with the base model's argmax: output identical to plain greedy decoding
+  kTypical,  ///< Medusa's typical acceptance (not lossless)
 };
 
 /// How one generation is run.
@@ -70,6 +92,14 @@ struct GenerationConfig {
   std::vector<std::vector<int32_t>> stop_sequences;
   /// Do not stop at the model's EOS tokens.
   bool ignore_eos = false;
+  /// Use Medusa tree decoding when the engine has heads; false = plain decoding.
+  bool medusa = true;
+  Acceptance acceptance = Acceptance::kGreedy;
+  /// Typical acceptance: accept when p > min(posterior_threshold, posterior_alpha * exp(-entropy)),
+  /// p from softmax(logits / temperature).
+  float posterior_threshold = 0.09f;
+  float posterior_alpha = 0.3f;
+  float temperature = 1.0f;
 };
 
 /// Why a generation ended.
@@ -81,12 +111,23 @@ enum class FinishReason {
 
 /// Returns "stop", "length" or "cancelled".
 const char* to_string(FinishReason reason);
+/// Returns "greedy" or "typical".
+const char* to_string(Acceptance acceptance);
 
 /// Statistics of one generation.
 struct GenerationStats {
   int prompt_tokens = 0;
   int new_tokens = 0;
   int steps = 0;                ///< decode steps (forwards after the prefill)
+  bool medusa = false;          ///< whether Medusa tree decoding ran
+  /// Tokens committed per decode step, the bonus token included (1.0 for plain decoding).
+  /// The first new token comes from the prefill and is not counted.
+  double tokens_per_step = 0;
+  /// accepted_per_head[d]: steps in which head d's candidate was accepted (d + 1 or more
+  /// speculative tokens accepted).
+  std::vector<int> accepted_per_head;
+  double forward_seconds = 0;   ///< time in model and head forwards (prefill included)
+  double other_seconds = 0;     ///< total_seconds - forward_seconds
   double prefill_seconds = 0;   ///< time of the prompt's forward (including the first token)
   double decode_seconds = 0;    ///< time after the first token
   double total_seconds = 0;
@@ -139,8 +180,10 @@ class Session {
   ~Session();
 
   /// Generates a continuation of prompt (token ids). Starts from an empty context.
-  /// Throws InvalidArgumentError (empty prompt, token id out of range, negative max_new_tokens)
-  /// or CapacityError (prompt longer than max_seq_len - 1).
+  /// With Medusa heads and config.medusa, each step verifies the engine's tree in one forward.
+  /// Greedy acceptance gives exactly the tokens of plain greedy decoding.
+  /// Throws InvalidArgumentError (empty prompt, token id out of range, negative max_new_tokens,
+  /// bad acceptance parameters) or CapacityError (prompt longer than max_seq_len - 1).
   GenerationResult generate(const std::vector<int32_t>& prompt, const GenerationConfig& config,
                             const TokenCallback& on_tokens = TokenCallback());
 

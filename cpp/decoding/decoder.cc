@@ -1,0 +1,217 @@
+#include "decoding/decoder.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+
+#include "decoding/acceptance.h"
+#include "medusa_rt/errors.h"
+
+namespace medusa_rt {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+}  // namespace
+
+Decoder::Decoder(LlamaModel& model, MedusaHeads* heads, TreeSpec tree, int max_batch)
+    : model_(model),
+      heads_(heads),
+      tree_(std::move(tree)),
+      max_batch_(max_batch),
+      vocab_(model.config().vocab_size),
+      buffers_(model.backend()) {
+  const int R = model.limits().max_rows;
+  d_argmax_ = static_cast<int32_t*>(buffers_.buffer(sizeof(int32_t) * R, "argmax output"));
+  d_index_ = static_cast<int32_t*>(buffers_.buffer(sizeof(int32_t) * max_batch, "row indices"));
+  argmax_.resize(R);
+  tokens_.reserve(R);
+  copy_slots_.reserve(R);
+  copy_src_.reserve(R);
+  copy_dst_.reserve(R);
+  hidden_rows_.reserve(max_batch);
+  row_base_.reserve(max_batch);
+  num_nodes_.reserve(max_batch);
+  ForwardRows& r = rows_;
+  for (auto* v : {&r.tokens, &r.positions, &r.slots, &r.cache_index, &r.prefix_len, &r.logit_rows}) v->reserve(R);
+  r.extra_offsets.reserve(R + 1);
+  r.extra.reserve(size_t(R) * (tree_.max_depth() + 1));
+  if (heads_) {
+    const int H = model.config().hidden_size;
+    d_head_in_ = static_cast<float*>(buffers_.buffer(sizeof(float) * H * max_batch, "Medusa head input"));
+    const size_t nc = size_t(heads_->num_heads()) * max_batch * heads_->top_k();
+    d_candidates_ = static_cast<int32_t*>(buffers_.buffer(sizeof(int32_t) * nc, "Medusa candidates"));
+    candidates_host_.resize(nc);
+  }
+}
+
+Decoder::~Decoder() = default;
+
+void Decoder::run_heads(SequenceState* const* seqs, const int32_t* hidden_rows, int n) {
+  const auto t0 = Clock::now();
+  Backend& be = model_.backend();
+  const int H = model_.config().hidden_size;
+  be.copy_to_device(d_index_, hidden_rows, sizeof(int32_t) * n);
+  be.gather_rows(model_.hidden(), H, d_index_, n, d_head_in_);
+  heads_->candidates(d_head_in_, n, d_candidates_);
+  const int K = heads_->num_heads(), k = heads_->top_k();
+  be.copy_to_host(candidates_host_.data(), d_candidates_, sizeof(int32_t) * size_t(K) * n * k);
+  for (int r = 0; r < n; ++r) {
+    SequenceState& s = *seqs[r];
+    s.candidates.resize(size_t(K) * k);
+    for (int h = 0; h < K; ++h) {
+      std::copy_n(candidates_host_.data() + (size_t(h) * n + r) * k, k, s.candidates.data() + size_t(h) * k);
+    }
+    s.has_candidates = true;
+  }
+  forward_seconds_ += std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+void Decoder::append(SequenceState& s, const int32_t* tokens, int n, bool with_heads, std::vector<float>* logits,
+                     bool all_logits) {
+  if (logits) logits->clear();
+  if (!logits) all_logits = false;
+  Backend& be = model_.backend();
+  const int chunk = model_.limits().max_rows;
+  for (int off = 0; off < n; off += chunk) {
+    const int c = std::min(chunk, n - off);
+    rows_.clear();
+    for (int i = 0; i < c; ++i) {
+      const int pos = s.length + off + i;
+      rows_.tokens.push_back(tokens[off + i]);
+      rows_.positions.push_back(pos);
+      rows_.slots.push_back(s.slot);
+      rows_.cache_index.push_back(pos);
+      rows_.prefix_len.push_back(pos + 1);
+      if (all_logits) rows_.logit_rows.push_back(i);
+    }
+    const bool last = off + c == n;
+    if (!all_logits && last) rows_.logit_rows.push_back(c - 1);
+    const auto tf = Clock::now();
+    model_.forward(rows_);
+    forward_seconds_ += std::chrono::duration<double>(Clock::now() - tf).count();
+    const int nl = static_cast<int>(rows_.logit_rows.size());
+    if (all_logits || (logits && last)) {
+      const int first = all_logits ? 0 : nl - 1;
+      const size_t old = logits->size();
+      logits->resize(old + size_t(nl - first) * vocab_);
+      be.copy_to_host(logits->data() + old, model_.logits() + size_t(first) * vocab_,
+                      size_t(nl - first) * vocab_ * sizeof(float));
+    }
+    if (last) {
+      be.argmax(model_.logits() + size_t(nl - 1) * vocab_, 1, vocab_, d_argmax_);
+      be.copy_to_host(&s.root, d_argmax_, sizeof(int32_t));
+      s.has_candidates = false;
+      if (with_heads && heads_) {
+        const int32_t row = nl - 1;
+        SequenceState* one = &s;
+        run_heads(&one, &row, 1);
+      }
+    }
+  }
+  s.length += n;
+}
+
+void Decoder::step(SequenceState* const* seqs, int n, const StepOptions& opt) {
+  if (n <= 0 || n > max_batch_) throw Error("internal: bad step batch");
+  const int max_seq = model_.limits().max_seq;
+  const bool medusa = opt.medusa && heads_ != nullptr;
+  Backend& be = model_.backend();
+
+  // 1. Rows: every sequence's tree (cut to the room left in its cache).
+  rows_.clear();
+  tokens_.clear();
+  row_base_.clear();
+  num_nodes_.clear();
+  rows_.extra_offsets.push_back(0);
+  for (int si = 0; si < n; ++si) {
+    SequenceState& s = *seqs[si];
+    const int room = max_seq - s.length;
+    if (room < 1) throw Error("internal: step on a full sequence");
+    const bool tree = medusa && s.has_candidates;
+    const int T = tree ? std::min(tree_.num_nodes(), room) : 1;
+    row_base_.push_back(rows_.size());
+    num_nodes_.push_back(T);
+    const int top_k = heads_ ? heads_->top_k() : 0;
+    for (int i = 0; i < T; ++i) {
+      const int depth = tree_.depths()[i];
+      const int32_t tok = i == 0 ? s.root : s.candidates[size_t(depth - 1) * top_k + tree_.ranks()[i]];
+      rows_.tokens.push_back(tok);
+      tokens_.push_back(tok);
+      rows_.positions.push_back(s.length + depth);
+      rows_.slots.push_back(s.slot);
+      rows_.cache_index.push_back(s.length + i);
+      rows_.prefix_len.push_back(s.length);
+      for (int a : tree_.ancestors()[i]) rows_.extra.push_back(s.length + a);
+      rows_.extra_offsets.push_back(static_cast<int32_t>(rows_.extra.size()));
+      rows_.logit_rows.push_back(rows_.size() - 1);
+    }
+  }
+
+  // 2. One forward over all rows, and the base model's argmax at every node.
+  const auto tf = Clock::now();
+  model_.forward(rows_);
+  forward_seconds_ += std::chrono::duration<double>(Clock::now() - tf).count();
+  const int R = rows_.size();
+  be.argmax(model_.logits(), R, vocab_, d_argmax_);
+  be.copy_to_host(argmax_.data(), d_argmax_, sizeof(int32_t) * R);
+
+  // 3. Acceptance, commit, KV compaction.
+  copy_slots_.clear();
+  copy_src_.clear();
+  copy_dst_.clear();
+  hidden_rows_.clear();
+  for (int si = 0; si < n; ++si) {
+    SequenceState& s = *seqs[si];
+    const int base = row_base_[si], T = num_nodes_[si];
+    const int32_t* toks = tokens_.data() + base;
+    std::vector<int> path;
+    if (T > 1) {
+      if (opt.acceptance == Acceptance::kGreedy) {
+        path = accept_greedy(tree_, T, toks, argmax_.data() + base);
+      } else {
+        const float* logits = model_.logits();
+        std::vector<float> lse(T, NAN), ent(T, NAN);
+        auto stats = [&](int u) {
+          if (std::isnan(lse[u])) {
+            be.softmax_stats(logits + size_t(base + u) * vocab_, 1, vocab_, opt.temperature, &lse[u], &ent[u]);
+          }
+        };
+        auto prob = [&](int u, int32_t tok) {
+          stats(u);
+          float l;
+          be.copy_to_host(&l, logits + size_t(base + u) * vocab_ + tok, sizeof(float));
+          return static_cast<float>(std::exp(double(l) / opt.temperature - lse[u]));
+        };
+        auto entropy = [&](int u) {
+          stats(u);
+          return ent[u];
+        };
+        path = accept_typical(tree_, T, toks, prob, entropy, opt.posterior_threshold, opt.posterior_alpha);
+      }
+    }
+    const int a = static_cast<int>(path.size());
+    const int last = a ? path.back() : 0;
+    s.new_tokens.clear();
+    for (int j = 0; j < a; ++j) {
+      s.new_tokens.push_back(toks[path[j]]);
+      if (path[j] != j + 1) {  // node path[j] moves to the slot right after the committed prefix
+        copy_slots_.push_back(s.slot);
+        copy_src_.push_back(s.length + path[j]);
+        copy_dst_.push_back(s.length + j + 1);
+      }
+    }
+    s.new_tokens.push_back(argmax_[base + last]);  // bonus token: the base model's own next token
+    s.root = s.new_tokens.back();
+    s.accepted = a;
+    s.length += a + 1;
+    s.has_candidates = false;
+    hidden_rows_.push_back(base + last);
+  }
+  model_.copy_kv(copy_slots_.data(), copy_src_.data(), copy_dst_.data(), static_cast<int>(copy_slots_.size()));
+
+  // 4. Candidates for the next step from the heads at each last accepted node.
+  if (medusa) run_heads(seqs, hidden_rows_.data(), n);
+}
+
+}  // namespace medusa_rt

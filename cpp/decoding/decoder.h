@@ -1,0 +1,82 @@
+// The step driver: prefill, and one batch-shaped decode step that is either plain
+// autoregressive (a root-only tree) or Medusa tree verification.
+//
+// A step for sequences S: each sequence contributes its tree's nodes as rows (root = the
+// pending token, other nodes = head candidates), positions length + depth, K/V written at
+// cache slots length + node, each row seeing its slot's committed prefix plus its ancestors.
+// One forward covers all rows; per sequence the accepted path is chosen (greedy or typical),
+// its K/V compacted to contiguous slots, the bonus token taken from the base logits at the
+// last accepted node, and the heads run on that node's hidden state for the next step.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "medusa_rt/engine.h"
+#include "medusa_rt/tree.h"
+#include "model/llama.h"
+#include "model/medusa_heads.h"
+
+namespace medusa_rt {
+
+struct SequenceState {
+  int slot = -1;
+  int length = 0;                   // tokens in the slot's KV cache
+  int32_t root = -1;                // pending token: in the output, not yet in the cache
+  std::vector<int32_t> candidates;  // [num_heads][top_k] head candidates for the root's successors
+  bool has_candidates = false;
+  // Filled by step(): the accepted speculative tokens followed by the bonus token (the new root).
+  std::vector<int32_t> new_tokens;
+  int accepted = 0;  // speculative tokens accepted in the last step
+};
+
+struct StepOptions {
+  bool medusa = false;
+  Acceptance acceptance = Acceptance::kGreedy;
+  float posterior_threshold = 0.09f;
+  float posterior_alpha = 0.3f;
+  float temperature = 1.0f;
+};
+
+class Decoder {
+ public:
+  // heads may be null (plain decoding only). tree: the engine's tree (root-only without heads).
+  Decoder(LlamaModel& model, MedusaHeads* heads, TreeSpec tree, int max_batch);
+  ~Decoder();
+
+  const TreeSpec& tree() const { return tree_; }
+  // Tokens a Medusa step of one sequence may add to its cache (the tree size).
+  int step_tokens(bool medusa) const { return medusa && heads_ ? tree_.num_nodes() : 1; }
+
+  // Runs tokens through the model as causal rows appended at s.length; s.length grows by n.
+  // Sets s.root to the argmax after the last token, and s.candidates when with_heads.
+  // logits, if non-null, receives the logits of every token (all_logits) or of the last one.
+  void append(SequenceState& s, const int32_t* tokens, int n, bool with_heads, std::vector<float>* logits,
+              bool all_logits);
+
+  // One decode step for each sequence (which must each have length < max_seq).
+  void step(SequenceState* const* seqs, int n, const StepOptions& opt);
+
+  // Seconds spent in model and head forwards since construction (statistics).
+  double forward_seconds() const { return forward_seconds_; }
+
+ private:
+  void run_heads(SequenceState* const* seqs, const int32_t* hidden_rows, int n);
+
+  LlamaModel& model_;
+  MedusaHeads* heads_;
+  TreeSpec tree_;
+  int max_batch_;
+  int vocab_;
+  WeightArena buffers_;
+  ForwardRows rows_;
+  int32_t* d_argmax_ = nullptr;
+  int32_t* d_index_ = nullptr;
+  float* d_head_in_ = nullptr;
+  int32_t* d_candidates_ = nullptr;
+  std::vector<int32_t> argmax_, tokens_, candidates_host_, copy_slots_, copy_src_, copy_dst_, hidden_rows_;
+  std::vector<int> row_base_, num_nodes_;
+  double forward_seconds_ = 0;
+};
+
+}  // namespace medusa_rt

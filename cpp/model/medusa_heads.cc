@@ -1,0 +1,146 @@
+#include "model/medusa_heads.h"
+
+#include <cstdlib>
+
+#include "core/json.h"
+#include "core/safetensors.h"
+#include "medusa_rt/errors.h"
+
+namespace medusa_rt {
+namespace {
+
+const std::string& meta(const SafetensorsFile& f, const std::string& key) {
+  auto it = f.metadata().find(key);
+  if (it == f.metadata().end()) {
+    throw ModelFormatError(f.path() + ": not a medusa_rt heads file (metadata '" + key +
+                           "' missing); convert Medusa checkpoints with medusa_rt.export");
+  }
+  return it->second;
+}
+
+int meta_int(const SafetensorsFile& f, const std::string& key) {
+  const std::string& v = meta(f, key);
+  char* end = nullptr;
+  long x = std::strtol(v.c_str(), &end, 10);
+  if (v.empty() || *end != '\0' || x <= 0 || x > (1 << 24)) {
+    throw ModelFormatError(f.path() + ": metadata '" + key + "' must be a positive integer, got '" + v + "'");
+  }
+  return static_cast<int>(x);
+}
+
+TreeSpec parse_tree(const std::string& text, const std::string& where) {
+  if (!text.empty() && text[0] == '[') {
+    json::Value v = json::parse(text, where + " default_tree");
+    std::vector<TreeSpec::Path> paths;
+    if (!v.is_array()) throw ModelFormatError(where + ": default_tree must be a list of paths");
+    for (const auto& p : v.as_array()) {
+      if (!p.is_array()) throw ModelFormatError(where + ": default_tree must be a list of paths");
+      TreeSpec::Path path;
+      for (const auto& r : p.as_array()) {
+        if (!r.is_integer()) throw ModelFormatError(where + ": default_tree ranks must be integers");
+        path.push_back(static_cast<int>(r.as_int()));
+      }
+      paths.push_back(path);
+    }
+    return TreeSpec(paths, "default");
+  }
+  return TreeSpec::named(text);
+}
+
+MedusaHeadsMeta read_meta_of(const SafetensorsFile& f, const ModelConfig& base) {
+  const std::string& file = f.path();
+  if (meta(f, "format") != "medusa_rt_heads") {
+    throw ModelFormatError(file + ": metadata format is '" + meta(f, "format") + "', expected 'medusa_rt_heads'");
+  }
+  if (meta(f, "format_version") != "1") {
+    throw UnsupportedModelError(file + ": heads format_version " + meta(f, "format_version") + " is not supported");
+  }
+  MedusaHeadsMeta m;
+  m.num_heads = meta_int(f, "num_heads");
+  m.num_layers = meta_int(f, "num_layers");
+  const std::string shared = meta(f, "shared_lm_head");
+  if (shared != "true" && shared != "false") throw ModelFormatError(file + ": shared_lm_head must be 'true' or 'false'");
+  m.shared_lm_head = shared == "true";
+  if (meta_int(f, "hidden_size") != base.hidden_size || meta_int(f, "vocab_size") != base.vocab_size) {
+    throw ModelFormatError(file + ": heads were made for hidden_size " + meta(f, "hidden_size") + " and vocab_size " +
+                           meta(f, "vocab_size") + " but the model has " + std::to_string(base.hidden_size) + " and " +
+                           std::to_string(base.vocab_size));
+  }
+  auto it = f.metadata().find("default_tree");
+  if (it != f.metadata().end() && !it->second.empty()) {
+    try {
+      m.default_tree = parse_tree(it->second, file);
+    } catch (const InvalidArgumentError& err) {
+      throw ModelFormatError(file + ": bad default_tree: " + err.what());
+    }
+    m.has_default_tree = true;
+  }
+  return m;
+}
+
+}  // namespace
+
+MedusaHeadsMeta MedusaHeads::read_meta(const std::string& file, const ModelConfig& base) {
+  return read_meta_of(SafetensorsFile(file), base);
+}
+
+MedusaHeads::MedusaHeads(const std::string& file, const ModelConfig& base, DType dtype, int max_rows, int top_k,
+                         Backend& be, const Matrix& base_lm_head)
+    : be_(be), arena_(be), hidden_(base.hidden_size), vocab_(base.vocab_size), max_rows_(max_rows), top_k_(top_k),
+      base_lm_head_(base_lm_head) {
+  SafetensorsFile f(file);
+  meta_ = read_meta_of(f, base);
+  if (top_k < 1 || top_k > vocab_) throw InvalidArgumentError("medusa_top_k must be in [1, vocab_size]");
+  const int num_heads_ = meta_.num_heads, num_layers_ = meta_.num_layers;
+  const bool shared_ = meta_.shared_lm_head;
+
+  const std::string source = "the base model (hidden_size " + std::to_string(hidden_) + ", vocab_size " +
+                             std::to_string(vocab_) + ")";
+  heads_.resize(num_heads_);
+  for (int k = 0; k < num_heads_; ++k) {
+    Head& h = heads_[k];
+    for (int l = 0; l < num_layers_; ++l) {
+      const std::string p = "medusa." + std::to_string(k) + "." + std::to_string(l);
+      const TensorView& w = f.get(p + ".weight");
+      const TensorView& b = f.get(p + ".bias");
+      check_shape(w, {hidden_, hidden_}, source);
+      check_shape(b, {hidden_}, source);
+      h.w.push_back(arena_.matrix({&w}, hidden_, dtype));
+      h.b.push_back(arena_.vector({&b}));
+    }
+    const std::string proj = "medusa." + std::to_string(k) + ".lm_head.weight";
+    if (shared_) {
+      if (f.tensors().count(proj)) throw ModelFormatError(file + ": shared_lm_head is true but " + proj + " is present");
+      h.proj = base_lm_head_;
+    } else {
+      const TensorView& w = f.get(proj);
+      check_shape(w, {vocab_, hidden_}, source);
+      h.proj = arena_.matrix({&w}, hidden_, dtype);
+    }
+  }
+  const size_t rows = size_t(num_heads_) * max_rows_;
+  x_ = static_cast<float*>(arena_.buffer(rows * hidden_ * sizeof(float), "Medusa head workspace"));
+  tmp_ = static_cast<float*>(arena_.buffer(size_t(max_rows_) * hidden_ * sizeof(float), "Medusa head workspace"));
+  logits_ = static_cast<float*>(arena_.buffer(rows * vocab_ * sizeof(float), "Medusa head logits"));
+}
+
+void MedusaHeads::candidates(const float* hidden, int rows, int32_t* out) {
+  if (rows <= 0 || rows > max_rows_) throw Error("internal: Medusa head row count out of range");
+  const size_t H = hidden_;
+  const int num_heads_ = meta_.num_heads, num_layers_ = meta_.num_layers;
+  const bool shared_ = meta_.shared_lm_head;
+  for (int k = 0; k < num_heads_; ++k) {
+    float* xk = x_ + size_t(k) * rows * H;
+    be_.copy_on_device(xk, hidden, size_t(rows) * H * sizeof(float));
+    for (int l = 0; l < num_layers_; ++l) {
+      be_.linear(xk, rows, heads_[k].w[l], heads_[k].b[l], tmp_);
+      be_.add_silu(xk, tmp_, size_t(rows) * H);
+    }
+    if (!shared_) be_.linear(xk, rows, heads_[k].proj, nullptr, logits_ + size_t(k) * rows * vocab_);
+  }
+  // A shared projection reads the lm_head once for all heads.
+  if (shared_) be_.linear(x_, num_heads_ * rows, base_lm_head_, nullptr, logits_);
+  be_.topk(logits_, num_heads_ * rows, vocab_, top_k_, out);
+}
+
+}  // namespace medusa_rt
