@@ -32,6 +32,7 @@ __all__ = [
     "Session",
     "GenerationResult",
     "GenerationStats",
+    "TreeSpec",
     "pull",
     "export_model",
     "MedusaError",
@@ -44,7 +45,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .engine import Engine, GenerationResult, GenerationStats, Session
+    from .engine import Engine, GenerationResult, GenerationStats, Session, TreeSpec
     from .export import export_model
     from .registry import pull
 
@@ -53,6 +54,7 @@ _LAZY = {
     "Session": ("engine", "Session"),
     "GenerationResult": ("engine", "GenerationResult"),
     "GenerationStats": ("engine", "GenerationStats"),
+    "TreeSpec": ("engine", "TreeSpec"),
     "pull": ("registry", "pull"),
     "export_model": ("export", "export_model"),
 }

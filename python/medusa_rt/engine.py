@@ -23,15 +23,23 @@ from .tokenizer import Tokenizer
 
 Prompt = Union[str, Sequence[int]]
 Stop = Union[None, str, int, Sequence[Union[str, int]]]
+Tree = Union[None, str, Sequence[Sequence[int]]]
 
-__all__ = ["Engine", "Session", "GenerationResult", "GenerationStats", "ModelInfo"]
+__all__ = ["Engine", "Session", "GenerationResult", "GenerationStats", "ModelInfo", "TreeSpec"]
 
 ModelInfo = _core.ModelInfo
+TreeSpec = _core.TreeSpec
 
 
 @dataclass(frozen=True)
 class GenerationStats:
-    """Statistics of one generation (times in seconds)."""
+    """Statistics of one generation (times in seconds).
+
+    ``tokens_per_step`` counts the tokens committed per decode step, the bonus token included
+    (1.0 for plain decoding; the first token comes from the prefill and is not counted).
+    ``accepted_per_head[d]`` is the number of steps in which head d's candidate was accepted.
+    ``forward_seconds`` is the time spent in model and head forwards, ``other_seconds`` the rest.
+    """
 
     prompt_tokens: int
     new_tokens: int
@@ -41,6 +49,11 @@ class GenerationStats:
     seconds: float
     tokens_per_second: float
     decode_tokens_per_second: float
+    medusa: bool = False
+    tokens_per_step: float = 0.0
+    accepted_per_head: List[int] = field(default_factory=list)
+    forward_seconds: float = 0.0
+    other_seconds: float = 0.0
 
     @classmethod
     def _from_core(cls, s: "_core.GenerationStats") -> "GenerationStats":
@@ -53,6 +66,11 @@ class GenerationStats:
             seconds=s.total_seconds,
             tokens_per_second=s.tokens_per_second,
             decode_tokens_per_second=s.decode_tokens_per_second,
+            medusa=s.medusa,
+            tokens_per_step=s.tokens_per_step,
+            accepted_per_head=list(s.accepted_per_head),
+            forward_seconds=s.forward_seconds,
+            other_seconds=s.other_seconds,
         )
 
 
@@ -82,6 +100,12 @@ class Engine:
         max_seq_len: tokens per sequence, prompt included; 0 picks min(model limit, 4096).
         num_threads: CPU threads; 0 uses every available core.
         prefill_chunk: prompt tokens per forward during prefill.
+        medusa_heads: a ``medusa_heads.safetensors`` file to use instead of the model
+            directory's own (see ``medusa-rt export --medusa-heads``).
+        tree: the Medusa tree: a built-in name (``TreeSpec.builtin_names()``, ``"chain-N"``) or a
+            list of paths of ranks; default: the heads' own tree, else ``mc_sim_7b_63`` cut to
+            the number of heads.
+        medusa_top_k: candidates kept per head (tree ranks must be below it).
         progress: show progress when a named model must be pulled.
 
     Raises:
@@ -98,9 +122,22 @@ class Engine:
         max_seq_len: int = 0,
         num_threads: int = 0,
         prefill_chunk: int = 128,
+        medusa_heads: Union[None, str, "os.PathLike[str]"] = None,
+        tree: Tree = None,
+        medusa_top_k: int = 10,
         progress: bool = True,
     ) -> None:
         options = _core.EngineOptions()
+        if medusa_heads is not None:
+            options.medusa_heads = os.fspath(medusa_heads)
+        if isinstance(tree, str):
+            options.tree = tree
+        elif tree is not None:
+            try:
+                options.tree_paths = [[_check_int("tree rank", r) for r in p] for p in tree]
+            except TypeError:
+                raise InvalidArgumentError("tree must be a tree name or a list of paths (lists of ranks)") from None
+        options.medusa_top_k = _check_int("medusa_top_k", medusa_top_k)
         options.dtype = _check_str("dtype", dtype)
         options.max_batch_size = _check_int("max_batch_size", max_batch_size)
         options.max_seq_len = _check_int("max_seq_len", max_seq_len)
@@ -165,7 +202,17 @@ class Session:
 
     # -- generation ----------------------------------------------------------------------
     def _prepare(
-        self, prompt: Prompt, max_new_tokens: int, stop: Stop, chat: bool, ignore_eos: bool
+        self,
+        prompt: Prompt,
+        max_new_tokens: int,
+        stop: Stop,
+        chat: bool,
+        ignore_eos: bool,
+        medusa: Optional[bool],
+        acceptance: str,
+        posterior_threshold: float,
+        posterior_alpha: float,
+        temperature: float,
     ) -> "tuple[List[int], _core.GenerationConfig]":
         tok = self._engine.tokenizer
         if isinstance(prompt, str):
@@ -196,6 +243,15 @@ class Session:
                 stop_ids.append(_check_int("stop token", item))
         config.stop_token_ids = stop_ids
         config.stop_sequences = stop_seqs
+        if medusa and not self._engine.info.medusa_heads:
+            raise InvalidArgumentError(
+                f"medusa=True but the model at {self._engine.model_dir} has no Medusa heads "
+                "(export some with `medusa-rt export --medusa-heads`)")
+        config.medusa = medusa is not False
+        config.acceptance = _check_str("acceptance", acceptance)
+        config.posterior_threshold = _check_float("posterior_threshold", posterior_threshold)
+        config.posterior_alpha = _check_float("posterior_alpha", posterior_alpha)
+        config.temperature = _check_float("temperature", temperature)
         return ids, config
 
     def _result(self, core_result: "_core.GenerationResult") -> GenerationResult:
@@ -217,6 +273,11 @@ class Session:
         stop: Stop = None,
         chat: bool = False,
         ignore_eos: bool = False,
+        medusa: Optional[bool] = None,
+        acceptance: str = "greedy",
+        posterior_threshold: float = 0.09,
+        posterior_alpha: float = 0.3,
+        temperature: float = 1.0,
     ) -> GenerationResult:
         """Generates a continuation of ``prompt`` greedily, from an empty context.
 
@@ -227,13 +288,20 @@ class Session:
                 ``ignore_eos``. A stop string is matched as the token sequence it encodes to.
             chat: wrap a text prompt in the model's chat template (one user turn).
             ignore_eos: keep generating past EOS tokens.
+            medusa: Medusa tree decoding: None = when the engine has heads, True = require
+                heads, False = plain decoding.
+            acceptance: ``"greedy"`` (output identical to plain greedy decoding) or
+                ``"typical"`` (Medusa's typical acceptance: accept a speculative token when its
+                probability exceeds min(posterior_threshold, posterior_alpha * exp(-entropy)),
+                probabilities from softmax(logits / temperature)).
 
         Raises:
             InvalidArgumentError: bad prompt or options (empty prompt, token id out of range,
                 negative max_new_tokens, ...).
             CapacityError: the prompt does not fit in max_seq_len.
         """
-        ids, config = self._prepare(prompt, max_new_tokens, stop, chat, ignore_eos)
+        ids, config = self._prepare(prompt, max_new_tokens, stop, chat, ignore_eos, medusa, acceptance,
+                                    posterior_threshold, posterior_alpha, temperature)
         return self._result(self._core().generate(ids, config))
 
     def stream(
@@ -244,13 +312,19 @@ class Session:
         stop: Stop = None,
         chat: bool = False,
         ignore_eos: bool = False,
+        medusa: Optional[bool] = None,
+        acceptance: str = "greedy",
+        posterior_threshold: float = 0.09,
+        posterior_alpha: float = 0.3,
+        temperature: float = 1.0,
     ) -> Iterator[str]:
         """Like :meth:`generate`, but yields text pieces as tokens are decoded.
 
         Pieces never split a UTF-8 character. Closing the iterator early cancels the
         generation. Afterwards :attr:`last_result` holds the full :class:`GenerationResult`.
         """
-        ids, config = self._prepare(prompt, max_new_tokens, stop, chat, ignore_eos)
+        ids, config = self._prepare(prompt, max_new_tokens, stop, chat, ignore_eos, medusa, acceptance,
+                                    posterior_threshold, posterior_alpha, temperature)
         core = self._core()
         events: "queue.Queue[tuple[str, object]]" = queue.Queue()
         cancel = threading.Event()
@@ -315,6 +389,12 @@ def _check_int(name: str, value: object) -> int:
     if not -(2**31) <= int(value) < 2**31:
         raise InvalidArgumentError(f"{name} {int(value)} is out of range (32-bit integers)")
     return int(value)
+
+
+def _check_float(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise InvalidArgumentError(f"{name} must be a number, got {value!r}")
+    return float(value)
 
 
 def _check_str(name: str, value: object) -> str:

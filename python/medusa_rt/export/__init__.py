@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from ..errors import InvalidArgumentError, ModelFormatError, ModelNotFoundError
+from .medusa_heads import export_medusa_heads, find_head_source
 from .writer import (
     COMPLETE_MARKER,
     FORMAT_VERSION,
@@ -27,6 +28,7 @@ __all__ = [
     "COMPLETE_MARKER",
     "DTYPES",
     "FORMAT_VERSION",
+    "export_medusa_heads",
     "export_model",
     "is_complete_export",
     "is_medusa_export",
@@ -47,7 +49,8 @@ def _is_gguf(path: Path) -> bool:
 
 
 def export_model(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "auto",
-                 overwrite: bool = False, progress: bool = True, name: str | None = None) -> Path:
+                 overwrite: bool = False, progress: bool = True, name: str | None = None,
+                 medusa_heads: str | os.PathLike | None = None, tree: object = None) -> Path:
     """Convert ``src`` into a runtime model directory at ``out_dir`` and return its path.
 
     ``src`` is a ``.gguf`` file or an HF checkpoint directory with ``config.json``. ``dtype``
@@ -56,6 +59,10 @@ def export_model(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: s
     weights and biases are always float32. An existing non-empty ``out_dir`` is replaced only with
     ``overwrite=True`` and only if it is a medusa_rt export. ``name`` is recorded in
     ``config.json``'s ``source`` block. ``progress`` shows a per-tensor tqdm bar on stderr.
+
+    Medusa heads are exported too (:func:`export_medusa_heads`) from ``medusa_heads`` when given,
+    or from the checkpoint itself when it holds ``medusa_head.*`` tensors (Medusa-2 full
+    checkpoints); ``tree`` (a built-in name or a list of paths) becomes their default tree.
 
     Raises ModelNotFoundError, ModelFormatError, UnsupportedModelError or InvalidArgumentError,
     each naming the file at fault.
@@ -86,7 +93,19 @@ def export_model(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: s
         plan = import_gguf(src_path, dtype=dtype, name=name)
     else:
         raise ModelFormatError(f"{src_path} is neither a .gguf file nor an HF checkpoint directory")
+    if medusa_heads is None and src_path.is_dir():
+        try:
+            files, kind = find_head_source(src_path)
+            if kind == "checkpoint":
+                medusa_heads = src_path
+        except ModelNotFoundError:
+            pass
+    if medusa_heads is not None:
+        find_head_source(medusa_heads)  # fail before writing anything
     try:
-        return write_export(plan, out_path, overwrite=overwrite, progress=progress)
+        out = write_export(plan, out_path, overwrite=overwrite, progress=progress)
     finally:
         plan.release()
+    if medusa_heads is not None:
+        export_medusa_heads(medusa_heads, out, default_tree=tree, progress=progress)
+    return out

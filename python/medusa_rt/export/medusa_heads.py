@@ -1,0 +1,256 @@
+"""Medusa head checkpoints -> ``medusa_heads.safetensors`` of a runtime model directory.
+
+Three published layouts are read (see docs/FORMAT.md and the Medusa reference):
+
+1. heads-only, per-head vocabulary projection (Medusa-1 release): ``medusa_lm_head.pt`` or
+   ``.safetensors`` with ``{h}.{l}.linear.weight`` ``[d, d]``, ``{h}.{l}.linear.bias`` ``[d]`` and
+   ``{h}.{L}.weight`` ``[V, d]``;
+2. a full checkpoint (Medusa-2 release): an HF checkpoint directory whose tensors include
+   ``medusa_head.{h}.{l}.linear.*`` and ``medusa_head.{h}.{L}.weight``, its config
+   ``medusa_num_heads`` / ``medusa_num_layers``;
+3. "version 2", shared lm_head: ``medusa_lm_head.safetensors`` with only ``{h}.{l}.linear.*``; the
+   heads' outputs go through the base model's lm_head.
+
+The number of heads and layers is read from the tensors (the published configs of layout 1 are
+known to be wrong). Shapes are checked against the base model. A ResBlock without a bias (some
+conversions drop it) gets a zero bias.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ..errors import InvalidArgumentError, ModelFormatError, ModelNotFoundError, UnsupportedModelError
+from .safetensors_io import (
+    SafetensorsFile,
+    TensorToWrite,
+    bf16_bits_to_f32,
+    convert_for_storage,
+    safetensors_dtype_name,
+    write_safetensors,
+)
+from .writer import COMPLETE_MARKER, is_medusa_export, read_manifest
+
+__all__ = ["HEADS_FILE", "export_medusa_heads", "find_head_source", "load_head_tensors"]
+
+HEADS_FILE = "medusa_heads.safetensors"
+_KEY = re.compile(r"^(?:medusa_head\.)?(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
+
+TreeArg = Union[None, str, Sequence[Sequence[int]]]
+
+
+def _to_f32(arr: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return bf16_bits_to_f32(arr)
+    return np.asarray(arr, dtype=np.float32)
+
+
+def _read_safetensors(paths: List[Path], only_heads: bool) -> Dict[str, np.ndarray]:
+    out: Dict[str, np.ndarray] = {}
+    for p in paths:
+        with SafetensorsFile(p) as f:
+            for name in f.keys():
+                if only_heads and not name.startswith("medusa_head."):
+                    continue
+                out[name] = np.array(_to_f32(f.get(name), f.dtype(name)))
+    return out
+
+
+def _read_pt(path: Path) -> Dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as exc:
+        raise UnsupportedModelError(
+            f"{path} is a torch pickle; reading it needs torch (pip install torch), "
+            "or convert it to medusa_lm_head.safetensors first") from exc
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types on corrupt files
+        raise ModelFormatError(f"cannot read Medusa head checkpoint {path}: {exc}") from exc
+    if not isinstance(state, dict):
+        raise ModelFormatError(f"{path} does not hold a state dict")
+    return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "detach")}
+
+
+def find_head_source(src: Union[str, os.PathLike]) -> Tuple[List[Path], str]:
+    """Locates the head tensors of ``src``: (files, kind) with kind "safetensors", "pt" or
+    "checkpoint" (a full HF checkpoint with medusa_head.* tensors)."""
+    p = Path(src).expanduser()
+    if not p.exists():
+        raise ModelNotFoundError(f"Medusa head source {p} does not exist")
+    if p.is_file():
+        if p.suffix == ".pt" or p.suffix == ".bin":
+            return [p], "pt"
+        if p.suffix == ".safetensors":
+            return [p], "safetensors"
+        raise ModelFormatError(f"{p}: expected a .safetensors or .pt Medusa head file")
+    for name in ("medusa_lm_head.safetensors", "medusa_lm_head.pt"):
+        if (p / name).is_file():
+            return [p / name], "safetensors" if name.endswith("safetensors") else "pt"
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelFormatError(f"{index}: cannot read the shard index: {exc}") from exc
+        files = sorted({p / f for k, f in weight_map.items() if k.startswith("medusa_head.")})
+        if files:
+            return files, "checkpoint"
+    elif (p / "model.safetensors").is_file():
+        with SafetensorsFile(p / "model.safetensors") as f:
+            if any(k.startswith("medusa_head.") for k in f.keys()):
+                return [p / "model.safetensors"], "checkpoint"
+    raise ModelNotFoundError(
+        f"no Medusa heads in {p}: expected medusa_lm_head.safetensors / medusa_lm_head.pt, or a checkpoint "
+        "with medusa_head.* tensors")
+
+
+def load_head_tensors(src: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
+    """The head tensors of ``src`` as float32 arrays, keys without the ``medusa_head.`` prefix."""
+    files, kind = find_head_source(src)
+    raw = _read_pt(files[0]) if kind == "pt" else _read_safetensors(files, only_heads=kind == "checkpoint")
+    out = {}
+    for k, v in raw.items():
+        k2 = k[len("medusa_head."):] if k.startswith("medusa_head.") else k
+        if _KEY.match(k2):
+            out[k2] = v
+    if not out:
+        raise ModelFormatError(f"{files[0]}: no Medusa head tensors ({{h}}.{{l}}.linear.weight ...) found")
+    return out
+
+
+def _structure(t: Dict[str, np.ndarray], where: str) -> Tuple[int, int, bool]:
+    heads: Dict[int, Dict[str, set]] = {}
+    for k in t:
+        m = _KEY.match(k)
+        assert m
+        h, l, kind = int(m.group(1)), int(m.group(2)), m.group(3)
+        heads.setdefault(h, {"linear": set(), "proj": set()})
+        heads[h]["linear" if kind.startswith("linear") else "proj"].add(l)
+    num_heads = max(heads) + 1
+    if sorted(heads) != list(range(num_heads)):
+        raise ModelFormatError(f"{where}: Medusa heads are not numbered 0..{num_heads - 1}: {sorted(heads)}")
+    layers = heads[0]["linear"]
+    num_layers = len(layers)
+    if layers != set(range(num_layers)):
+        raise ModelFormatError(f"{where}: head 0's blocks are not numbered 0..{num_layers - 1}")
+    shared = not heads[0]["proj"]
+    for h, parts in heads.items():
+        if parts["linear"] != layers:
+            raise ModelFormatError(f"{where}: head {h} has blocks {sorted(parts['linear'])}, head 0 has {sorted(layers)}")
+        want_proj = set() if shared else {num_layers}
+        if parts["proj"] != want_proj:
+            raise ModelFormatError(
+                f"{where}: head {h} has vocabulary projection(s) {sorted(parts['proj'])}; expected "
+                f"{'none (shared lm_head)' if shared else '{h}.' + str(num_layers) + '.weight'} as head 0")
+        for l in range(num_layers):
+            if f"{h}.{l}.linear.weight" not in t:
+                raise ModelFormatError(f"{where}: {h}.{l}.linear.weight is missing")
+    return num_heads, num_layers, shared
+
+
+def export_medusa_heads(
+    src: Union[str, os.PathLike],
+    model_dir: Union[str, os.PathLike],
+    *,
+    dtype: str = "auto",
+    default_tree: TreeArg = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Converts the Medusa heads at ``src`` (any of the three layouts) into
+    ``<model_dir>/medusa_heads.safetensors`` of an existing runtime model directory.
+
+    ``dtype`` ("auto" = the model's weight_dtype, "float32", "bfloat16", "float16") is the storage
+    dtype of the head matrices. ``default_tree`` (a built-in tree name or a list of paths) is
+    recorded as the tree the engine uses with these heads unless told otherwise. An existing heads
+    file is replaced only with ``overwrite=True``. Returns the written file's path.
+
+    Raises ModelNotFoundError, ModelFormatError (shapes that do not fit the base model, broken
+    files), UnsupportedModelError, InvalidArgumentError.
+    """
+    root = Path(model_dir).expanduser()
+    if not is_medusa_export(root):
+        raise ModelNotFoundError(f"{root} is not a medusa_rt model directory (export the base model first)")
+    cfg = json.loads((root / "config.json").read_text())
+    hidden, vocab = int(cfg["hidden_size"]), int(cfg["vocab_size"])
+    if dtype == "auto":
+        dtype = str(cfg.get("weight_dtype", "float32"))
+    safetensors_dtype_name(dtype)  # validates dtype
+    out = root / HEADS_FILE
+    if out.exists() and not overwrite:
+        raise InvalidArgumentError(f"{out} exists; pass overwrite=True to replace it")
+    tree_meta = ""
+    if default_tree is not None:
+        if isinstance(default_tree, str):
+            tree_meta = default_tree
+        else:
+            tree_meta = json.dumps([[int(r) for r in p] for p in default_tree])
+
+    tensors = load_head_tensors(src)
+    where = str(src)
+    num_heads, num_layers, shared = _structure(tensors, where)
+    if num_layers < 1:
+        raise ModelFormatError(f"{where}: Medusa heads without residual blocks are not supported")
+
+    def check(name: str, shape: Tuple[int, ...]) -> np.ndarray:
+        arr = tensors[name]
+        if tuple(arr.shape) != shape:
+            raise ModelFormatError(
+                f"{where}: tensor {name} has shape {list(arr.shape)} but the base model (hidden_size {hidden}, "
+                f"vocab_size {vocab}) needs {list(shape)}")
+        return arr
+
+    items: List[TensorToWrite] = []
+
+    def add(name: str, arr: np.ndarray, store: str) -> None:
+        st = safetensors_dtype_name(store)
+        data = convert_for_storage(np.ascontiguousarray(arr, dtype=np.float32), "F32", st, what=name)
+        items.append(TensorToWrite(name, st, tuple(arr.shape), lambda d=data: d))
+
+    for h in range(num_heads):
+        for l in range(num_layers):
+            w = check(f"{h}.{l}.linear.weight", (hidden, hidden))
+            b_name = f"{h}.{l}.linear.bias"
+            b = check(b_name, (hidden,)) if b_name in tensors else np.zeros(hidden, np.float32)
+            add(f"medusa.{h}.{l}.weight", w, dtype)
+            add(f"medusa.{h}.{l}.bias", b, "float32")
+        if not shared:
+            add(f"medusa.{h}.lm_head.weight", check(f"{h}.{num_layers}.weight", (vocab, hidden)), dtype)
+
+    metadata = {
+        "format": "medusa_rt_heads",
+        "format_version": "1",
+        "num_heads": str(num_heads),
+        "num_layers": str(num_layers),
+        "shared_lm_head": "true" if shared else "false",
+        "hidden_size": str(hidden),
+        "vocab_size": str(vocab),
+        "default_tree": tree_meta,
+        "source": str(Path(src).expanduser().absolute()),
+    }
+    tmp = root / (HEADS_FILE + ".tmp")
+    try:
+        size = write_safetensors(tmp, items, metadata=metadata)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    # Keep the completion manifest of the directory in step with its files.
+    manifest = read_manifest(root)
+    if manifest is not None:
+        manifest[HEADS_FILE] = size
+        marker = root / COMPLETE_MARKER
+        marker.write_text(json.dumps({"files": manifest}, indent=1))
+    if progress:
+        import sys
+
+        print(f"[medusa_rt] wrote {num_heads} Medusa heads ({num_layers} block(s) each, "
+              f"{'shared' if shared else 'own'} lm_head) to {out}", file=sys.stderr)
+    return out

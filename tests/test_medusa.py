@@ -1,0 +1,283 @@
+"""Medusa decoding in the engine: heads in all three published layouts, trees, greedy
+acceptance == plain greedy decoding token for token, stop handling inside accepted blocks,
+the end of the cache, typical acceptance, statistics and bad heads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import medusa_rt  # noqa: E402
+from medusa_rt.errors import InvalidArgumentError, ModelFormatError, ModelNotFoundError  # noqa: E402
+from medusa_rt.export import export_medusa_heads, export_model  # noqa: E402
+
+from _medusa_heads import fit_heads, training_prompts, write_full_checkpoint, write_heads_only  # noqa: E402
+from _tiny_models import build_hf_model, save_and_export  # noqa: E402
+
+VOCAB = 384
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("medusa")
+    model = build_hf_model("llama-gqa-untied", seed=5)
+    prompts = training_prompts(VOCAB)
+    own = fit_heads(model, prompts, num_heads=4)
+    shared = fit_heads(model, prompts, num_heads=4, shared=True)
+    base = save_and_export(model, tmp, "base")
+    return dict(tmp=tmp, model=model, prompts=prompts, own=own, shared=shared, base=base)
+
+
+def _with_heads(setup, name: str, heads_src, **kw) -> Path:
+    d = setup["tmp"] / name
+    if not d.exists():
+        shutil.copytree(setup["base"], d)
+        export_medusa_heads(heads_src, d, progress=False, **kw)
+    return d
+
+
+@pytest.fixture(scope="module")
+def own_dir(setup):
+    return _with_heads(setup, "own", write_heads_only(setup["own"], setup["tmp"] / "own-src"))
+
+
+@pytest.fixture(scope="module")
+def engine(own_dir):
+    return medusa_rt.Engine(own_dir, dtype="fp32", max_seq_len=256)
+
+
+def _unseen(n=4):
+    return training_prompts(VOCAB, n, seed=123)
+
+
+def test_engine_reports_heads_and_tree(engine):
+    info = engine.info
+    assert info.medusa_heads == 4 and not info.medusa_shared_lm_head
+    assert info.tree == "mc_sim_7b_63" and info.tree_nodes == 64
+
+
+def test_greedy_medusa_equals_plain_and_accepts(engine, setup):
+    tps = []
+    with engine.session() as s:
+        for p in setup["prompts"][:4] + _unseen():
+            plain = s.generate(p, max_new_tokens=64, ignore_eos=True, medusa=False)
+            med = s.generate(p, max_new_tokens=64, ignore_eos=True)
+            assert med.tokens == plain.tokens
+            assert med.stats.medusa and not plain.stats.medusa
+            assert plain.stats.tokens_per_step == 1.0
+            st = med.stats
+            # every step commits its accepted speculative tokens plus the bonus token; the first
+            # of the 64 tokens comes from the prefill
+            assert st.tokens_per_step == pytest.approx(63 / st.steps)
+            assert sum(st.accepted_per_head) + st.steps >= 63
+            assert all(a >= b for a, b in zip(st.accepted_per_head, st.accepted_per_head[1:]))
+            assert st.forward_seconds > 0 and st.other_seconds >= 0
+            tps.append(st.tokens_per_step)
+    # The heads were fitted on the first prompts: the tree must actually be accepting there.
+    assert min(tps[:4]) > 2.0
+
+
+@pytest.mark.parametrize("tree", ["chain-1", "chain-4", "vicuna_7b_stage2", [[0], [1], [0, 0], [2], [0, 1], [0, 0, 0]]])
+def test_other_trees_lossless(own_dir, setup, tree):
+    engine = medusa_rt.Engine(own_dir, dtype="fp32", max_seq_len=128, tree=tree)
+    with engine.session() as s:
+        for p in setup["prompts"][:2] + _unseen(2):
+            plain = s.generate(p, max_new_tokens=40, ignore_eos=True, medusa=False).tokens
+            assert s.generate(p, max_new_tokens=40, ignore_eos=True).tokens == plain
+
+
+def test_bf16_lossless(own_dir, setup):
+    engine = medusa_rt.Engine(own_dir, dtype="bf16", max_seq_len=128)
+    with engine.session() as s:
+        for p in setup["prompts"][:3]:
+            plain = s.generate(p, max_new_tokens=48, ignore_eos=True, medusa=False)
+            med = s.generate(p, max_new_tokens=48, ignore_eos=True)
+            assert med.tokens == plain.tokens and med.stats.tokens_per_step > 1.5
+
+
+def test_max_new_tokens_inside_a_block(engine, setup):
+    p = setup["prompts"][0]
+    with engine.session() as s:
+        plain = s.generate(p, max_new_tokens=40, ignore_eos=True, medusa=False).tokens
+        for n in range(1, 41):
+            r = s.generate(p, max_new_tokens=n, ignore_eos=True)
+            assert r.tokens == plain[:n] and r.finish_reason == "length"
+
+
+def test_stop_token_inside_a_block(engine, setup):
+    p = setup["prompts"][1]
+    with engine.session() as s:
+        plain = s.generate(p, max_new_tokens=40, ignore_eos=True, medusa=False).tokens
+        for i in (1, 5, 9, 17, 30):
+            stop = plain[i]
+            r = s.generate(p, max_new_tokens=40, ignore_eos=True, stop=stop)
+            assert r.tokens == plain[: plain.index(stop)] and r.finish_reason == "stop"
+        seq = plain[10:13]
+        first = next(i for i in range(len(plain)) if plain[i : i + 3] == seq)
+        core_cfg = medusa_rt._core.GenerationConfig()
+        core_cfg.max_new_tokens = 40
+        core_cfg.ignore_eos = True
+        core_cfg.stop_sequences = [seq]
+        streamed = []
+        res = s._core().generate(p, core_cfg, lambda t: streamed.extend(t) or True)
+        assert list(res.tokens) == plain[:first] and streamed == plain[:first]
+
+
+def test_end_of_cache_falls_back(own_dir, setup):
+    """Close to max_seq_len the tree is cut to the room left; output still equals plain decoding."""
+    p = setup["prompts"][2]
+    for max_seq in (len(p) + 2, len(p) + 7, len(p) + 30, len(p) + 70):
+        engine = medusa_rt.Engine(own_dir, dtype="fp32", max_seq_len=max_seq)
+        with engine.session() as s:
+            plain = s.generate(p, max_new_tokens=200, ignore_eos=True, medusa=False)
+            med = s.generate(p, max_new_tokens=200, ignore_eos=True)
+        assert med.tokens == plain.tokens and len(med.tokens) == max_seq - len(p) + 1
+        assert med.finish_reason == plain.finish_reason == "length"
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "pt", "full", "version2"])
+def test_head_layouts(setup, layout):
+    tmp = setup["tmp"]
+    if layout == "full":
+        src = write_full_checkpoint(setup["model"], setup["own"], tmp / "full-ckpt")
+        d = export_model(src, tmp / "full-rt", progress=False)  # heads come along automatically
+    elif layout == "version2":
+        d = _with_heads(setup, "v2", write_heads_only(setup["shared"], tmp / "v2-src", version2=True))
+    else:
+        d = _with_heads(setup, layout, write_heads_only(setup["own"], tmp / f"{layout}-src", pt=layout == "pt"))
+    engine = medusa_rt.Engine(d, dtype="fp32", max_seq_len=128)
+    assert engine.info.medusa_heads == 4
+    assert engine.info.medusa_shared_lm_head == (layout == "version2")
+    with engine.session() as s:
+        p = setup["prompts"][0]
+        plain = s.generate(p, max_new_tokens=48, ignore_eos=True, medusa=False)
+        med = s.generate(p, max_new_tokens=48, ignore_eos=True)
+    assert med.tokens == plain.tokens
+    assert med.stats.tokens_per_step > 2.0
+
+
+def test_same_heads_same_steps_in_every_layout(setup):
+    """The layouts hold the same weights: the decoding steps must be identical."""
+    tmp = setup["tmp"]
+    stats = []
+    for name, pt in (("safetensors", False), ("pt", True)):
+        d = _with_heads(setup, name, write_heads_only(setup["own"], tmp / f"{name}-src", pt=pt))
+        e = medusa_rt.Engine(d, dtype="fp32", max_seq_len=128)
+        stats.append(e.generate(setup["prompts"][3], max_new_tokens=48, ignore_eos=True).stats.accepted_per_head)
+    assert stats[0] == stats[1]
+
+
+def test_typical_acceptance(engine, setup):
+    p = setup["prompts"][0]
+    with engine.session() as s:
+        a = s.generate(p, max_new_tokens=48, ignore_eos=True, acceptance="typical")
+        b = s.generate(p, max_new_tokens=48, ignore_eos=True, acceptance="typical")
+        assert a.tokens == b.tokens  # deterministic given the logits
+        assert a.stats.tokens_per_step >= 1.0 and len(a.tokens) == 48
+        plain = s.generate(p, max_new_tokens=48, ignore_eos=True, medusa=False)
+        assert a.tokens[0] == plain.tokens[0]  # the root is always the base model's argmax
+        # A threshold every candidate passes accepts a deepest path (4 speculative tokens) each step.
+        loose = s.generate(p, max_new_tokens=48, ignore_eos=True, acceptance="typical",
+                           posterior_threshold=1e-12, posterior_alpha=1e-12)
+        steps = loose.stats.steps
+        assert loose.stats.accepted_per_head == [steps] * 4 and steps == -(-47 // 5)
+        with pytest.raises(InvalidArgumentError, match="posterior_threshold"):
+            s.generate(p, acceptance="typical", posterior_threshold=0.0)
+        with pytest.raises(InvalidArgumentError, match="acceptance must be"):
+            s.generate(p, acceptance="sampling")
+
+
+def test_medusa_flags(tmp_path, setup):
+    plain_engine = medusa_rt.Engine(setup["base"], dtype="fp32", max_seq_len=64)
+    assert plain_engine.info.medusa_heads == 0 and plain_engine.info.tree_nodes == 1
+    with plain_engine.session() as s:
+        r = s.generate([5, 6, 7], max_new_tokens=5, ignore_eos=True)
+        assert not r.stats.medusa and r.stats.tokens_per_step == 1.0
+        with pytest.raises(InvalidArgumentError, match="no Medusa heads"):
+            s.generate([5, 6, 7], medusa=True)
+    with pytest.raises(InvalidArgumentError, match="no Medusa heads"):
+        medusa_rt.Engine(setup["base"], tree="chain-2")
+
+
+def test_bad_trees_for_heads(own_dir):
+    with pytest.raises(InvalidArgumentError, match="5 deep but the model has 4 Medusa heads"):
+        medusa_rt.Engine(own_dir, tree="chain-5")
+    with pytest.raises(InvalidArgumentError, match="uses rank 3 but only the top 3"):
+        medusa_rt.Engine(own_dir, tree=[[0], [3]], medusa_top_k=3)
+    with pytest.raises(InvalidArgumentError, match="no parent"):
+        medusa_rt.Engine(own_dir, tree=[[0, 1]])
+    with pytest.raises(InvalidArgumentError, match="unknown tree"):
+        medusa_rt.Engine(own_dir, tree="mc_sim_13b")
+
+
+def test_heads_that_do_not_fit(setup, tmp_path):
+    bad = {k: v for k, v in setup["own"].items()}
+    bad["0.0.linear.weight"] = torch.zeros(95, 96)
+    src = write_heads_only(bad, tmp_path / "bad-src")
+    d = tmp_path / "m"
+    shutil.copytree(setup["base"], d)
+    with pytest.raises(ModelFormatError, match=r"0\.0\.linear\.weight has shape \[95, 96\].*needs \[96, 96\]"):
+        export_medusa_heads(src, d, progress=False)
+    wrong_vocab = {k: (v[:100] if k.endswith(".1.weight") else v) for k, v in setup["own"].items()}
+    with pytest.raises(ModelFormatError, match="vocab_size 384"):
+        export_medusa_heads(write_heads_only(wrong_vocab, tmp_path / "wv"), d, progress=False)
+    missing = {k: v for k, v in setup["own"].items() if k != "2.1.weight"}
+    with pytest.raises(ModelFormatError, match="head 2"):
+        export_medusa_heads(write_heads_only(missing, tmp_path / "mi"), d, progress=False)
+    with pytest.raises(ModelNotFoundError, match="no Medusa heads"):
+        export_medusa_heads(tmp_path, d, progress=False)
+    # A heads file made for another model is refused by the engine.
+    other = tmp_path / "other"
+    shutil.copytree(setup["base"], other)
+    cfg = json.loads((other / "config.json").read_text())
+    export_medusa_heads(write_heads_only(setup["own"], tmp_path / "ok"), d, progress=False)
+    heads = d / "medusa_heads.safetensors"
+    raw = bytearray(heads.read_bytes())
+    raw[8:40] = b" " * 32  # break the header
+    heads.write_bytes(bytes(raw))
+    with pytest.raises(ModelFormatError, match="medusa_heads.safetensors"):
+        medusa_rt.Engine(d)
+    assert cfg["hidden_size"] == 96
+
+
+def test_existing_heads_are_not_overwritten(own_dir, setup, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(own_dir, d)
+    before = (d / "medusa_heads.safetensors").read_bytes()
+    with pytest.raises(InvalidArgumentError, match="exists"):
+        export_medusa_heads(write_heads_only(setup["shared"], tmp_path / "s", version2=True), d, progress=False)
+    assert (d / "medusa_heads.safetensors").read_bytes() == before
+
+
+def test_default_tree_recorded_with_heads(setup):
+    d = _with_heads(setup, "with-tree", write_heads_only(setup["own"], setup["tmp"] / "wt-src"),
+                    default_tree=[[0], [0, 0], [1]])
+    e = medusa_rt.Engine(d, dtype="fp32", max_seq_len=64)
+    assert e.info.tree_nodes == 4
+
+
+def test_concurrent_medusa_sessions(own_dir, setup):
+    import threading
+
+    engine = medusa_rt.Engine(own_dir, dtype="fp32", max_seq_len=128, max_batch_size=3)
+    prompts = setup["prompts"][:3]
+    with engine.session() as s:
+        expected = [s.generate(p, max_new_tokens=32, ignore_eos=True, medusa=False).tokens for p in prompts]
+    got = [None] * 3
+
+    def run(i):
+        with engine.session() as s:
+            got[i] = s.generate(prompts[i], max_new_tokens=32, ignore_eos=True).tokens
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == expected
