@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -85,3 +86,36 @@ def test_bf16_engine_generates_sensible_text():
     r = engine.generate("What is the capital of France?", chat=True, max_new_tokens=24)
     assert "Paris" in r.text
     assert r.finish_reason in ("stop", "length")
+
+
+def test_medusa_on_smollm2_is_lossless(engine, tmp_path):
+    """Random heads (shared lm_head) and the oracle hook on the real model: Medusa greedy gives the
+    plain greedy tokens, with low acceptance from random heads and long paths from the oracle."""
+    from medusa_rt import _core
+    from medusa_rt.export import export_medusa_heads
+    from medusa_rt.export.writer import COMPLETE_MARKER
+
+    from _medusa_heads import write_heads_only
+
+    d = tmp_path / "smollm2-medusa"
+    d.mkdir()
+    for f in engine.model_dir.iterdir():
+        if f.name == COMPLETE_MARKER:
+            shutil.copy(f, d / f.name)
+        else:
+            (d / f.name).symlink_to(f)
+    g = torch.Generator().manual_seed(0)
+    heads = {}
+    for h in range(3):
+        heads[f"{h}.0.linear.weight"] = torch.randn(576, 576, generator=g) * 0.02
+        heads[f"{h}.0.linear.bias"] = torch.randn(576, generator=g) * 0.02
+    export_medusa_heads(write_heads_only(heads, tmp_path / "heads", version2=True), d, progress=False)
+    med_engine = medusa_rt.Engine(d, dtype="fp32", max_seq_len=256, tree="vicuna_33b_stage1")
+    ids = med_engine.tokenizer.encode(med_engine.tokenizer.apply_chat_template(PROMPT), add_special_tokens=False)
+    with med_engine.session() as s:
+        plain = s.generate(ids, max_new_tokens=32, ignore_eos=True, medusa=False)
+        med = s.generate(ids, max_new_tokens=32, ignore_eos=True)
+        assert med.tokens == plain.tokens and med.stats.medusa
+        _core._testing.set_oracle(s._core(), ids + plain.tokens)
+        oracle = s.generate(ids, max_new_tokens=32, ignore_eos=True)
+        assert oracle.tokens == plain.tokens and oracle.stats.tokens_per_step > 2.0

@@ -12,6 +12,7 @@
 #include "core/thread_pool.h"
 #include "decoding/decoder.h"
 #include "decoding/stop_criteria.h"
+#include "api/testing.h"
 #include "model/backend.h"
 #include "model/llama.h"
 #include "model/medusa_heads.h"
@@ -362,4 +363,33 @@ GenerationResult Session::generate(const std::vector<int32_t>& prompt, const Gen
   return result;
 }
 
+}  // namespace medusa_rt
+
+namespace medusa_rt {
+
+struct SessionAccess {
+  static Session::State& state(Session& s) { return *s.state_; }
+};
+
+namespace testing {
+
+void set_oracle(Session& s, const std::vector<int32_t>& tokens) { SessionAccess::state(s).seq.oracle = tokens; }
+
+void set_record(Session& s, bool on) { SessionAccess::state(s).seq.record = on; }
+
+std::vector<SequenceState::StepRecord> take_records(Session& s) {
+  return std::move(SessionAccess::state(s).seq.records);
+}
+
+void read_kv(Session& s, int layer, int length, std::vector<float>& k, std::vector<float>& v) {
+  auto& st = SessionAccess::state(s);
+  Engine::Impl& e = *st.engine;
+  if (layer < 0 || layer >= e.cfg.num_layers || length < 0 || length > e.info.max_seq_len) {
+    throw InvalidArgumentError("read_kv: layer or length out of range");
+  }
+  std::lock_guard<std::mutex> lock(e.forward_mu);
+  e.model->read_kv(st.seq.slot, layer, length, k, v);
+}
+
+}  // namespace testing
 }  // namespace medusa_rt

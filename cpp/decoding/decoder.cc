@@ -12,6 +12,26 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// Test oracle: head h's list holds the true token for position length + 1 + h at rank
+// (length + h) % top_k, and distinct wrong tokens elsewhere.
+void apply_oracle(SequenceState& s, int num_heads, int top_k, int vocab) {
+  for (int h = 0; h < num_heads; ++h) {
+    const size_t pos = size_t(s.length) + 1 + h;
+    const int32_t truth = pos < s.oracle.size() ? s.oracle[pos] : 0;
+    const int rank = (s.length + h) % top_k;
+    int32_t wrong = truth;
+    for (int j = 0; j < top_k; ++j) {
+      int32_t tok = truth;
+      if (j != rank || pos >= s.oracle.size()) {
+        wrong = (wrong + 1) % vocab;
+        if (wrong == truth) wrong = (wrong + 1) % vocab;
+        tok = wrong;
+      }
+      s.candidates[size_t(h) * top_k + j] = tok;
+    }
+  }
+}
+
 }  // namespace
 
 Decoder::Decoder(LlamaModel& model, MedusaHeads* heads, TreeSpec tree, int max_batch)
@@ -63,6 +83,7 @@ void Decoder::run_heads(SequenceState* const* seqs, const int32_t* hidden_rows, 
       std::copy_n(candidates_host_.data() + (size_t(h) * n + r) * k, k, s.candidates.data() + size_t(h) * k);
     }
     s.has_candidates = true;
+    if (!s.oracle.empty()) apply_oracle(s, K, k, vocab_);
   }
   forward_seconds_ += std::chrono::duration<double>(Clock::now() - t0).count();
 }
@@ -73,11 +94,12 @@ void Decoder::append(SequenceState& s, const int32_t* tokens, int n, bool with_h
   if (!logits) all_logits = false;
   Backend& be = model_.backend();
   const int chunk = model_.limits().max_rows;
+  const int start = s.length;
   for (int off = 0; off < n; off += chunk) {
     const int c = std::min(chunk, n - off);
     rows_.clear();
     for (int i = 0; i < c; ++i) {
-      const int pos = s.length + off + i;
+      const int pos = start + off + i;
       rows_.tokens.push_back(tokens[off + i]);
       rows_.positions.push_back(pos);
       rows_.slots.push_back(s.slot);
@@ -99,6 +121,7 @@ void Decoder::append(SequenceState& s, const int32_t* tokens, int n, bool with_h
                       size_t(nl - first) * vocab_ * sizeof(float));
     }
     if (last) {
+      s.length = start + n;
       be.argmax(model_.logits() + size_t(nl - 1) * vocab_, 1, vocab_, d_argmax_);
       be.copy_to_host(&s.root, d_argmax_, sizeof(int32_t));
       s.has_candidates = false;
@@ -109,7 +132,6 @@ void Decoder::append(SequenceState& s, const int32_t* tokens, int n, bool with_h
       }
     }
   }
-  s.length += n;
 }
 
 void Decoder::step(SequenceState* const* seqs, int n, const StepOptions& opt) {
@@ -202,6 +224,14 @@ void Decoder::step(SequenceState* const* seqs, int n, const StepOptions& opt) {
       }
     }
     s.new_tokens.push_back(argmax_[base + last]);  // bonus token: the base model's own next token
+    if (s.record) {
+      SequenceState::StepRecord rec;
+      rec.tokens.assign(toks, toks + T);
+      rec.logits.resize(size_t(T) * vocab_);
+      be.copy_to_host(rec.logits.data(), model_.logits() + size_t(base) * vocab_, rec.logits.size() * sizeof(float));
+      rec.path = path;
+      s.records.push_back(std::move(rec));
+    }
     s.root = s.new_tokens.back();
     s.accepted = a;
     s.length += a + 1;

@@ -28,6 +28,18 @@ struct SequenceState {
   // Filled by step(): the accepted speculative tokens followed by the bonus token (the new root).
   std::vector<int32_t> new_tokens;
   int accepted = 0;  // speculative tokens accepted in the last step
+
+  // Test hooks (cpp/api/testing.h). oracle: the expected token sequence of the whole context;
+  // when set, the heads' candidates are replaced so that the true continuation sits at a
+  // varying rank of each head. record: keep every step's tree tokens, logits and accepted path.
+  std::vector<int32_t> oracle;
+  bool record = false;
+  struct StepRecord {
+    std::vector<int32_t> tokens;
+    std::vector<float> logits;  // [nodes, vocab]
+    std::vector<int> path;      // accepted nodes after the root
+  };
+  std::vector<StepRecord> records;
 };
 
 struct StepOptions {

@@ -181,6 +181,18 @@ LlamaModel::LlamaModel(const ModelConfig& cfg, const TensorStore& store, DType d
 
 LlamaModel::~LlamaModel() = default;
 
+void LlamaModel::read_kv(int slot, int layer, int length, std::vector<float>& k, std::vector<float>& v) {
+  const KVLayout& L = kv_layout_;
+  const size_t row = size_t(length) * L.head_dim;
+  k.resize(size_t(L.kv_heads) * row);
+  v.resize(k.size());
+  for (int h = 0; h < L.kv_heads; ++h) {
+    const size_t base = kv_layout_.layer_elems() * layer + (size_t(slot) * L.kv_heads + h) * L.max_seq * L.head_dim;
+    be_.copy_to_host(k.data() + h * row, k_cache_ + base, row * sizeof(float));
+    be_.copy_to_host(v.data() + h * row, v_cache_ + base, row * sizeof(float));
+  }
+}
+
 void LlamaModel::copy_kv(const int32_t* slots, const int32_t* src, const int32_t* dst, int n) {
   if (n <= 0) return;
   if (n > lim_.max_rows) throw Error("internal: too many KV copies");

@@ -52,6 +52,9 @@ class LlamaModel {
   // i = 0..n-1 in order (host arrays; n <= limits().max_rows).
   void copy_kv(const int32_t* slots, const int32_t* src, const int32_t* dst, int n);
 
+  // K and V of one layer for positions [0, length) of a slot, as [kv_heads][length][head_dim].
+  void read_kv(int slot, int layer, int length, std::vector<float>& k, std::vector<float>& v);
+
   const Matrix& lm_head() const { return lm_head_; }
   Backend& backend() { return be_; }
 

@@ -10,5 +10,6 @@ void register_options(pybind11::module_& m);
 void register_engine(pybind11::module_& m);
 void register_session(pybind11::module_& m);
 void register_tree(pybind11::module_& m);
+void register_testing(pybind11::module_& m);
 
 }  // namespace medusa_rt::python

@@ -11,4 +11,5 @@ PYBIND11_MODULE(_core, m) {
   medusa_rt::python::register_engine(m);
   medusa_rt::python::register_session(m);
   medusa_rt::python::register_tree(m);
+  medusa_rt::python::register_testing(m);
 }

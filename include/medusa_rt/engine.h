@@ -200,6 +200,7 @@ class Session {
 
  private:
   friend class Engine;
+  friend struct SessionAccess;  // internal test hooks
   struct State;
   explicit Session(std::unique_ptr<State> state);
   std::unique_ptr<State> state_;

@@ -246,8 +246,9 @@ def export_medusa_heads(
     manifest = read_manifest(root)
     if manifest is not None:
         manifest[HEADS_FILE] = size
-        marker = root / COMPLETE_MARKER
-        marker.write_text(json.dumps({"files": manifest}, indent=1))
+        marker_tmp = root / (COMPLETE_MARKER + ".tmp")
+        marker_tmp.write_text(json.dumps({"files": manifest}, indent=1))
+        os.replace(marker_tmp, root / COMPLETE_MARKER)
     if progress:
         import sys
 

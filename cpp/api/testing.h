@@ -1,0 +1,24 @@
+// Test hooks into a Session. Not part of the public API: used by the test suite (through the
+// Python module's _testing functions) to drive and observe the decoder.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "decoding/decoder.h"
+#include "medusa_rt/engine.h"
+
+namespace medusa_rt::testing {
+
+// The expected token sequence of the session's whole context (prompt + continuation): every
+// Medusa step then gets the true continuation as head candidates, at a rank that varies with
+// the position and head, so long paths are accepted and KV compaction moves entries. Empty
+// clears the oracle.
+void set_oracle(Session& s, const std::vector<int32_t>& tokens);
+// Records every Medusa step (tree tokens, node logits, accepted path) while enabled.
+void set_record(Session& s, bool on);
+std::vector<SequenceState::StepRecord> take_records(Session& s);
+// K and V of one layer for positions [0, length) of the session's slot: [kv_heads][length][head_dim].
+void read_kv(Session& s, int layer, int length, std::vector<float>& k, std::vector<float>& v);
+
+}  // namespace medusa_rt::testing

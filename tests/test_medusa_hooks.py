@@ -1,0 +1,152 @@
+"""Medusa under test hooks: random heads (low acceptance), an oracle that feeds the true
+continuation as head candidates (long paths, heavy KV compaction, final KV cache compared), and
+typical acceptance checked against an independent NumPy implementation of the reference rule."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import medusa_rt  # noqa: E402
+from medusa_rt import _core  # noqa: E402
+from medusa_rt.export import export_medusa_heads  # noqa: E402
+
+from _medusa_heads import training_prompts, write_heads_only  # noqa: E402
+from _tiny_models import build_hf_model, save_and_export  # noqa: E402
+
+VOCAB, HIDDEN, LAYERS = 384, 96, 2
+
+
+def random_heads(num_heads=4, seed=0, shared=False):
+    g = torch.Generator().manual_seed(seed)
+    st = {}
+    for h in range(num_heads):
+        st[f"{h}.0.linear.weight"] = torch.randn(HIDDEN, HIDDEN, generator=g) * 0.05
+        st[f"{h}.0.linear.bias"] = torch.randn(HIDDEN, generator=g) * 0.05
+        if not shared:
+            st[f"{h}.1.weight"] = torch.randn(VOCAB, HIDDEN, generator=g) * 0.1
+    return st
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hooks")
+    base = save_and_export(build_hf_model("llama-mha-tied", seed=9), tmp, "base")
+    export_medusa_heads(write_heads_only(random_heads(), tmp / "heads"), base, progress=False)
+    return base
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    return medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=200)
+
+
+PROMPTS = training_prompts(VOCAB, 4, seed=77)
+
+
+def test_random_heads_are_lossless(engine):
+    with engine.session() as s:
+        for p in PROMPTS:
+            plain = s.generate(p, max_new_tokens=60, ignore_eos=True, medusa=False)
+            med = s.generate(p, max_new_tokens=60, ignore_eos=True)
+            assert med.tokens == plain.tokens
+            assert med.stats.tokens_per_step < 1.5  # random heads rarely guess right
+
+
+def _kv(s, length):
+    return [_core._testing.read_kv(s._core(), layer, length) for layer in range(LAYERS)]
+
+
+@pytest.mark.parametrize("tree", ["mc_sim_7b_63", "vicuna_7b_stage2", "chain-4"])
+def test_oracle_long_paths_and_kv(model_dir, tree):
+    # A chain only uses rank 0: with top_k 1 the oracle's true token is always there.
+    top_k = 1 if tree.startswith("chain") else 10
+    engine = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=200, tree=tree, medusa_top_k=top_k)
+    moved = 0
+    for p in PROMPTS[:3]:
+        with engine.session() as s:
+            plain = s.generate(p, max_new_tokens=90, ignore_eos=True, medusa=False)
+            n = len(p) + len(plain.tokens) - 1  # the last token is never fed back
+            kv_plain = _kv(s, n)
+            _core._testing.set_oracle(s._core(), p + plain.tokens)
+            _core._testing.set_record(s._core(), True)
+            med = s.generate(p, max_new_tokens=90, ignore_eos=True)
+            records = _core._testing.take_records(s._core())
+            assert med.tokens == plain.tokens
+            assert s.context_length >= n
+            kv_med = _kv(s, n)
+            for (k1, v1), (k2, v2) in zip(kv_plain, kv_med):
+                assert np.array_equal(k1, k2) and np.array_equal(v1, v2)  # bit for bit
+        assert med.stats.tokens_per_step > 2.0
+        moved += sum(1 for r in records for j, node in enumerate(r["path"]) if node != j + 1)
+    if tree != "chain-4":
+        assert moved > 10  # accepted nodes away from the front: compaction really moved K/V
+
+
+def _reference_paths(paths):
+    """Independent re-derivation of the reference buffers (sorted nodes, retrieve_indices)."""
+    nodes = sorted((tuple(p) for p in paths), key=lambda p: (len(p), p))
+    index = {p: i + 1 for i, p in enumerate(nodes)}
+    seen, rows = set(), []
+    for p in reversed(nodes):
+        if p in seen:
+            continue
+        rows.append([0] + [index[p[:k]] for k in range(1, len(p) + 1)])
+        seen.update(p[:k] for k in range(1, len(p) + 1))
+    depth = max(len(p) for p in nodes)
+    return [r + [-1] * (depth + 1 - len(r)) for r in rows]
+
+
+def _typical_reference(tokens, logits, retrieve, threshold, alpha, temperature):
+    """The reference rule (evaluate_posterior, typical) in NumPy, float64, with padded slots
+    never accepted. Returns (accepted node indices after the root, decision margin)."""
+    tokens = np.asarray(tokens)
+    retrieve = np.asarray(retrieve)
+    n = len(tokens)
+    valid = (retrieve >= 0) & (retrieve < n)
+    idx = np.where(valid, retrieve, 0)
+    cand = tokens[idx]  # [P, D+1]
+    z = logits.astype(np.float64)[idx[:, :-1]] / temperature  # [P, D, V]
+    z = z - z.max(-1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(-1, keepdims=True)
+    q = np.take_along_axis(p, cand[:, 1:, None], axis=-1)[..., 0]
+    ent = -(p * np.log(p + 1e-5)).sum(-1)
+    tau = np.minimum(threshold, alpha * np.exp(-ent))
+    match = (q > tau) & valid[:, 1:] & valid[:, :-1]
+    acc = np.cumprod(match, axis=1).sum(axis=1)
+    best_len = acc.max()
+    margin = np.abs(q - tau)[valid[:, 1:]].min() / tau.max()
+    if best_len == 0:
+        return [], margin
+    logq = np.where(np.arange(match.shape[1])[None, :] < best_len, np.log(np.maximum(q, 1e-300)), 0).sum(1)
+    logq = np.where(acc == best_len, logq, -np.inf)
+    best = int(np.argmax(logq))
+    return [int(x) for x in retrieve[best, 1 : best_len + 1]], margin
+
+
+@pytest.mark.parametrize("threshold, alpha, temperature", [(0.09, 0.3, 1.0), (0.09, 0.3, 0.7), (0.3, 0.09, 0.5)])
+def test_typical_matches_numpy_reference(model_dir, threshold, alpha, temperature):
+    tree = _core.TreeSpec.named("mc_sim_7b_63")
+    retrieve = _reference_paths([list(p) for p in tree.paths])
+    engine = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=200)
+    compared = 0
+    with engine.session() as s:
+        for p in PROMPTS:
+            _core._testing.set_record(s._core(), True)
+            s.generate(p, max_new_tokens=60, ignore_eos=True, acceptance="typical",
+                       posterior_threshold=threshold, posterior_alpha=alpha, temperature=temperature)
+            for rec in _core._testing.take_records(s._core()):
+                if len(rec["tokens"]) < tree.num_nodes:
+                    continue
+                want, margin = _typical_reference(rec["tokens"], rec["logits"], retrieve, threshold, alpha,
+                                                  temperature)
+                if margin < 1e-4:
+                    continue  # a probability within float rounding of its threshold
+                assert rec["path"] == want
+                compared += 1
+    assert compared >= 20
