@@ -373,7 +373,10 @@ struct SessionAccess {
 
 namespace testing {
 
-void set_oracle(Session& s, const std::vector<int32_t>& tokens) { SessionAccess::state(s).seq.oracle = tokens; }
+void set_oracle(Session& s, const std::vector<int32_t>& tokens, bool vary_rank) {
+  SessionAccess::state(s).seq.oracle = tokens;
+  SessionAccess::state(s).seq.oracle_vary_rank = vary_rank;
+}
 
 void set_record(Session& s, bool on) { SessionAccess::state(s).seq.record = on; }
 

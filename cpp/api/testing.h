@@ -12,9 +12,9 @@ namespace medusa_rt::testing {
 
 // The expected token sequence of the session's whole context (prompt + continuation): every
 // Medusa step then gets the true continuation as head candidates, at a rank that varies with
-// the position and head, so long paths are accepted and KV compaction moves entries. Empty
-// clears the oracle.
-void set_oracle(Session& s, const std::vector<int32_t>& tokens);
+// the position and head (vary_rank) or always at rank 0 (perfect heads), so long paths are
+// accepted and KV compaction moves entries. Empty clears the oracle.
+void set_oracle(Session& s, const std::vector<int32_t>& tokens, bool vary_rank = true);
 // Records every Medusa step (tree tokens, node logits, accepted path) while enabled.
 void set_record(Session& s, bool on);
 std::vector<SequenceState::StepRecord> take_records(Session& s);

@@ -46,27 +46,35 @@ struct F16W {
 // accumulator per output element, one FMA per chunk of 8 k, chunks in order, then a fixed
 // horizontal sum: the reduction order of an element does not depend on MR, NR or M.
 template <class W, int MR, int NR>
-inline void micro(const float* x, int ldx, int K, const typename W::T* panel, int r0, const float* bias, int n,
+__attribute__((always_inline)) inline void micro(const float* x, int ldx, int K, const typename W::T* panel, int r0, const float* bias, int n,
                   int valid, float* y, int ldy) {
   __m256 acc[MR][NR];
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
   const int full = K / 8, tail = K % 8;
   const typename W::T* w = panel + r0 * 8;
   for (int c = 0; c < full; ++c, w += 64) {
     __m256 xv[MR];
+#pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(x + static_cast<int64_t>(i) * ldx + c * 8);
+#pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
       const __m256 wv = W::load8(w + j * 8);
+#pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
     }
   }
   if (tail) {  // the packed weights are zero past K; mask x so nothing is read past a row
     const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     __m256 xv[MR];
+#pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) xv[i] = _mm256_maskload_ps(x + static_cast<int64_t>(i) * ldx + full * 8, mask);
+#pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
       const __m256 wv = W::load8(w + j * 8);
+#pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
     }
   }

@@ -13,12 +13,12 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 // Test oracle: head h's list holds the true token for position length + 1 + h at rank
-// (length + h) % top_k, and distinct wrong tokens elsewhere.
+// (length + h) % top_k (or rank 0), and distinct wrong tokens elsewhere.
 void apply_oracle(SequenceState& s, int num_heads, int top_k, int vocab) {
   for (int h = 0; h < num_heads; ++h) {
     const size_t pos = size_t(s.length) + 1 + h;
     const int32_t truth = pos < s.oracle.size() ? s.oracle[pos] : 0;
-    const int rank = (s.length + h) % top_k;
+    const int rank = s.oracle_vary_rank ? (s.length + h) % top_k : 0;
     int32_t wrong = truth;
     for (int j = 0; j < top_k; ++j) {
       int32_t tok = truth;

@@ -33,6 +33,7 @@ struct SequenceState {
   // when set, the heads' candidates are replaced so that the true continuation sits at a
   // varying rank of each head. record: keep every step's tree tokens, logits and accepted path.
   std::vector<int32_t> oracle;
+  bool oracle_vary_rank = true;  // false: the true token is always rank 0 (perfect heads)
   bool record = false;
   struct StepRecord {
     std::vector<int32_t> tokens;

@@ -11,7 +11,7 @@ namespace medusa_rt::python {
 
 void register_testing(py::module_& m) {
   py::module_ t = m.def_submodule("_testing", "test hooks (not a public API)");
-  t.def("set_oracle", &testing::set_oracle, py::arg("session"), py::arg("tokens"));
+  t.def("set_oracle", &testing::set_oracle, py::arg("session"), py::arg("tokens"), py::arg("vary_rank") = true);
   t.def("set_record", &testing::set_record, py::arg("session"), py::arg("on"));
   t.def("take_records", [](Session& s) {
     py::list out;
