@@ -99,8 +99,10 @@ class CpuBackend final : public Backend {
     const cpu::WType wt = wtype(w.dtype);
     const int N = w.rows, K = w.cols;
     const int T = pool_.num_threads();
-    // Split the output columns evenly, in multiples of 8.
-    const int chunk = ((N + T - 1) / T + 7) & ~7;
+    // Split the output columns evenly, in whole panels (64 columns when possible: the M = 1
+    // kernel takes four panels at a time).
+    const int align = N >= 64 * T ? 64 : 16;
+    const int chunk = ((N + T - 1) / T + align - 1) / align * align;
     const int tasks = (N + chunk - 1) / chunk;
     pool_.parallel_for(tasks, [&](int t) {
       const int n0 = t * chunk, n1 = std::min(N, n0 + chunk);

@@ -30,7 +30,7 @@ struct AttendArgs {
 struct Kernels {
   const char* isa;
   // y[m*ldy + n] = bias[n] + sum_k x[m*ldx + k] * W[n, k]   for m in [0, M), n in [n0, n1),
-  // W packed as in packing.h; n0 a multiple of 8. bias may be null.
+  // W packed as in packing.h; n0 a multiple of 16. bias may be null.
   void (*gemm)(const float* x, int ldx, int M, int K, const void* w, WType wt, const float* bias, int n0, int n1,
                float* y, int ldy);
   // Softmax attention of one query row over one kv head, keys in index order.

@@ -18,100 +18,122 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
+// Loads of 16 consecutive weights (one k row of a panel) as two fp32 vectors.
 struct F32W {
   using T = float;
-  static inline __m256 load8(const T* p) { return _mm256_loadu_ps(p); }
-  static inline float load1(const T* p) { return *p; }
+  static inline void load16(const T* p, __m256& lo, __m256& hi) {
+    lo = _mm256_loadu_ps(p);
+    hi = _mm256_loadu_ps(p + 8);
+  }
 };
 struct BF16W {
   using T = uint16_t;
-  static inline __m256 load8(const T* p) {
-    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  static inline __m256 cvt(__m128i v) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
   }
-  static inline float load1(const T* p) {
-    uint32_t u = static_cast<uint32_t>(*p) << 16;
-    float f;
-    __builtin_memcpy(&f, &u, 4);
-    return f;
+  static inline void load16(const T* p, __m256& lo, __m256& hi) {
+    lo = cvt(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    hi = cvt(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
   }
 };
 struct F16W {
   using T = uint16_t;
-  static inline __m256 load8(const T* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-  static inline float load1(const T* p) { return _cvtsh_ss(*p); }
+  static inline void load16(const T* p, __m256& lo, __m256& hi) {
+    lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  }
 };
 
-// MR rows of x times NR rows (r0 .. r0+NR-1) of one packed panel (see packing.h). One
-// accumulator per output element, one FMA per chunk of 8 k, chunks in order, then a fixed
-// horizontal sum: the reduction order of an element does not depend on MR, NR or M.
-template <class W, int MR, int NR>
-__attribute__((always_inline)) inline void micro(const float* x, int ldx, int K, const typename W::T* panel, int r0, const float* bias, int n,
-                  int valid, float* y, int ldy) {
-  __m256 acc[MR][NR];
+// Every output element is one fp32 FMA chain over k = 0..K-1 in order, started at zero, then
+// the bias is added: the same sequence of operations in every kernel below, whatever the number
+// of rows M, the panel grouping or the thread. (The losslessness contract of tree verification.)
+
+inline void store16(float* y, int n, int valid, __m256 lo, __m256 hi, const float* bias) {
+  alignas(32) float tmp[16];
+  _mm256_store_ps(tmp, lo);
+  _mm256_store_ps(tmp + 8, hi);
+  for (int j = 0; j < valid; ++j) y[n + j] = bias ? tmp[j] + bias[n + j] : tmp[j];
+}
+
+// MR rows of x against one panel (16 columns).
+template <class W, int MR>
+__attribute__((always_inline)) inline void rows_x_panel(const float* x, int ldx, int K, const typename W::T* panel,
+                                                        const float* bias, int n, int valid, float* y, int ldy) {
+  __m256 lo[MR], hi[MR];
 #pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
+  for (int i = 0; i < MR; ++i) lo[i] = hi[i] = _mm256_setzero_ps();
+  for (int k = 0; k < K; ++k) {
+    __m256 wl, wh;
+    W::load16(panel + static_cast<int64_t>(k) * 16, wl, wh);
 #pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
-  const int full = K / 8, tail = K % 8;
-  const typename W::T* w = panel + r0 * 8;
-  for (int c = 0; c < full; ++c, w += 64) {
-    __m256 xv[MR];
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(x + static_cast<int64_t>(i) * ldx + c * 8);
-#pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j) {
-      const __m256 wv = W::load8(w + j * 8);
-#pragma GCC unroll 8
-      for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 xv = _mm256_broadcast_ss(x + static_cast<int64_t>(i) * ldx + k);
+      lo[i] = _mm256_fmadd_ps(xv, wl, lo[i]);
+      hi[i] = _mm256_fmadd_ps(xv, wh, hi[i]);
     }
   }
-  if (tail) {  // the packed weights are zero past K; mask x so nothing is read past a row
-    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    __m256 xv[MR];
 #pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) xv[i] = _mm256_maskload_ps(x + static_cast<int64_t>(i) * ldx + full * 8, mask);
-#pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j) {
-      const __m256 wv = W::load8(w + j * 8);
-#pragma GCC unroll 8
-      for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
-    }
+  for (int i = 0; i < MR; ++i) store16(y + static_cast<int64_t>(i) * ldy, n, valid, lo[i], hi[i], bias);
+}
+
+// One row of x against four panels (64 columns): eight independent chains keep the FMA units
+// busy while the four panels stream from memory (the decode case, M = 1).
+template <class W>
+__attribute__((always_inline)) inline void row_x_4panels(const float* x, int K, const typename W::T* p0,
+                                                         const float* bias, int n, float* y) {
+  const int64_t ps = static_cast<int64_t>(16) * K;
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  const typename W::T* p1 = p0 + ps;
+  const typename W::T* p2 = p1 + ps;
+  const typename W::T* p3 = p2 + ps;
+  for (int k = 0; k < K; ++k) {
+    const __m256 xv = _mm256_broadcast_ss(x + k);
+    const int64_t o = static_cast<int64_t>(k) * 16;
+    __m256 l, h;
+    W::load16(p0 + o, l, h);
+    a0 = _mm256_fmadd_ps(xv, l, a0);
+    a1 = _mm256_fmadd_ps(xv, h, a1);
+    W::load16(p1 + o, l, h);
+    a2 = _mm256_fmadd_ps(xv, l, a2);
+    a3 = _mm256_fmadd_ps(xv, h, a3);
+    W::load16(p2 + o, l, h);
+    a4 = _mm256_fmadd_ps(xv, l, a4);
+    a5 = _mm256_fmadd_ps(xv, h, a5);
+    W::load16(p3 + o, l, h);
+    a6 = _mm256_fmadd_ps(xv, l, a6);
+    a7 = _mm256_fmadd_ps(xv, h, a7);
   }
-  for (int i = 0; i < MR; ++i) {
-    for (int j = 0; j < NR && r0 + j < valid; ++j) {
-      const float s = hsum(acc[i][j]);
-      y[static_cast<int64_t>(i) * ldy + n + r0 + j] = bias ? s + bias[n + r0 + j] : s;
-    }
-  }
+  store16(y, n, 16, a0, a1, bias);
+  store16(y, n + 16, 16, a2, a3, bias);
+  store16(y, n + 32, 16, a4, a5, bias);
+  store16(y, n + 48, 16, a6, a7, bias);
 }
 
 template <class W>
 void gemm_t(const float* x, int ldx, int M, int K, const void* wv, const float* bias, int n0, int n1, float* y, int ldy) {
   const typename W::T* w = static_cast<const typename W::T*>(wv);
-  const int64_t panel_stride = int64_t(8) * ((K + 7) / 8 * 8);
-  // Large M (prefill): rows of x in blocks that stay in cache while a panel is reused.
-  const int mblock = M <= 32 ? M : 32;
-  for (int n = n0; n < n1; n += 8) {
-    const typename W::T* panel = w + (n / 8) * panel_stride;
-    const int valid = n1 - n < 8 ? n1 - n : 8;
-    if (M == 1) {
-      micro<W, 1, 8>(x, ldx, K, panel, 0, bias, n, valid, y, ldy);
-      continue;
+  const int64_t ps = static_cast<int64_t>(16) * K;
+  int n = n0;
+  if (M == 1) {
+    for (; n + 64 <= n1; n += 64) row_x_4panels<W>(x, K, w + (n / 16) * ps, bias, n, y);
+  }
+  for (; n < n1; n += 16) {
+    const typename W::T* panel = w + (n / 16) * ps;
+    const int valid = n1 - n < 16 ? n1 - n : 16;
+    int m = 0;
+    for (; m + 6 <= M; m += 6) {
+      rows_x_panel<W, 6>(x + static_cast<int64_t>(m) * ldx, ldx, K, panel, bias, n, valid,
+                         y + static_cast<int64_t>(m) * ldy, ldy);
     }
-    for (int m0 = 0; m0 < M; m0 += mblock) {
-      const int mend = M < m0 + mblock ? M : m0 + mblock;
-      for (int r0 = 0; r0 < valid; r0 += 4) {
-        int m = m0;
-        for (; m + 2 <= mend; m += 2) {
-          micro<W, 2, 4>(x + static_cast<int64_t>(m) * ldx, ldx, K, panel, r0, bias, n, valid,
-                         y + static_cast<int64_t>(m) * ldy, ldy);
-        }
-        if (m < mend) {
-          micro<W, 1, 4>(x + static_cast<int64_t>(m) * ldx, ldx, K, panel, r0, bias, n, valid,
-                         y + static_cast<int64_t>(m) * ldy, ldy);
-        }
-      }
+    const float* xm = x + static_cast<int64_t>(m) * ldx;
+    float* ym = y + static_cast<int64_t>(m) * ldy;
+    switch (M - m) {
+      case 5: rows_x_panel<W, 5>(xm, ldx, K, panel, bias, n, valid, ym, ldy); break;
+      case 4: rows_x_panel<W, 4>(xm, ldx, K, panel, bias, n, valid, ym, ldy); break;
+      case 3: rows_x_panel<W, 3>(xm, ldx, K, panel, bias, n, valid, ym, ldy); break;
+      case 2: rows_x_panel<W, 2>(xm, ldx, K, panel, bias, n, valid, ym, ldy); break;
+      case 1: rows_x_panel<W, 1>(xm, ldx, K, panel, bias, n, valid, ym, ldy); break;
+      default: break;
     }
   }
 }

@@ -18,21 +18,16 @@ inline float load_w(const void* w, WType wt, int64_t i) {
   return 0.f;
 }
 
-// Same packed layout and the same per-element order (8 lanes over chunks, then a fixed
-// pairwise sum) as the AVX2 kernel, without fused multiply-add.
+// Same packed layout and the same per-element order (one chain over k, then the bias) as the
+// AVX2 kernel, with separate multiply and add instead of fused multiply-add.
 void gemm_generic(const float* x, int ldx, int M, int K, const void* w, WType wt, const float* bias, int n0, int n1,
                   float* y, int ldy) {
-  const int K8 = padded_k(K);
   for (int n = n0; n < n1; ++n) {
-    const int64_t base = int64_t(n / kPanelRows) * kPanelRows * K8 + int64_t(n % kPanelRows) * kChunk;
+    const int64_t base = int64_t(n / kPanel) * panel_elems(K) + n % kPanel;
     for (int m = 0; m < M; ++m) {
       const float* xm = x + static_cast<int64_t>(m) * ldx;
-      float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int c = 0; c * kChunk < K; ++c) {
-        const int64_t off = base + int64_t(c) * kPanelRows * kChunk;
-        for (int l = 0; l < 8 && c * kChunk + l < K; ++l) lanes[l] += xm[c * kChunk + l] * load_w(w, wt, off + l);
-      }
-      const float s = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+      float s = 0.f;
+      for (int k = 0; k < K; ++k) s += xm[k] * load_w(w, wt, base + int64_t(k) * kPanel);
       y[static_cast<int64_t>(m) * ldy + n] = bias ? s + bias[n] : s;
     }
   }

@@ -1,9 +1,9 @@
-// Weight layout of the CPU backend: row panels for weight-stationary small-M GEMM.
+// Weight layout of the CPU backend: column panels for an outer-product small-M GEMM.
 //
-// A [N, K] matrix is stored as ceil(N/8) panels of 8 rows. Within a panel the K dimension is
-// split into chunks of 8 (K padded with zeros to K8 = roundup(K, 8)); chunk c holds 8 values
-// of row 0, then 8 of row 1, ..., 8 of row 7. A GEMM step over one chunk therefore reads one
-// contiguous 8 x 8 block, and a whole panel is one sequential stream. Rows past N are zero.
+// A [N, K] weight matrix (out x in) is stored as ceil(N/16) panels of 16 output columns. A panel
+// holds, for k = 0..K-1 in order, the 16 values W[n0 .. n0+15][k]: one GEMM step over k reads
+// one contiguous 16-value row, and a panel is a single sequential stream. Columns past N are
+// zero.
 #pragma once
 
 #include <cstddef>
@@ -13,17 +13,15 @@
 
 namespace medusa_rt::cpu {
 
-constexpr int kPanelRows = 8;
-constexpr int kChunk = 8;
+constexpr int kPanel = 16;
 
-inline int padded_k(int K) { return (K + kChunk - 1) / kChunk * kChunk; }
-inline int64_t panel_elems(int K) { return int64_t(kPanelRows) * padded_k(K); }
+inline int64_t panel_elems(int K) { return int64_t(kPanel) * K; }
 size_t wtype_size(WType t);
 size_t packed_bytes(int N, int K, WType t);
 
 // src: row-major [N, K] in type t. dst: packed_bytes(N, K, t) bytes.
 void pack_rows(const void* src, int N, int K, WType t, void* dst);
-// Reads row n of a packed matrix as fp32 into out[0, K).
+// Reads row n (output column n) of a packed matrix as fp32 into out[0, K).
 void unpack_row(const void* packed, int N, int K, WType t, int n, float* out);
 
 }  // namespace medusa_rt::cpu
