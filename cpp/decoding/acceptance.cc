@@ -1,66 +1,61 @@
 #include "decoding/acceptance.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace medusa_rt {
-namespace {
 
-std::vector<std::vector<int>> children_of(const TreeSpec& tree, int num_nodes) {
-  std::vector<std::vector<int>> ch(num_nodes);
-  for (int i = 1; i < num_nodes; ++i) ch[tree.parents()[i]].push_back(i);
-  return ch;
-}
-
-std::vector<int> path_to(const TreeSpec& tree, int node) {
-  const auto& anc = tree.ancestors()[node];
-  return std::vector<int>(anc.begin() + 1, anc.end());
-}
-
-}  // namespace
-
-std::vector<int> accept_greedy(const TreeSpec& tree, int num_nodes, const int32_t* tokens, const int32_t* argmax) {
-  std::vector<int> path;
-  int cur = 0;
+void accept_greedy(const TreeSpec& tree, int num_nodes, const int32_t* tokens, const int32_t* argmax,
+                   std::vector<int>& path) {
+  path.clear();
   const auto& parents = tree.parents();
+  int cur = 0;
   while (true) {
     int next = -1;
-    // Children of cur are later in node order; scan them (trees are small).
+    // Children of cur come later in node order; scan them (trees are small).
     for (int c = cur + 1; c < num_nodes; ++c) {
       if (parents[c] == cur && tokens[c] == argmax[cur]) {
         next = c;
         break;
       }
     }
-    if (next < 0) return path;
+    if (next < 0) return;
     path.push_back(next);
     cur = next;
   }
 }
 
-std::vector<int> accept_typical(const TreeSpec& tree, int num_nodes, const int32_t* tokens,
-                                const std::function<float(int, int32_t)>& prob,
-                                const std::function<float(int)>& entropy, float posterior_threshold,
-                                float posterior_alpha) {
-  const auto children = children_of(tree, num_nodes);
-  std::vector<double> logp(num_nodes, 0.0);
+void accept_typical(const TreeSpec& tree, int num_nodes, const int32_t* tokens,
+                    const std::function<float(int, int32_t)>& prob, const std::function<float(int)>& entropy,
+                    float posterior_threshold, float posterior_alpha, TypicalScratch& scratch,
+                    std::vector<int>& path) {
+  path.clear();
+  const auto& parents = tree.parents();
+  const auto& depths = tree.depths();
+  scratch.logp.assign(num_nodes, 0.0);
+  scratch.accepted.assign(num_nodes, 0);
+  scratch.accepted[0] = 1;
   int best = 0;
-  // Nodes are accepted top-down; process in node order so ties resolve to the earlier node.
-  std::vector<bool> accepted(num_nodes, false);
-  accepted[0] = true;
-  for (int u = 0; u < num_nodes; ++u) {
-    if (!accepted[u] || children[u].empty()) continue;
-    const float tau = std::min(posterior_threshold, posterior_alpha * std::exp(-entropy(u)));
-    for (int c : children[u]) {
-      const float p = prob(u, tokens[c]);
-      if (p > tau) {
-        accepted[c] = true;
-        logp[c] = logp[u] + std::log(static_cast<double>(p));
-        const int dc = tree.depths()[c], db = tree.depths()[best];
-        if (dc > db || (dc == db && logp[c] > logp[best])) best = c;
-      }
+  // Nodes in order: a node's parent is decided before it, and ties go to the earlier node.
+  float tau = 0.f;
+  int tau_of = -1;
+  for (int c = 1; c < num_nodes; ++c) {
+    const int u = parents[c];
+    if (!scratch.accepted[u]) continue;
+    if (tau_of != u) {
+      tau = std::min(posterior_threshold, posterior_alpha * std::exp(-entropy(u)));
+      tau_of = u;
+    }
+    const float p = prob(u, tokens[c]);
+    if (p > tau) {
+      scratch.accepted[c] = 1;
+      scratch.logp[c] = scratch.logp[u] + std::log(static_cast<double>(p));
+      if (depths[c] > depths[best] || (depths[c] == depths[best] && scratch.logp[c] > scratch.logp[best])) best = c;
     }
   }
-  return best == 0 ? std::vector<int>() : path_to(tree, best);
+  if (best == 0) return;
+  const auto& anc = tree.ancestors()[best];
+  path.assign(anc.begin() + 1, anc.end());
 }
 
 }  // namespace medusa_rt

@@ -52,6 +52,11 @@ Decoder::Decoder(LlamaModel& model, MedusaHeads* heads, TreeSpec tree, int max_b
   hidden_rows_.reserve(max_batch);
   row_base_.reserve(max_batch);
   num_nodes_.reserve(max_batch);
+  path_.reserve(tree_.max_depth() + 1);
+  lse_.reserve(tree_.num_nodes());
+  entropy_.reserve(tree_.num_nodes());
+  typical_.logp.reserve(tree_.num_nodes());
+  typical_.accepted.reserve(tree_.num_nodes());
   ForwardRows& r = rows_;
   for (auto* v : {&r.tokens, &r.positions, &r.slots, &r.cache_index, &r.prefix_len, &r.logit_rows}) v->reserve(R);
   r.extra_offsets.reserve(R + 1);
@@ -187,29 +192,31 @@ void Decoder::step(SequenceState* const* seqs, int n, const StepOptions& opt) {
     SequenceState& s = *seqs[si];
     const int base = row_base_[si], T = num_nodes_[si];
     const int32_t* toks = tokens_.data() + base;
-    std::vector<int> path;
+    std::vector<int>& path = path_;
+    path.clear();
     if (T > 1) {
       if (opt.acceptance == Acceptance::kGreedy) {
-        path = accept_greedy(tree_, T, toks, argmax_.data() + base);
+        accept_greedy(tree_, T, toks, argmax_.data() + base, path);
       } else {
         const float* logits = model_.logits();
-        std::vector<float> lse(T, NAN), ent(T, NAN);
+        lse_.assign(T, NAN);
+        entropy_.assign(T, NAN);
         auto stats = [&](int u) {
-          if (std::isnan(lse[u])) {
-            be.softmax_stats(logits + size_t(base + u) * vocab_, 1, vocab_, opt.temperature, &lse[u], &ent[u]);
+          if (std::isnan(lse_[u])) {
+            be.softmax_stats(logits + size_t(base + u) * vocab_, 1, vocab_, opt.temperature, &lse_[u], &entropy_[u]);
           }
         };
         auto prob = [&](int u, int32_t tok) {
           stats(u);
           float l;
           be.copy_to_host(&l, logits + size_t(base + u) * vocab_ + tok, sizeof(float));
-          return static_cast<float>(std::exp(double(l) / opt.temperature - lse[u]));
+          return static_cast<float>(std::exp(double(l) / opt.temperature - lse_[u]));
         };
         auto entropy = [&](int u) {
           stats(u);
-          return ent[u];
+          return entropy_[u];
         };
-        path = accept_typical(tree_, T, toks, prob, entropy, opt.posterior_threshold, opt.posterior_alpha);
+        accept_typical(tree_, T, toks, prob, entropy, opt.posterior_threshold, opt.posterior_alpha, typical_, path);
       }
     }
     const int a = static_cast<int>(path.size());

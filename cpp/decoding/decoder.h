@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "medusa_rt/engine.h"
+#include "decoding/acceptance.h"
 #include "medusa_rt/tree.h"
 #include "model/llama.h"
 #include "model/medusa_heads.h"
@@ -88,7 +89,9 @@ class Decoder {
   float* d_head_in_ = nullptr;
   int32_t* d_candidates_ = nullptr;
   std::vector<int32_t> argmax_, tokens_, candidates_host_, copy_slots_, copy_src_, copy_dst_, hidden_rows_;
-  std::vector<int> row_base_, num_nodes_;
+  std::vector<int> row_base_, num_nodes_, path_;
+  std::vector<float> lse_, entropy_;
+  TypicalScratch typical_;
   double forward_seconds_ = 0;
 };
 
