@@ -55,13 +55,27 @@ inline void store16(float* y, int n, int valid, __m256 lo, __m256 hi, const floa
   for (int j = 0; j < valid; ++j) y[n + j] = bias ? tmp[j] + bias[n + j] : tmp[j];
 }
 
-// MR rows of x against one panel (16 columns).
+// Reloads partial sums stored by store16 (without bias) to continue their chains.
+inline void load16(const float* y, int n, int valid, __m256& lo, __m256& hi) {
+  alignas(32) float tmp[16] = {0};
+  for (int j = 0; j < valid; ++j) tmp[j] = y[n + j];
+  lo = _mm256_load_ps(tmp);
+  hi = _mm256_load_ps(tmp + 8);
+}
+
+// MR rows of x against one panel (16 columns), over k in [0, K) of the slices given. With
+// `resume` the chains continue from the partial sums in y; with `finish` the bias is added,
+// otherwise the partial sums are stored for the next k block.
 template <class W, int MR>
 __attribute__((always_inline)) inline void rows_x_panel(const float* x, int ldx, int K, const typename W::T* panel,
-                                                        const float* bias, int n, int valid, float* y, int ldy) {
+                                                        const float* bias, int n, int valid, float* y, int ldy,
+                                                        bool resume, bool finish) {
   __m256 lo[MR], hi[MR];
 #pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) lo[i] = hi[i] = _mm256_setzero_ps();
+  for (int i = 0; i < MR; ++i) {
+    if (resume) load16(y + static_cast<int64_t>(i) * ldy, n, valid, lo[i], hi[i]);
+    else lo[i] = hi[i] = _mm256_setzero_ps();
+  }
   for (int k = 0; k < K; ++k) {
     __m256 wl, wh;
     W::load16(panel + static_cast<int64_t>(k) * 16, wl, wh);
@@ -73,7 +87,9 @@ __attribute__((always_inline)) inline void rows_x_panel(const float* x, int ldx,
     }
   }
 #pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) store16(y + static_cast<int64_t>(i) * ldy, n, valid, lo[i], hi[i], bias);
+  for (int i = 0; i < MR; ++i) {
+    store16(y + static_cast<int64_t>(i) * ldy, n, valid, lo[i], hi[i], finish ? bias : nullptr);
+  }
 }
 
 // One row of x against four panels (64 columns): eight independent chains keep the FMA units
@@ -113,27 +129,40 @@ template <class W>
 void gemm_t(const float* x, int ldx, int M, int K, const void* wv, const float* bias, int n0, int n1, float* y, int ldy) {
   const typename W::T* w = static_cast<const typename W::T*>(wv);
   const int64_t ps = static_cast<int64_t>(16) * K;
-  int n = n0;
   if (M == 1) {
+    int n = n0;
     for (; n + 64 <= n1; n += 64) row_x_4panels<W>(x, K, w + (n / 16) * ps, bias, n, y);
-  }
-  for (; n < n1; n += 16) {
-    const typename W::T* panel = w + (n / 16) * ps;
-    const int valid = n1 - n < 16 ? n1 - n : 16;
-    int m = 0;
-    for (; m + 6 <= M; m += 6) {
-      rows_x_panel<W, 6>(x + static_cast<int64_t>(m) * ldx, ldx, K, panel, bias, n, valid,
-                         y + static_cast<int64_t>(m) * ldy, ldy);
+    for (; n < n1; n += 16) {
+      rows_x_panel<W, 1>(x, ldx, K, w + (n / 16) * ps, bias, n, n1 - n < 16 ? n1 - n : 16, y, ldy, false, true);
     }
-    const float* xm = x + static_cast<int64_t>(m) * ldx;
-    float* ym = y + static_cast<int64_t>(m) * ldy;
-    switch (M - m) {
-      case 5: rows_x_panel<W, 5>(xm, ldx, K, panel, bias, n, valid, ym, ldy); break;
-      case 4: rows_x_panel<W, 4>(xm, ldx, K, panel, bias, n, valid, ym, ldy); break;
-      case 3: rows_x_panel<W, 3>(xm, ldx, K, panel, bias, n, valid, ym, ldy); break;
-      case 2: rows_x_panel<W, 2>(xm, ldx, K, panel, bias, n, valid, ym, ldy); break;
-      case 1: rows_x_panel<W, 1>(xm, ldx, K, panel, bias, n, valid, ym, ldy); break;
-      default: break;
+    return;
+  }
+  // Several rows: k in blocks so that a panel slice (16 x kKBlock) and the rows' x slices stay
+  // in L1/L2 while every row block passes over them. The chains continue across blocks through
+  // y, so each element's operation sequence is the same as without blocking.
+  // Few rows reuse each weight little: no blocking, one pass over every panel.
+  const int kKBlock = M >= 16 ? 256 : K;
+  for (int k0 = 0; k0 < K; k0 += kKBlock) {
+    const int kb = K - k0 < kKBlock ? K - k0 : kKBlock;
+    const bool resume = k0 > 0, finish = k0 + kb == K;
+    for (int n = n0; n < n1; n += 16) {
+      const typename W::T* panel = w + (n / 16) * ps + static_cast<int64_t>(k0) * 16;
+      const int valid = n1 - n < 16 ? n1 - n : 16;
+      int m = 0;
+      for (; m + 6 <= M; m += 6) {
+        rows_x_panel<W, 6>(x + static_cast<int64_t>(m) * ldx + k0, ldx, kb, panel, bias, n, valid,
+                           y + static_cast<int64_t>(m) * ldy, ldy, resume, finish);
+      }
+      const float* xm = x + static_cast<int64_t>(m) * ldx + k0;
+      float* ym = y + static_cast<int64_t>(m) * ldy;
+      switch (M - m) {
+        case 5: rows_x_panel<W, 5>(xm, ldx, kb, panel, bias, n, valid, ym, ldy, resume, finish); break;
+        case 4: rows_x_panel<W, 4>(xm, ldx, kb, panel, bias, n, valid, ym, ldy, resume, finish); break;
+        case 3: rows_x_panel<W, 3>(xm, ldx, kb, panel, bias, n, valid, ym, ldy, resume, finish); break;
+        case 2: rows_x_panel<W, 2>(xm, ldx, kb, panel, bias, n, valid, ym, ldy, resume, finish); break;
+        case 1: rows_x_panel<W, 1>(xm, ldx, kb, panel, bias, n, valid, ym, ldy, resume, finish); break;
+        default: break;
+      }
     }
   }
 }
