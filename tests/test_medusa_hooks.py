@@ -150,3 +150,22 @@ def test_typical_matches_numpy_reference(model_dir, threshold, alpha, temperatur
                 assert rec["path"] == want
                 compared += 1
     assert compared >= 20
+
+
+def test_deep_chain_tree(tmp_path, model_dir):
+    """A 20-deep chain with perfect candidates: 21 tokens per step, still exact."""
+    d = tmp_path / "deep"
+    shutil.copytree(model_dir, d, ignore=shutil.ignore_patterns("medusa_heads.safetensors"))
+    export_medusa_heads(write_heads_only(random_heads(num_heads=20, seed=3), tmp_path / "h20"), d, progress=False)
+    engine = medusa_rt.Engine(d, dtype="fp32", max_seq_len=200, tree="chain-20", medusa_top_k=1)
+    p = PROMPTS[0]
+    with engine.session() as s:
+        plain = s.generate(p, max_new_tokens=100, ignore_eos=True, medusa=False)
+        n = len(p) + 99
+        kv_plain = _kv(s, n)
+        _core._testing.set_oracle(s._core(), p + plain.tokens, vary_rank=False)
+        med = s.generate(p, max_new_tokens=100, ignore_eos=True)
+        assert med.tokens == plain.tokens
+        assert med.stats.accepted_per_head[19] >= 3 and med.stats.tokens_per_step > 15
+        for (k1, v1), (k2, v2) in zip(kv_plain, _kv(s, n)):
+            assert np.array_equal(k1, k2) and np.array_equal(v1, v2)

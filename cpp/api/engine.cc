@@ -160,6 +160,7 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
   // Rows of one forward: a tree per sequence, or a prefill chunk.
   lim.max_rows = std::max(prefill_chunk, options.max_batch_size * tree.num_nodes());
   lim.max_logit_rows = lim.max_rows;
+  lim.max_tree_depth = tree.max_depth();
 
   const size_t wbytes = LlamaModel::weight_bytes_for(c, dtype) + heads_bytes;
   const size_t kvbytes = LlamaModel::kv_bytes_for(c, lim);

@@ -59,8 +59,6 @@ class Decoder {
   ~Decoder();
 
   const TreeSpec& tree() const { return tree_; }
-  // Tokens a Medusa step of one sequence may add to its cache (the tree size).
-  int step_tokens(bool medusa) const { return medusa && heads_ ? tree_.num_nodes() : 1; }
 
   // Runs tokens through the model as causal rows appended at s.length; s.length grows by n.
   // Sets s.root to the argmax after the last token, and s.candidates when with_heads.

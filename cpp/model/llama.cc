@@ -11,8 +11,6 @@
 namespace medusa_rt {
 namespace {
 
-constexpr int kMaxExtraPerRow = 16;
-
 std::string layer_name(int i, const char* suffix) { return "model.layers." + std::to_string(i) + "." + suffix; }
 
 }  // namespace
@@ -46,7 +44,7 @@ size_t LlamaModel::workspace_bytes_for(const ModelConfig& c, const ModelLimits& 
   const size_t qkv = (size_t(c.num_heads) + 2 * c.num_kv_heads) * hd;
   size_t per_row = 4 * (3 * H + qkv + c.num_heads * hd + 3 * F);
   return per_row * lim.max_rows + 4 * size_t(lim.max_logit_rows) * (H + c.vocab_size) +
-         4 * size_t(lim.max_seq) * hd /* rope */ + 4 * size_t(lim.max_rows) * (8 + kMaxExtraPerRow);
+         4 * size_t(lim.max_seq) * hd /* rope */ + 4 * size_t(lim.max_rows) * (9 + lim.max_tree_depth);
 }
 
 void LlamaModel::build_rope_tables() {
@@ -170,7 +168,7 @@ LlamaModel::LlamaModel(const ModelConfig& cfg, const TensorStore& store, DType d
     d_cache_index_ = ibuf(R);
     d_prefix_len_ = ibuf(R);
     d_extra_offsets_ = ibuf(R + 1);
-    d_extra_ = ibuf(R * kMaxExtraPerRow);
+    d_extra_ = ibuf(R * (lim.max_tree_depth + 1));
     d_logit_rows_ = ibuf(LR);
     d_copy_slots_ = ibuf(R);
     d_copy_src_ = ibuf(R);
@@ -206,7 +204,7 @@ void LlamaModel::forward(const ForwardRows& rows) {
   const int R = rows.size();
   const int NL = static_cast<int>(rows.logit_rows.size());
   if (R <= 0 || R > lim_.max_rows || NL > lim_.max_logit_rows) throw Error("internal: forward row count out of limits");
-  if (rows.extra.size() > size_t(R) * kMaxExtraPerRow) throw Error("internal: too many tree keys per row");
+  if (rows.extra.size() > size_t(R) * (lim_.max_tree_depth + 1)) throw Error("internal: too many tree keys");
   const int H = cfg_.hidden_size, F = cfg_.intermediate_size, hd = cfg_.head_dim;
   const int nq = cfg_.num_heads * hd, nkv = cfg_.num_kv_heads * hd;
   const float eps = static_cast<float>(cfg_.rms_norm_eps);

@@ -26,6 +26,7 @@ struct ModelLimits {
   int max_logit_rows = 0;  // rows whose logits one forward returns
   int slots = 0;           // sequences in the KV cache
   int max_seq = 0;         // tokens per sequence
+  int max_tree_depth = 0;  // deepest tree a forward carries (rows see at most depth + 1 tree keys)
 };
 
 class LlamaModel {
