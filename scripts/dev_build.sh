@@ -9,6 +9,6 @@ if [ ! -f build/dev/CMakeCache.txt ]; then
   gen=(); command -v ninja >/dev/null && gen=(-G Ninja)
   cmake -S . -B build/dev "${gen[@]}" -DCMAKE_BUILD_TYPE=Release \
     -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" -DPython_EXECUTABLE="$(command -v "$PY")" \
-    -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$PWD/python/medusa_rt" "$@"
+    -DMEDUSA_RT_PYTHON=ON -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$PWD/python/medusa_rt" "$@"
 fi
 cmake --build build/dev -j "$(nproc)"

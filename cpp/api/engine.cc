@@ -20,6 +20,7 @@
 namespace medusa_rt {
 
 const char* version() { return MEDUSA_RT_VERSION_STRING; }
+int version_number() { return MEDUSA_RT_VERSION_NUMBER; }
 
 const char* to_string(Acceptance acceptance) {
   return acceptance == Acceptance::kGreedy ? "greedy" : "typical";

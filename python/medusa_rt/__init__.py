@@ -14,6 +14,7 @@ Quick start::
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
@@ -26,6 +27,18 @@ from .errors import (
 )
 
 __version__ = "0.1.0"
+
+
+def cmake_dir() -> "Path":
+    """The directory of the installed CMake package (``medusa_rtConfig.cmake``), for C++ programs:
+    ``cmake -Dmedusa_rt_DIR=$(python -c "import medusa_rt; print(medusa_rt.cmake_dir())")``.
+
+    Raises FileNotFoundError when this installation has no C++ SDK (a development build run from
+    the source tree; ``pip install .`` installs it)."""
+    d = Path(__file__).resolve().parent / "lib" / "cmake" / "medusa_rt"
+    if not (d / "medusa_rtConfig.cmake").is_file():
+        raise FileNotFoundError(f"no medusa_rt CMake package at {d}: install the package with pip to get the C++ SDK")
+    return d
 
 __all__ = [
     "Engine",
@@ -41,6 +54,7 @@ __all__ = [
     "ModelFormatError",
     "UnsupportedModelError",
     "CapacityError",
+    "cmake_dir",
     "__version__",
 ]
 
