@@ -210,3 +210,25 @@ def test_cli_generate_and_errors(model_dir):
     assert p.returncode == 2 and "ModelNotFoundError" in p.stderr
     p = subprocess.run(cli + ["info", "--model", str(model_dir), "--max-seq-len", "64"], capture_output=True, text=True)
     assert p.returncode == 0 and '"vocab_size": 384' in p.stdout
+
+
+def test_session_refuses_concurrent_use(engine):
+    """A second call on a busy session is refused with a clear error, not run on shared state."""
+    cfg = _core.GenerationConfig()
+    cfg.max_new_tokens = 5
+    cfg.ignore_eos = True
+    seen = []
+    with engine.session() as s:
+        core = s._core()
+
+        def reenter(tokens):
+            with pytest.raises(medusa_rt.InvalidArgumentError, match="already generating"):
+                core.generate(PROMPT, cfg)
+            with pytest.raises(medusa_rt.InvalidArgumentError, match="already generating"):
+                core.forward([1])
+            seen.append(tokens)
+            return True
+
+        r = core.generate(PROMPT, cfg, reenter)
+        assert len(r.tokens) == 5 and seen
+        assert len(s.generate(PROMPT, max_new_tokens=2, ignore_eos=True).tokens) == 2

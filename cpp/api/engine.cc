@@ -217,6 +217,16 @@ const ModelInfo& Engine::info() const { return impl_->info; }
 struct Session::State {
   Engine::Impl* engine = nullptr;
   SequenceState seq;
+  std::mutex busy;  // a session serves one call at a time
+
+  std::unique_lock<std::mutex> claim() {
+    std::unique_lock<std::mutex> lock(busy, std::try_to_lock);
+    if (!lock.owns_lock()) {
+      throw InvalidArgumentError("this session is already generating (from another thread or from its own "
+                                 "stream callback); use one session per concurrent request");
+    }
+    return lock;
+  }
   ~State() {
     if (engine && seq.slot >= 0) {
       std::lock_guard<std::mutex> lock(engine->slot_mu);
@@ -245,11 +255,15 @@ Session::Session(Session&&) noexcept = default;
 Session& Session::operator=(Session&&) noexcept = default;
 Session::~Session() = default;
 
-void Session::reset() { state_->seq.length = 0; }
+void Session::reset() {
+  auto claim = state_->claim();
+  state_->seq.length = 0;
+}
 
 int Session::context_length() const { return state_->seq.length; }
 
 std::vector<float> Session::forward(const std::vector<int32_t>& tokens, bool all_logits) {
+  auto claim = state_->claim();
   Engine::Impl& e = *state_->engine;
   if (tokens.empty()) throw InvalidArgumentError("forward() needs at least one token");
   e.validate_tokens(tokens, "input");
@@ -267,6 +281,7 @@ std::vector<float> Session::forward(const std::vector<int32_t>& tokens, bool all
 
 GenerationResult Session::generate(const std::vector<int32_t>& prompt, const GenerationConfig& config,
                                    const TokenCallback& on_tokens) {
+  auto claim = state_->claim();
   Engine::Impl& e = *state_->engine;
   if (prompt.empty()) throw InvalidArgumentError("the prompt is empty: give at least one token");
   if (config.max_new_tokens < 0) {

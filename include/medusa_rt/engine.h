@@ -8,7 +8,8 @@
 //
 // Thread safety: an Engine may be shared by several threads, each with its own Session.
 // Calls on different sessions are serialized inside the engine (one forward at a time).
-// A single Session must not be used by two threads at once.
+// A Session serves one call at a time: a second concurrent call on the same session (another
+// thread, or its own stream callback) throws InvalidArgumentError instead of corrupting it.
 //
 // Errors: every function reports failures by throwing one of the classes in errors.h.
 #pragma once
