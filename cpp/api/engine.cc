@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <mutex>
 #include <string>
 
@@ -62,11 +63,73 @@ struct Engine::Impl {
   std::mutex forward_mu;  // one forward at a time (the decoder's buffers are shared)
   std::mutex slot_mu;
   std::vector<bool> slot_used;
+  int medusa_max_batch = 0;
 
-  ~Impl() {
-    decoder.reset();
-    heads.reset();
-    model.reset();
+  // Sessions generating from several threads share decode steps: a thread that needs a step
+  // queues its sequence; the first queued thread that finds no step running becomes the leader,
+  // gathers the queue (waiting briefly for the other active generations to queue too), runs one
+  // batched step and wakes the others.
+  std::mutex sched_mu;
+  std::condition_variable sched_cv;
+  std::vector<SequenceState*> queue;
+  int generating = 0;  // sessions inside generate()
+  bool stepping = false;
+
+  int acquire_slot() {
+    std::lock_guard<std::mutex> lock(slot_mu);
+    for (size_t i = 0; i < slot_used.size(); ++i) {
+      if (!slot_used[i]) {
+        slot_used[i] = true;
+        return static_cast<int>(i);
+      }
+    }
+    return -1;
+  }
+  void release_slot(int slot) {
+    std::lock_guard<std::mutex> lock(slot_mu);
+    slot_used[slot] = false;
+  }
+
+  // Runs the steps of a batch under the forward lock, with the batch-size speculation policy.
+  void step_batch(SequenceState* const* seqs, int n) {
+    std::lock_guard<std::mutex> lock(forward_mu);
+    decoder->step(seqs, n, n <= medusa_max_batch);
+  }
+
+  // One step for s, shared with whatever other sessions need a step at the same time.
+  void step_shared(SequenceState* s) {
+    std::unique_lock<std::mutex> lk(sched_mu);
+    queue.push_back(s);
+    s->step_done = false;
+    s->step_failed = false;
+    sched_cv.notify_all();  // a gathering leader may be waiting for this sequence
+    while (!s->step_done) {
+      if (stepping) {
+        sched_cv.wait(lk);
+        continue;
+      }
+      // Lead: give the other generating sessions a moment to queue their sequences.
+      stepping = true;
+      const int want = std::min<int>(generating, int(slot_used.size()));
+      sched_cv.wait_for(lk, std::chrono::microseconds(500), [&] { return int(queue.size()) >= want; });
+      std::vector<SequenceState*> batch;
+      batch.swap(queue);
+      lk.unlock();
+      bool failed = false;
+      try {
+        step_batch(batch.data(), static_cast<int>(batch.size()));
+      } catch (...) {
+        failed = true;
+      }
+      lk.lock();
+      for (SequenceState* b : batch) {
+        b->step_done = true;
+        b->step_failed = failed;
+      }
+      stepping = false;
+      sched_cv.notify_all();
+    }
+    if (s->step_failed) throw Error("the batched decode step this sequence was part of failed");
   }
 
   void validate_tokens(const std::vector<int32_t>& tokens, const char* what) const {
@@ -129,6 +192,10 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
   }
   const int threads = options.num_threads ? options.num_threads : available_cores();
   const int prefill_chunk = std::min(options.prefill_chunk, max_seq);
+  if (options.medusa_max_batch < 0) {
+    throw InvalidArgumentError("medusa_max_batch must be >= 0, got " + std::to_string(options.medusa_max_batch));
+  }
+  e.medusa_max_batch = options.medusa_max_batch;
   if (options.medusa_top_k < 1 || options.medusa_top_k > c.vocab_size) {
     throw InvalidArgumentError("medusa_top_k must be in [1, vocab_size], got " + std::to_string(options.medusa_top_k));
   }
@@ -214,6 +281,139 @@ Engine::~Engine() = default;
 
 const ModelInfo& Engine::info() const { return impl_->info; }
 
+
+// One generation's bookkeeping around its sequence: stop handling, streaming, cancellation,
+// statistics. Shared by Session::generate and Engine::generate_batch.
+class Generation {
+ public:
+  Generation(Engine::Impl& e, SequenceState& s, const GenerationConfig& config, const TokenCallback* on_tokens)
+      : e_(e), s_(s), stop_(config, e.cfg.eos_token_ids), on_tokens_(on_tokens) {
+    s.options.medusa = config.medusa && e.heads != nullptr;
+    s.options.acceptance = config.acceptance;
+    s.options.posterior_threshold = config.posterior_threshold;
+    s.options.posterior_alpha = config.posterior_alpha;
+    s.options.temperature = config.temperature;
+    GenerationStats& st = result_.stats;
+    st.medusa = s.options.medusa;
+    st.accepted_per_head.assign(s.options.medusa ? e.heads->num_heads() : 0, 0);
+    max_new_tokens_ = config.max_new_tokens;
+  }
+
+  // Prefills the prompt (from an empty context) and takes the first token.
+  void start(const std::vector<int32_t>& prompt) {
+    t0_ = Clock::now();
+    fwd0_ = e_.decoder->forward_seconds();
+    result_.stats.prompt_tokens = static_cast<int>(prompt.size());
+    s_.length = 0;
+    if (max_new_tokens_ == 0) {
+      done_ = true;
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(e_.forward_mu);
+      e_.decoder->append(s_, prompt.data(), static_cast<int>(prompt.size()), s_.options.medusa, nullptr, false);
+    }
+    t_first_ = Clock::now();
+    result_.stats.prefill_seconds = std::chrono::duration<double>(t_first_ - t0_).count();
+    block_.assign(1, s_.root);
+    consume();
+  }
+
+  // Takes the tokens of the step that just ran for the sequence.
+  void after_step() {
+    GenerationStats& st = result_.stats;
+    ++st.steps;
+    if (s_.tree_step) ++st.tree_steps;
+    for (int d = 0; d < s_.accepted && d < int(st.accepted_per_head.size()); ++d) ++st.accepted_per_head[d];
+    block_ = s_.new_tokens;
+    consume();
+  }
+
+  bool done() const { return done_; }
+
+  GenerationResult finish() {
+    GenerationStats& st = result_.stats;
+    if (st.prompt_tokens > 0 && max_new_tokens_ > 0) {
+      st.new_tokens = static_cast<int>(result_.tokens.size());
+      st.total_seconds = seconds_since(t0_);
+      st.decode_seconds = std::chrono::duration<double>(Clock::now() - t_first_).count();
+      st.tokens_per_second = st.total_seconds > 0 ? st.new_tokens / st.total_seconds : 0;
+      st.decode_tokens_per_second =
+          (st.decode_seconds > 0 && st.new_tokens > 1) ? (st.new_tokens - 1) / st.decode_seconds : 0;
+      st.tokens_per_step = st.steps > 0 ? double(stop_.produced() - 1) / st.steps : 0;
+      // Forward time of this generation alone is exact only when it ran alone; with other
+      // generations interleaved it is the engine's forward time over the same period.
+      st.forward_seconds = e_.decoder->forward_seconds() - fwd0_;
+      st.other_seconds = std::max(0.0, st.total_seconds - st.forward_seconds);
+    }
+    return std::move(result_);
+  }
+
+ private:
+  void consume() {
+    bool finished = stop_.append(block_.data(), static_cast<int>(block_.size()), result_.tokens);
+    FinishReason reason = stop_.finish_reason();
+    if (!finished && s_.length >= e_.info.max_seq_len) {
+      finished = true;  // the cache is full: the pending token cannot be fed back
+      reason = FinishReason::kLength;
+    }
+    const size_t ready = stop_.emittable(result_.tokens, finished);
+    if (on_tokens_ && *on_tokens_ && ready > emitted_) {
+      piece_.assign(result_.tokens.begin() + emitted_, result_.tokens.begin() + ready);
+      emitted_ = ready;
+      if (!(*on_tokens_)(piece_)) {
+        result_.finish_reason = FinishReason::kCancelled;
+        done_ = true;
+        return;
+      }
+    }
+    if (finished) {
+      result_.finish_reason = reason;
+      done_ = true;
+    }
+  }
+
+  Engine::Impl& e_;
+  SequenceState& s_;
+  StopCriteria stop_;
+  const TokenCallback* on_tokens_;
+  GenerationResult result_;
+  std::vector<int32_t> block_, piece_;
+  size_t emitted_ = 0;
+  int max_new_tokens_ = 0;
+  bool done_ = false;
+  double fwd0_ = 0;
+  Clock::time_point t0_, t_first_;
+};
+
+// Checks a request before any work: prompt, ids, options, capacity.
+void validate_request(const Engine::Impl& e, const std::vector<int32_t>& prompt, const GenerationConfig& config) {
+  if (prompt.empty()) throw InvalidArgumentError("the prompt is empty: give at least one token");
+  if (config.max_new_tokens < 0) {
+    throw InvalidArgumentError("max_new_tokens must be >= 0, got " + std::to_string(config.max_new_tokens));
+  }
+  if (config.acceptance == Acceptance::kTypical) {
+    if (!(config.posterior_threshold > 0.f && config.posterior_threshold <= 1.f)) {
+      throw InvalidArgumentError("posterior_threshold must be in (0, 1], got " + std::to_string(config.posterior_threshold));
+    }
+    if (!(config.posterior_alpha > 0.f && config.posterior_alpha <= 1.f)) {
+      throw InvalidArgumentError("posterior_alpha must be in (0, 1], got " + std::to_string(config.posterior_alpha));
+    }
+    if (!(config.temperature > 0.f && std::isfinite(config.temperature))) {
+      throw InvalidArgumentError("temperature must be > 0 for typical acceptance, got " + std::to_string(config.temperature));
+    }
+  }
+  e.validate_tokens(prompt, "prompt");
+  e.validate_tokens(config.stop_token_ids, "stop");
+  for (const auto& seq : config.stop_sequences) e.validate_tokens(seq, "stop sequence");
+  const int max_seq = e.info.max_seq_len;
+  if (prompt.size() >= size_t(max_seq)) {
+    throw CapacityError("the prompt has " + std::to_string(prompt.size()) + " tokens but the engine's max_seq_len is " +
+                        std::to_string(max_seq) + ": at most " + std::to_string(max_seq - 1) +
+                        " prompt tokens leave room for a new token");
+  }
+}
+
 struct Session::State {
   Engine::Impl* engine = nullptr;
   SequenceState seq;
@@ -228,23 +428,17 @@ struct Session::State {
     return lock;
   }
   ~State() {
-    if (engine && seq.slot >= 0) {
-      std::lock_guard<std::mutex> lock(engine->slot_mu);
-      engine->slot_used[seq.slot] = false;
-    }
+    if (engine && seq.slot >= 0) engine->release_slot(seq.slot);
   }
 };
 
 Session Engine::session() {
-  std::lock_guard<std::mutex> lock(impl_->slot_mu);
-  for (size_t i = 0; i < impl_->slot_used.size(); ++i) {
-    if (!impl_->slot_used[i]) {
-      impl_->slot_used[i] = true;
-      auto st = std::make_unique<Session::State>();
-      st->engine = impl_.get();
-      st->seq.slot = static_cast<int>(i);
-      return Session(std::move(st));
-    }
+  const int slot = impl_->acquire_slot();
+  if (slot >= 0) {
+    auto st = std::make_unique<Session::State>();
+    st->engine = impl_.get();
+    st->seq.slot = slot;
+    return Session(std::move(st));
   }
   throw CapacityError("all " + std::to_string(impl_->slot_used.size()) +
                       " sequence slots of this engine are in use (max_batch_size); close a session first");
@@ -283,101 +477,93 @@ GenerationResult Session::generate(const std::vector<int32_t>& prompt, const Gen
                                    const TokenCallback& on_tokens) {
   auto claim = state_->claim();
   Engine::Impl& e = *state_->engine;
-  if (prompt.empty()) throw InvalidArgumentError("the prompt is empty: give at least one token");
-  if (config.max_new_tokens < 0) {
-    throw InvalidArgumentError("max_new_tokens must be >= 0, got " + std::to_string(config.max_new_tokens));
-  }
-  if (config.acceptance == Acceptance::kTypical) {
-    if (!(config.posterior_threshold > 0.f && config.posterior_threshold <= 1.f)) {
-      throw InvalidArgumentError("posterior_threshold must be in (0, 1], got " + std::to_string(config.posterior_threshold));
-    }
-    if (!(config.posterior_alpha > 0.f && config.posterior_alpha <= 1.f)) {
-      throw InvalidArgumentError("posterior_alpha must be in (0, 1], got " + std::to_string(config.posterior_alpha));
-    }
-    if (!(config.temperature > 0.f && std::isfinite(config.temperature))) {
-      throw InvalidArgumentError("temperature must be > 0 for typical acceptance, got " + std::to_string(config.temperature));
-    }
-  }
-  e.validate_tokens(prompt, "prompt");
-  e.validate_tokens(config.stop_token_ids, "stop");
-  for (const auto& seq : config.stop_sequences) e.validate_tokens(seq, "stop sequence");
-  const int max_seq = e.info.max_seq_len;
-  if (prompt.size() >= size_t(max_seq)) {
-    throw CapacityError("the prompt has " + std::to_string(prompt.size()) + " tokens but the engine's max_seq_len is " +
-                        std::to_string(max_seq) + ": at most " + std::to_string(max_seq - 1) +
-                        " prompt tokens leave room for a new token");
-  }
-
+  validate_request(e, prompt, config);
   SequenceState& s = state_->seq;
-  const bool medusa = config.medusa && e.heads != nullptr;
-  StepOptions opt;
-  opt.medusa = medusa;
-  opt.acceptance = config.acceptance;
-  opt.posterior_threshold = config.posterior_threshold;
-  opt.posterior_alpha = config.posterior_alpha;
-  opt.temperature = config.temperature;
-
-  GenerationResult result;
-  GenerationStats& st = result.stats;
-  st.prompt_tokens = static_cast<int>(prompt.size());
-  st.medusa = medusa;
-  st.accepted_per_head.assign(medusa ? e.heads->num_heads() : 0, 0);
-  s.length = 0;
-  if (config.max_new_tokens == 0) return result;
-
-  StopCriteria stop(config, e.cfg.eos_token_ids);
-  const double fwd0 = e.decoder->forward_seconds();
-  const auto t0 = Clock::now();
-  {
-    std::lock_guard<std::mutex> lock(e.forward_mu);
-    e.decoder->append(s, prompt.data(), static_cast<int>(prompt.size()), medusa, nullptr, false);
-  }
-  const auto t_first = Clock::now();
-  st.prefill_seconds = std::chrono::duration<double>(t_first - t0).count();
-
-  std::vector<int32_t> block = {s.root};
-  size_t emitted = 0;
-  std::vector<int32_t> piece;
-  SequenceState* seqs[1] = {&s};
-  while (true) {
-    bool finished = stop.append(block.data(), static_cast<int>(block.size()), result.tokens);
-    FinishReason reason = stop.finish_reason();
-    if (!finished && s.length >= max_seq) {
-      finished = true;  // the cache is full: the pending token cannot be fed back
-      reason = FinishReason::kLength;
+  Generation g(e, s, config, &on_tokens);
+  g.start(prompt);
+  if (g.done()) return g.finish();
+  struct Active {  // this session counts as generating while it steps (the leader waits for it)
+    Engine::Impl& e;
+    explicit Active(Engine::Impl& impl) : e(impl) {
+      std::lock_guard<std::mutex> lk(e.sched_mu);
+      ++e.generating;
     }
-    const size_t ready = stop.emittable(result.tokens, finished);
-    if (on_tokens && ready > emitted) {
-      piece.assign(result.tokens.begin() + emitted, result.tokens.begin() + ready);
-      emitted = ready;
-      if (!on_tokens(piece)) {
-        result.finish_reason = FinishReason::kCancelled;
+    ~Active() {
+      std::lock_guard<std::mutex> lk(e.sched_mu);
+      --e.generating;
+      e.sched_cv.notify_all();
+    }
+  } active(e);
+  while (!g.done()) {
+    e.step_shared(&s);
+    g.after_step();
+  }
+  return g.finish();
+}
+
+std::vector<GenerationResult> Engine::generate_batch(const std::vector<std::vector<int32_t>>& prompts,
+                                                     const GenerationConfig& config, const BatchCallback& on_tokens) {
+  Impl& e = *impl_;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    try {
+      validate_request(e, prompts[i], config);
+    } catch (const Error& err) {
+      // Same class, with the request named.
+      const std::string msg = "request " + std::to_string(i) + ": " + err.what();
+      if (dynamic_cast<const CapacityError*>(&err)) throw CapacityError(msg);
+      throw InvalidArgumentError(msg);
+    }
+  }
+  const size_t n = prompts.size();
+  std::vector<GenerationResult> results(n);
+  std::vector<std::unique_ptr<SequenceState>> seqs(n);
+  std::vector<std::unique_ptr<Generation>> gens(n);
+  std::vector<TokenCallback> callbacks(n);
+  std::vector<size_t> active;  // request indices holding a slot
+  size_t next = 0;
+  auto release = [&](size_t i) {
+    results[i] = gens[i]->finish();
+    e.release_slot(seqs[i]->slot);
+    seqs[i]->slot = -1;
+  };
+  try {
+    while (next < n || !active.empty()) {
+      // Admit waiting requests into free slots (continuous admission between steps).
+      while (next < n) {
+        const int slot = e.acquire_slot();
+        if (slot < 0) break;
+        const size_t i = next++;
+        seqs[i] = std::make_unique<SequenceState>();
+        seqs[i]->slot = slot;
+        if (on_tokens) callbacks[i] = [&on_tokens, i](const std::vector<int32_t>& t) { return on_tokens(i, t); };
+        gens[i] = std::make_unique<Generation>(e, *seqs[i], config, &callbacks[i]);
+        gens[i]->start(prompts[i]);
+        if (gens[i]->done()) release(i);
+        else active.push_back(i);
+      }
+      if (active.empty()) {
+        if (next < n) {
+          throw CapacityError("generate_batch needs a free sequence slot but all " +
+                              std::to_string(e.slot_used.size()) + " are held by sessions");
+        }
         break;
       }
+      std::vector<SequenceState*> batch;
+      for (size_t i : active) batch.push_back(seqs[i].get());
+      e.step_batch(batch.data(), static_cast<int>(batch.size()));
+      std::vector<size_t> still;
+      for (size_t i : active) {
+        gens[i]->after_step();
+        if (gens[i]->done()) release(i);
+        else still.push_back(i);
+      }
+      active.swap(still);
     }
-    if (finished) {
-      result.finish_reason = reason;
-      break;
-    }
-    {
-      std::lock_guard<std::mutex> lock(e.forward_mu);
-      e.decoder->step(seqs, 1, opt);
-    }
-    ++st.steps;
-    for (int d = 0; d < s.accepted && d < int(st.accepted_per_head.size()); ++d) ++st.accepted_per_head[d];
-    block = s.new_tokens;
+  } catch (...) {
+    for (size_t i : active) e.release_slot(seqs[i]->slot);
+    throw;
   }
-
-  st.new_tokens = static_cast<int>(result.tokens.size());
-  st.total_seconds = seconds_since(t0);
-  st.decode_seconds = std::chrono::duration<double>(Clock::now() - t_first).count();
-  st.tokens_per_second = st.total_seconds > 0 ? st.new_tokens / st.total_seconds : 0;
-  st.decode_tokens_per_second =
-      (st.decode_seconds > 0 && st.new_tokens > 1) ? (st.new_tokens - 1) / st.decode_seconds : 0;
-  st.tokens_per_step = st.steps > 0 ? double(stop.produced() - 1) / st.steps : 0;
-  st.forward_seconds = e.decoder->forward_seconds() - fwd0;
-  st.other_seconds = std::max(0.0, st.total_seconds - st.forward_seconds);
-  return result;
+  return results;
 }
 
 }  // namespace medusa_rt

@@ -50,6 +50,7 @@ Decoder::Decoder(LlamaModel& model, MedusaHeads* heads, TreeSpec tree, int max_b
   copy_src_.reserve(R);
   copy_dst_.reserve(R);
   hidden_rows_.reserve(max_batch);
+  head_seqs_.reserve(max_batch);
   row_base_.reserve(max_batch);
   num_nodes_.reserve(max_batch);
   path_.reserve(tree_.max_depth() + 1);
@@ -139,10 +140,9 @@ void Decoder::append(SequenceState& s, const int32_t* tokens, int n, bool with_h
   }
 }
 
-void Decoder::step(SequenceState* const* seqs, int n, const StepOptions& opt) {
+void Decoder::step(SequenceState* const* seqs, int n, bool allow_trees) {
   if (n <= 0 || n > max_batch_) throw Error("internal: bad step batch");
   const int max_seq = model_.limits().max_seq;
-  const bool medusa = opt.medusa && heads_ != nullptr;
   Backend& be = model_.backend();
 
   // 1. Rows: every sequence's tree (cut to the room left in its cache).
@@ -155,8 +155,8 @@ void Decoder::step(SequenceState* const* seqs, int n, const StepOptions& opt) {
     SequenceState& s = *seqs[si];
     const int room = max_seq - s.length;
     if (room < 1) throw Error("internal: step on a full sequence");
-    const bool tree = medusa && s.has_candidates;
-    const int T = tree ? std::min(tree_.num_nodes(), room) : 1;
+    s.tree_step = allow_trees && s.options.medusa && heads_ && s.has_candidates;
+    const int T = s.tree_step ? std::min(tree_.num_nodes(), room) : 1;
     row_base_.push_back(rows_.size());
     num_nodes_.push_back(T);
     const int top_k = heads_ ? heads_->top_k() : 0;
@@ -188,8 +188,10 @@ void Decoder::step(SequenceState* const* seqs, int n, const StepOptions& opt) {
   copy_src_.clear();
   copy_dst_.clear();
   hidden_rows_.clear();
+  head_seqs_.clear();
   for (int si = 0; si < n; ++si) {
     SequenceState& s = *seqs[si];
+    const StepOptions& opt = s.options;
     const int base = row_base_[si], T = num_nodes_[si];
     const int32_t* toks = tokens_.data() + base;
     std::vector<int>& path = path_;
@@ -243,12 +245,15 @@ void Decoder::step(SequenceState* const* seqs, int n, const StepOptions& opt) {
     s.accepted = a;
     s.length += a + 1;
     s.has_candidates = false;
-    hidden_rows_.push_back(base + last);
+    if (s.options.medusa && heads_) {
+      head_seqs_.push_back(&s);
+      hidden_rows_.push_back(base + last);
+    }
   }
   model_.copy_kv(copy_slots_.data(), copy_src_.data(), copy_dst_.data(), static_cast<int>(copy_slots_.size()));
 
   // 4. Candidates for the next step from the heads at each last accepted node.
-  if (medusa) run_heads(seqs, hidden_rows_.data(), n);
+  if (!head_seqs_.empty()) run_heads(head_seqs_.data(), hidden_rows_.data(), static_cast<int>(head_seqs_.size()));
 }
 
 }  // namespace medusa_rt

@@ -20,15 +20,27 @@
 
 namespace medusa_rt {
 
+struct StepOptions {
+  bool medusa = false;
+  Acceptance acceptance = Acceptance::kGreedy;
+  float posterior_threshold = 0.09f;
+  float posterior_alpha = 0.3f;
+  float temperature = 1.0f;
+};
+
 struct SequenceState {
   int slot = -1;
   int length = 0;                   // tokens in the slot's KV cache
   int32_t root = -1;                // pending token: in the output, not yet in the cache
   std::vector<int32_t> candidates;  // [num_heads][top_k] head candidates for the root's successors
   bool has_candidates = false;
+  StepOptions options;              // how this sequence decodes (medusa: run the heads, verify trees)
   // Filled by step(): the accepted speculative tokens followed by the bonus token (the new root).
   std::vector<int32_t> new_tokens;
-  int accepted = 0;  // speculative tokens accepted in the last step
+  int accepted = 0;       // speculative tokens accepted in the last step
+  bool tree_step = false;  // whether the last step verified a tree
+  bool step_done = false;    // engine scheduler: the step this sequence was queued for ran
+  bool step_failed = false;  // ... and threw
 
   // Test hooks (cpp/api/testing.h). oracle: the expected token sequence of the whole context;
   // when set, the heads' candidates are replaced so that the true continuation sits at a
@@ -44,13 +56,6 @@ struct SequenceState {
   std::vector<StepRecord> records;
 };
 
-struct StepOptions {
-  bool medusa = false;
-  Acceptance acceptance = Acceptance::kGreedy;
-  float posterior_threshold = 0.09f;
-  float posterior_alpha = 0.3f;
-  float temperature = 1.0f;
-};
 
 class Decoder {
  public:
@@ -66,14 +71,17 @@ class Decoder {
   void append(SequenceState& s, const int32_t* tokens, int n, bool with_heads, std::vector<float>* logits,
               bool all_logits);
 
-  // One decode step for each sequence (which must each have length < max_seq).
-  void step(SequenceState* const* seqs, int n, const StepOptions& opt);
+  // One decode step for each sequence (which must each have length < max_seq), each by its own
+  // options. With allow_trees false every sequence takes a plain step (its heads still run, so
+  // it can verify trees again in a later step): the batch-size speculation policy.
+  void step(SequenceState* const* seqs, int n, bool allow_trees = true);
 
   // Seconds spent in model and head forwards since construction (statistics).
   double forward_seconds() const { return forward_seconds_; }
 
  private:
   void run_heads(SequenceState* const* seqs, const int32_t* hidden_rows, int n);
+  std::vector<SequenceState*> head_seqs_;
 
   LlamaModel& model_;
   MedusaHeads* heads_;

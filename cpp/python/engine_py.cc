@@ -1,3 +1,4 @@
+#include <pybind11/functional.h>
 #include <pybind11/stl.h>
 
 #include "python/bindings.h"
@@ -13,7 +14,25 @@ void register_engine(py::module_& m) {
            py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("info", &Engine::info, py::return_value_policy::reference_internal)
       // The session keeps its engine alive.
-      .def("session", &Engine::session, py::keep_alive<0, 1>());
+      .def("session", &Engine::session, py::keep_alive<0, 1>())
+      .def(
+          "generate_batch",
+          [](Engine& e, const std::vector<std::vector<int32_t>>& prompts, const GenerationConfig& config,
+             py::object on_tokens) {
+            BatchCallback cb;
+            if (!on_tokens.is_none()) {
+              if (!PyCallable_Check(on_tokens.ptr())) throw py::type_error("on_tokens must be callable or None");
+              auto fn = py::reinterpret_borrow<py::function>(on_tokens);
+              cb = [fn](size_t index, const std::vector<int32_t>& tokens) {
+                py::gil_scoped_acquire gil;
+                py::object r = fn(index, py::cast(tokens));
+                return r.is_none() || r.cast<bool>();
+              };
+            }
+            py::gil_scoped_release release;
+            return e.generate_batch(prompts, config, cb);
+          },
+          py::arg("prompts"), py::arg("config"), py::arg("on_tokens") = py::none());
 }
 
 }  // namespace medusa_rt::python

@@ -20,7 +20,8 @@ void register_options(py::module_& m) {
       .def_readwrite("medusa_heads", &EngineOptions::medusa_heads)
       .def_readwrite("tree", &EngineOptions::tree)
       .def_readwrite("tree_paths", &EngineOptions::tree_paths)
-      .def_readwrite("medusa_top_k", &EngineOptions::medusa_top_k);
+      .def_readwrite("medusa_top_k", &EngineOptions::medusa_top_k)
+      .def_readwrite("medusa_max_batch", &EngineOptions::medusa_max_batch);
 
   py::class_<GenerationConfig>(m, "GenerationConfig")
       .def(py::init<>())
@@ -50,6 +51,7 @@ void register_options(py::module_& m) {
       .def_readonly("tokens_per_second", &GenerationStats::tokens_per_second)
       .def_readonly("decode_tokens_per_second", &GenerationStats::decode_tokens_per_second)
       .def_readonly("medusa", &GenerationStats::medusa)
+      .def_readonly("tree_steps", &GenerationStats::tree_steps)
       .def_readonly("tokens_per_step", &GenerationStats::tokens_per_step)
       .def_readonly("accepted_per_head", &GenerationStats::accepted_per_head)
       .def_readonly("forward_seconds", &GenerationStats::forward_seconds)

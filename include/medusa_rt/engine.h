@@ -49,6 +49,9 @@ struct EngineOptions {
   std::vector<std::vector<int>> tree_paths;
   /// Candidates kept per head; every rank in the tree must be below it.
   int medusa_top_k = 10;
+  /// Speculation policy: a decode step of more sequences than this verifies no trees (each
+  /// sequence decodes one token; a big batch is already compute-bound). 0 = never verify trees.
+  int medusa_max_batch = 4;
 };
 
 /// Static facts about the loaded model and engine.
@@ -120,7 +123,8 @@ struct GenerationStats {
   int prompt_tokens = 0;
   int new_tokens = 0;
   int steps = 0;                ///< decode steps (forwards after the prefill)
-  bool medusa = false;          ///< whether Medusa tree decoding ran
+  bool medusa = false;          ///< whether Medusa decoding was on for this generation
+  int tree_steps = 0;           ///< steps that verified a tree (the others ran plain: batch policy)
   /// Tokens committed per decode step, the bonus token included (1.0 for plain decoding).
   /// The first new token comes from the prefill and is not counted.
   double tokens_per_step = 0;
@@ -148,6 +152,8 @@ struct GenerationResult {
 /// Called with each block of newly committed tokens, in order, as they are decoded.
 /// Return false to cancel the generation (finish reason kCancelled).
 using TokenCallback = std::function<bool(const std::vector<int32_t>& new_tokens)>;
+/// The same for a batch: index is the request's position in the batch.
+using BatchCallback = std::function<bool(size_t index, const std::vector<int32_t>& new_tokens)>;
 
 class Session;
 
@@ -166,6 +172,16 @@ class Engine {
   /// Acquires a free sequence slot. Throws CapacityError if all max_batch_size slots are held.
   /// The slot is released when the Session is destroyed. The Engine must outlive its sessions.
   Session session();
+
+  /// Generates a continuation of every prompt, batched: the requests share decode steps (up to
+  /// max_batch_size at once, in the slots no session holds), each with its own acceptance,
+  /// stop handling and finish; waiting requests are prefilled and join between steps as slots
+  /// free up. Results come in input order. on_tokens (if given) streams each request's tokens;
+  /// returning false cancels that request only. Throws like Session::generate (naming the
+  /// request), or CapacityError when sessions hold every slot.
+  std::vector<GenerationResult> generate_batch(const std::vector<std::vector<int32_t>>& prompts,
+                                               const GenerationConfig& config,
+                                               const BatchCallback& on_tokens = BatchCallback());
 
   struct Impl;
 

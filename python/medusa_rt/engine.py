@@ -12,7 +12,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -50,6 +50,7 @@ class GenerationStats:
     tokens_per_second: float
     decode_tokens_per_second: float
     medusa: bool = False
+    tree_steps: int = 0
     tokens_per_step: float = 0.0
     accepted_per_head: List[int] = field(default_factory=list)
     forward_seconds: float = 0.0
@@ -67,6 +68,7 @@ class GenerationStats:
             tokens_per_second=s.tokens_per_second,
             decode_tokens_per_second=s.decode_tokens_per_second,
             medusa=s.medusa,
+            tree_steps=s.tree_steps,
             tokens_per_step=s.tokens_per_step,
             accepted_per_head=list(s.accepted_per_head),
             forward_seconds=s.forward_seconds,
@@ -106,6 +108,8 @@ class Engine:
             list of paths of ranks; default: the heads' own tree, else ``mc_sim_7b_63`` cut to
             the number of heads.
         medusa_top_k: candidates kept per head (tree ranks must be below it).
+        medusa_max_batch: a decode step shared by more sequences than this verifies no trees
+            (speculation stops paying once a step is compute-bound); 0 = never.
         progress: show progress when a named model must be pulled.
 
     Raises:
@@ -125,6 +129,7 @@ class Engine:
         medusa_heads: Union[None, str, "os.PathLike[str]"] = None,
         tree: Tree = None,
         medusa_top_k: int = 10,
+        medusa_max_batch: int = 4,
         progress: bool = True,
     ) -> None:
         options = _core.EngineOptions()
@@ -138,6 +143,7 @@ class Engine:
             except TypeError:
                 raise InvalidArgumentError("tree must be a tree name or a list of paths (lists of ranks)") from None
         options.medusa_top_k = _check_int("medusa_top_k", medusa_top_k)
+        options.medusa_max_batch = _check_int("medusa_max_batch", medusa_max_batch)
         options.dtype = _check_str("dtype", dtype)
         options.max_batch_size = _check_int("max_batch_size", max_batch_size)
         options.max_seq_len = _check_int("max_seq_len", max_seq_len)
@@ -175,6 +181,29 @@ class Engine:
         with self.session() as s:
             return s.generate(prompt, **kwargs)
 
+    def generate_batch(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        on_tokens: Optional[Callable[[int, List[int]], Optional[bool]]] = None,
+        **kwargs,
+    ) -> List[GenerationResult]:
+        """Generates for every prompt, batched in the engine: up to ``max_batch_size`` requests
+        share each decode step (in the slots no session holds) and waiting requests join as
+        others finish. Results come in input order, each with its own statistics.
+
+        Keyword arguments are those of :meth:`Session.generate` and apply to every request.
+        ``on_tokens(index, tokens)`` (called from the engine while it works) receives each
+        request's new tokens; returning False cancels that request only.
+        """
+        prepared = [_prepare_request(self, p, **kwargs) for p in prompts]
+        config = prepared[0][1] if prepared else _core.GenerationConfig()
+        for i, (_, c) in enumerate(prepared):
+            if c.stop_sequences != config.stop_sequences or c.stop_token_ids != config.stop_token_ids:
+                raise InvalidArgumentError(f"request {i}: stop settings must be the same for the whole batch")
+        core = self._engine.generate_batch([ids for ids, _ in prepared], config, on_tokens)
+        return [_make_result(self, r) for r in core]
+
 
 class Session:
     """One sequence slot of an :class:`Engine`. Not to be used by two threads at once."""
@@ -201,69 +230,12 @@ class Session:
         return self._session
 
     # -- generation ----------------------------------------------------------------------
-    def _prepare(
-        self,
-        prompt: Prompt,
-        max_new_tokens: int,
-        stop: Stop,
-        chat: bool,
-        ignore_eos: bool,
-        medusa: Optional[bool],
-        acceptance: str,
-        posterior_threshold: float,
-        posterior_alpha: float,
-        temperature: float,
-    ) -> "tuple[List[int], _core.GenerationConfig]":
-        tok = self._engine.tokenizer
-        if isinstance(prompt, str):
-            if chat:
-                ids = tok.encode(tok.apply_chat_template(prompt), add_special_tokens=False)
-            else:
-                ids = tok.encode(prompt)
-        elif isinstance(prompt, (list, tuple, np.ndarray)):
-            if chat:
-                raise InvalidArgumentError("chat=True needs a text prompt, not token ids")
-            ids = [_check_int("prompt token", t) for t in prompt]
-        else:
-            raise InvalidArgumentError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
-        config = _core.GenerationConfig()
-        config.max_new_tokens = _check_int("max_new_tokens", max_new_tokens)
-        config.ignore_eos = bool(ignore_eos)
-        stop_ids: List[int] = []
-        stop_seqs: List[List[int]] = []
-        items = [] if stop is None else [stop] if isinstance(stop, (str, int)) else list(stop)
-        for item in items:
-            if isinstance(item, str):
-                if not item:
-                    raise InvalidArgumentError("stop strings must not be empty")
-                special = tok.token_to_id(item)
-                seq = [special] if special is not None else tok.encode(item, add_special_tokens=False)
-                stop_seqs.append(seq)
-            else:
-                stop_ids.append(_check_int("stop token", item))
-        config.stop_token_ids = stop_ids
-        config.stop_sequences = stop_seqs
-        if medusa and not self._engine.info.medusa_heads:
-            raise InvalidArgumentError(
-                f"medusa=True but the model at {self._engine.model_dir} has no Medusa heads "
-                "(export some with `medusa-rt export --medusa-heads`)")
-        config.medusa = medusa is not False
-        config.acceptance = _check_str("acceptance", acceptance)
-        config.posterior_threshold = _check_float("posterior_threshold", posterior_threshold)
-        config.posterior_alpha = _check_float("posterior_alpha", posterior_alpha)
-        config.temperature = _check_float("temperature", temperature)
-        return ids, config
+    def _prepare(self, *args) -> "tuple[List[int], _core.GenerationConfig]":
+        return _prepare_request(self._engine, *args)
 
     def _result(self, core_result: "_core.GenerationResult") -> GenerationResult:
-        tokens = list(core_result.tokens)
-        result = GenerationResult(
-            tokens=tokens,
-            text=self._engine.tokenizer.decode(tokens),
-            finish_reason=core_result.finish_reason,
-            stats=GenerationStats._from_core(core_result.stats),
-        )
-        self.last_result = result
-        return result
+        self.last_result = _make_result(self._engine, core_result)
+        return self.last_result
 
     def generate(
         self,
@@ -381,6 +353,71 @@ class Session:
     def context_length(self) -> int:
         """Tokens currently in the session's context."""
         return self._core().context_length
+
+
+def _prepare_request(
+    engine: Engine,
+    prompt: Prompt,
+    max_new_tokens: int = 128,
+    stop: Stop = None,
+    chat: bool = False,
+    ignore_eos: bool = False,
+    medusa: Optional[bool] = None,
+    acceptance: str = "greedy",
+    posterior_threshold: float = 0.09,
+    posterior_alpha: float = 0.3,
+    temperature: float = 1.0,
+) -> "tuple[List[int], _core.GenerationConfig]":
+    """Token ids and the engine's GenerationConfig for one request (see Session.generate)."""
+    tok = engine.tokenizer
+    if isinstance(prompt, str):
+        if chat:
+            ids = tok.encode(tok.apply_chat_template(prompt), add_special_tokens=False)
+        else:
+            ids = tok.encode(prompt)
+    elif isinstance(prompt, (list, tuple, np.ndarray)):
+        if chat:
+            raise InvalidArgumentError("chat=True needs a text prompt, not token ids")
+        ids = [_check_int("prompt token", t) for t in prompt]
+    else:
+        raise InvalidArgumentError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+    config = _core.GenerationConfig()
+    config.max_new_tokens = _check_int("max_new_tokens", max_new_tokens)
+    config.ignore_eos = bool(ignore_eos)
+    stop_ids: List[int] = []
+    stop_seqs: List[List[int]] = []
+    items = [] if stop is None else [stop] if isinstance(stop, (str, int)) else list(stop)
+    for item in items:
+        if isinstance(item, str):
+            if not item:
+                raise InvalidArgumentError("stop strings must not be empty")
+            special = tok.token_to_id(item)
+            seq = [special] if special is not None else tok.encode(item, add_special_tokens=False)
+            stop_seqs.append(seq)
+        else:
+            stop_ids.append(_check_int("stop token", item))
+    config.stop_token_ids = stop_ids
+    config.stop_sequences = stop_seqs
+    if medusa and not engine.info.medusa_heads:
+        raise InvalidArgumentError(
+            f"medusa=True but the model at {engine.model_dir} has no Medusa heads "
+            "(export some with `medusa-rt export --medusa-heads`)")
+    config.medusa = medusa is not False
+    config.acceptance = _check_str("acceptance", acceptance)
+    config.posterior_threshold = _check_float("posterior_threshold", posterior_threshold)
+    config.posterior_alpha = _check_float("posterior_alpha", posterior_alpha)
+    config.temperature = _check_float("temperature", temperature)
+    return ids, config
+
+
+def _make_result(engine: Engine, core_result: "_core.GenerationResult") -> GenerationResult:
+    tokens = list(core_result.tokens)
+    return GenerationResult(
+        tokens=tokens,
+        text=engine.tokenizer.decode(tokens),
+        finish_reason=core_result.finish_reason,
+        stats=GenerationStats._from_core(core_result.stats),
+    )
 
 
 def _check_int(name: str, value: object) -> int:
