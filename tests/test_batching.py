@@ -116,9 +116,10 @@ def test_admission_while_sessions_run(model_dir):
     prompts = _prompts(6, seed=21)
     alone = [r.tokens for r in _alone(engine, prompts, max_new_tokens=30, ignore_eos=True)]
     out = {}
+    session = engine.session()  # holds one slot; the batch gets the other three
 
     def session_worker():
-        with engine.session() as s:
+        with session as s:
             out["s"] = s.generate(prompts[0], max_new_tokens=30, ignore_eos=True).tokens
 
     t = threading.Thread(target=session_worker)
@@ -138,3 +139,13 @@ def test_batch_capacity_and_bad_requests(model_dir):
     with pytest.raises(CapacityError, match="request 0: the prompt has 70 tokens"):
         engine.generate_batch([[1] * 70], max_new_tokens=3)
     assert engine.generate_batch([], max_new_tokens=3) == []
+
+
+def test_session_waits_for_a_slot(model_dir):
+    engine = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=64, max_batch_size=1)
+    first = engine.session()
+    with pytest.raises(CapacityError, match="none came free within"):
+        engine.session(wait=0.05)
+    threading.Timer(0.1, first.close).start()
+    second = engine.session(wait=5.0)  # gets the slot once the first session closes
+    assert len(second.generate([1, 2, 3], max_new_tokens=2, ignore_eos=True).tokens) == 2

@@ -62,6 +62,7 @@ struct Engine::Impl {
 
   std::mutex forward_mu;  // one forward at a time (the decoder's buffers are shared)
   std::mutex slot_mu;
+  std::condition_variable slot_cv;
   std::vector<bool> slot_used;
   int medusa_max_batch = 0;
 
@@ -75,19 +76,32 @@ struct Engine::Impl {
   int generating = 0;  // sessions inside generate()
   bool stepping = false;
 
-  int acquire_slot() {
-    std::lock_guard<std::mutex> lock(slot_mu);
-    for (size_t i = 0; i < slot_used.size(); ++i) {
-      if (!slot_used[i]) {
-        slot_used[i] = true;
-        return static_cast<int>(i);
+  // A free slot, waiting up to wait_seconds for one; -1 if none.
+  int acquire_slot(double wait_seconds = 0) {
+    std::unique_lock<std::mutex> lock(slot_mu);
+    auto take = [&]() -> int {
+      for (size_t i = 0; i < slot_used.size(); ++i) {
+        if (!slot_used[i]) {
+          slot_used[i] = true;
+          return static_cast<int>(i);
+        }
       }
+      return -1;
+    };
+    int slot = take();
+    if (slot < 0 && wait_seconds > 0) {
+      const auto deadline = Clock::now() + std::chrono::duration<double>(wait_seconds);
+      while (slot < 0 && slot_cv.wait_until(lock, deadline) != std::cv_status::timeout) slot = take();
+      if (slot < 0) slot = take();
     }
-    return -1;
+    return slot;
   }
   void release_slot(int slot) {
-    std::lock_guard<std::mutex> lock(slot_mu);
-    slot_used[slot] = false;
+    {
+      std::lock_guard<std::mutex> lock(slot_mu);
+      slot_used[slot] = false;
+    }
+    slot_cv.notify_one();
   }
 
   // Runs the steps of a batch under the forward lock, with the batch-size speculation policy.
@@ -432,8 +446,9 @@ struct Session::State {
   }
 };
 
-Session Engine::session() {
-  const int slot = impl_->acquire_slot();
+Session Engine::session(double wait_seconds) {
+  if (!(wait_seconds >= 0)) throw InvalidArgumentError("wait_seconds must be >= 0");
+  const int slot = impl_->acquire_slot(wait_seconds);
   if (slot >= 0) {
     auto st = std::make_unique<Session::State>();
     st->engine = impl_.get();
@@ -441,7 +456,9 @@ Session Engine::session() {
     return Session(std::move(st));
   }
   throw CapacityError("all " + std::to_string(impl_->slot_used.size()) +
-                      " sequence slots of this engine are in use (max_batch_size); close a session first");
+                      " sequence slots of this engine are in use (max_batch_size)" +
+                      (wait_seconds > 0 ? " and none came free within " + std::to_string(wait_seconds) + " s" : "") +
+                      "; close a session first, or wait for one");
 }
 
 Session::Session(std::unique_ptr<State> state) : state_(std::move(state)) {}

@@ -59,7 +59,7 @@ void ThreadPool::worker_loop() {
       if (++spins == 256) {
         std::this_thread::yield();
         spins = 0;
-        if (std::chrono::steady_clock::now() - spin_start > std::chrono::microseconds(2000)) {
+        if (std::chrono::steady_clock::now() - spin_start > std::chrono::microseconds(200)) {
           std::unique_lock<std::mutex> lock(mu_);
           sleepers_.fetch_add(1);
           cv_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
@@ -95,7 +95,7 @@ void ThreadPool::parallel_for(int num_tasks, const std::function<void(int)>& fn)
   // oversubscribed machine) gets to run.
   for (int spins = 0; done_tasks_.load(std::memory_order_acquire) < num_tasks; ++spins) {
     MRT_PAUSE();
-    if (spins > 4096 && (spins & 63) == 0) std::this_thread::yield();
+    if (spins > 1024 && (spins & 63) == 0) std::this_thread::yield();
   }
 }
 

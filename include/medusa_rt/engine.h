@@ -169,9 +169,10 @@ class Engine {
 
   const ModelInfo& info() const;
 
-  /// Acquires a free sequence slot. Throws CapacityError if all max_batch_size slots are held.
-  /// The slot is released when the Session is destroyed. The Engine must outlive its sessions.
-  Session session();
+  /// Acquires a free sequence slot, waiting up to wait_seconds for one to come free. Throws
+  /// CapacityError if none does (all max_batch_size slots are held). The slot is released when
+  /// the Session is destroyed. The Engine must outlive its sessions.
+  Session session(double wait_seconds = 0);
 
   /// Generates a continuation of every prompt, batched: the requests share decode steps (up to
   /// max_batch_size at once, in the slots no session holds), each with its own acceptance,

@@ -169,12 +169,13 @@ class Engine:
         """Model and engine facts: dimensions, max_seq_len, dtype, ISA, memory use."""
         return self._engine.info
 
-    def session(self) -> "Session":
-        """Acquires a sequence slot. Raises CapacityError when all slots are taken.
+    def session(self, *, wait: float = 0.0) -> "Session":
+        """Acquires a sequence slot, waiting up to ``wait`` seconds for one to come free.
+        Raises CapacityError when none does (all ``max_batch_size`` slots are taken).
 
         Close the session (or use it as a context manager) to free the slot.
         """
-        return Session(self, self._engine.session())
+        return Session(self, self._engine.session(_check_float("wait", wait)))
 
     def generate(self, prompt: Prompt, **kwargs) -> GenerationResult:
         """Shorthand for a one-off generation on a fresh session (see :meth:`Session.generate`)."""
@@ -298,22 +299,40 @@ class Session:
         ids, config = self._prepare(prompt, max_new_tokens, stop, chat, ignore_eos, medusa, acceptance,
                                     posterior_threshold, posterior_alpha, temperature)
         core = self._core()
-        events: "queue.Queue[tuple[str, object]]" = queue.Queue()
+        # A short queue: the engine runs at most a block or two ahead of the consumer, and a
+        # consumer that stops (closes the iterator) cancels the generation at its next block.
+        events: "queue.Queue[tuple[str, object]]" = queue.Queue(maxsize=2)
         cancel = threading.Event()
 
         def on_tokens(tokens: List[int]) -> bool:
-            events.put(("tokens", tokens))
-            return not cancel.is_set()
+            while not cancel.is_set():
+                try:
+                    events.put(("tokens", tokens), timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
 
         def run() -> None:
             try:
-                events.put(("done", core.generate(ids, config, on_tokens)))
+                item: "tuple[str, object]" = ("done", core.generate(ids, config, on_tokens))
             except BaseException as exc:  # re-raised in the consumer's thread
-                events.put(("error", exc))
+                item = ("error", exc)
+            while True:
+                try:
+                    events.put(item, timeout=0.05)
+                    return
+                except queue.Full:
+                    if cancel.is_set():
+                        try:  # the consumer is gone: make room for the final item
+                            events.get_nowait()
+                        except queue.Empty:
+                            pass
 
         worker = threading.Thread(target=run, name="medusa_rt-stream", daemon=True)
         worker.start()
         decoder = self._engine.tokenizer.incremental_decoder()
+        finished = False
         try:
             while True:
                 kind, payload = events.get()
@@ -322,22 +341,32 @@ class Session:
                     if piece:
                         yield piece
                 elif kind == "done":
+                    finished = True
                     tail = decoder.flush()
+                    self._result(payload)  # type: ignore[arg-type]
                     if tail:
                         yield tail
-                    self._result(payload)  # type: ignore[arg-type]
                     return
                 else:
+                    finished = True
                     raise payload  # type: ignore[misc]
         finally:
             # Closing the iterator early cancels the engine at its next token block; the
             # cancelled result still becomes last_result.
             cancel.set()
-            worker.join()
-            while not events.empty():
-                kind, payload = events.get_nowait()
+            while not finished:
+                try:
+                    kind, payload = events.get(timeout=0.05)
+                except queue.Empty:
+                    if not worker.is_alive() and events.empty():
+                        break
+                    continue
                 if kind == "done":
                     self._result(payload)  # type: ignore[arg-type]
+                    finished = True
+                elif kind == "error":
+                    finished = True
+            worker.join()
 
     # -- low level -----------------------------------------------------------------------
     def forward(self, tokens: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
