@@ -69,7 +69,7 @@ def test_speculation_policy_by_batch_size(model_dir):
 
 
 def test_cancel_one_request(model_dir):
-    engine = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=160, max_batch_size=3)
+    engine = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=160, max_batch_size=3, medusa_max_batch=16)
     prompts = _prompts(5, seed=9)
     alone = _alone(engine, prompts, max_new_tokens=40, ignore_eos=True)
     counts = {}
@@ -86,7 +86,7 @@ def test_cancel_one_request(model_dir):
 
 
 def test_eight_threads_share_steps(model_dir):
-    engine = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=160, max_batch_size=8)
+    engine = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=160, max_batch_size=8, medusa_max_batch=16)
     prompts = _prompts(8, seed=3)
     alone = [r.tokens for r in _alone(engine, prompts, max_new_tokens=40, ignore_eos=True)]
     got, errors = [None] * 8, []
@@ -112,7 +112,7 @@ def test_eight_threads_share_steps(model_dir):
 
 def test_admission_while_sessions_run(model_dir):
     """A generate_batch and sessions in other threads share the engine's slots and steps."""
-    engine = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=160, max_batch_size=4)
+    engine = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=160, max_batch_size=4, medusa_max_batch=16)
     prompts = _prompts(6, seed=21)
     alone = [r.tokens for r in _alone(engine, prompts, max_new_tokens=30, ignore_eos=True)]
     out = {}
@@ -130,7 +130,7 @@ def test_admission_while_sessions_run(model_dir):
 
 
 def test_batch_capacity_and_bad_requests(model_dir):
-    engine = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=64, max_batch_size=1)
+    engine = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=64, max_batch_size=1, medusa_max_batch=16)
     with engine.session():
         with pytest.raises(CapacityError, match="held by sessions"):
             engine.generate_batch([[1, 2]], max_new_tokens=3)
@@ -142,10 +142,35 @@ def test_batch_capacity_and_bad_requests(model_dir):
 
 
 def test_session_waits_for_a_slot(model_dir):
-    engine = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=64, max_batch_size=1)
+    engine = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=64, max_batch_size=1, medusa_max_batch=16)
     first = engine.session()
     with pytest.raises(CapacityError, match="none came free within"):
         engine.session(wait=0.05)
     threading.Timer(0.1, first.close).start()
     second = engine.session(wait=5.0)  # gets the slot once the first session closes
     assert len(second.generate([1, 2, 3], max_new_tokens=2, ignore_eos=True).tokens) == 2
+
+
+def test_speculation_threshold_is_measured(model_dir):
+    """By default the engine measures up to which batch size a tree step is worth it."""
+    generous = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=64, max_batch_size=4,
+                                medusa_expected_tokens_per_step=1e6)
+    assert generous.info.medusa_max_batch == 4
+    strict = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=64, max_batch_size=4,
+                              medusa_expected_tokens_per_step=1.0)
+    assert strict.info.medusa_max_batch == 0  # 64 rows never cost less than one
+    r = strict.generate(training_prompts(384, 1)[0], max_new_tokens=8, ignore_eos=True)
+    assert r.stats.medusa and r.stats.tree_steps == 0
+    fixed = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=64, max_batch_size=4, medusa_max_batch=3)
+    assert fixed.info.medusa_max_batch == 3
+    with pytest.raises(InvalidArgumentError, match="medusa_max_batch"):
+        medusa_rt.Engine(model_dir, medusa_max_batch=-2)
+
+
+def test_measurement_with_a_short_cache(model_dir):
+    """The measurement never writes past the cache (tree of 64 nodes, max_seq_len 10)."""
+    e = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=10, max_batch_size=2)
+    assert 0 <= e.info.medusa_max_batch <= 2
+    p = [5, 6, 7]
+    plain = e.generate(p, max_new_tokens=20, ignore_eos=True, medusa=False)
+    assert e.generate(p, max_new_tokens=20, ignore_eos=True).tokens == plain.tokens

@@ -49,7 +49,7 @@ def own_dir(setup):
 
 @pytest.fixture(scope="module")
 def engine(own_dir):
-    return medusa_rt.Engine(own_dir, dtype="fp32", max_seq_len=256)
+    return medusa_rt.Engine(own_dir, dtype="fp32", max_seq_len=256, medusa_max_batch=16)
 
 
 def _unseen(n=4):
@@ -85,7 +85,7 @@ def test_greedy_medusa_equals_plain_and_accepts(engine, setup):
 
 @pytest.mark.parametrize("tree", ["chain-1", "chain-4", "vicuna_7b_stage2", [[0], [1], [0, 0], [2], [0, 1], [0, 0, 0]]])
 def test_other_trees_lossless(own_dir, setup, tree):
-    engine = medusa_rt.Engine(own_dir, dtype="fp32", max_seq_len=128, tree=tree)
+    engine = medusa_rt.Engine(own_dir, dtype="fp32", max_seq_len=128, tree=tree, medusa_max_batch=16)
     with engine.session() as s:
         for p in setup["prompts"][:2] + _unseen(2):
             plain = s.generate(p, max_new_tokens=40, ignore_eos=True, medusa=False).tokens
@@ -93,7 +93,7 @@ def test_other_trees_lossless(own_dir, setup, tree):
 
 
 def test_bf16_lossless(own_dir, setup):
-    engine = medusa_rt.Engine(own_dir, dtype="bf16", max_seq_len=128)
+    engine = medusa_rt.Engine(own_dir, dtype="bf16", max_seq_len=128, medusa_max_batch=16)
     with engine.session() as s:
         for p in setup["prompts"][:3]:
             plain = s.generate(p, max_new_tokens=48, ignore_eos=True, medusa=False)
@@ -133,7 +133,7 @@ def test_end_of_cache_falls_back(own_dir, setup):
     """Close to max_seq_len the tree is cut to the room left; output still equals plain decoding."""
     p = setup["prompts"][2]
     for max_seq in (len(p) + 2, len(p) + 7, len(p) + 30, len(p) + 70):
-        engine = medusa_rt.Engine(own_dir, dtype="fp32", max_seq_len=max_seq)
+        engine = medusa_rt.Engine(own_dir, dtype="fp32", max_seq_len=max_seq, medusa_max_batch=16)
         with engine.session() as s:
             plain = s.generate(p, max_new_tokens=200, ignore_eos=True, medusa=False)
             med = s.generate(p, max_new_tokens=200, ignore_eos=True)
@@ -151,7 +151,7 @@ def test_head_layouts(setup, layout):
         d = _with_heads(setup, "v2", write_heads_only(setup["shared"], tmp / "v2-src", version2=True))
     else:
         d = _with_heads(setup, layout, write_heads_only(setup["own"], tmp / f"{layout}-src", pt=layout == "pt"))
-    engine = medusa_rt.Engine(d, dtype="fp32", max_seq_len=128)
+    engine = medusa_rt.Engine(d, dtype="fp32", max_seq_len=128, medusa_max_batch=16)
     assert engine.info.medusa_heads == 4
     assert engine.info.medusa_shared_lm_head == (layout == "version2")
     with engine.session() as s:
@@ -168,7 +168,7 @@ def test_same_heads_same_steps_in_every_layout(setup):
     stats = []
     for name, pt in (("safetensors", False), ("pt", True)):
         d = _with_heads(setup, name, write_heads_only(setup["own"], tmp / f"{name}-src", pt=pt))
-        e = medusa_rt.Engine(d, dtype="fp32", max_seq_len=128)
+        e = medusa_rt.Engine(d, dtype="fp32", max_seq_len=128, medusa_max_batch=16)
         stats.append(e.generate(setup["prompts"][3], max_new_tokens=48, ignore_eos=True).stats.accepted_per_head)
     assert stats[0] == stats[1]
 
@@ -194,7 +194,7 @@ def test_typical_acceptance(engine, setup):
 
 
 def test_medusa_flags(tmp_path, setup):
-    plain_engine = medusa_rt.Engine(setup["base"], dtype="fp32", max_seq_len=64)
+    plain_engine = medusa_rt.Engine(setup["base"], dtype="fp32", max_seq_len=64, medusa_max_batch=16)
     assert plain_engine.info.medusa_heads == 0 and plain_engine.info.tree_nodes == 1
     with plain_engine.session() as s:
         r = s.generate([5, 6, 7], max_new_tokens=5, ignore_eos=True)
@@ -202,18 +202,18 @@ def test_medusa_flags(tmp_path, setup):
         with pytest.raises(InvalidArgumentError, match="no Medusa heads"):
             s.generate([5, 6, 7], medusa=True)
     with pytest.raises(InvalidArgumentError, match="no Medusa heads"):
-        medusa_rt.Engine(setup["base"], tree="chain-2")
+        medusa_rt.Engine(setup["base"], tree="chain-2", medusa_max_batch=16)
 
 
 def test_bad_trees_for_heads(own_dir):
     with pytest.raises(InvalidArgumentError, match="5 deep but the model has 4 Medusa heads"):
-        medusa_rt.Engine(own_dir, tree="chain-5")
+        medusa_rt.Engine(own_dir, tree="chain-5", medusa_max_batch=16)
     with pytest.raises(InvalidArgumentError, match="uses rank 3 but only the top 3"):
-        medusa_rt.Engine(own_dir, tree=[[0], [3]], medusa_top_k=3)
+        medusa_rt.Engine(own_dir, tree=[[0], [3]], medusa_top_k=3, medusa_max_batch=16)
     with pytest.raises(InvalidArgumentError, match="no parent"):
-        medusa_rt.Engine(own_dir, tree=[[0, 1]])
+        medusa_rt.Engine(own_dir, tree=[[0, 1]], medusa_max_batch=16)
     with pytest.raises(InvalidArgumentError, match="unknown tree"):
-        medusa_rt.Engine(own_dir, tree="mc_sim_13b")
+        medusa_rt.Engine(own_dir, tree="mc_sim_13b", medusa_max_batch=16)
 
 
 def test_heads_that_do_not_fit(setup, tmp_path):
@@ -242,7 +242,7 @@ def test_heads_that_do_not_fit(setup, tmp_path):
     raw[8:40] = b" " * 32  # break the header
     heads.write_bytes(bytes(raw))
     with pytest.raises(ModelFormatError, match="medusa_heads.safetensors"):
-        medusa_rt.Engine(d)
+        medusa_rt.Engine(d, medusa_max_batch=16)
     assert cfg["hidden_size"] == 96
 
 
@@ -258,14 +258,14 @@ def test_existing_heads_are_not_overwritten(own_dir, setup, tmp_path):
 def test_default_tree_recorded_with_heads(setup):
     d = _with_heads(setup, "with-tree", write_heads_only(setup["own"], setup["tmp"] / "wt-src"),
                     default_tree=[[0], [0, 0], [1]])
-    e = medusa_rt.Engine(d, dtype="fp32", max_seq_len=64)
+    e = medusa_rt.Engine(d, dtype="fp32", max_seq_len=64, medusa_max_batch=16)
     assert e.info.tree_nodes == 4
 
 
 def test_concurrent_medusa_sessions(own_dir, setup):
     import threading
 
-    engine = medusa_rt.Engine(own_dir, dtype="fp32", max_seq_len=128, max_batch_size=3)
+    engine = medusa_rt.Engine(own_dir, dtype="fp32", max_seq_len=128, max_batch_size=3, medusa_max_batch=16)
     prompts = setup["prompts"][:3]
     with engine.session() as s:
         expected = [s.generate(p, max_new_tokens=32, ignore_eos=True, medusa=False).tokens for p in prompts]

@@ -44,7 +44,7 @@ def hf_model():
 
 @pytest.fixture(scope="module")
 def engine():
-    return medusa_rt.Engine("smollm2-135m", dtype="fp32", max_seq_len=512)
+    return medusa_rt.Engine("smollm2-135m", dtype="fp32", max_seq_len=512, medusa_max_batch=16)
 
 
 def test_pulled_model_is_cached(engine):
@@ -82,7 +82,7 @@ def test_greedy_32_tokens_match_transformers(engine, hf_model):
 
 
 def test_bf16_engine_generates_sensible_text():
-    engine = medusa_rt.Engine("smollm2-135m", dtype="bf16", max_seq_len=256)
+    engine = medusa_rt.Engine("smollm2-135m", dtype="bf16", max_seq_len=256, medusa_max_batch=16)
     r = engine.generate("What is the capital of France?", chat=True, max_new_tokens=24)
     assert "Paris" in r.text
     assert r.finish_reason in ("stop", "length")
@@ -110,7 +110,7 @@ def test_medusa_on_smollm2_is_lossless(engine, tmp_path):
         heads[f"{h}.0.linear.weight"] = torch.randn(576, 576, generator=g) * 0.02
         heads[f"{h}.0.linear.bias"] = torch.randn(576, generator=g) * 0.02
     export_medusa_heads(write_heads_only(heads, tmp_path / "heads", version2=True), d, progress=False)
-    med_engine = medusa_rt.Engine(d, dtype="fp32", max_seq_len=256, tree="vicuna_33b_stage1")
+    med_engine = medusa_rt.Engine(d, dtype="fp32", max_seq_len=256, tree="vicuna_33b_stage1", medusa_max_batch=16)
     ids = med_engine.tokenizer.encode(med_engine.tokenizer.apply_chat_template(PROMPT), add_special_tokens=False)
     with med_engine.session() as s:
         plain = s.generate(ids, max_new_tokens=32, ignore_eos=True, medusa=False)

@@ -206,10 +206,13 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
   }
   const int threads = options.num_threads ? options.num_threads : available_cores();
   const int prefill_chunk = std::min(options.prefill_chunk, max_seq);
-  if (options.medusa_max_batch < 0) {
-    throw InvalidArgumentError("medusa_max_batch must be >= 0, got " + std::to_string(options.medusa_max_batch));
+  if (options.medusa_max_batch < -1) {
+    throw InvalidArgumentError("medusa_max_batch must be >= 0, or -1 to measure it; got " +
+                               std::to_string(options.medusa_max_batch));
   }
-  e.medusa_max_batch = options.medusa_max_batch;
+  if (options.medusa_expected_tokens_per_step != 0 && !(options.medusa_expected_tokens_per_step >= 1.0)) {
+    throw InvalidArgumentError("medusa_expected_tokens_per_step must be >= 1 (or 0 for the default)");
+  }
   if (options.medusa_top_k < 1 || options.medusa_top_k > c.vocab_size) {
     throw InvalidArgumentError("medusa_top_k must be in [1, vocab_size], got " + std::to_string(options.medusa_top_k));
   }
@@ -265,6 +268,14 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
                                             *e.backend, e.model->lm_head());
   }
   e.decoder = std::make_unique<Decoder>(*e.model, e.heads.get(), tree, options.max_batch_size);
+  if (options.medusa_max_batch >= 0) {
+    e.medusa_max_batch = options.medusa_max_batch;
+  } else if (e.heads) {
+    const double tps = options.medusa_expected_tokens_per_step > 0 ? options.medusa_expected_tokens_per_step
+                       : heads_meta.expected_tokens_per_step > 0   ? heads_meta.expected_tokens_per_step
+                                                                    : 2.0;
+    e.medusa_max_batch = e.decoder->calibrate_max_tree_batch(tps);
+  }
   e.slot_used.assign(lim.slots, false);
 
   ModelInfo& info = e.info;
@@ -289,6 +300,7 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
   info.medusa_shared_lm_head = e.heads && e.heads->shared_lm_head();
   info.tree = e.decoder->tree().name();
   info.tree_nodes = e.decoder->tree().num_nodes();
+  info.medusa_max_batch = e.medusa_max_batch;
 }
 
 Engine::~Engine() = default;

@@ -257,3 +257,44 @@ void Decoder::step(SequenceState* const* seqs, int n, bool allow_trees) {
 }
 
 }  // namespace medusa_rt
+
+namespace medusa_rt {
+
+int Decoder::calibrate_max_tree_batch(double tokens_per_step) {
+  // Cache slots [0, T) of each sequence are written: a tree longer than the cache is cut, as in
+  // decoding.
+  const int T = std::min(tree_.num_nodes(), model_.limits().max_seq);
+  if (!heads_ || T <= 1) return 0;
+  auto time_forward = [&](int batch, int nodes) {
+    rows_.clear();
+    rows_.extra_offsets.push_back(0);
+    for (int b = 0; b < batch; ++b) {
+      for (int i = 0; i < nodes; ++i) {
+        rows_.tokens.push_back(0);
+        rows_.positions.push_back(tree_.depths()[i]);
+        rows_.slots.push_back(b);
+        rows_.cache_index.push_back(i);
+        rows_.prefix_len.push_back(0);
+        for (int a : tree_.ancestors()[i]) rows_.extra.push_back(a);
+        rows_.extra_offsets.push_back(static_cast<int32_t>(rows_.extra.size()));
+        rows_.logit_rows.push_back(rows_.size() - 1);
+      }
+    }
+    double best = 1e30;
+    for (int rep = 0; rep < 3; ++rep) {
+      const auto t0 = Clock::now();
+      model_.forward(rows_);
+      best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
+    }
+    return best;
+  };
+  int chosen = 0;
+  for (int b = 1; b <= max_batch_ && b * T <= model_.limits().max_rows; b *= 2) {
+    const double plain = time_forward(b, 1), tree = time_forward(b, T);
+    if (tree > tokens_per_step * plain) break;
+    chosen = b;
+  }
+  return chosen;
+}
+
+}  // namespace medusa_rt

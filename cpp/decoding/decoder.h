@@ -76,6 +76,12 @@ class Decoder {
   // it can verify trees again in a later step): the batch-size speculation policy.
   void step(SequenceState* const* seqs, int n, bool allow_trees = true);
 
+  // Measures the forward cost of batches of B sequences, plain (B rows) and with the tree
+  // (B x nodes rows), for B = 1, 2, 4, ... up to max_batch, and returns the largest B for which
+  // a tree step costs at most tokens_per_step plain steps (0 if none): the batch size up to which
+  // speculation pays on this machine. Writes KV entries of slots [0, B) (call before use).
+  int calibrate_max_tree_batch(double tokens_per_step);
+
   // Seconds spent in model and head forwards since construction (statistics).
   double forward_seconds() const { return forward_seconds_; }
 

@@ -66,6 +66,14 @@ MedusaHeadsMeta read_meta_of(const SafetensorsFile& f, const ModelConfig& base) 
                            meta(f, "vocab_size") + " but the model has " + std::to_string(base.hidden_size) + " and " +
                            std::to_string(base.vocab_size));
   }
+  auto et = f.metadata().find("expected_tokens_per_step");
+  if (et != f.metadata().end() && !et->second.empty()) {
+    char* end = nullptr;
+    m.expected_tokens_per_step = std::strtod(et->second.c_str(), &end);
+    if (*end != '\0' || !(m.expected_tokens_per_step >= 1.0)) {
+      throw ModelFormatError(file + ": metadata expected_tokens_per_step must be a number >= 1");
+    }
+  }
   auto it = f.metadata().find("default_tree");
   if (it != f.metadata().end() && !it->second.empty()) {
     try {

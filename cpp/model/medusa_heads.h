@@ -27,6 +27,7 @@ struct MedusaHeadsMeta {
   bool shared_lm_head = false;
   bool has_default_tree = false;
   TreeSpec default_tree;
+  double expected_tokens_per_step = 0;  // from the file's metadata, 0 if absent
 };
 
 class MedusaHeads {

@@ -21,7 +21,8 @@ void register_options(py::module_& m) {
       .def_readwrite("tree", &EngineOptions::tree)
       .def_readwrite("tree_paths", &EngineOptions::tree_paths)
       .def_readwrite("medusa_top_k", &EngineOptions::medusa_top_k)
-      .def_readwrite("medusa_max_batch", &EngineOptions::medusa_max_batch);
+      .def_readwrite("medusa_max_batch", &EngineOptions::medusa_max_batch)
+      .def_readwrite("medusa_expected_tokens_per_step", &EngineOptions::medusa_expected_tokens_per_step);
 
   py::class_<GenerationConfig>(m, "GenerationConfig")
       .def(py::init<>())
@@ -82,7 +83,8 @@ void register_options(py::module_& m) {
       .def_readonly("medusa_heads", &ModelInfo::medusa_heads)
       .def_readonly("medusa_shared_lm_head", &ModelInfo::medusa_shared_lm_head)
       .def_readonly("tree", &ModelInfo::tree)
-      .def_readonly("tree_nodes", &ModelInfo::tree_nodes);
+      .def_readonly("tree_nodes", &ModelInfo::tree_nodes)
+      .def_readonly("medusa_max_batch", &ModelInfo::medusa_max_batch);
 }
 
 }  // namespace medusa_rt::python

@@ -51,7 +51,12 @@ struct EngineOptions {
   int medusa_top_k = 10;
   /// Speculation policy: a decode step of more sequences than this verifies no trees (each
   /// sequence decodes one token; a big batch is already compute-bound). 0 = never verify trees.
-  int medusa_max_batch = 4;
+  /// -1 = measure it at engine creation: the largest batch for which a tree step costs at most
+  /// `medusa_expected_tokens_per_step` plain steps on this machine (see ModelInfo).
+  int medusa_max_batch = -1;
+  /// The tokens per step the heads are expected to reach, for the measurement above. 0 = the
+  /// heads file's "expected_tokens_per_step" metadata if it has one, else 2.0.
+  double medusa_expected_tokens_per_step = 0;
 };
 
 /// Static facts about the loaded model and engine.
@@ -75,6 +80,7 @@ struct ModelInfo {
   int medusa_heads = 0;            ///< 0 when the engine has no Medusa heads
   bool medusa_shared_lm_head = false;
   std::string tree;                ///< name of the tree in use ("root" without heads)
+  int medusa_max_batch = 0;        ///< batch size up to which steps verify trees (measured or given)
   int tree_nodes = 1;              ///< nodes of that tree, root included
 };
 

@@ -109,7 +109,11 @@ class Engine:
             the number of heads.
         medusa_top_k: candidates kept per head (tree ranks must be below it).
         medusa_max_batch: a decode step shared by more sequences than this verifies no trees
-            (speculation stops paying once a step is compute-bound); 0 = never.
+            (speculation stops paying once a step is compute-bound); 0 = never; None = measure
+            it at creation: the largest batch for which a tree step costs at most
+            ``medusa_expected_tokens_per_step`` plain steps here (``info.medusa_max_batch``).
+        medusa_expected_tokens_per_step: for that measurement; None = the heads file's own
+            figure if it has one, else 2.0.
         progress: show progress when a named model must be pulled.
 
     Raises:
@@ -129,7 +133,8 @@ class Engine:
         medusa_heads: Union[None, str, "os.PathLike[str]"] = None,
         tree: Tree = None,
         medusa_top_k: int = 10,
-        medusa_max_batch: int = 4,
+        medusa_max_batch: Optional[int] = None,
+        medusa_expected_tokens_per_step: Optional[float] = None,
         progress: bool = True,
     ) -> None:
         options = _core.EngineOptions()
@@ -143,7 +148,10 @@ class Engine:
             except TypeError:
                 raise InvalidArgumentError("tree must be a tree name or a list of paths (lists of ranks)") from None
         options.medusa_top_k = _check_int("medusa_top_k", medusa_top_k)
-        options.medusa_max_batch = _check_int("medusa_max_batch", medusa_max_batch)
+        options.medusa_max_batch = -1 if medusa_max_batch is None else _check_int("medusa_max_batch", medusa_max_batch)
+        if medusa_expected_tokens_per_step is not None:
+            options.medusa_expected_tokens_per_step = _check_float(
+                "medusa_expected_tokens_per_step", medusa_expected_tokens_per_step)
         options.dtype = _check_str("dtype", dtype)
         options.max_batch_size = _check_int("max_batch_size", max_batch_size)
         options.max_seq_len = _check_int("max_seq_len", max_seq_len)
