@@ -2,7 +2,8 @@
 #pragma once
 
 #include <cstdint>
-#include <functional>
+#include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "medusa_rt/tree.h"
@@ -21,14 +22,43 @@ void accept_greedy(const TreeSpec& tree, int num_nodes, const int32_t* tokens, c
 // p(token_c | u) > min(posterior_threshold, posterior_alpha * exp(-entropy(u))). Among the
 // accepted nodes the deepest wins; ties go to the larger sum of log p along the path, then to
 // the earlier node. prob(u, token) and entropy(u) are evaluated lazily, only for accepted u.
-// scratch: reused working memory.
+// scratch: reused working memory; path receives the accepted nodes after the root.
 struct TypicalScratch {
   std::vector<double> logp;
   std::vector<char> accepted;
 };
-void accept_typical(const TreeSpec& tree, int num_nodes, const int32_t* tokens,
-                    const std::function<float(int node, int32_t token)>& prob,
-                    const std::function<float(int node)>& entropy, float posterior_threshold, float posterior_alpha,
-                    TypicalScratch& scratch, std::vector<int>& path);
+
+template <class Prob, class Entropy>
+void accept_typical(const TreeSpec& tree, int num_nodes, const int32_t* tokens, Prob&& prob, Entropy&& entropy,
+                    float posterior_threshold, float posterior_alpha, TypicalScratch& scratch,
+                    std::vector<int>& path) {
+  path.clear();
+  const auto& parents = tree.parents();
+  const auto& depths = tree.depths();
+  scratch.logp.assign(num_nodes, 0.0);
+  scratch.accepted.assign(num_nodes, 0);
+  scratch.accepted[0] = 1;
+  int best = 0;
+  // Nodes in order: a node's parent is decided before it, and ties go to the earlier node.
+  float tau = 0.f;
+  int tau_of = -1;
+  for (int c = 1; c < num_nodes; ++c) {
+    const int u = parents[c];
+    if (!scratch.accepted[u]) continue;
+    if (tau_of != u) {
+      tau = std::min(posterior_threshold, posterior_alpha * std::exp(-static_cast<float>(entropy(u))));
+      tau_of = u;
+    }
+    const float p = prob(u, tokens[c]);
+    if (p > tau) {
+      scratch.accepted[c] = 1;
+      scratch.logp[c] = scratch.logp[u] + std::log(static_cast<double>(p));
+      if (depths[c] > depths[best] || (depths[c] == depths[best] && scratch.logp[c] > scratch.logp[best])) best = c;
+    }
+  }
+  if (best == 0) return;
+  const auto& anc = tree.ancestors()[best];
+  path.assign(anc.begin() + 1, anc.end());
+}
 
 }  // namespace medusa_rt

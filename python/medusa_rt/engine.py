@@ -205,12 +205,11 @@ class Engine:
         ``on_tokens(index, tokens)`` (called from the engine while it works) receives each
         request's new tokens; returning False cancels that request only.
         """
-        prepared = [_prepare_request(self, p, **kwargs) for p in prompts]
-        config = prepared[0][1] if prepared else _core.GenerationConfig()
-        for i, (_, c) in enumerate(prepared):
-            if c.stop_sequences != config.stop_sequences or c.stop_token_ids != config.stop_token_ids:
-                raise InvalidArgumentError(f"request {i}: stop settings must be the same for the whole batch")
-        core = self._engine.generate_batch([ids for ids, _ in prepared], config, on_tokens)
+        # The options are shared: one config; only the prompts differ.
+        chat = kwargs.pop("chat", False)
+        ids = [_encode_prompt(self, p, chat) for p in prompts]
+        config = _make_config(self, **kwargs)
+        core = self._engine.generate_batch(ids, config, on_tokens)
         return [_make_result(self, r) for r in core]
 
 
@@ -406,6 +405,13 @@ def _prepare_request(
     temperature: float = 1.0,
 ) -> "tuple[List[int], _core.GenerationConfig]":
     """Token ids and the engine's GenerationConfig for one request (see Session.generate)."""
+    ids = _encode_prompt(engine, prompt, chat)
+    config = _make_config(engine, max_new_tokens, stop, ignore_eos, medusa, acceptance, posterior_threshold,
+                          posterior_alpha, temperature)
+    return ids, config
+
+
+def _encode_prompt(engine: Engine, prompt: Prompt, chat: bool) -> List[int]:
     tok = engine.tokenizer
     if isinstance(prompt, str):
         if chat:
@@ -418,6 +424,21 @@ def _prepare_request(
         ids = [_check_int("prompt token", t) for t in prompt]
     else:
         raise InvalidArgumentError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+    return ids
+
+
+def _make_config(
+    engine: Engine,
+    max_new_tokens: int = 128,
+    stop: Stop = None,
+    ignore_eos: bool = False,
+    medusa: Optional[bool] = None,
+    acceptance: str = "greedy",
+    posterior_threshold: float = 0.09,
+    posterior_alpha: float = 0.3,
+    temperature: float = 1.0,
+) -> "_core.GenerationConfig":
+    tok = engine.tokenizer
     config = _core.GenerationConfig()
     config.max_new_tokens = _check_int("max_new_tokens", max_new_tokens)
     config.ignore_eos = bool(ignore_eos)
@@ -444,7 +465,7 @@ def _prepare_request(
     config.posterior_threshold = _check_float("posterior_threshold", posterior_threshold)
     config.posterior_alpha = _check_float("posterior_alpha", posterior_alpha)
     config.temperature = _check_float("temperature", temperature)
-    return ids, config
+    return config
 
 
 def _make_result(engine: Engine, core_result: "_core.GenerationResult") -> GenerationResult:
