@@ -9,6 +9,8 @@ import multiprocessing
 import os
 import time
 import zipfile
+
+import numpy as np
 from pathlib import Path
 
 import pytest
@@ -227,3 +229,33 @@ def test_pull_real_smollm2(cache) -> None:
     t = time.perf_counter()
     assert pull("smollm2-135m", progress=False) == out
     assert time.perf_counter() - t < 1.0
+
+
+def test_shipped_heads_are_installed(fake_installed, cache, monkeypatch, tmp_path) -> None:
+    from medusa_rt.export.medusa_heads import HEADS_FILE
+    from medusa_rt.export.safetensors_io import TensorToWrite, write_safetensors
+    from medusa_rt.export.writer import read_manifest, record_in_manifest
+
+    def heads_bytes(source: str, value: float) -> bytes:
+        p = tmp_path / f"h{value}.safetensors"
+        arr = np.full(2, value, np.float32)
+        write_safetensors(p, [TensorToWrite("x", "F32", (2,), lambda: arr)],
+                          metadata={"format": "medusa_rt_heads", "source": source})
+        return p.read_bytes()
+
+    shipped = heads_bytes(registry.SHIPPED_SOURCE, 1.0)
+    monkeypatch.setattr(registry, "_shipped_heads", lambda m: shipped)
+    out = pull("tiny", progress=False)
+    assert (out / HEADS_FILE).read_bytes() == shipped and is_complete_export(out)
+    assert read_manifest(out)[HEADS_FILE] == len(shipped)
+    # A cache made before heads shipped (or with older shipped heads) gets the current ones.
+    newer = heads_bytes(registry.SHIPPED_SOURCE, 2.0)
+    monkeypatch.setattr(registry, "_shipped_heads", lambda m: newer)
+    assert pull("tiny", progress=False) == out and (out / HEADS_FILE).read_bytes() == newer
+    (out / HEADS_FILE).unlink()
+    assert resolve_model("tiny", progress=False) == out and (out / HEADS_FILE).read_bytes() == newer
+    # Heads a user put there themselves are never replaced.
+    mine = heads_bytes("my training run", 3.0)
+    (out / HEADS_FILE).write_bytes(mine)
+    record_in_manifest(out, HEADS_FILE, len(mine))
+    assert pull("tiny", progress=False) == out and (out / HEADS_FILE).read_bytes() == mine

@@ -5,8 +5,10 @@
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
+#include <cstring>
 #include <mutex>
 #include <string>
+#include <thread>
 
 #include "core/model_config.h"
 #include "core/safetensors.h"
@@ -14,6 +16,7 @@
 #include "decoding/decoder.h"
 #include "decoding/stop_criteria.h"
 #include "api/testing.h"
+#include "cpu/kernels.h"
 #include "model/backend.h"
 #include "model/llama.h"
 #include "model/medusa_heads.h"
@@ -162,9 +165,39 @@ namespace {
 
 // The tree an engine runs: explicit paths, a name, the heads' default, or mc_sim_7b_63 cut to
 // the number of heads.
+// Whether the engine sizes the tree itself ("auto", the default for heads with an accuracy table).
+bool wants_auto_tree(const EngineOptions& o, const MedusaHeadsMeta& heads) {
+  if (!o.tree_paths.empty()) return false;
+  if (o.tree == "auto") {
+    if (heads.accuracy_table.empty()) {
+      throw InvalidArgumentError("tree \"auto\" needs Medusa heads with an accuracy table (train-heads writes one; "
+                                 "`medusa-rt fit-tree --write` adds one)");
+    }
+    return true;
+  }
+  return o.tree.empty() && !heads.accuracy_table.empty();
+}
+
+// Candidate sizes of the auto tree, up to max_nodes.
+std::vector<int> auto_tree_sizes(int max_nodes) {
+  std::vector<int> out;
+  for (int n : {2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 96, 128, 192, 256}) {
+    if (n <= max_nodes) out.push_back(n);
+  }
+  if (out.empty() || out.back() != max_nodes) out.push_back(max_nodes);
+  return out;
+}
+
+TreeSpec fitted_tree(const MedusaHeadsMeta& heads, int nodes, int top_k) {
+  const int ranks = std::min<int>(top_k, static_cast<int>(heads.accuracy_table[0].size()));
+  return TreeSpec(fit_tree_paths(heads.accuracy_table, nodes, 0, ranks), "auto-" + std::to_string(nodes));
+}
+
 TreeSpec choose_tree(const EngineOptions& o, const MedusaHeadsMeta& heads) {
   const int num_heads = heads.num_heads;
   if (!o.tree_paths.empty()) return TreeSpec(o.tree_paths);
+  // The largest auto candidate: buffers are sized for it, the calibration picks the size.
+  if (wants_auto_tree(o, heads)) return fitted_tree(heads, o.auto_tree_max_nodes, o.medusa_top_k);
   if (!o.tree.empty()) return TreeSpec::named(o.tree);
   if (heads.has_default_tree) return heads.default_tree;
   std::vector<TreeSpec::Path> paths;
@@ -212,6 +245,9 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
   }
   if (options.medusa_expected_tokens_per_step != 0 && !(options.medusa_expected_tokens_per_step >= 1.0)) {
     throw InvalidArgumentError("medusa_expected_tokens_per_step must be >= 1 (or 0 for the default)");
+  }
+  if (options.auto_tree_max_nodes < 2 || options.auto_tree_max_nodes > 1024) {
+    throw InvalidArgumentError("auto_tree_max_nodes must be in [2, 1024], got " + std::to_string(options.auto_tree_max_nodes));
   }
   if (options.medusa_top_k < 1 || options.medusa_top_k > c.vocab_size) {
     throw InvalidArgumentError("medusa_top_k must be in [1, vocab_size], got " + std::to_string(options.medusa_top_k));
@@ -268,13 +304,38 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
                                             *e.backend, e.model->lm_head());
   }
   e.decoder = std::make_unique<Decoder>(*e.model, e.heads.get(), tree, options.max_batch_size);
+  double expected_tps = options.medusa_expected_tokens_per_step > 0 ? options.medusa_expected_tokens_per_step
+                        : heads_meta.expected_tokens_per_step > 0   ? heads_meta.expected_tokens_per_step
+                                                                     : 2.0;
+  bool trees_lose = false;  // the auto calibration found plain decoding faster than every tree
+  if (e.heads && wants_auto_tree(options, heads_meta)) {
+    // Size the tree to this machine: expected tokens per second of fitted trees of growing size,
+    // each timed as one verify step (forward + heads) at batch 1, against a plain step.
+    ModelInfo& info = e.info;
+    info.plain_step_seconds = e.decoder->time_forward(1, TreeSpec(), 1);
+    const double heads_s = e.decoder->time_heads(1);
+    const double best_possible = expected_tokens_per_step(heads_meta.accuracy_table, tree.paths());
+    double best_rate = 0;
+    TreeSpec best;
+    for (int n : auto_tree_sizes(tree.num_nodes())) {
+      TreeSpec t = fitted_tree(heads_meta, n, options.medusa_top_k);
+      TreeCalibration cal;
+      cal.nodes = t.num_nodes();
+      cal.expected_tokens_per_step = expected_tokens_per_step(heads_meta.accuracy_table, t.paths());
+      cal.step_seconds = e.decoder->time_forward(1, t, t.num_nodes()) + heads_s;
+      cal.tokens_per_second = cal.expected_tokens_per_step / cal.step_seconds;
+      info.calibration.push_back(cal);
+      if (cal.tokens_per_second > best_rate) best_rate = cal.tokens_per_second, best = t;
+      if (best_possible / cal.step_seconds < best_rate) break;  // no larger tree can win
+    }
+    trees_lose = best_rate * info.plain_step_seconds < 1.0;
+    expected_tps = expected_tokens_per_step(heads_meta.accuracy_table, best.paths());
+    e.decoder = std::make_unique<Decoder>(*e.model, e.heads.get(), best, options.max_batch_size);
+  }
   if (options.medusa_max_batch >= 0) {
     e.medusa_max_batch = options.medusa_max_batch;
   } else if (e.heads) {
-    const double tps = options.medusa_expected_tokens_per_step > 0 ? options.medusa_expected_tokens_per_step
-                       : heads_meta.expected_tokens_per_step > 0   ? heads_meta.expected_tokens_per_step
-                                                                    : 2.0;
-    e.medusa_max_batch = e.decoder->calibrate_max_tree_batch(tps);
+    e.medusa_max_batch = trees_lose ? 0 : e.decoder->calibrate_max_tree_batch(expected_tps);
   }
   e.slot_used.assign(lim.slots, false);
 
@@ -485,20 +546,38 @@ void Session::reset() {
 
 int Session::context_length() const { return state_->seq.length; }
 
-std::vector<float> Session::forward(const std::vector<int32_t>& tokens, bool all_logits) {
-  auto claim = state_->claim();
-  Engine::Impl& e = *state_->engine;
-  if (tokens.empty()) throw InvalidArgumentError("forward() needs at least one token");
+namespace {
+// Validates tokens for an append to s (non-empty, in range, room left in the cache).
+void check_append(const Engine::Impl& e, const SequenceState& s, const std::vector<int32_t>& tokens, const char* what) {
+  if (tokens.empty()) throw InvalidArgumentError(std::string(what) + "() needs at least one token");
   e.validate_tokens(tokens, "input");
   const int max_seq = e.info.max_seq_len;
-  SequenceState& s = state_->seq;
   if (s.length + tokens.size() > size_t(max_seq)) {
     throw CapacityError("context would hold " + std::to_string(s.length + tokens.size()) +
                         " tokens but the engine's max_seq_len is " + std::to_string(max_seq));
   }
+}
+}  // namespace
+
+std::vector<float> Session::forward(const std::vector<int32_t>& tokens, bool all_logits) {
+  auto claim = state_->claim();
+  Engine::Impl& e = *state_->engine;
+  SequenceState& s = state_->seq;
+  check_append(e, s, tokens, "forward");
   std::vector<float> out;
   std::lock_guard<std::mutex> lock(e.forward_mu);
   e.decoder->append(s, tokens.data(), static_cast<int>(tokens.size()), false, &out, all_logits);
+  return out;
+}
+
+std::vector<float> Session::hidden_states(const std::vector<int32_t>& tokens) {
+  auto claim = state_->claim();
+  Engine::Impl& e = *state_->engine;
+  SequenceState& s = state_->seq;
+  check_append(e, s, tokens, "hidden_states");
+  std::vector<float> out;
+  std::lock_guard<std::mutex> lock(e.forward_mu);
+  e.decoder->append(s, tokens.data(), static_cast<int>(tokens.size()), false, nullptr, false, &out);
   return out;
 }
 
@@ -599,6 +678,10 @@ std::vector<GenerationResult> Engine::generate_batch(const std::vector<std::vect
 
 namespace medusa_rt {
 
+struct EngineAccess {
+  static Engine::Impl* impl(Engine& e) { return e.impl_.get(); }
+};
+
 struct SessionAccess {
   static Session::State& state(Session& s) { return *s.state_; }
 };
@@ -624,6 +707,79 @@ void read_kv(Session& s, int layer, int length, std::vector<float>& k, std::vect
   }
   std::lock_guard<std::mutex> lock(e.forward_mu);
   e.model->read_kv(st.seq.slot, layer, length, k, v);
+}
+
+double time_linear(int n, int k, int m, const std::string& dtype, int threads, int reps) {
+  DType dt;
+  if (!parse_dtype(dtype, &dt) || (dt != DType::kF32 && dt != DType::kBF16 && dt != DType::kF16)) {
+    throw InvalidArgumentError("time_linear: dtype must be F32, BF16 or F16");
+  }
+  if (n <= 0 || k <= 0 || m <= 0 || reps <= 0) throw InvalidArgumentError("time_linear: sizes must be positive");
+  auto be = make_cpu_backend(threads);
+  std::vector<uint8_t> host(size_t(n) * k * dtype_size(dt));
+  uint32_t state = 12345;
+  for (size_t i = 0; i < host.size(); i += 2) {  // small random values in every format
+    state = state * 1664525u + 1013904223u;
+    const float v = (float((state >> 9) & 0xffff) / 65536.0f - 0.5f) * 0.1f;
+    if (dt == DType::kF32) {
+      if (i % 4 == 0) std::memcpy(&host[i], &v, 4);
+    } else {
+      const uint16_t h = dt == DType::kBF16 ? f32_to_bf16(v) : f32_to_f16(v);
+      std::memcpy(&host[i], &h, 2);
+    }
+  }
+  Matrix w = be->upload_matrix(host.data(), dt, n, k, "benchmark weights");
+  float* x = static_cast<float*>(be->allocate(sizeof(float) * size_t(m) * k, "benchmark x"));
+  float* y = static_cast<float*>(be->allocate(sizeof(float) * size_t(m) * n, "benchmark y"));
+  for (size_t i = 0; i < size_t(m) * k; ++i) x[i] = float(i % 7) * 0.1f;
+  double best = 1e30;
+  be->linear(x, m, w, nullptr, y);
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    be->linear(x, m, w, nullptr, y);
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  be->deallocate(x);
+  be->deallocate(y);
+  be->deallocate(const_cast<void*>(w.data));
+  return best;
+}
+
+std::vector<double> time_tree_step(Engine& engine, int nodes, int reps) {
+  Engine::Impl& e = *EngineAccess::impl(engine);
+  const TreeSpec& tree = e.decoder->tree();
+  if (nodes < 1 || nodes > tree.num_nodes()) {
+    throw InvalidArgumentError("time_tree_step: nodes must be in 1.." + std::to_string(tree.num_nodes()) +
+                               " (the engine's tree)");
+  }
+  std::lock_guard<std::mutex> lock(e.forward_mu);
+  for (bool used : e.slot_used) {
+    if (used) throw InvalidArgumentError("time_tree_step needs an idle engine (it writes slot 0's cache)");
+  }
+  const TreeSpec t = tree.truncated(nodes);
+  return {e.decoder->time_forward(1, t, nodes, reps), nodes > 1 ? e.decoder->time_heads(1, reps) : 0.0};
+}
+
+double stream_bandwidth(size_t bytes, int threads, int reps) {
+  if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const size_t n = std::max<size_t>(bytes / sizeof(uint64_t), 1 << 20) / (64 * threads) * (64 * threads);
+  std::vector<uint64_t> buf(n, 1);  // written once: the pages exist before timing
+  std::vector<uint64_t> sums(threads);
+  double best = 1e30;
+  for (int r = 0; r < reps; ++r) {
+    std::vector<std::thread> pool;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int t = 0; t < threads; ++t) {
+      pool.emplace_back([&, t] {
+        const size_t chunk = n / threads;
+        sums[t] = cpu::kernels().stream_read(buf.data() + chunk * t, chunk * sizeof(uint64_t));
+      });
+    }
+    for (auto& th : pool) th.join();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  if (sums[0] == 42) return 0;  // keeps the sums observable
+  return double(n) * sizeof(uint64_t) / best;
 }
 
 }  // namespace testing

@@ -187,6 +187,14 @@ class CpuBackend final : public Backend {
     for (size_t i = 0; i < n; ++i) x[i] += y[i];
   }
 
+  void matrix_row(const Matrix& m, int row, float* out) override {
+    cpu::unpack_row(m.data, m.rows, m.cols, wtype(m.dtype), row, out);
+  }
+
+  void map_ids(int32_t* ids, size_t n, const int32_t* table) override {
+    for (size_t i = 0; i < n; ++i) ids[i] = table[ids[i]];
+  }
+
   void gather_rows(const float* x, int dim, const int32_t* index, int n, float* out) override {
     for (int i = 0; i < n; ++i) std::memcpy(out + int64_t(i) * dim, x + int64_t(index[i]) * dim, dim * sizeof(float));
   }

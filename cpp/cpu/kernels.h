@@ -8,6 +8,7 @@
 // number of rows M in flight, the column range, or the thread that computes it.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 namespace medusa_rt::cpu {
@@ -35,6 +36,9 @@ struct Kernels {
                float* y, int ldy);
   // Softmax attention of one query row over one kv head, keys in index order.
   void (*attend)(const AttendArgs& a);
+  // Reads `bytes` (a multiple of 256) as fast as the core can and returns an xor of them: the
+  // streaming-bandwidth probe of the benchmarks.
+  uint64_t (*stream_read)(const void* p, size_t bytes);
 };
 
 const Kernels& kernels();

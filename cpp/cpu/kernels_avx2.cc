@@ -18,7 +18,7 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-// Loads of 16 consecutive weights (one k row of a panel) as two fp32 vectors.
+// Loads of one k row of a panel (16 weights) as two fp32 vectors: columns 0..7 and 8..15.
 struct F32W {
   using T = float;
   static inline void load16(const T* p, __m256& lo, __m256& hi) {
@@ -26,14 +26,12 @@ struct F32W {
     hi = _mm256_loadu_ps(p + 8);
   }
 };
-struct BF16W {
+struct BF16W {  // interleaved pairs (c_j, c_j+8) per 32-bit lane: a shift and a mask widen them
   using T = uint16_t;
-  static inline __m256 cvt(__m128i v) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-  }
   static inline void load16(const T* p, __m256& lo, __m256& hi) {
-    lo = cvt(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    hi = cvt(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    lo = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    hi = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xffff0000u))));
   }
 };
 struct F16W {
@@ -45,10 +43,16 @@ struct F16W {
 };
 
 // Every output element is one fp32 FMA chain over k = 0..K-1 in order, started at zero, then
-// the bias is added: the same sequence of operations in every kernel below, whatever the number
-// of rows M, the panel grouping or the thread. (The losslessness contract of tree verification.)
+// the bias is added: the same sequence of operations in every tile shape below, whatever the
+// number of rows M, the grouping of rows and panels or the thread. (The losslessness contract
+// of tree verification.)
 
 inline void store16(float* y, int n, int valid, __m256 lo, __m256 hi, const float* bias) {
+  if (valid == 16 && !bias) {
+    _mm256_storeu_ps(y + n, lo);
+    _mm256_storeu_ps(y + n + 8, hi);
+    return;
+  }
   alignas(32) float tmp[16];
   _mm256_store_ps(tmp, lo);
   _mm256_store_ps(tmp + 8, hi);
@@ -63,106 +67,121 @@ inline void load16(const float* y, int n, int valid, __m256& lo, __m256& hi) {
   hi = _mm256_load_ps(tmp + 8);
 }
 
-// MR rows of x against one panel (16 columns), over k in [0, K) of the slices given. With
-// `resume` the chains continue from the partial sums in y; with `finish` the bias is added,
-// otherwise the partial sums are stored for the next k block.
-template <class W, int MR>
-__attribute__((always_inline)) inline void rows_x_panel(const float* x, int ldx, int K, const typename W::T* panel,
-                                                        const float* bias, int n, int valid, float* y, int ldy,
-                                                        bool resume, bool finish) {
-  __m256 lo[MR], hi[MR];
+#ifndef MEDUSA_RT_PREFETCH
+#define MEDUSA_RT_PREFETCH 4096
+#endif
+constexpr int kPrefetchBytes = MEDUSA_RT_PREFETCH;
+
+// A tile: MR rows of x against NP consecutive panels (16 NP columns), over k in [0, K) of the
+// slices given (panel p at p0 + p * ps). Weights are read once per tile and reused by the MR
+// rows; MR * NP * 2 accumulators are independent chains. With `resume` the chains continue from
+// the partial sums in y; with `finish` the bias is added, otherwise the partial sums are stored
+// for the next k block. `valid`: columns of the last panel that exist.
+template <class W, int MR, int NP>
+__attribute__((always_inline)) inline void tile(const float* x, int ldx, int K, const typename W::T* p0, int64_t ps,
+                                                const float* bias, int n, int valid, float* y, int ldy, bool resume,
+                                                bool finish) {
+  __m256 acc[MR][NP][2];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
-    if (resume) load16(y + static_cast<int64_t>(i) * ldy, n, valid, lo[i], hi[i]);
-    else lo[i] = hi[i] = _mm256_setzero_ps();
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p) {
+      const int v = p == NP - 1 ? valid : 16;
+      if (resume) load16(y + static_cast<int64_t>(i) * ldy, n + 16 * p, v, acc[i][p][0], acc[i][p][1]);
+      else acc[i][p][0] = acc[i][p][1] = _mm256_setzero_ps();
+    }
   }
   for (int k = 0; k < K; ++k) {
-    __m256 wl, wh;
-    W::load16(panel + static_cast<int64_t>(k) * 16, wl, wh);
+    const int64_t o = static_cast<int64_t>(k) * 16;
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p) {
+      // Software prefetch a few cache lines ahead of the weight stream (the hardware prefetcher
+      // alone leaves the FMA units waiting when several rows share each weight).
+      if ((k & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(p0 + p * ps + o) + kPrefetchBytes, _MM_HINT_T0);
+      __m256 wl, wh;
+      W::load16(p0 + p * ps + o, wl, wh);
 #pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const __m256 xv = _mm256_broadcast_ss(x + static_cast<int64_t>(i) * ldx + k);
-      lo[i] = _mm256_fmadd_ps(xv, wl, lo[i]);
-      hi[i] = _mm256_fmadd_ps(xv, wh, hi[i]);
+      for (int i = 0; i < MR; ++i) {
+        const __m256 xv = _mm256_broadcast_ss(x + static_cast<int64_t>(i) * ldx + k);
+        acc[i][p][0] = _mm256_fmadd_ps(xv, wl, acc[i][p][0]);
+        acc[i][p][1] = _mm256_fmadd_ps(xv, wh, acc[i][p][1]);
+      }
     }
   }
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
-    store16(y + static_cast<int64_t>(i) * ldy, n, valid, lo[i], hi[i], finish ? bias : nullptr);
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p) {
+      store16(y + static_cast<int64_t>(i) * ldy, n + 16 * p, p == NP - 1 ? valid : 16, acc[i][p][0], acc[i][p][1],
+              finish ? bias : nullptr);
+    }
   }
 }
 
-// One row of x against four panels (64 columns): eight independent chains keep the FMA units
-// busy while the four panels stream from memory (the decode case, M = 1).
-template <class W>
-__attribute__((always_inline)) inline void row_x_4panels(const float* x, int K, const typename W::T* p0,
-                                                         const float* bias, int n, float* y) {
-  const int64_t ps = static_cast<int64_t>(16) * K;
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-  const typename W::T* p1 = p0 + ps;
-  const typename W::T* p2 = p1 + ps;
-  const typename W::T* p3 = p2 + ps;
-  for (int k = 0; k < K; ++k) {
-    const __m256 xv = _mm256_broadcast_ss(x + k);
-    const int64_t o = static_cast<int64_t>(k) * 16;
-    __m256 l, h;
-    W::load16(p0 + o, l, h);
-    a0 = _mm256_fmadd_ps(xv, l, a0);
-    a1 = _mm256_fmadd_ps(xv, h, a1);
-    W::load16(p1 + o, l, h);
-    a2 = _mm256_fmadd_ps(xv, l, a2);
-    a3 = _mm256_fmadd_ps(xv, h, a3);
-    W::load16(p2 + o, l, h);
-    a4 = _mm256_fmadd_ps(xv, l, a4);
-    a5 = _mm256_fmadd_ps(xv, h, a5);
-    W::load16(p3 + o, l, h);
-    a6 = _mm256_fmadd_ps(xv, l, a6);
-    a7 = _mm256_fmadd_ps(xv, h, a7);
+// Panels per tile for a row block of MR rows: as many as keep <= 12 accumulators (with the
+// broadcast rows and two weight vectors that fills the 16 vector registers).
+template <int MR>
+constexpr int panels_for() {
+  return MR == 1 ? 4 : MR == 2 ? 2 : 1;
+}
+
+// Row blocks [m, m + MR) of all M rows against the panel group at p0 (np panels, np <= NPmax).
+template <class W, int MR>
+inline void rows_tile(const float* x, int ldx, int K, const typename W::T* p0, int64_t ps, int np, const float* bias,
+                      int n, int valid, float* y, int ldy, bool resume, bool finish) {
+  constexpr int NP = panels_for<MR>();
+  if (np == NP) {
+    tile<W, MR, NP>(x, ldx, K, p0, ps, bias, n, valid, y, ldy, resume, finish);
+  } else {
+    for (int p = 0; p < np; ++p) {
+      tile<W, MR, 1>(x, ldx, K, p0 + p * ps, ps, bias, n + 16 * p, p == np - 1 ? valid : 16, y, ldy, resume, finish);
+    }
   }
-  store16(y, n, 16, a0, a1, bias);
-  store16(y, n + 16, 16, a2, a3, bias);
-  store16(y, n + 32, 16, a4, a5, bias);
-  store16(y, n + 48, 16, a6, a7, bias);
+}
+
+// The rows of x split into blocks of at most 6 (4 + 4 for 8, 4 + 3 for 7: blocks of >= 4 rows
+// keep 8 or more chains in flight).
+template <class W>
+inline void all_rows(const float* x, int ldx, int M, int K, const typename W::T* p0, int64_t ps, int np,
+                     const float* bias, int n, int valid, float* y, int ldy, bool resume, bool finish) {
+  int m = 0;
+  while (m < M) {
+    const int left = M - m;
+    const int mr = left <= 6 ? left : left == 7 || left == 8 ? 4 : 6;
+    const float* xm = x + static_cast<int64_t>(m) * ldx;
+    float* ym = y + static_cast<int64_t>(m) * ldy;
+    switch (mr) {
+      case 1: rows_tile<W, 1>(xm, ldx, K, p0, ps, np, bias, n, valid, ym, ldy, resume, finish); break;
+      case 2: rows_tile<W, 2>(xm, ldx, K, p0, ps, np, bias, n, valid, ym, ldy, resume, finish); break;
+      case 3: rows_tile<W, 3>(xm, ldx, K, p0, ps, np, bias, n, valid, ym, ldy, resume, finish); break;
+      case 4: rows_tile<W, 4>(xm, ldx, K, p0, ps, np, bias, n, valid, ym, ldy, resume, finish); break;
+      case 5: rows_tile<W, 5>(xm, ldx, K, p0, ps, np, bias, n, valid, ym, ldy, resume, finish); break;
+      default: rows_tile<W, 6>(xm, ldx, K, p0, ps, np, bias, n, valid, ym, ldy, resume, finish); break;
+    }
+    m += mr;
+  }
 }
 
 template <class W>
 void gemm_t(const float* x, int ldx, int M, int K, const void* wv, const float* bias, int n0, int n1, float* y, int ldy) {
   const typename W::T* w = static_cast<const typename W::T*>(wv);
   const int64_t ps = static_cast<int64_t>(16) * K;
-  if (M == 1) {
-    int n = n0;
-    for (; n + 64 <= n1; n += 64) row_x_4panels<W>(x, K, w + (n / 16) * ps, bias, n, y);
-    for (; n < n1; n += 16) {
-      rows_x_panel<W, 1>(x, ldx, K, w + (n / 16) * ps, bias, n, n1 - n < 16 ? n1 - n : 16, y, ldy, false, true);
-    }
-    return;
-  }
-  // Several rows: k in blocks so that a panel slice (16 x kKBlock) and the rows' x slices stay
-  // in L1/L2 while every row block passes over them. The chains continue across blocks through
-  // y, so each element's operation sequence is the same as without blocking.
-  // Few rows reuse each weight little: no blocking, one pass over every panel.
-  const int kKBlock = M >= 16 ? 256 : K;
+  // Panel groups as wide as the first row block's tile; every row block passes over a group
+  // before the next one streams in, so weights come from memory once (later row blocks find
+  // them in L1/L2). Many rows: k in blocks too, so a panel slice (16 x kKBlock) and the rows'
+  // x slices stay in cache while all row blocks pass over them; the chains continue across
+  // blocks through y, so each element's operation sequence is the same as without blocking.
+  const int group = M == 1 ? 4 : M == 2 ? 2 : 1;
+  const int kKBlock = M > 8 ? 256 : K;
   for (int k0 = 0; k0 < K; k0 += kKBlock) {
     const int kb = K - k0 < kKBlock ? K - k0 : kKBlock;
     const bool resume = k0 > 0, finish = k0 + kb == K;
-    for (int n = n0; n < n1; n += 16) {
-      const typename W::T* panel = w + (n / 16) * ps + static_cast<int64_t>(k0) * 16;
-      const int valid = n1 - n < 16 ? n1 - n : 16;
-      int m = 0;
-      for (; m + 6 <= M; m += 6) {
-        rows_x_panel<W, 6>(x + static_cast<int64_t>(m) * ldx + k0, ldx, kb, panel, bias, n, valid,
-                           y + static_cast<int64_t>(m) * ldy, ldy, resume, finish);
-      }
-      const float* xm = x + static_cast<int64_t>(m) * ldx + k0;
-      float* ym = y + static_cast<int64_t>(m) * ldy;
-      switch (M - m) {
-        case 5: rows_x_panel<W, 5>(xm, ldx, kb, panel, bias, n, valid, ym, ldy, resume, finish); break;
-        case 4: rows_x_panel<W, 4>(xm, ldx, kb, panel, bias, n, valid, ym, ldy, resume, finish); break;
-        case 3: rows_x_panel<W, 3>(xm, ldx, kb, panel, bias, n, valid, ym, ldy, resume, finish); break;
-        case 2: rows_x_panel<W, 2>(xm, ldx, kb, panel, bias, n, valid, ym, ldy, resume, finish); break;
-        case 1: rows_x_panel<W, 1>(xm, ldx, kb, panel, bias, n, valid, ym, ldy, resume, finish); break;
-        default: break;
-      }
+    for (int n = n0; n < n1; n += 16 * group) {
+      const int np = (n1 - n + 15) / 16 < group ? (n1 - n + 15) / 16 : group;
+      const int last = n + 16 * (np - 1);
+      const int valid = n1 - last < 16 ? n1 - last : 16;
+      all_rows<W>(x + k0, ldx, M, kb, w + (n / 16) * ps + static_cast<int64_t>(k0) * 16, ps, np, bias, n, valid, y,
+                  ldy, resume, finish);
     }
   }
 }
@@ -176,56 +195,126 @@ void gemm_avx2(const float* x, int ldx, int M, int K, const void* w, WType wt, c
   }
 }
 
-inline float dot(const float* a, const float* b, int n) {
-  __m256 acc = _mm256_setzero_ps();
-  const int n8 = n & ~7;
-  for (int i = 0; i < n8; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  float s = hsum(acc);
-  for (int i = n8; i < n; ++i) s = std::fma(a[i], b[i], s);
-  return s;
+// exp(x) for 8 floats: range reduction by ln 2 and a degree-6 polynomial (Cephes' expf), about
+// 1 ulp; inputs below -87.3 give 0 (softmax scores minus their max are <= 0).
+inline __m256 exp256(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.33654f), hi = _mm256_set1_ps(88.3762626647949f);
+  const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(underflow, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+
+// Scores of 8 keys (rows k0..k7 of head_dim floats) against q: the same operations for every
+// lane (8-wide FMAs over d in order, then a fixed horizontal reduction), so a key's score does
+// not depend on its lane or on the other keys.
+inline __m256 scores8(const float* q, const float* const* k, int hd) {
+  __m256 a[8];
+  for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+  for (int d = 0; d < hd; d += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + d);
+    for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[j] + d), a[j]);
+  }
+  const __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
 }
 
 void attend_avx2(const AttendArgs& a) {
   const int n = a.prefix_len + a.num_extra;
   const int hd = a.head_dim;
-  float mx = -INFINITY;
-  for (int j = 0; j < n; ++j) {
-    const int key = j < a.prefix_len ? j : a.extra[j - a.prefix_len];
-    const float s = dot(a.q, a.k + static_cast<int64_t>(key) * hd, hd) * a.scale;
-    a.scores[j] = s;
-    mx = s > mx ? s : mx;
+  auto key = [&](int j) { return j < a.prefix_len ? j : a.extra[j - a.prefix_len]; };
+  if (hd % 8 != 0) {  // not seen in practice; the portable kernel keeps the contract
+    generic_kernels().attend(a);
+    return;
   }
-  float sum = 0.f;
-  for (int j = 0; j < n; ++j) {
-    const float e = std::exp(a.scores[j] - mx);
-    a.scores[j] = e;
-    sum += e;
-  }
-  const float inv = 1.f / sum;
-  const int hd8 = hd & ~7;
-  // Accumulate the output 8 dims at a time over keys in index order.
-  for (int d = 0; d < hd8; d += 8) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int j = 0; j < n; ++j) {
-      const int key = j < a.prefix_len ? j : a.extra[j - a.prefix_len];
-      acc = _mm256_fmadd_ps(_mm256_set1_ps(a.scores[j] * inv), _mm256_loadu_ps(a.v + static_cast<int64_t>(key) * hd + d), acc);
+  // Scores, 8 keys at a time (a partial block repeats its last key in the unused lanes).
+  __m256 mx8 = _mm256_set1_ps(-INFINITY);
+  const __m256 scale = _mm256_set1_ps(a.scale);
+  for (int j0 = 0; j0 < n; j0 += 8) {
+    const float* k[8];
+    for (int j = 0; j < 8; ++j) k[j] = a.k + static_cast<int64_t>(key(j0 + j < n ? j0 + j : n - 1)) * hd;
+    const __m256 s = _mm256_mul_ps(scores8(a.q, k, hd), scale);
+    if (j0 + 8 <= n) {
+      _mm256_storeu_ps(a.scores + j0, s);
+    } else {
+      alignas(32) float tmp[8];
+      _mm256_store_ps(tmp, s);
+      for (int j = j0; j < n; ++j) a.scores[j] = tmp[j - j0];
     }
-    _mm256_storeu_ps(a.out + d, acc);
+    mx8 = _mm256_max_ps(mx8, s);
   }
-  for (int d = hd8; d < hd; ++d) {
-    float acc = 0.f;
-    for (int j = 0; j < n; ++j) {
-      const int key = j < a.prefix_len ? j : a.extra[j - a.prefix_len];
-      acc = std::fma(a.scores[j] * inv, a.v[static_cast<int64_t>(key) * hd + d], acc);
+  alignas(32) float m8[8];
+  _mm256_store_ps(m8, mx8);
+  float mx = m8[0];
+  for (int j = 1; j < 8; ++j) mx = m8[j] > mx ? m8[j] : mx;
+  // exp(score - max) and their sum: 8-wide lanes by key index, then a fixed lane reduction.
+  const __m256 mxv = _mm256_set1_ps(mx);
+  __m256 sum8 = _mm256_setzero_ps();
+  int j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(a.scores + j), mxv));
+    _mm256_storeu_ps(a.scores + j, e);
+    sum8 = _mm256_add_ps(sum8, e);
+  }
+  if (j < n) {
+    alignas(32) float tmp[8];
+    for (int i = 0; i < 8; ++i) tmp[i] = j + i < n ? a.scores[j + i] : -INFINITY;
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_load_ps(tmp), mxv));
+    _mm256_store_ps(tmp, e);
+    for (int i = 0; j + i < n; ++i) a.scores[j + i] = tmp[i];
+    sum8 = _mm256_add_ps(sum8, e);
+  }
+  const float inv = 1.f / hsum(sum8);
+  // Output: keys in index order, 64 dims (8 vectors) per pass.
+  for (int d0 = 0; d0 < hd; d0 += 64) {
+    const int nv = (hd - d0 < 64 ? hd - d0 : 64) / 8;
+    __m256 acc[8];
+    for (int v = 0; v < 8; ++v) acc[v] = _mm256_setzero_ps();
+    for (int jj = 0; jj < n; ++jj) {
+      const __m256 p = _mm256_set1_ps(a.scores[jj] * inv);
+      const float* vr = a.v + static_cast<int64_t>(key(jj)) * hd + d0;
+      for (int v = 0; v < nv; ++v) acc[v] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * v), acc[v]);
     }
-    a.out[d] = acc;
+    for (int v = 0; v < nv; ++v) _mm256_storeu_ps(a.out + d0 + 8 * v, acc[v]);
   }
+}
+
+uint64_t stream_read_avx2(const void* p, size_t bytes) {
+  const __m256i* v = static_cast<const __m256i*>(p);
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  for (size_t i = 0; i < bytes / 32; i += 8) {
+    a0 = _mm256_xor_si256(a0, _mm256_loadu_si256(v + i));
+    a1 = _mm256_xor_si256(a1, _mm256_loadu_si256(v + i + 1));
+    a2 = _mm256_xor_si256(a2, _mm256_loadu_si256(v + i + 2));
+    a3 = _mm256_xor_si256(a3, _mm256_loadu_si256(v + i + 3));
+    a4 = _mm256_xor_si256(a4, _mm256_loadu_si256(v + i + 4));
+    a5 = _mm256_xor_si256(a5, _mm256_loadu_si256(v + i + 5));
+    a6 = _mm256_xor_si256(a6, _mm256_loadu_si256(v + i + 6));
+    a7 = _mm256_xor_si256(a7, _mm256_loadu_si256(v + i + 7));
+  }
+  a0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_xor_si256(a0, a1), _mm256_xor_si256(a2, a3)),
+                        _mm256_xor_si256(_mm256_xor_si256(a4, a5), _mm256_xor_si256(a6, a7)));
+  alignas(32) uint64_t out[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(out), a0);
+  return out[0] ^ out[1] ^ out[2] ^ out[3];
 }
 
 }  // namespace
 
 const Kernels* avx2_kernels_impl() {
-  static const Kernels k{"avx2", gemm_avx2, attend_avx2};
+  static const Kernels k{"avx2", gemm_avx2, attend_avx2, stream_read_avx2};
   return &k;
 }
 

@@ -23,7 +23,7 @@ inline float load_w(const void* w, WType wt, int64_t i) {
 void gemm_generic(const float* x, int ldx, int M, int K, const void* w, WType wt, const float* bias, int n0, int n1,
                   float* y, int ldy) {
   for (int n = n0; n < n1; ++n) {
-    const int64_t base = int64_t(n / kPanel) * panel_elems(K) + n % kPanel;
+    const int64_t base = packed_offset(n, K, wt);
     for (int m = 0; m < M; ++m) {
       const float* xm = x + static_cast<int64_t>(m) * ldx;
       float s = 0.f;
@@ -60,10 +60,19 @@ void attend_generic(const AttendArgs& a) {
   }
 }
 
+uint64_t stream_read_generic(const void* p, size_t bytes) {
+  const uint64_t* v = static_cast<const uint64_t*>(p);
+  uint64_t a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (size_t i = 0; i < bytes / 8; i += 8) {
+    for (int j = 0; j < 8; ++j) a[j] ^= v[i + j];
+  }
+  return a[0] ^ a[1] ^ a[2] ^ a[3] ^ a[4] ^ a[5] ^ a[6] ^ a[7];
+}
+
 }  // namespace
 
 const Kernels& generic_kernels() {
-  static const Kernels k{"generic", gemm_generic, attend_generic};
+  static const Kernels k{"generic", gemm_generic, attend_generic, stream_read_generic};
   return k;
 }
 

@@ -20,14 +20,14 @@ void pack_rows(const void* src, int N, int K, WType t, void* dst) {
   std::memset(d, 0, packed_bytes(N, K, t));
   for (int n = 0; n < N; ++n) {
     uint8_t* panel = d + size_t(n / kPanel) * panel_elems(K) * es;
-    const int lane = n % kPanel;
+    const int lane = packed_lane(n % kPanel, t);
     const uint8_t* row = s + size_t(n) * K * es;
     for (int k = 0; k < K; ++k) std::memcpy(panel + (size_t(k) * kPanel + lane) * es, row + size_t(k) * es, es);
   }
 }
 
 void unpack_row(const void* packed, int N, int K, WType t, int n, float* out) {
-  const size_t base = size_t(n / kPanel) * panel_elems(K) + n % kPanel;
+  const size_t base = size_t(packed_offset(n, K, t));
   for (int k = 0; k < K; ++k) {
     const size_t off = base + size_t(k) * kPanel;
     switch (t) {

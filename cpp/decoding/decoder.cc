@@ -95,8 +95,9 @@ void Decoder::run_heads(SequenceState* const* seqs, const int32_t* hidden_rows, 
 }
 
 void Decoder::append(SequenceState& s, const int32_t* tokens, int n, bool with_heads, std::vector<float>* logits,
-                     bool all_logits) {
+                     bool all_logits, std::vector<float>* hidden) {
   if (logits) logits->clear();
+  if (hidden) hidden->clear();
   if (!logits) all_logits = false;
   Backend& be = model_.backend();
   const int chunk = model_.limits().max_rows;
@@ -111,10 +112,11 @@ void Decoder::append(SequenceState& s, const int32_t* tokens, int n, bool with_h
       rows_.slots.push_back(s.slot);
       rows_.cache_index.push_back(pos);
       rows_.prefix_len.push_back(pos + 1);
-      if (all_logits) rows_.logit_rows.push_back(i);
+      if (all_logits || hidden) rows_.logit_rows.push_back(i);
     }
     const bool last = off + c == n;
-    if (!all_logits && last) rows_.logit_rows.push_back(c - 1);
+    if (hidden && !all_logits) rows_.logits_from = last ? c - 1 : c;  // hidden states of all, logits of the last
+    if (!all_logits && !hidden && last) rows_.logit_rows.push_back(c - 1);
     const auto tf = Clock::now();
     model_.forward(rows_);
     forward_seconds_ += std::chrono::duration<double>(Clock::now() - tf).count();
@@ -125,6 +127,12 @@ void Decoder::append(SequenceState& s, const int32_t* tokens, int n, bool with_h
       logits->resize(old + size_t(nl - first) * vocab_);
       be.copy_to_host(logits->data() + old, model_.logits() + size_t(first) * vocab_,
                       size_t(nl - first) * vocab_ * sizeof(float));
+    }
+    if (hidden) {
+      const int H = model_.config().hidden_size;
+      const size_t old = hidden->size();
+      hidden->resize(old + size_t(c) * H);
+      be.copy_to_host(hidden->data() + old, model_.hidden(), size_t(c) * H * sizeof(float));
     }
     if (last) {
       s.length = start + n;
@@ -260,37 +268,56 @@ void Decoder::step(SequenceState* const* seqs, int n, bool allow_trees) {
 
 namespace medusa_rt {
 
+double Decoder::time_forward(int batch, const TreeSpec& tree, int nodes, int reps) {
+  nodes = std::min(nodes, tree.num_nodes());
+  if (batch * nodes > model_.limits().max_rows || tree.max_depth() > model_.limits().max_tree_depth) {
+    throw Error("internal: time_forward beyond the model's limits");
+  }
+  rows_.clear();
+  rows_.extra_offsets.push_back(0);
+  for (int b = 0; b < batch; ++b) {
+    for (int i = 0; i < nodes; ++i) {
+      rows_.tokens.push_back(0);
+      rows_.positions.push_back(tree.depths()[i]);
+      rows_.slots.push_back(b);
+      rows_.cache_index.push_back(i);
+      rows_.prefix_len.push_back(0);
+      for (int a : tree.ancestors()[i]) rows_.extra.push_back(a);
+      rows_.extra_offsets.push_back(static_cast<int32_t>(rows_.extra.size()));
+      rows_.logit_rows.push_back(rows_.size() - 1);
+    }
+  }
+  double best = 1e30;
+  for (int rep = 0; rep < reps; ++rep) {
+    const auto t0 = Clock::now();
+    model_.forward(rows_);
+    best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+  return best;
+}
+
+double Decoder::time_heads(int rows, int reps) {
+  if (!heads_) return 0;
+  rows = std::min(rows, max_batch_);
+  model_.backend().fill_zero(d_head_in_, sizeof(float) * size_t(rows) * model_.config().hidden_size);
+  double best = 1e30;
+  for (int rep = 0; rep < reps; ++rep) {
+    const auto t0 = Clock::now();
+    heads_->candidates(d_head_in_, rows, d_candidates_);
+    best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+  return best;
+}
+
 int Decoder::calibrate_max_tree_batch(double tokens_per_step) {
   // Cache slots [0, T) of each sequence are written: a tree longer than the cache is cut, as in
   // decoding.
   const int T = std::min(tree_.num_nodes(), model_.limits().max_seq);
   if (!heads_ || T <= 1) return 0;
-  auto time_forward = [&](int batch, int nodes) {
-    rows_.clear();
-    rows_.extra_offsets.push_back(0);
-    for (int b = 0; b < batch; ++b) {
-      for (int i = 0; i < nodes; ++i) {
-        rows_.tokens.push_back(0);
-        rows_.positions.push_back(tree_.depths()[i]);
-        rows_.slots.push_back(b);
-        rows_.cache_index.push_back(i);
-        rows_.prefix_len.push_back(0);
-        for (int a : tree_.ancestors()[i]) rows_.extra.push_back(a);
-        rows_.extra_offsets.push_back(static_cast<int32_t>(rows_.extra.size()));
-        rows_.logit_rows.push_back(rows_.size() - 1);
-      }
-    }
-    double best = 1e30;
-    for (int rep = 0; rep < 3; ++rep) {
-      const auto t0 = Clock::now();
-      model_.forward(rows_);
-      best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
-    }
-    return best;
-  };
+  const TreeSpec root;
   int chosen = 0;
   for (int b = 1; b <= max_batch_ && b * T <= model_.limits().max_rows; b *= 2) {
-    const double plain = time_forward(b, 1), tree = time_forward(b, T);
+    const double plain = time_forward(b, root, 1), tree = time_forward(b, tree_, T);
     if (tree > tokens_per_step * plain) break;
     chosen = b;
   }

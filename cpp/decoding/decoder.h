@@ -67,9 +67,10 @@ class Decoder {
 
   // Runs tokens through the model as causal rows appended at s.length; s.length grows by n.
   // Sets s.root to the argmax after the last token, and s.candidates when with_heads.
-  // logits, if non-null, receives the logits of every token (all_logits) or of the last one.
+  // logits, if non-null, receives the logits of every token (all_logits) or of the last one;
+  // hidden, if non-null, the final normed hidden states of every token ([n, hidden_size]).
   void append(SequenceState& s, const int32_t* tokens, int n, bool with_heads, std::vector<float>* logits,
-              bool all_logits);
+              bool all_logits, std::vector<float>* hidden = nullptr);
 
   // One decode step for each sequence (which must each have length < max_seq), each by its own
   // options. With allow_trees false every sequence takes a plain step (its heads still run, so
@@ -81,6 +82,12 @@ class Decoder {
   // a tree step costs at most tokens_per_step plain steps (0 if none): the batch size up to which
   // speculation pays on this machine. Writes KV entries of slots [0, B) (call before use).
   int calibrate_max_tree_batch(double tokens_per_step);
+
+  // Seconds (best of reps) of one forward of `batch` sequences each carrying the first `nodes`
+  // nodes of `tree` (logits of every row), written at cache slots [0, nodes) of slots 0..batch-1.
+  double time_forward(int batch, const TreeSpec& tree, int nodes, int reps = 3);
+  // Seconds (best of reps) of the heads' candidates for `rows` sequences (0 without heads).
+  double time_heads(int rows, int reps = 3);
 
   // Seconds spent in model and head forwards since construction (statistics).
   double forward_seconds() const { return forward_seconds_; }

@@ -220,4 +220,81 @@ std::vector<std::vector<int>> TreeSpec::retrieve_indices() const {
   return rows;
 }
 
+namespace {
+
+void check_table(const AccuracyTable& table) {
+  if (table.empty() || table[0].empty()) throw InvalidArgumentError("accuracy table must be [heads][ranks], got an empty table");
+  for (size_t k = 0; k < table.size(); ++k) {
+    if (table[k].size() != table[0].size()) {
+      throw InvalidArgumentError("accuracy table rows differ in length (head " + std::to_string(k) + ")");
+    }
+    for (double a : table[k]) {
+      if (!(a >= 0.0 && a <= 1.0)) {
+        throw InvalidArgumentError("accuracy table entries must be probabilities in [0, 1] (head " +
+                                   std::to_string(k) + ")");
+      }
+    }
+  }
+}
+
+double path_probability(const AccuracyTable& table, const TreeSpec::Path& path) {
+  double p = 1.0;
+  for (size_t d = 0; d < path.size(); ++d) p *= table[d][path[d]];
+  return p;
+}
+
+}  // namespace
+
+std::vector<TreeSpec::Path> fit_tree_paths(const AccuracyTable& table, int nodes, int max_depth, int max_children) {
+  check_table(table);
+  const int heads = static_cast<int>(table.size()), ranks = static_cast<int>(table[0].size());
+  if (max_depth == 0) max_depth = heads;
+  if (max_children == 0) max_children = ranks;
+  if (max_depth < 1 || max_depth > heads) {
+    throw InvalidArgumentError("max_depth must be in 1.." + std::to_string(heads) + " (the heads measured), got " +
+                               std::to_string(max_depth));
+  }
+  if (max_children < 1 || max_children > ranks) {
+    throw InvalidArgumentError("max_children must be in 1.." + std::to_string(ranks) + " (the ranks measured), got " +
+                               std::to_string(max_children));
+  }
+  if (nodes < 1) throw InvalidArgumentError("a tree needs at least 1 node (the root), got " + std::to_string(nodes));
+  std::vector<TreeSpec::Path> tree, frontier{{0}};
+  std::set<TreeSpec::Path> seen{{0}};
+  while (static_cast<int>(tree.size()) < nodes - 1 && !frontier.empty()) {
+    size_t best = 0;
+    double best_p = -1.0;
+    for (size_t i = 0; i < frontier.size(); ++i) {
+      const double p = path_probability(table, frontier[i]);
+      if (p > best_p) best_p = p, best = i;
+    }
+    TreeSpec::Path path = frontier[best];
+    frontier.erase(frontier.begin() + static_cast<std::ptrdiff_t>(best));
+    tree.push_back(path);
+    if (path.back() + 1 < max_children) {
+      TreeSpec::Path sib = path;
+      ++sib.back();
+      if (seen.insert(sib).second) frontier.push_back(sib);
+    }
+    if (static_cast<int>(path.size()) < max_depth) {
+      TreeSpec::Path child = path;
+      child.push_back(0);
+      if (seen.insert(child).second) frontier.push_back(child);
+    }
+  }
+  return tree;
+}
+
+double expected_tokens_per_step(const AccuracyTable& table, const std::vector<TreeSpec::Path>& paths) {
+  check_table(table);
+  double total = 1.0;
+  for (const auto& p : paths) {
+    bool inside = p.size() <= table.size();
+    for (size_t d = 0; inside && d < p.size(); ++d) inside = p[d] >= 0 && p[d] < static_cast<int>(table[d].size());
+    if (!inside) throw InvalidArgumentError("tree path " + path_str(p) + " is outside the accuracy table");
+    total += path_probability(table, p);
+  }
+  return total;
+}
+
 }  // namespace medusa_rt

@@ -88,6 +88,10 @@ class Backend {
   virtual void silu_mul(const float* gu, int rows, int dim, float* out) = 0;
   // x += y
   virtual void add(float* x, const float* y, size_t n) = 0;
+  // Row `row` of a matrix (as made by upload_matrix) as fp32 into host memory out[0, cols).
+  virtual void matrix_row(const Matrix& m, int row, float* out) = 0;
+  // ids[i] = table[ids[i]] for i < n (token ids of a sub-vocabulary back to the full one).
+  virtual void map_ids(int32_t* ids, size_t n, const int32_t* table) = 0;
   // Gathers rows: out[i] = x[index[i]]
   virtual void gather_rows(const float* x, int dim, const int32_t* index, int n, float* out) = 0;
   // out[r] = first index of the maximum of logits[r]

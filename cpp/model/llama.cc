@@ -24,6 +24,7 @@ void ForwardRows::clear() {
   extra_offsets.clear();
   extra.clear();
   logit_rows.clear();
+  logits_from = 0;
 }
 
 size_t LlamaModel::weight_bytes_for(const ModelConfig& c, DType dtype) {
@@ -230,31 +231,45 @@ void LlamaModel::forward(const ForwardRows& rows) {
   meta.extra_offsets = rows.extra_offsets.empty() ? nullptr : d_extra_offsets_;
   meta.extra = rows.extra_offsets.empty() ? nullptr : d_extra_;
 
-  be_.embed(embed_, d_tokens_, R, x_);
+  // MEDUSA_RT_PROFILE=1: time of every op kind, printed when the model is destroyed.
+  OpTimer t(prof_.get());
+  t.run(OpTimer::kEmbed, [&] { be_.embed(embed_, d_tokens_, R, x_); });
   const size_t layer_elems = kv_layout_.layer_elems();
   for (int l = 0; l < cfg_.num_layers; ++l) {
     const Layer& L = layers_[l];
     float* kc = k_cache_ + layer_elems * l;
     float* vc = v_cache_ + layer_elems * l;
-    be_.rmsnorm(x_, L.ln1, R, H, eps, xn_);
-    be_.linear(xn_, R, L.qkv, L.qkv_bias, qkv_);
-    be_.rope(qkv_, R, qkv_width_, 0, cfg_.num_heads, hd, d_positions_, rope_cos_, rope_sin_);
-    be_.rope(qkv_, R, qkv_width_, nq, cfg_.num_kv_heads, hd, d_positions_, rope_cos_, rope_sin_);
-    be_.kv_store(qkv_, qkv_width_, nq, nq + nkv, meta, kv_layout_, kc, vc);
-    be_.attention(qkv_, qkv_width_, cfg_.num_heads, meta, kv_layout_, kc, vc, attn_);
-    be_.linear(attn_, R, L.o, nullptr, tmp_);
-    be_.add(x_, tmp_, size_t(R) * H);
-    be_.rmsnorm(x_, L.ln2, R, H, eps, xn_);
-    be_.linear(xn_, R, L.gate_up, nullptr, gu_);
-    be_.silu_mul(gu_, R, F, act_);
-    be_.linear(act_, R, L.down, nullptr, tmp_);
-    be_.add(x_, tmp_, size_t(R) * H);
+    t.run(OpTimer::kNorm, [&] { be_.rmsnorm(x_, L.ln1, R, H, eps, xn_); });
+    t.run(OpTimer::kGemm, [&] { be_.linear(xn_, R, L.qkv, L.qkv_bias, qkv_); });
+    t.run(OpTimer::kRope, [&] {
+      be_.rope(qkv_, R, qkv_width_, 0, cfg_.num_heads, hd, d_positions_, rope_cos_, rope_sin_);
+      be_.rope(qkv_, R, qkv_width_, nq, cfg_.num_kv_heads, hd, d_positions_, rope_cos_, rope_sin_);
+      be_.kv_store(qkv_, qkv_width_, nq, nq + nkv, meta, kv_layout_, kc, vc);
+    });
+    t.run(OpTimer::kAttention, [&] { be_.attention(qkv_, qkv_width_, cfg_.num_heads, meta, kv_layout_, kc, vc, attn_); });
+    t.run(OpTimer::kGemm, [&] { be_.linear(attn_, R, L.o, nullptr, tmp_); });
+    t.run(OpTimer::kElementwise, [&] {
+      be_.add(x_, tmp_, size_t(R) * H);
+      be_.rmsnorm(x_, L.ln2, R, H, eps, xn_);
+    });
+    t.run(OpTimer::kGemm, [&] { be_.linear(xn_, R, L.gate_up, nullptr, gu_); });
+    t.run(OpTimer::kElementwise, [&] { be_.silu_mul(gu_, R, F, act_); });
+    t.run(OpTimer::kGemm, [&] { be_.linear(act_, R, L.down, nullptr, tmp_); });
+    t.run(OpTimer::kElementwise, [&] { be_.add(x_, tmp_, size_t(R) * H); });
   }
   if (NL > 0) {
-    be_.gather_rows(x_, H, d_logit_rows_, NL, tmp_);
-    be_.rmsnorm(tmp_, final_norm_, NL, H, eps, hidden_);
-    be_.linear(hidden_, NL, lm_head_, nullptr, logits_);
+    t.run(OpTimer::kNorm, [&] {
+      be_.gather_rows(x_, H, d_logit_rows_, NL, tmp_);
+      be_.rmsnorm(tmp_, final_norm_, NL, H, eps, hidden_);
+    });
+    const int from = std::min(std::max(rows.logits_from, 0), NL);
+    if (from < NL) {
+      t.run(OpTimer::kLmHead, [&] {
+        be_.linear(hidden_ + size_t(from) * H, NL - from, lm_head_, nullptr, logits_ + size_t(from) * cfg_.vocab_size);
+      });
+    }
   }
+  t.finish(R);
 }
 
 }  // namespace medusa_rt

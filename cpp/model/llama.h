@@ -2,10 +2,12 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "core/model_config.h"
 #include "model/backend.h"
+#include "model/profile.h"
 #include "model/weights.h"
 
 namespace medusa_rt {
@@ -16,7 +18,8 @@ class TensorStore;
 struct ForwardRows {
   std::vector<int32_t> tokens, positions, slots, cache_index, prefix_len;
   std::vector<int32_t> extra_offsets, extra;  // optional tree visibility (CSR), empty for causal rows
-  std::vector<int32_t> logit_rows;            // rows whose logits (and final hidden states) are wanted
+  std::vector<int32_t> logit_rows;            // rows whose final hidden states (and logits) are wanted
+  int logits_from = 0;                        // the lm_head runs on logit_rows[logits_from:] only
   void clear();
   int size() const { return static_cast<int>(tokens.size()); }
 };
@@ -44,7 +47,8 @@ class LlamaModel {
 
   // Runs the decoder over rows (which must satisfy the limits and reference valid slots and
   // positions; the engine validates user input before). Afterwards logits() holds
-  // [rows.logit_rows.size(), vocab] and hidden() the final normed hidden states of those rows.
+  // [rows.logit_rows.size(), vocab] (rows before rows.logits_from left unset) and hidden() the
+  // final normed hidden states of those rows.
   void forward(const ForwardRows& rows);
   const float* logits() const { return logits_; }
   const float* hidden() const { return hidden_; }
@@ -100,6 +104,7 @@ class LlamaModel {
           *d_prefix_len_ = nullptr, *d_extra_offsets_ = nullptr, *d_extra_ = nullptr, *d_logit_rows_ = nullptr;
   int32_t *d_copy_slots_ = nullptr, *d_copy_src_ = nullptr, *d_copy_dst_ = nullptr;
   int qkv_width_ = 0;
+  std::unique_ptr<ForwardProfile> prof_ = ForwardProfile::from_env();
 };
 
 }  // namespace medusa_rt

@@ -1,5 +1,7 @@
 #include "model/medusa_heads.h"
 
+#include <cstring>
+
 #include <cstdlib>
 
 #include "core/json.h"
@@ -74,6 +76,26 @@ MedusaHeadsMeta read_meta_of(const SafetensorsFile& f, const ModelConfig& base) 
       throw ModelFormatError(file + ": metadata expected_tokens_per_step must be a number >= 1");
     }
   }
+  auto at = f.metadata().find("accuracy_table");
+  if (at != f.metadata().end() && !at->second.empty()) {
+    const json::Value v = json::parse(at->second, file + " accuracy_table");
+    bool ok = v.is_array() && !v.as_array().empty() && v.as_array().size() <= size_t(m.num_heads);
+    for (size_t k = 0; ok && k < v.as_array().size(); ++k) {
+      const json::Value& row = v.as_array()[k];
+      ok = row.is_array() && !row.as_array().empty();
+      std::vector<double> r;
+      for (size_t j = 0; ok && j < row.as_array().size(); ++j) {
+        const json::Value& x = row.as_array()[j];
+        ok = x.is_number() && x.as_double() >= 0.0 && x.as_double() <= 1.0;
+        if (ok) r.push_back(x.as_double());
+      }
+      if (ok) m.accuracy_table.push_back(std::move(r));
+    }
+    if (!ok) {
+      throw ModelFormatError(file + ": metadata accuracy_table must be a JSON list (one per head, at most " +
+                             std::to_string(m.num_heads) + ") of lists of probabilities");
+    }
+  }
   auto it = f.metadata().find("default_tree");
   if (it != f.metadata().end() && !it->second.empty()) {
     try {
@@ -126,10 +148,35 @@ MedusaHeads::MedusaHeads(const std::string& file, const ModelConfig& base, DType
       h.proj = arena_.matrix({&w}, hidden_, dtype);
     }
   }
+  proj_vocab_ = vocab_;
+  auto dv = f.tensors().find("medusa.draft_vocab");
+  if (dv != f.tensors().end()) {
+    const TensorView& t = dv->second;
+    const std::string where = file + ": medusa.draft_vocab";
+    if (!shared_) throw ModelFormatError(where + " needs shared_lm_head");
+    if (t.dtype != DType::kI32 || t.shape.size() != 1) throw ModelFormatError(where + " must be a 1-D I32 tensor");
+    const int n = static_cast<int>(t.shape[0]);
+    if (n < top_k || n > vocab_) {
+      throw ModelFormatError(where + " has " + std::to_string(n) + " tokens; it needs between medusa_top_k (" +
+                             std::to_string(top_k) + ") and vocab_size (" + std::to_string(vocab_) + ")");
+    }
+    std::vector<int32_t> ids(n);
+    std::memcpy(ids.data(), t.data, sizeof(int32_t) * size_t(n));
+    for (int i = 0; i < n; ++i) {
+      if (ids[i] < 0 || ids[i] >= vocab_ || (i > 0 && ids[i] <= ids[i - 1])) {
+        throw ModelFormatError(where + " must hold increasing token ids in [0, vocab_size); entry " +
+                               std::to_string(i) + " is " + std::to_string(ids[i]));
+      }
+    }
+    draft_proj_ = arena_.rows_of(base_lm_head_, ids, "Medusa draft vocabulary projection");
+    draft_ids_ = static_cast<int32_t*>(arena_.buffer(sizeof(int32_t) * size_t(n), "Medusa draft vocabulary"));
+    be_.copy_to_device(draft_ids_, ids.data(), sizeof(int32_t) * size_t(n));
+    proj_vocab_ = n;
+  }
   const size_t rows = size_t(num_heads_) * max_rows_;
   x_ = static_cast<float*>(arena_.buffer(rows * hidden_ * sizeof(float), "Medusa head workspace"));
   tmp_ = static_cast<float*>(arena_.buffer(size_t(max_rows_) * hidden_ * sizeof(float), "Medusa head workspace"));
-  logits_ = static_cast<float*>(arena_.buffer(rows * vocab_ * sizeof(float), "Medusa head logits"));
+  logits_ = static_cast<float*>(arena_.buffer(rows * proj_vocab_ * sizeof(float), "Medusa head logits"));
 }
 
 void MedusaHeads::candidates(const float* hidden, int rows, int32_t* out) {
@@ -146,9 +193,10 @@ void MedusaHeads::candidates(const float* hidden, int rows, int32_t* out) {
     }
     if (!shared_) be_.linear(xk, rows, heads_[k].proj, nullptr, logits_ + size_t(k) * rows * vocab_);
   }
-  // A shared projection reads the lm_head once for all heads.
-  if (shared_) be_.linear(x_, num_heads_ * rows, base_lm_head_, nullptr, logits_);
-  be_.topk(logits_, num_heads_ * rows, vocab_, top_k_, out);
+  // A shared projection reads the lm_head (or its draft rows) once for all heads.
+  if (shared_) be_.linear(x_, num_heads_ * rows, draft_ids_ ? draft_proj_ : base_lm_head_, nullptr, logits_);
+  be_.topk(logits_, num_heads_ * rows, proj_vocab_, top_k_, out);
+  if (draft_ids_) be_.map_ids(out, size_t(num_heads_) * rows * top_k_, draft_ids_);
 }
 
 }  // namespace medusa_rt

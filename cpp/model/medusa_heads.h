@@ -6,7 +6,11 @@
 // medusa.{k}.{l}.bias [H], medusa.{k}.lm_head.weight [V, H] (absent with a shared lm_head);
 // header metadata: format = "medusa_rt_heads", format_version = "1", num_heads, num_layers,
 // shared_lm_head ("true"/"false"), hidden_size, vocab_size, and optionally default_tree
-// (a built-in tree name or a JSON list of paths).
+// (a built-in tree name or a JSON list of paths), expected_tokens_per_step, accuracy_table
+// (JSON [head][rank] of probabilities, measured on held-out data). Optional tensor
+// medusa.draft_vocab (I32 [n], increasing token ids; shared lm_head only): the heads rank only
+// these tokens (a draft vocabulary: the lm_head pass of the heads reads n rows instead of all;
+// drafts never change the output, the base model verifies every token).
 #pragma once
 
 #include <cstdint>
@@ -28,6 +32,7 @@ struct MedusaHeadsMeta {
   bool has_default_tree = false;
   TreeSpec default_tree;
   double expected_tokens_per_step = 0;  // from the file's metadata, 0 if absent
+  AccuracyTable accuracy_table;         // [head][rank] from the metadata, empty if absent
 };
 
 class MedusaHeads {
@@ -45,6 +50,7 @@ class MedusaHeads {
   bool shared_lm_head() const { return meta_.shared_lm_head; }
   int top_k() const { return top_k_; }
   size_t weight_bytes() const { return arena_.weight_bytes(); }
+  int draft_vocab_size() const { return draft_ids_ ? proj_vocab_ : 0; }  ///< 0: the full vocabulary
 
   // hidden: [rows, H] final hidden states (backend memory). Writes the top_k candidates of
   // every head, out[(k * rows + r) * top_k + j] (backend memory).
@@ -63,6 +69,9 @@ class MedusaHeads {
   Matrix base_lm_head_;
   std::vector<Head> heads_;
   float *x_ = nullptr, *tmp_ = nullptr, *logits_ = nullptr;
+  Matrix draft_proj_;                // rows of the base lm_head for the draft vocabulary
+  int32_t* draft_ids_ = nullptr;     // backend memory: draft index -> token id
+  int proj_vocab_ = 0;               // columns of the heads' logits (vocab or draft size)
 };
 
 }  // namespace medusa_rt

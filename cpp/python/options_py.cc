@@ -21,6 +21,7 @@ void register_options(py::module_& m) {
       .def_readwrite("tree", &EngineOptions::tree)
       .def_readwrite("tree_paths", &EngineOptions::tree_paths)
       .def_readwrite("medusa_top_k", &EngineOptions::medusa_top_k)
+      .def_readwrite("auto_tree_max_nodes", &EngineOptions::auto_tree_max_nodes)
       .def_readwrite("medusa_max_batch", &EngineOptions::medusa_max_batch)
       .def_readwrite("medusa_expected_tokens_per_step", &EngineOptions::medusa_expected_tokens_per_step);
 
@@ -63,6 +64,16 @@ void register_options(py::module_& m) {
       .def_property_readonly("finish_reason", [](const GenerationResult& r) { return std::string(to_string(r.finish_reason)); })
       .def_readonly("stats", &GenerationResult::stats);
 
+  py::class_<TreeCalibration>(m, "TreeCalibration")
+      .def_readonly("nodes", &TreeCalibration::nodes)
+      .def_readonly("expected_tokens_per_step", &TreeCalibration::expected_tokens_per_step)
+      .def_readonly("step_seconds", &TreeCalibration::step_seconds)
+      .def_readonly("tokens_per_second", &TreeCalibration::tokens_per_second)
+      .def("__repr__", [](const TreeCalibration& c) {
+        return "TreeCalibration(nodes=" + std::to_string(c.nodes) + ", expected_tokens_per_step=" +
+               std::to_string(c.expected_tokens_per_step) + ", step_seconds=" + std::to_string(c.step_seconds) + ")";
+      });
+
   py::class_<ModelInfo>(m, "ModelInfo")
       .def_readonly("architecture", &ModelInfo::architecture)
       .def_readonly("vocab_size", &ModelInfo::vocab_size)
@@ -84,7 +95,9 @@ void register_options(py::module_& m) {
       .def_readonly("medusa_shared_lm_head", &ModelInfo::medusa_shared_lm_head)
       .def_readonly("tree", &ModelInfo::tree)
       .def_readonly("tree_nodes", &ModelInfo::tree_nodes)
-      .def_readonly("medusa_max_batch", &ModelInfo::medusa_max_batch);
+      .def_readonly("medusa_max_batch", &ModelInfo::medusa_max_batch)
+      .def_readonly("calibration", &ModelInfo::calibration)
+      .def_readonly("plain_step_seconds", &ModelInfo::plain_step_seconds);
 }
 
 }  // namespace medusa_rt::python

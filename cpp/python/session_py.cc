@@ -44,7 +44,18 @@ void register_session(py::module_& m) {
             std::copy(logits.begin(), logits.end(), out.mutable_data());
             return out;
           },
-          py::arg("tokens"), py::arg("all_logits") = false);
+          py::arg("tokens"), py::arg("all_logits") = false)
+      .def("hidden_states", [](Session& s, const std::vector<int32_t>& tokens) {
+        std::vector<float> hidden;
+        {
+          py::gil_scoped_release release;
+          hidden = s.hidden_states(tokens);
+        }
+        const py::ssize_t rows = static_cast<py::ssize_t>(tokens.size());
+        py::array_t<float> out({rows, static_cast<py::ssize_t>(hidden.size()) / rows});
+        std::copy(hidden.begin(), hidden.end(), out.mutable_data());
+        return out;
+      });
 }
 
 }  // namespace medusa_rt::python

@@ -26,6 +26,9 @@ void register_tree(py::module_& m) {
       .def_property_readonly("ancestors", &TreeSpec::ancestors)
       .def("tree_indices", &TreeSpec::tree_indices, py::arg("top_k"))
       .def("retrieve_indices", &TreeSpec::retrieve_indices);
+  m.def("fit_tree_paths", &fit_tree_paths, py::arg("table"), py::arg("nodes"), py::arg("max_depth") = 0,
+        py::arg("max_children") = 0);
+  m.def("expected_tokens_per_step", &expected_tokens_per_step, py::arg("table"), py::arg("paths"));
 }
 
 }  // namespace medusa_rt::python

@@ -42,9 +42,15 @@ struct EngineOptions {
   /// Medusa heads file (runtime format, see docs/FORMAT.md). Empty: use
   /// <model_dir>/medusa_heads.safetensors if it exists, else run without heads.
   std::string medusa_heads;
-  /// Medusa tree: a built-in name (see TreeSpec::named). Empty: the heads' own default tree,
-  /// else "mc_sim_7b_63" cut to the number of heads. Ignored without heads.
+  /// Medusa tree: a built-in name (see TreeSpec::named), or "auto": the tree sized to this
+  /// machine (needs heads with an accuracy table): for trees fitted to the heads' accuracies
+  /// (fit_tree_paths) of 2 .. auto_tree_max_nodes nodes, the engine times a verify step and
+  /// keeps the tree with the most expected tokens per second (ModelInfo::calibration).
+  /// Empty: "auto" when the heads have an accuracy table, else their default tree, else
+  /// "mc_sim_7b_63" cut to the number of heads. Ignored without heads.
   std::string tree;
+  /// Largest tree "auto" considers (nodes, root included).
+  int auto_tree_max_nodes = 64;
   /// Tree as explicit paths; overrides `tree` when non-empty.
   std::vector<std::vector<int>> tree_paths;
   /// Candidates kept per head; every rank in the tree must be below it.
@@ -57,6 +63,14 @@ struct EngineOptions {
   /// The tokens per step the heads are expected to reach, for the measurement above. 0 = the
   /// heads file's "expected_tokens_per_step" metadata if it has one, else 2.0.
   double medusa_expected_tokens_per_step = 0;
+};
+
+/// One tree size measured by the "auto" tree calibration.
+struct TreeCalibration {
+  int nodes = 0;                          ///< tree nodes, root included
+  double expected_tokens_per_step = 0;    ///< from the heads' accuracy table (bonus token included)
+  double step_seconds = 0;                ///< measured: verify forward + heads, batch 1
+  double tokens_per_second = 0;           ///< expected_tokens_per_step / step_seconds
 };
 
 /// Static facts about the loaded model and engine.
@@ -82,6 +96,10 @@ struct ModelInfo {
   std::string tree;                ///< name of the tree in use ("root" without heads)
   int medusa_max_batch = 0;        ///< batch size up to which steps verify trees (measured or given)
   int tree_nodes = 1;              ///< nodes of that tree, root included
+  /// With tree "auto": the sizes measured (in increasing order; the search stops once no larger
+  /// tree can win) and the plain decode step they were compared with.
+  std::vector<TreeCalibration> calibration;
+  double plain_step_seconds = 0;
 };
 
 /// How speculative tokens are accepted.
@@ -193,6 +211,7 @@ class Engine {
   struct Impl;
 
  private:
+  friend struct EngineAccess;  // internal test and benchmark hooks
   std::unique_ptr<Impl> impl_;
 };
 
@@ -221,6 +240,10 @@ class Session {
   /// (row-major, [rows, vocab]): of every appended token if all_logits, else of the last one.
   /// This is the scoring / debugging entry point: generate() uses the same forward.
   std::vector<float> forward(const std::vector<int32_t>& tokens, bool all_logits = false);
+
+  /// Appends tokens to the context like forward() and returns the final normed hidden states of
+  /// every appended token (row-major, [rows, hidden_size]): what Medusa heads read (training data).
+  std::vector<float> hidden_states(const std::vector<int32_t>& tokens);
 
  private:
   friend class Engine;

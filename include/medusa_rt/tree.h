@@ -64,4 +64,23 @@ class TreeSpec {
   int max_rank_ = -1;
 };
 
+/// Measured head accuracies: table[k][r] is the probability that head k's rank-r candidate is
+/// the token the base model produces k + 2 positions ahead (`medusa-rt fit-tree` measures it).
+using AccuracyTable = std::vector<std::vector<double>>;
+
+/// The tree of `nodes` nodes (root included) grown greedily for an accuracy table, as in the
+/// Medusa reference: a path (r_1..r_d) is accepted with probability prod_i table[i-1][r_i] (heads
+/// taken as independent); starting from [0], the frontier holds each chosen path's next sibling
+/// (last rank + 1, below max_children) and first child (rank 0 one level deeper, up to
+/// max_depth), and the most probable frontier path joins (ties: the one found first) until the
+/// tree is full or no path is left. max_depth 0 = the table's heads, max_children 0 = its ranks.
+/// Returns the paths in the order they joined. Throws InvalidArgumentError for a table that is
+/// not [heads][ranks] of probabilities, nodes < 1, or limits outside the table.
+std::vector<TreeSpec::Path> fit_tree_paths(const AccuracyTable& table, int nodes, int max_depth = 0,
+                                           int max_children = 0);
+
+/// 1 + the sum of the paths' acceptance probabilities: expected tokens per step of greedy
+/// acceptance with independent heads. Throws InvalidArgumentError for a path outside the table.
+double expected_tokens_per_step(const AccuracyTable& table, const std::vector<TreeSpec::Path>& paths);
+
 }  // namespace medusa_rt

@@ -1,4 +1,4 @@
-"""The ``medusa-rt`` command line: pull, export, generate, info."""
+"""The ``medusa-rt`` command line: pull, export, generate, info, train-heads, fit-tree, eval-heads."""
 
 from __future__ import annotations
 
@@ -92,6 +92,138 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_heads(args: argparse.Namespace) -> int:
+    from .train.pipeline import train_heads
+    from .train.trainer import TrainConfig
+
+    cfg = TrainConfig(num_heads=args.heads, num_layers=args.layers, shared_lm_head=args.layout == "shared",
+                      epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                      threads=args.threads)
+    report = train_heads(args.model, args.work_dir, args.out, num_prompts=args.prompts,
+                         max_new_tokens=args.max_new_tokens, dtype=args.dtype, batch=args.batch,
+                         tree_nodes=args.tree_nodes, draft_coverage=args.draft_coverage, config=cfg,
+                         overwrite=args.overwrite, progress=not args.quiet)
+    print(json.dumps({k: report[k] for k in ("prompts", "answer_tokens", "rows", "held_out", "tree_nodes",
+                                             "expected_tokens_per_step", "draft_vocab_size", "seconds")}, indent=1))
+    return 0
+
+
+def _cmd_fit_tree(args: argparse.Namespace) -> int:
+    from .train import tree_fit
+
+    if args.table:
+        try:
+            table = json.loads(open(args.table).read())
+        except (OSError, ValueError) as exc:
+            raise InvalidArgumentError(f"--table {args.table}: {exc}") from None
+        if isinstance(table, dict):
+            table = table.get("accuracy_table", table.get("table"))
+    else:
+        table = _measure_table(args)
+    tree = tree_fit.fit_tree(table, args.nodes, max_depth=args.max_depth, max_children=args.max_children)
+    expected = tree_fit.expected_tokens_per_step(table, tree)
+    print(json.dumps({"tree": tree, "nodes": len(tree) + 1, "expected_tokens_per_step": expected,
+                      "accuracy_table": table}))
+    if args.write:
+        from .export.medusa_heads import update_heads_metadata
+
+        update_heads_metadata(args.write, {"default_tree": json.dumps(tree),
+                                           "expected_tokens_per_step": f"{expected:.4f}",
+                                           "accuracy_table": json.dumps(table)})
+        print(f"[medusa_rt] default tree of {args.write} set ({len(tree) + 1} nodes)", file=sys.stderr)
+    return 0
+
+
+def _measure_table(args: argparse.Namespace) -> list:
+    """Accuracy table of the model's heads on held-out answers (an answers.jsonl of train-heads)."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from .engine import Engine
+    from .train import data
+    from .train.heads_np import RuntimeHeads, accuracy_table, load_lm_head
+
+    if not args.answers:
+        raise InvalidArgumentError("fit-tree needs --table (an accuracy table) or --answers (held-out answers)")
+    records = [r for r in data.read_answers(Path(args.answers)) if r.get("answer_ids")]
+    if not records:
+        raise InvalidArgumentError(f"{args.answers} holds no answers")
+    engine = Engine(args.model, dtype=args.dtype, medusa_heads=args.medusa_heads, medusa_max_batch=0,
+                    progress=not args.quiet)
+    heads_path = Path(args.medusa_heads) if args.medusa_heads else engine.model_dir / "medusa_heads.safetensors"
+    heads = RuntimeHeads.load(heads_path, args.dtype)
+    feats = data.extract_hidden_states(engine, records, heads.num_heads, Path(args.answers).with_suffix(".features.npz"),
+                                       progress=not args.quiet)
+    lm_head = load_lm_head(engine.model_dir, args.dtype)
+    return np.round(accuracy_table(heads, feats.hidden, feats.labels, lm_head, args.top_k), 5).tolist()
+
+
+def _cmd_eval_heads(args: argparse.Namespace) -> int:
+    from .engine import Engine
+    from .train.evaluate import evaluate_heads, load_eval_prompts, print_evaluation
+
+    items = load_eval_prompts(args.prompts)
+    if args.limit:
+        items = items[:args.limit]
+    engine = Engine(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, medusa_heads=args.medusa_heads,
+                    tree=_tree_arg(args.tree), medusa_max_batch=1, progress=not args.quiet)
+    ev = evaluate_heads(engine, items, max_new_tokens=args.max_new_tokens, check=args.check, progress=not args.quiet)
+    print_evaluation(ev)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(ev, f, indent=1)
+    return 1 if ev.get("mismatches") else 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import print_table, run_suite
+
+    report = run_suite(args.model, new_tokens=args.new_tokens, repeats=args.repeats, medusa_prompts=args.prompts,
+                       hf=not args.no_hf, tree=_tree_arg(args.tree) if args.tree else None)
+    print_table(report)
+    text = json.dumps(report, indent=1)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text)
+    else:
+        print(text)
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .engine import Engine
+    from .train.evaluate import load_eval_prompts
+
+    engine = Engine(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, tree="auto",
+                    auto_tree_max_nodes=args.max_nodes, progress=not args.quiet)
+    info = engine.info
+    print(f"plain decode step: {1e3 * info.plain_step_seconds:.1f} ms -> {1 / info.plain_step_seconds:.1f} tok/s")
+    print(f"{'nodes':>5} {'exp. tok/step':>13} {'step ms':>8} {'predicted tok/s':>15}")
+    for c in info.calibration:
+        mark = "  <- chosen" if c.nodes == info.tree_nodes else ""
+        print(f"{c.nodes:>5} {c.expected_tokens_per_step:>13.2f} {1e3 * c.step_seconds:>8.1f} "
+              f"{c.tokens_per_second:>15.1f}{mark}")
+    if info.medusa_max_batch == 0:
+        print("plain decoding is predicted faster than every tree here: Medusa stays off by default")
+    if args.measure:
+        best = max(info.calibration, key=lambda c: c.tokens_per_second)
+        prompts = [p for _, p in load_eval_prompts()][: args.measure]
+        tot = {True: [0, 0.0, 0], False: [0, 0.0, 0]}
+        with engine.session() as s:
+            for p in prompts:
+                for medusa in (True, False):
+                    st = s.generate(p, chat=True, max_new_tokens=128, medusa=medusa).stats
+                    tot[medusa][0] += st.new_tokens - 1
+                    tot[medusa][1] += st.total_seconds - st.prefill_seconds
+                    tot[medusa][2] += st.steps
+        m, p = tot[True], tot[False]
+        print(f"measured on {len(prompts)} held-out prompts: Medusa {m[0] / m[1]:.1f} tok/s "
+              f"({m[0] / max(m[2], 1):.2f} tokens/step) vs plain {p[0] / p[1]:.1f} tok/s; predicted "
+              f"{best.tokens_per_second:.1f} vs {1 / info.plain_step_seconds:.1f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medusa-rt", description="Medusa speculative decoding runtime")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -143,6 +275,68 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("info", help="load a model and print the engine's facts as JSON")
     engine_args(sp)
     sp.set_defaults(fn=_cmd_info)
+
+    sp = sub.add_parser("train-heads", help="train Medusa heads by self-distillation (needs torch: medusa_rt[train])")
+    sp.add_argument("out", help="heads file to write (runtime format; use with --medusa-heads or export-heads)")
+    engine_args(sp)
+    sp.add_argument("--work-dir", required=True, help="keeps answers, features and checkpoints (resumable)")
+    sp.add_argument("--prompts", type=int, default=1400, help="training prompts the model answers")
+    sp.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit")
+    sp.add_argument("--batch", type=int, default=8, help="answers generated at once")
+    sp.add_argument("--heads", type=int, default=4)
+    sp.add_argument("--layers", type=int, default=1, help="residual blocks per head")
+    sp.add_argument("--layout", choices=["shared", "own"], default="shared",
+                    help="shared: heads use the base lm_head (small file); own: a projection per head")
+    sp.add_argument("--epochs", type=float, default=2.0)
+    sp.add_argument("--lr", type=float, default=1e-3)
+    sp.add_argument("--batch-size", type=int, default=256, help="training rows per step")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    sp.add_argument("--tree-nodes", type=int, default=64, help="nodes of the fitted default tree")
+    sp.add_argument("--draft-coverage", type=float, default=0.995,
+                    help="heads rank only the most frequent answer tokens covering this fraction (1: all)")
+    sp.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    sp.set_defaults(fn=_cmd_train_heads)
+
+    sp = sub.add_parser("fit-tree", help="grow the tree that maximises expected accepted length for measured heads")
+    engine_args(sp)
+    sp.add_argument("--nodes", type=int, default=64, help="tree nodes, root included")
+    sp.add_argument("--table", help="JSON accuracy table [head][rank] (or a train-heads report.json)")
+    sp.add_argument("--answers", help="held-out answers.jsonl to measure the heads' accuracy on")
+    sp.add_argument("--medusa-heads", help="heads file to measure (default: the model's own)")
+    sp.add_argument("--top-k", type=int, default=10, help="ranks measured per head")
+    sp.add_argument("--max-depth", type=int, default=None)
+    sp.add_argument("--max-children", type=int, default=None)
+    sp.add_argument("--write", help="heads file whose default tree (and accuracy table) to set")
+    sp.set_defaults(fn=_cmd_fit_tree)
+
+    sp = sub.add_parser("eval-heads", help="tokens per step per category on held-out prompts")
+    engine_args(sp)
+    sp.add_argument("--prompts", help="evaluation prompts JSON (default: the shipped held-out set)")
+    sp.add_argument("--medusa-heads", help="heads file to use instead of the model's own")
+    sp.add_argument("--tree", help="tree: a built-in name or a JSON list of paths (default: the heads' own)")
+    sp.add_argument("--max-new-tokens", "-n", type=int, default=128)
+    sp.add_argument("--limit", type=int, default=0, help="only the first N prompts")
+    sp.add_argument("--check", action="store_true", help="also decode plainly and require identical answers")
+    sp.add_argument("--json", help="write the full results (per prompt) to this file")
+    sp.set_defaults(fn=_cmd_eval_heads)
+
+    sp = sub.add_parser("calibrate", help="size the Medusa tree to this machine: step costs vs expected tokens")
+    engine_args(sp)
+    sp.add_argument("--max-nodes", type=int, default=64, help="largest tree considered")
+    sp.add_argument("--measure", type=int, default=4, metavar="N",
+                    help="then generate N held-out prompts with and without Medusa (0: skip)")
+    sp.set_defaults(fn=_cmd_calibrate)
+
+    sp = sub.add_parser("bench", help="benchmark suite: decode, Medusa, verify steps, prefill, peers (JSON)")
+    sp.add_argument("--model", "-m", default="smollm2-135m", help="registry name or model directory")
+    sp.add_argument("--new-tokens", type=int, default=128)
+    sp.add_argument("--repeats", type=int, default=1, help="passes over the decode prompts")
+    sp.add_argument("--prompts", type=int, default=12, help="held-out prompts for the Medusa comparison")
+    sp.add_argument("--tree", help="Medusa tree (default: the engine's own, auto-sized when possible)")
+    sp.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
+    sp.add_argument("--json", help="write the JSON here instead of stdout")
+    sp.set_defaults(fn=_cmd_bench)
     return p
 
 

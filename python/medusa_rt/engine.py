@@ -104,9 +104,12 @@ class Engine:
         prefill_chunk: prompt tokens per forward during prefill.
         medusa_heads: a ``medusa_heads.safetensors`` file to use instead of the model
             directory's own (see ``medusa-rt export --medusa-heads``).
-        tree: the Medusa tree: a built-in name (``TreeSpec.builtin_names()``, ``"chain-N"``) or a
-            list of paths of ranks; default: the heads' own tree, else ``mc_sim_7b_63`` cut to
-            the number of heads.
+        tree: the Medusa tree: a built-in name (``TreeSpec.builtin_names()``, ``"chain-N"``), a
+            list of paths of ranks, or ``"auto"``: the tree sized to this machine from the heads'
+            accuracy table (trees fitted to it are timed at creation; ``info.calibration``);
+            default: ``"auto"`` for heads with an accuracy table, else the heads' own tree, else
+            ``mc_sim_7b_63`` cut to the number of heads.
+        auto_tree_max_nodes: the largest tree ``"auto"`` considers.
         medusa_top_k: candidates kept per head (tree ranks must be below it).
         medusa_max_batch: a decode step shared by more sequences than this verifies no trees
             (speculation stops paying once a step is compute-bound); 0 = never; None = measure
@@ -133,6 +136,7 @@ class Engine:
         medusa_heads: Union[None, str, "os.PathLike[str]"] = None,
         tree: Tree = None,
         medusa_top_k: int = 10,
+        auto_tree_max_nodes: int = 64,
         medusa_max_batch: Optional[int] = None,
         medusa_expected_tokens_per_step: Optional[float] = None,
         progress: bool = True,
@@ -148,6 +152,7 @@ class Engine:
             except TypeError:
                 raise InvalidArgumentError("tree must be a tree name or a list of paths (lists of ranks)") from None
         options.medusa_top_k = _check_int("medusa_top_k", medusa_top_k)
+        options.auto_tree_max_nodes = _check_int("auto_tree_max_nodes", auto_tree_max_nodes)
         options.medusa_max_batch = -1 if medusa_max_batch is None else _check_int("medusa_max_batch", medusa_max_batch)
         if medusa_expected_tokens_per_step is not None:
             options.medusa_expected_tokens_per_step = _check_float(
@@ -380,6 +385,11 @@ class Session:
         """Appends ``tokens`` to the session's context and returns logits, shape
         ``[len(tokens), vocab]`` if ``all_logits`` else ``[1, vocab]`` (the last token's)."""
         return self._core().forward([_check_int("token", t) for t in tokens], all_logits)
+
+    def hidden_states(self, tokens: Sequence[int]) -> np.ndarray:
+        """Appends ``tokens`` to the session's context and returns the final normed hidden
+        states of every one, shape ``[len(tokens), hidden_size]`` (what Medusa heads read)."""
+        return self._core().hidden_states([_check_int("token", t) for t in tokens])
 
     def reset(self) -> None:
         """Clears the session's context."""

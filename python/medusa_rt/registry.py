@@ -21,12 +21,15 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from importlib import resources
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InvalidArgumentError, ModelFormatError, ModelNotFoundError
 from .export import export_model, is_complete_export, is_medusa_export
+from .export.medusa_heads import HEADS_FILE
+from .export.writer import record_in_manifest
 
 __all__ = [
     "KNOWN_MODELS",
@@ -54,6 +57,7 @@ class KnownModel:
     description: str = ""
     license: str = ""
     export_dtype: str = "auto"
+    heads: str = ""  # Medusa heads shipped inside medusa_rt (package resource path), installed on pull
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -74,8 +78,11 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         description="SmolLM2-135M-Instruct (HuggingFaceTB), Q4_1 GGUF dequantized to float32; "
                     "Llama architecture, 30 layers, d=576, GQA 9/3, vocab 49152, ChatML",
         license="Apache-2.0",
+        heads="data/smollm2-135m/medusa_heads.safetensors",
     ),
 }
+
+SHIPPED_SOURCE = "medusa_rt shipped heads"  # metadata "source" of heads files installed by pull
 
 
 def cache_dir() -> Path:
@@ -205,11 +212,12 @@ def pull(name: str, *, force: bool = False, progress: bool = True) -> Path:
     into the cache first when it is missing, incomplete or ``force`` is set."""
     model = _known(name)
     out = _model_dir(model)
-    if not force and is_complete_export(out):
+    if not force and is_complete_export(out) and _heads_current(model, out):
         return out
     root = cache_dir()
     with _locked(root, model.name):
         if not force and is_complete_export(out):  # another process finished it meanwhile
+            _install_heads(model, out, progress)
             return out
         _clean_stale(root, model.name)
         if out.exists() or out.is_symlink():
@@ -232,8 +240,55 @@ def pull(name: str, *, force: bool = False, progress: bool = True) -> Path:
                          name=model.name)
         if not is_complete_export(out):  # pragma: no cover - export_model guarantees it
             raise ModelFormatError(f"{out}: export finished but the directory is incomplete")
+        _install_heads(model, out, progress)
         _say(progress, f"ready: {out}")
         return out
+
+
+def _shipped_heads(model: KnownModel) -> bytes | None:
+    if not model.heads:
+        return None
+    try:
+        return resources.files("medusa_rt").joinpath(model.heads).read_bytes()
+    except (OSError, FileNotFoundError):
+        return None
+
+
+def _heads_current(model: KnownModel, out: Path) -> bool:
+    """False when the model's shipped heads should be (re)installed into its cache directory:
+    none there, or shipped heads of another version. Heads a user put there are left alone."""
+    shipped = _shipped_heads(model)
+    if shipped is None:
+        return True
+    path = out / HEADS_FILE
+    if not path.is_file():
+        return False
+    try:
+        current = path.read_bytes()
+    except OSError:
+        return False
+    if current == shipped:
+        return True
+    try:
+        from .export.safetensors_io import SafetensorsFile
+
+        with SafetensorsFile(path) as f:
+            return f.metadata.get("source") != SHIPPED_SOURCE
+    except Exception:  # unreadable heads in our cache: replace them
+        return False
+
+
+def _install_heads(model: KnownModel, out: Path, progress: bool) -> None:
+    """Copies the shipped heads into the cache directory (atomically, manifest updated)."""
+    if _heads_current(model, out):
+        return
+    data = _shipped_heads(model)
+    assert data is not None
+    tmp = out / (HEADS_FILE + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, out / HEADS_FILE)
+    record_in_manifest(out, HEADS_FILE, len(data))
+    _say(progress, f"installed the shipped Medusa heads into {out}")
 
 
 def _remove(path: Path) -> None:

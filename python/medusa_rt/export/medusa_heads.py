@@ -22,7 +22,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -35,9 +35,9 @@ from .safetensors_io import (
     safetensors_dtype_name,
     write_safetensors,
 )
-from .writer import COMPLETE_MARKER, is_medusa_export, read_manifest
+from .writer import is_medusa_export, record_in_manifest
 
-__all__ = ["HEADS_FILE", "export_medusa_heads", "find_head_source", "load_head_tensors"]
+__all__ = ["HEADS_FILE", "export_medusa_heads", "find_head_source", "load_head_tensors", "write_heads_file"]
 
 HEADS_FILE = "medusa_heads.safetensors"
 _KEY = re.compile(r"^(?:medusa_head\.)?(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
@@ -186,15 +186,37 @@ def export_medusa_heads(
     out = root / HEADS_FILE
     if out.exists() and not overwrite:
         raise InvalidArgumentError(f"{out} exists; pass overwrite=True to replace it")
+    size = write_heads_file(load_head_tensors(src), out, hidden=hidden, vocab=vocab, dtype=dtype,
+                            default_tree=default_tree, source=str(Path(src).expanduser().absolute()),
+                            where=str(src), progress=progress)
+    record_in_manifest(root, HEADS_FILE, size)  # keep the completion manifest in step with the files
+    return out
+
+
+def write_heads_file(
+    tensors: Dict[str, np.ndarray],
+    out: Path,
+    *,
+    hidden: int,
+    vocab: int,
+    dtype: str,
+    default_tree: TreeArg = None,
+    extra_metadata: Optional[Dict[str, str]] = None,
+    draft_vocab: Optional[np.ndarray] = None,
+    source: str = "",
+    where: str = "",
+    progress: bool = True,
+) -> int:
+    """Writes heads given by name in the published layouts (``{h}.{l}.linear.weight`` / ``.bias``,
+    optional ``{h}.{L}.weight``) as a runtime heads file at ``out`` (atomically), checking shapes
+    against ``hidden`` / ``vocab``. ``draft_vocab`` (increasing token ids; shared lm_head only) is
+    the sub-vocabulary the heads rank. Returns the file's size in bytes."""
+    where = where or str(out)
+    safetensors_dtype_name(dtype)  # validates dtype
     tree_meta = ""
     if default_tree is not None:
-        if isinstance(default_tree, str):
-            tree_meta = default_tree
-        else:
-            tree_meta = json.dumps([[int(r) for r in p] for p in default_tree])
-
-    tensors = load_head_tensors(src)
-    where = str(src)
+        tree_meta = default_tree if isinstance(default_tree, str) else json.dumps(
+            [[int(r) for r in p] for p in default_tree])
     num_heads, num_layers, shared = _structure(tensors, where)
     if num_layers < 1:
         raise ModelFormatError(f"{where}: Medusa heads without residual blocks are not supported")
@@ -224,6 +246,15 @@ def export_medusa_heads(
         if not shared:
             add(f"medusa.{h}.lm_head.weight", check(f"{h}.{num_layers}.weight", (vocab, hidden)), dtype)
 
+    if draft_vocab is not None:
+        ids = np.asarray(draft_vocab, dtype=np.int64)
+        if not shared or ids.ndim != 1 or ids.size < 1 or ids.min() < 0 or ids.max() >= vocab or \
+                np.any(np.diff(ids) <= 0):
+            raise InvalidArgumentError(f"{where}: a draft vocabulary must be increasing token ids in [0, {vocab}) "
+                                       "and needs a shared lm_head")
+        ids32 = ids.astype("<i4")
+        items.append(TensorToWrite("medusa.draft_vocab", "I32", (int(ids32.size),), lambda: ids32))
+
     metadata = {
         "format": "medusa_rt_heads",
         "format_version": "1",
@@ -233,25 +264,38 @@ def export_medusa_heads(
         "hidden_size": str(hidden),
         "vocab_size": str(vocab),
         "default_tree": tree_meta,
-        "source": str(Path(src).expanduser().absolute()),
+        "source": source,
     }
-    tmp = root / (HEADS_FILE + ".tmp")
+    metadata.update(extra_metadata or {})
+    tmp = out.with_name(out.name + ".tmp")
     try:
         size = write_safetensors(tmp, items, metadata=metadata)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
             tmp.unlink()
-    # Keep the completion manifest of the directory in step with its files.
-    manifest = read_manifest(root)
-    if manifest is not None:
-        manifest[HEADS_FILE] = size
-        marker_tmp = root / (COMPLETE_MARKER + ".tmp")
-        marker_tmp.write_text(json.dumps({"files": manifest}, indent=1))
-        os.replace(marker_tmp, root / COMPLETE_MARKER)
     if progress:
         import sys
 
         print(f"[medusa_rt] wrote {num_heads} Medusa heads ({num_layers} block(s) each, "
               f"{'shared' if shared else 'own'} lm_head) to {out}", file=sys.stderr)
-    return out
+    return size
+
+
+def update_heads_metadata(path: Union[str, os.PathLike], updates: Dict[str, str]) -> None:
+    """Rewrites a runtime heads file with some metadata entries replaced (atomically; tensors
+    unchanged)."""
+    path = Path(path)
+    with SafetensorsFile(path) as f:
+        meta = dict(f.metadata)
+        if meta.get("format") != "medusa_rt_heads":
+            raise ModelFormatError(f"{path}: not a medusa_rt heads file")
+        items = [TensorToWrite(n, f.dtype(n), tuple(f.shape(n)), lambda a=np.array(f.get(n)): a) for n in f.keys()]
+    meta.update({k: str(v) for k, v in updates.items()})
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write_safetensors(tmp, items, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -248,6 +248,19 @@ def read_manifest(path: str | os.PathLike) -> dict[str, int] | None:
         return None
 
 
+def record_in_manifest(path: str | os.PathLike, name: str, size: int) -> None:
+    """Adds (or updates) one file of a finished export in its completion manifest (atomically);
+    a directory without a manifest is left as it is."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    if manifest is None:
+        return
+    manifest[name] = int(size)
+    tmp = root / (COMPLETE_MARKER + ".tmp")
+    tmp.write_text(json.dumps({"files": manifest}, indent=1))
+    os.replace(tmp, root / COMPLETE_MARKER)
+
+
 def is_complete_export(path: str | os.PathLike) -> bool:
     """True when ``path`` is a finished medusa_rt export: the manifest exists, lists config.json
     and a weights file, and every listed file exists with the recorded size."""

@@ -1,0 +1,282 @@
+"""``medusa-rt bench``: the CPU benchmark suite, every number measured in one run on one machine.
+
+Sections (SmolLM2-135M by default, greedy, 128 new tokens):
+
+- machine: CPU, cores, streaming read bandwidth (all cores, measured here);
+- decode: engine autoregressive decode tokens/s with fp32, bf16 and fp16 weights, next to the
+  memory-bandwidth bound (weight bytes per token / measured bandwidth);
+- medusa: engine with the model's Medusa heads and its tree (``auto`` = sized to this machine)
+  against plain decoding of the same prompts (held-out evaluation prompts; greedy, so both produce
+  the same tokens): tokens/s, tokens per step, speedup;
+- verify: one verify step's latency against tree size (first nodes of mc_sim_7b_63) next to a
+  plain decode step;
+- prefill: prompt tokens/s (512-token prompt);
+- peers: HF transformers fp32 decode (needs torch + transformers), llama.cpp through
+  ``llama-cpp-python`` when it is installed (else reported as skipped).
+
+JSON goes to stdout (or ``--json FILE``), a readable table and progress to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from . import _core
+from .engine import Engine
+
+DECODE_PROMPTS = [
+    "Explain in a few sentences why the sky is blue.",
+    "Write a short story about a robot who learns to paint.",
+    "List five tips for writing clean Python code.",
+]
+TREE_SIZES = [1, 2, 4, 8, 16, 32, 64]
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _chat_ids(engine: Engine, texts: Sequence[str]) -> List[List[int]]:
+    tok = engine.tokenizer
+    return [tok.encode(tok.apply_chat_template(t), add_special_tokens=False) for t in texts]
+
+
+def bench_decode(model: str, dtype: str, new_tokens: int, repeats: int, bandwidth: float) -> Dict:
+    engine = Engine(model, dtype=dtype, max_seq_len=1024, medusa_max_batch=0, progress=False)
+    prompts = _chat_ids(engine, DECODE_PROMPTS)
+    decode = []
+    with engine.session() as s:
+        s.generate(prompts[0], max_new_tokens=8, ignore_eos=True, medusa=False)  # warm-up
+        for _ in range(repeats):
+            for p in prompts:
+                r = s.generate(p, max_new_tokens=new_tokens, ignore_eos=True, medusa=False)
+                decode.append(r.stats.decode_tokens_per_second)
+    # Bytes read per token: the model's weights without the heads and without the embedding
+    # table (one row is gathered), plus the lm_head (tied: the same table, read in full).
+    info = engine.info
+    elem = 4 if dtype == "fp32" else 2
+    cfg = json.loads((engine.model_dir / "config.json").read_text())
+    embed = info.vocab_size * info.hidden_size * elem
+    body = _model_weight_bytes(cfg, elem)
+    per_token = body - embed + (embed if cfg.get("tie_word_embeddings") else 0)
+    bound = bandwidth / per_token
+    tps = statistics.median(decode)
+    log(f"decode {dtype}: {tps:.1f} tok/s (bound {bound:.1f}, {100 * tps / bound:.0f}%)")
+    return {"tokens_per_second": tps, "samples": len(decode), "bytes_per_token": per_token,
+            "bandwidth_bound_tokens_per_second": bound, "fraction_of_bound": tps / bound}
+
+
+def _model_weight_bytes(cfg: Dict, elem: int) -> int:
+    """Bytes of every weight matrix of the model (embedding included, lm_head if untied)."""
+    h, f, L, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    q = cfg["num_attention_heads"] * cfg["head_dim"]
+    kv = cfg["num_key_value_heads"] * cfg["head_dim"]
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * f
+    return elem * (L * per_layer + v * h * (1 if cfg.get("tie_word_embeddings") else 2))
+
+
+def bench_medusa(model: str, dtype: str, prompts: Sequence[str], new_tokens: int, tree: Optional[str]) -> Dict:
+    engine = Engine(model, dtype=dtype, max_seq_len=1024, tree=tree, progress=False)
+    info = engine.info
+    if not info.medusa_heads:
+        return {"skipped": f"{model} has no Medusa heads"}
+    ids = _chat_ids(engine, prompts)
+    out: Dict[str, object] = {"tree": info.tree, "tree_nodes": info.tree_nodes, "medusa_max_batch": info.medusa_max_batch,
+                              "calibration": [{"nodes": c.nodes, "expected_tokens_per_step": c.expected_tokens_per_step,
+                                               "step_ms": 1e3 * c.step_seconds,
+                                               "predicted_tokens_per_second": c.tokens_per_second}
+                                              for c in info.calibration],
+                              "plain_step_ms": 1e3 * info.plain_step_seconds}
+    tot = {"medusa": [0, 0.0, 0], "plain": [0, 0.0, 0]}  # decode tokens, decode seconds, steps
+    same = 0
+    with engine.session() as s:
+        s.generate(ids[0], max_new_tokens=4, medusa=True)  # warm-up
+        for p in ids:
+            m = s.generate(p, max_new_tokens=new_tokens, medusa=True)
+            q = s.generate(p, max_new_tokens=new_tokens, medusa=False)
+            same += int(m.tokens == q.tokens)
+            for key, r in (("medusa", m), ("plain", q)):
+                st = r.stats
+                tot[key][0] += st.new_tokens - 1
+                tot[key][1] += st.total_seconds - st.prefill_seconds
+                tot[key][2] += st.steps
+    for key, (n, secs, steps) in tot.items():
+        out[key] = {"tokens_per_second": n / max(secs, 1e-9), "tokens_per_step": n / max(steps, 1)}
+    out["speedup"] = out["medusa"]["tokens_per_second"] / out["plain"]["tokens_per_second"]  # type: ignore[index]
+    out["identical_outputs"] = f"{same}/{len(ids)}"
+    log(f"medusa {dtype}: {out['medusa']['tokens_per_second']:.1f} tok/s vs plain "  # type: ignore[index]
+        f"{out['plain']['tokens_per_second']:.1f} ({out['speedup']:.2f}x), "  # type: ignore[index]
+        f"{out['medusa']['tokens_per_step']:.2f} tokens/step, tree {info.tree}")  # type: ignore[index]
+    return out
+
+
+def bench_verify(model: str, dtype: str) -> Dict:
+    engine = Engine(model, dtype=dtype, max_seq_len=1024, tree="mc_sim_7b_63", medusa_max_batch=0, progress=False)
+    if not engine.info.medusa_heads:
+        return {"skipped": f"{model} has no Medusa heads"}
+    rows = []
+    plain = None
+    for n in TREE_SIZES:
+        fwd, heads = _core._testing.time_tree_step(engine._engine, n, 5)
+        ms = 1e3 * (fwd + heads)
+        if n == 1:
+            plain = ms
+        rows.append({"nodes": n, "forward_ms": 1e3 * fwd, "heads_ms": 1e3 * heads, "step_ms": ms,
+                     "x_decode_step": ms / plain if plain else 1.0})
+    log("verify: " + ", ".join(f"{r['nodes']}: {r['x_decode_step']:.2f}x" for r in rows))
+    return {"tree": "mc_sim_7b_63 (first nodes)", "rows": rows}
+
+
+def bench_prefill(model: str, dtype: str, tokens: int = 512) -> Dict:
+    engine = Engine(model, dtype=dtype, max_seq_len=tokens + 16, medusa_max_batch=0, progress=False)
+    text = " ".join(DECODE_PROMPTS * 40)
+    ids = engine.tokenizer.encode(text)[:tokens]
+    best = 1e30
+    with engine.session() as s:
+        for _ in range(2):
+            r = s.generate(ids, max_new_tokens=1, medusa=False)
+            best = min(best, r.stats.prefill_seconds)
+    log(f"prefill {dtype}: {len(ids) / best:.0f} tok/s")
+    return {"prompt_tokens": len(ids), "tokens_per_second": len(ids) / best}
+
+
+def bench_hf(model_dir: Path, new_tokens: int, repeats: int) -> Dict:
+    try:
+        import torch
+        from safetensors.torch import load_file
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError as exc:
+        return {"skipped": f"needs torch and transformers ({exc})"}
+    cfg = json.loads((model_dir / "config.json").read_text())
+    hf_cfg = LlamaConfig(
+        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
+        num_key_value_heads=cfg["num_key_value_heads"], head_dim=cfg["head_dim"],
+        max_position_embeddings=cfg["max_position_embeddings"], rms_norm_eps=cfg["rms_norm_eps"],
+        rope_theta=cfg["rope"]["theta"], tie_word_embeddings=cfg["tie_word_embeddings"],
+    )
+    model = LlamaForCausalLM(hf_cfg).eval()
+    state = {k: v.float() for k, v in load_file(str(model_dir / "model.safetensors")).items()}
+    model.load_state_dict(state, strict=False)
+    if cfg["tie_word_embeddings"]:
+        model.tie_weights()
+    eng = Engine(model_dir, dtype="fp32", max_seq_len=64, medusa_max_batch=0, progress=False)
+    prompts = _chat_ids(eng, DECODE_PROMPTS)
+    del eng
+
+    def run(ids: List[int], n: int) -> float:
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                 pad_token_id=0)
+        assert out.shape[1] == len(ids) + n
+        return time.perf_counter() - t
+
+    run(prompts[0], 4)  # warm-up
+    decode = []
+    for _ in range(repeats):
+        for p in prompts:
+            t_first = run(p, 1)
+            t_all = run(p, new_tokens)
+            decode.append((new_tokens - 1) / max(t_all - t_first, 1e-9))
+    tps = statistics.median(decode)
+    log(f"hf transformers fp32: {tps:.1f} tok/s")
+    return {"tokens_per_second": tps, "samples": len(decode), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
+def bench_llama_cpp() -> Dict:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return {"skipped": "llama-cpp-python is not installed (pip install llama-cpp-python builds llama.cpp "
+                           "from source); not measured"}
+    return {"skipped": "llama-cpp-python is installed but this suite has no F32/BF16 GGUF writer for the "
+                       "runtime weights yet; not measured"}
+
+
+def run_suite(model: str = "smollm2-135m", *, new_tokens: int = 128, repeats: int = 1, medusa_prompts: int = 12,
+              hf: bool = True, dtypes: Sequence[str] = ("fp32", "bf16", "fp16"), tree: Optional[str] = None) -> Dict:
+    from .train.evaluate import load_eval_prompts
+
+    t0 = time.time()
+    first = Engine(model, dtype="bf16", max_seq_len=64, medusa_max_batch=0)  # resolves / pulls the model once
+    model_dir = first.model_dir
+    threads = first.info.num_threads
+    del first
+    bw = _core._testing.stream_bandwidth(1 << 29, threads, 3)
+    log(f"streaming read bandwidth: {bw / 1e9:.1f} GB/s ({threads} threads)")
+    report: Dict[str, object] = {
+        "benchmark": "medusa-rt bench",
+        "model": model,
+        "new_tokens": new_tokens,
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads,
+                    "stream_read_GBps": bw / 1e9},
+    }
+    report["decode"] = {d: bench_decode(model, d, new_tokens, repeats, bw) for d in dtypes}
+    prompts = [p for _, p in load_eval_prompts()][:: max(1, 64 // max(1, medusa_prompts))][:medusa_prompts]
+    report["medusa"] = {d: bench_medusa(model, d, prompts, new_tokens, tree) for d in ("bf16", "fp32")}
+    report["verify_bf16"] = bench_verify(model, "bf16")
+    report["prefill"] = {d: bench_prefill(model, d) for d in ("bf16", "fp32")}
+    report["peers"] = {"hf_transformers_fp32": bench_hf(Path(model_dir), new_tokens, repeats) if hf
+                       else {"skipped": "--no-hf"}, "llama_cpp": bench_llama_cpp()}
+    ratios: Dict[str, float] = {}
+    dec = report["decode"]
+    med = report["medusa"]
+    for d in ("bf16", "fp32"):
+        if "speedup" in med[d]:  # type: ignore[index]
+            ratios[f"medusa_vs_plain_{d}"] = med[d]["speedup"]  # type: ignore[index]
+    hf_res = report["peers"]["hf_transformers_fp32"]  # type: ignore[index]
+    if "tokens_per_second" in hf_res:
+        for d in dtypes:
+            ratios[f"decode_{d}_vs_hf_fp32"] = dec[d]["tokens_per_second"] / hf_res["tokens_per_second"]  # type: ignore[index]
+        if "medusa" in med["fp32"]:  # type: ignore[index]
+            ratios["medusa_fp32_vs_hf_fp32"] = med["fp32"]["medusa"]["tokens_per_second"] / hf_res["tokens_per_second"]  # type: ignore[index]
+    for d in dtypes:
+        ratios[f"decode_{d}_fraction_of_bandwidth_bound"] = dec[d]["fraction_of_bound"]  # type: ignore[index]
+    report["ratios"] = ratios
+    report["seconds"] = time.time() - t0
+    return report
+
+
+def print_table(r: Dict, file=sys.stderr) -> None:
+    m = r["machine"]
+    print(f"\nmachine: {m['cpu']}, {m['cores']} cores ({m['threads']} threads), stream read {m['stream_read_GBps']:.1f} GB/s",
+          file=file)
+    print(f"{'decode':<10} {'tok/s':>8} {'bound':>8} {'of bound':>9}", file=file)
+    for d, x in r["decode"].items():
+        print(f"{d:<10} {x['tokens_per_second']:>8.1f} {x['bandwidth_bound_tokens_per_second']:>8.1f} "
+              f"{100 * x['fraction_of_bound']:>8.0f}%", file=file)
+    print(f"{'medusa':<10} {'tree':>10} {'tok/s':>8} {'plain':>8} {'speedup':>8} {'tok/step':>9}", file=file)
+    for d, x in r["medusa"].items():
+        if "speedup" in x:
+            print(f"{d:<10} {x['tree']:>10} {x['medusa']['tokens_per_second']:>8.1f} {x['plain']['tokens_per_second']:>8.1f} "
+                  f"{x['speedup']:>7.2f}x {x['medusa']['tokens_per_step']:>9.2f}", file=file)
+        else:
+            print(f"{d:<10} {x.get('skipped')}", file=file)
+    v = r["verify_bf16"]
+    if "rows" in v:
+        print("verify step (bf16), x decode step: " + "  ".join(f"{row['nodes']}: {row['x_decode_step']:.2f}"
+                                                            for row in v["rows"]), file=file)
+    print("prefill tok/s: " + ", ".join(f"{d} {x['tokens_per_second']:.0f}" for d, x in r["prefill"].items()), file=file)
+    for name, x in r["peers"].items():
+        print(f"peer {name}: " + (f"{x['tokens_per_second']:.1f} tok/s" if "tokens_per_second" in x else x["skipped"]),
+              file=file)
+    print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items()), file=file)

@@ -1,0 +1,210 @@
+"""Self-distillation data: the base model answers the training prompts through the engine.
+
+Stage 1 (:func:`generate_answers`) writes ``answers.jsonl`` (one record per prompt: category,
+prompt, prompt token ids, the model's greedy answer's token ids), appended as requests finish, so an
+interrupted run resumes where it stopped. Stage 2 (:func:`extract_hidden_states`) runs every
+prompt + answer through the engine once more and stores the final hidden states that the heads
+read at inference (the engine's own numerics, so training sees exactly what the heads will see),
+with the answer tokens the heads must predict.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import InvalidArgumentError
+
+ANSWERS = "answers.jsonl"
+FEATURES = "features.npz"
+
+
+class Progress:
+    """A one-line progress display on stderr (rate and ETA), quiet when disabled."""
+
+    def __init__(self, total: int, what: str, enabled: bool = True, unit: str = "") -> None:
+        self.total, self.what, self.enabled, self.unit = total, what, enabled, unit
+        self.done = 0
+        self.t0 = time.time()
+        self._last = 0.0
+
+    def update(self, n: int = 1, extra: str = "") -> None:
+        self.done += n
+        now = time.time()
+        if not self.enabled or (now - self._last < 0.5 and self.done < self.total):
+            return
+        self._last = now
+        rate = self.done / max(now - self.t0, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        sys.stderr.write(f"\r[medusa_rt] {self.what}: {self.done}/{self.total} {self.unit}"
+                         f" ({rate:.1f}/s, ETA {eta:.0f} s) {extra}   ")
+        sys.stderr.flush()
+
+    def close(self, extra: str = "") -> None:
+        if self.enabled:
+            sys.stderr.write(f"\r[medusa_rt] {self.what}: {self.done}/{self.total} {self.unit} in "
+                             f"{time.time() - self.t0:.0f} s {extra}   \n")
+
+
+def read_answers(path: Path) -> List[dict]:
+    """Records of an answers file; a torn last line (an interrupted write) is ignored."""
+    out: List[dict] = []
+    if not path.exists():
+        return out
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return out
+
+
+def generate_answers(engine, prompts: Sequence[Tuple[str, str]], out_dir: Path, *, max_new_tokens: int = 256,
+                     chunk: int = 64, progress: bool = True) -> Path:
+    """Answers every (category, prompt) with the engine (greedy, chat template, batched over the
+    engine's slots) into ``out_dir/answers.jsonl``. Prompts already answered there are skipped."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / ANSWERS
+    records = read_answers(path)
+    # Rewrite a file with a torn last line so that appends stay line-aligned.
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    done = {r["prompt"] for r in records}
+    todo = [(c, p) for c, p in prompts if p not in done]
+    tok = engine.tokenizer
+    bar = Progress(len(prompts), "answering prompts", progress, "prompts")
+    bar.done = len(prompts) - len(todo)
+    new_tokens = 0
+    t0 = time.time()
+    with open(path, "a") as f:
+        for i in range(0, len(todo), chunk):
+            part = todo[i:i + chunk]
+            ids = [tok.encode(tok.apply_chat_template(p), add_special_tokens=False) for _, p in part]
+            results = engine.generate_batch(ids, max_new_tokens=max_new_tokens, medusa=False)
+            for (cat, p), pid, res in zip(part, ids, results):
+                f.write(json.dumps({"category": cat, "prompt": p, "prompt_ids": pid, "answer_ids": res.tokens}) + "\n")
+                new_tokens += len(res.tokens)
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(part), f"{new_tokens / max(time.time() - t0, 1e-9):.0f} tok/s")
+    bar.close()
+    return path
+
+
+@dataclass
+class Features:
+    """Training rows: ``hidden[i]`` is the final hidden state at a position whose next token
+    starts or continues an answer; ``labels[i, k]`` the token head k must predict there (the one
+    k + 2 positions ahead), -1 past the answer's end; ``record[i]`` the answer it came from."""
+
+    hidden: np.ndarray  # [N, H] float16
+    labels: np.ndarray  # [N, K] int32
+    record: np.ndarray  # [N] int32
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, hidden=self.hidden, labels=self.labels, record=self.record)
+        os.replace(tmp, path)
+
+    @staticmethod
+    def load(path: Path) -> "Features":
+        with np.load(path) as z:
+            return Features(z["hidden"], z["labels"], z["record"])
+
+
+def head_labels(answer: Sequence[int], num_heads: int) -> np.ndarray:
+    """Labels for the rows of one answer of n tokens: row j is the position of token j - 1 of the
+    answer (j = 0: the prompt's last token), whose head k predicts answer token j + 1 + k."""
+    n = len(answer)
+    a = np.asarray(answer, dtype=np.int32)
+    out = np.full((n, num_heads), -1, dtype=np.int32)
+    for k in range(num_heads):
+        m = n - (1 + k)
+        if m > 0:
+            out[:m, k] = a[1 + k:]
+    return out
+
+
+def extract_hidden_states(engine, records: Sequence[dict], num_heads: int, out_path: Path, *,
+                          progress: bool = True) -> Features:
+    """Final hidden states of every prompt + answer (rows from the prompt's last token on) and the
+    heads' labels. Reuses ``out_path`` when it already holds the same records."""
+    total = sum(len(r["answer_ids"]) for r in records)
+    if out_path.exists():
+        f = Features.load(out_path)
+        if f.hidden.shape[0] == total and f.labels.shape[1] == num_heads:
+            return f
+    H = engine.info.hidden_size
+    hidden = np.empty((total, H), dtype=np.float16)
+    labels = np.empty((total, num_heads), dtype=np.int32)
+    rec = np.empty(total, dtype=np.int32)
+    bar = Progress(total, "hidden states", progress, "tokens")
+    row = 0
+    with engine.session() as s:
+        for i, r in enumerate(records):
+            p, a = r["prompt_ids"], r["answer_ids"]
+            if not a:
+                continue
+            s.reset()
+            h = s.hidden_states(list(p) + list(a[:-1]))
+            n = len(a)
+            hidden[row:row + n] = h[len(p) - 1:]
+            labels[row:row + n] = head_labels(a, num_heads)
+            rec[row:row + n] = i
+            row += n
+            bar.update(n)
+    bar.close()
+    f = Features(hidden[:row], labels[:row], rec[:row])
+    f.save(out_path)
+    return f
+
+
+def check_engine_fits(engine, records: Sequence[dict]) -> None:
+    longest = max((len(r["prompt_ids"]) + len(r["answer_ids"]) for r in records), default=0)
+    if longest > engine.info.max_seq_len:
+        raise InvalidArgumentError(f"a prompt + answer of {longest} tokens exceeds the engine's max_seq_len "
+                                   f"{engine.info.max_seq_len}")
+
+
+def split_records(n: int, held_out: float, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """Record indices for training and validation (a held-out fraction of whole answers)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    n_val = max(1, int(round(n * held_out))) if n > 1 and held_out > 0 else 0
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def limit_records(records: List[dict], limit: Optional[int]) -> List[dict]:
+    return records if limit is None else records[:limit]
+
+
+def draft_vocabulary(records: Sequence[dict], coverage: float, minimum: int = 64) -> Optional[np.ndarray]:
+    """The most frequent answer tokens covering ``coverage`` of all answer tokens (at least
+    ``minimum`` of them), as increasing ids: the heads' draft vocabulary. None for coverage >= 1."""
+    if coverage >= 1.0:
+        return None
+    if not 0 < coverage:
+        raise InvalidArgumentError(f"draft vocabulary coverage must be in (0, 1], got {coverage}")
+    counts: dict = {}
+    for r in records:
+        for t in r["answer_ids"]:
+            counts[t] = counts.get(t, 0) + 1
+    if not counts:
+        return None
+    order = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    total = sum(counts.values())
+    run, n = 0, 0
+    for n, (_, c) in enumerate(order, 1):
+        run += c
+        if run >= coverage * total and n >= minimum:
+            break
+    return np.array(sorted(t for t, _ in order[:n]), dtype=np.int64)

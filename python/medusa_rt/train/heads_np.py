@@ -1,0 +1,118 @@
+"""Medusa heads of a runtime heads file applied in NumPy (accuracy tables without torch).
+
+``p_k(h) = softmax(W_k (h + sum-of-blocks)))``: each block is ``x <- x + SiLU(A x + b)``; W_k is the
+head's own projection or the base model's lm_head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+import numpy as np
+
+from ..errors import ModelFormatError, ModelNotFoundError
+from ..export.safetensors_io import SafetensorsFile, bf16_bits_to_f32
+
+
+def _f32(f: SafetensorsFile, name: str) -> np.ndarray:
+    arr = f.get(name)
+    if f.dtype(name) == "BF16":
+        return bf16_bits_to_f32(arr)
+    return np.asarray(arr, dtype=np.float32)
+
+
+def round_to(arr: np.ndarray, dtype: str) -> np.ndarray:
+    """Float32 values as the engine holds them in ``dtype`` weights ("bf16", "fp16", "fp32")."""
+    from ..export.safetensors_io import f32_to_bf16_bits
+
+    if dtype in ("bf16", "bfloat16"):
+        return bf16_bits_to_f32(f32_to_bf16_bits(arr))
+    if dtype in ("fp16", "float16"):
+        return np.asarray(arr, dtype=np.float16).astype(np.float32)
+    return np.asarray(arr, dtype=np.float32)
+
+
+def load_lm_head(model_dir: Union[str, os.PathLike], dtype: str = "fp32") -> np.ndarray:
+    """The base model's vocabulary projection ``[vocab, hidden]`` from a runtime model directory,
+    rounded to the engine's weight dtype."""
+    root = Path(model_dir)
+    cfg_path = root / "config.json"
+    if not cfg_path.exists():
+        raise ModelNotFoundError(f"{root} is not a medusa_rt model directory (no config.json)")
+    cfg = json.loads(cfg_path.read_text())
+    name = "model.embed_tokens.weight" if cfg.get("tie_word_embeddings") else "lm_head.weight"
+    for p in sorted(root.glob("*.safetensors")):
+        if p.name.startswith("medusa_heads"):
+            continue
+        with SafetensorsFile(p) as f:
+            if name in f:
+                return round_to(_f32(f, name), dtype)
+    raise ModelFormatError(f"{root}: tensor {name} not found in the model's safetensors files")
+
+
+@dataclass
+class RuntimeHeads:
+    blocks: List[List[tuple]]            # [head][layer] -> (weight [H, H], bias [H])
+    projections: Optional[List[np.ndarray]]  # per-head [V, H], None when the lm_head is shared
+    metadata: Dict[str, str]
+    draft_vocab: Optional[np.ndarray] = None  # token ids the heads rank (None: all)
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.blocks)
+
+    @staticmethod
+    def load(path: Union[str, os.PathLike], dtype: str = "fp32") -> "RuntimeHeads":
+        with SafetensorsFile(path) as f:
+            meta = dict(f.metadata)
+            if meta.get("format") != "medusa_rt_heads":
+                raise ModelFormatError(f"{path}: not a medusa_rt heads file (metadata format != medusa_rt_heads)")
+            K, L = int(meta["num_heads"]), int(meta["num_layers"])
+            shared = meta.get("shared_lm_head") == "true"
+            blocks = [[(round_to(_f32(f, f"medusa.{k}.{l}.weight"), dtype), _f32(f, f"medusa.{k}.{l}.bias"))
+                       for l in range(L)] for k in range(K)]
+            proj = None if shared else [round_to(_f32(f, f"medusa.{k}.lm_head.weight"), dtype) for k in range(K)]
+            draft = np.array(f.get("medusa.draft_vocab"), dtype=np.int64) if "medusa.draft_vocab" in f else None
+        return RuntimeHeads(blocks, proj, meta, draft)
+
+    def head_states(self, k: int, hidden: np.ndarray) -> np.ndarray:
+        x = np.asarray(hidden, dtype=np.float32)
+        for w, b in self.blocks[k]:
+            z = x @ w.T + b
+            x = x + z / (1.0 + np.exp(-z))
+        return x
+
+    def top_k(self, hidden: np.ndarray, lm_head: np.ndarray, k_top: int) -> np.ndarray:
+        """Each head's k_top candidates (best first) for every row: ``[heads, rows, k_top]``."""
+        out = np.empty((self.num_heads, hidden.shape[0], k_top), dtype=np.int64)
+        for k in range(self.num_heads):
+            w = lm_head if self.projections is None else self.projections[k]
+            if self.draft_vocab is not None:
+                w = w[self.draft_vocab]
+            logits = self.head_states(k, hidden) @ w.T
+            part = np.argpartition(-logits, k_top - 1, axis=1)[:, :k_top]
+            order = np.argsort(-np.take_along_axis(logits, part, axis=1), axis=1, kind="stable")
+            top = np.take_along_axis(part, order, axis=1)
+            out[k] = top if self.draft_vocab is None else self.draft_vocab[top]
+        return out
+
+
+def accuracy_table(heads: RuntimeHeads, hidden: np.ndarray, labels: np.ndarray, lm_head: np.ndarray,
+                   k_top: int = 10, chunk: int = 1024) -> np.ndarray:
+    """``table[k][r]``: the fraction of rows (with a label for head k) whose label is head k's
+    rank-r candidate."""
+    K = heads.num_heads
+    hits = np.zeros((K, k_top), dtype=np.int64)
+    counts = np.zeros(K, dtype=np.int64)
+    for i in range(0, hidden.shape[0], chunk):
+        top = heads.top_k(hidden[i:i + chunk], lm_head, k_top)
+        lab = labels[i:i + chunk]
+        for k in range(K):
+            valid = lab[:, k] >= 0
+            counts[k] += int(valid.sum())
+            hits[k] += (top[k][valid] == lab[valid, k][:, None]).sum(axis=0)
+    return hits / np.maximum(counts, 1)[:, None]

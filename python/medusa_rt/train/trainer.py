@@ -1,0 +1,256 @@
+"""Medusa-1 head training (torch): the base model is frozen, only the heads learn.
+
+Rows are precomputed final hidden states of the base model (see :mod:`.data`). Head k is
+``W (h + SiLU(A_k h + b_k))`` (one or more residual blocks), with W the base model's lm_head
+(shared, frozen: the heads file stays a few MB) or its own projection initialised from it. Head k at
+a position predicts the token k + 2 ahead; the loss is ``sum_k 0.8^k CE_k``. Blocks start as the
+identity (zero weight and bias), so before training every head predicts the next token.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from ..errors import InvalidArgumentError
+
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("medusa_rt.train needs torch: pip install 'medusa_rt[train]'") from exc
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of a head-training run (recorded in checkpoints and the heads file)."""
+
+    num_heads: int = 4
+    num_layers: int = 1
+    shared_lm_head: bool = True
+    epochs: float = 2.0
+    lr: float = 1e-3
+    batch_size: int = 256
+    weight_decay: float = 0.0
+    decay: float = 0.8          # loss weight of head k is decay**k
+    warmup: float = 0.05        # fraction of steps with a linear warm-up, then cosine to zero
+    seed: int = 0
+    checkpoint_every: int = 200
+    threads: int = 0
+
+    def validate(self) -> None:
+        if self.num_heads < 1 or self.num_layers < 1:
+            raise InvalidArgumentError("num_heads and num_layers must be >= 1")
+        if not self.epochs > 0 or not self.lr > 0 or self.batch_size < 1:
+            raise InvalidArgumentError("epochs and lr must be > 0 and batch_size >= 1")
+        if not 0 < self.decay <= 1 or not 0 <= self.warmup < 1:
+            raise InvalidArgumentError("decay must be in (0, 1] and warmup in [0, 1)")
+
+
+class MedusaHeads(torch.nn.Module):
+    """K heads of L residual blocks over a frozen (shared) or trainable (own) vocabulary projection."""
+
+    def __init__(self, lm_head: torch.Tensor, num_heads: int, num_layers: int, shared: bool) -> None:
+        super().__init__()
+        vocab, hidden = lm_head.shape
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.ModuleList(torch.nn.Linear(hidden, hidden) for _ in range(num_layers)) for _ in range(num_heads))
+        for head in self.blocks:
+            for lin in head:
+                torch.nn.init.zeros_(lin.weight)
+                torch.nn.init.zeros_(lin.bias)
+        self.shared = shared
+        self.register_buffer("lm_head", lm_head, persistent=False)
+        self.proj = None if shared else torch.nn.ParameterList(
+            torch.nn.Parameter(lm_head.clone()) for _ in range(num_heads))
+
+    def states(self, h: torch.Tensor) -> List[torch.Tensor]:
+        out = []
+        for head in self.blocks:
+            x = h
+            for lin in head:
+                x = x + F.silu(lin(x))
+            out.append(x)
+        return out
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits ``[K, rows, vocab]``."""
+        z = self.states(h)
+        if self.shared:
+            return (torch.cat(z) @ self.lm_head.T).view(len(z), h.shape[0], -1)
+        return torch.stack([x @ p.T for x, p in zip(z, self.proj)])
+
+    def layout_tensors(self) -> Dict[str, np.ndarray]:
+        """The heads by their published names (``{h}.{l}.linear.*``, ``{h}.{L}.weight``)."""
+        t: Dict[str, np.ndarray] = {}
+        for k, head in enumerate(self.blocks):
+            for l, lin in enumerate(head):
+                t[f"{k}.{l}.linear.weight"] = lin.weight.detach().float().numpy().copy()
+                t[f"{k}.{l}.linear.bias"] = lin.bias.detach().float().numpy().copy()
+            if self.proj is not None:
+                t[f"{k}.{len(head)}.weight"] = self.proj[k].detach().float().numpy().copy()
+        return t
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    warm = int(total * cfg.warmup)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def head_loss(logits: torch.Tensor, labels: torch.Tensor, decay: float) -> tuple:
+    """Weighted sum of the heads' cross-entropies (rows without a label ignored), and per-head losses."""
+    per = []
+    for k in range(logits.shape[0]):
+        y = labels[:, k]
+        per.append(F.cross_entropy(logits[k], y, ignore_index=-1) if (y >= 0).any() else logits.new_zeros(()))
+    total = sum((decay ** k) * l for k, l in enumerate(per))
+    return total, [float(l.detach()) for l in per]
+
+
+@torch.no_grad()
+def evaluate(model: MedusaHeads, hidden: np.ndarray, labels: np.ndarray, top_k: int = 10,
+             batch: int = 1024, draft_vocab: Optional[np.ndarray] = None) -> Dict[str, object]:
+    """Per-head loss, top-1 / top-5 accuracy and the rank table ``table[k][r]`` on held-out rows.
+    With ``draft_vocab`` the heads rank only those tokens (as the engine does with such heads)."""
+    mask = None
+    if draft_vocab is not None:
+        mask = torch.full((model.lm_head.shape[0],), float("-inf"))
+        mask[torch.from_numpy(np.asarray(draft_vocab, dtype=np.int64))] = 0.0
+    K = len(model.blocks)
+    hits = np.zeros((K, top_k), dtype=np.int64)
+    count = np.zeros(K, dtype=np.int64)
+    loss_sum = np.zeros(K)
+    for i in range(0, hidden.shape[0], batch):
+        h = torch.from_numpy(hidden[i:i + batch].astype(np.float32))
+        y = torch.from_numpy(labels[i:i + batch].astype(np.int64))
+        logits = model(h)
+        top = (logits if mask is None else logits + mask).topk(top_k, dim=-1).indices
+        for k in range(K):
+            valid = y[:, k] >= 0
+            n = int(valid.sum())
+            if n == 0:
+                continue
+            count[k] += n
+            loss_sum[k] += float(F.cross_entropy(logits[k][valid], y[valid, k], reduction="sum"))
+            hits[k] += (top[k][valid] == y[valid, k][:, None]).sum(0).numpy()
+    denom = np.maximum(count, 1)
+    table = hits / denom[:, None]
+    return {
+        "rows": count.tolist(),
+        "loss": (loss_sum / denom).tolist(),
+        "top1": table[:, 0].tolist(),
+        "top5": table[:, :5].sum(1).tolist(),
+        "table": table.tolist(),
+    }
+
+
+class Trainer:
+    """Trains heads on feature rows with checkpoints in ``work_dir`` (resumable)."""
+
+    def __init__(self, cfg: TrainConfig, lm_head: np.ndarray, work_dir: Path, progress: bool = True) -> None:
+        cfg.validate()
+        self.cfg, self.work_dir, self.progress = cfg, Path(work_dir), progress
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.model = MedusaHeads(torch.from_numpy(np.array(lm_head, dtype=np.float32)),
+                                 cfg.num_heads, cfg.num_layers, cfg.shared_lm_head)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.step = 0
+        self.history: List[Dict[str, float]] = []
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.work_dir / "checkpoint.pt"
+
+    def save_checkpoint(self) -> None:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save({"config": asdict(self.cfg), "step": self.step, "model": self.model.state_dict(),
+                    "opt": self.opt.state_dict(), "history": self.history}, tmp)
+        tmp.replace(self.checkpoint_path)
+
+    def try_resume(self) -> bool:
+        """Loads the work dir's checkpoint if there is one; refuses one from different settings."""
+        if not self.checkpoint_path.exists():
+            return False
+        ck = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        mine = asdict(self.cfg)
+        theirs = ck["config"]
+        keys = ("num_heads", "num_layers", "shared_lm_head", "epochs", "lr", "batch_size", "decay", "warmup", "seed")
+        diff = [k for k in keys if mine[k] != theirs.get(k)]
+        if diff:
+            raise InvalidArgumentError(
+                f"{self.checkpoint_path} was made with different settings ({', '.join(diff)}); "
+                "use another work directory or remove the checkpoint")
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["opt"])
+        self.step = int(ck["step"])
+        self.history = list(ck.get("history", []))
+        return True
+
+    def fit(self, hidden: np.ndarray, labels: np.ndarray) -> None:
+        """Trains on all rows for cfg.epochs (continuing from self.step)."""
+        cfg = self.cfg
+        n = hidden.shape[0]
+        if n == 0:
+            raise InvalidArgumentError("no training rows")
+        per_epoch = max(1, math.ceil(n / cfg.batch_size))
+        total = max(1, int(round(cfg.epochs * per_epoch)))
+        t0 = time.time()
+        start = self.step
+        run_loss = None
+        run_acc = np.zeros(cfg.num_heads)
+        self.model.train()
+        while self.step < total:
+            epoch, i = divmod(self.step, per_epoch)
+            perm = np.random.default_rng(cfg.seed + epoch).permutation(n)
+            idx = np.sort(perm[i * cfg.batch_size:(i + 1) * cfg.batch_size])
+            h = torch.from_numpy(hidden[idx].astype(np.float32))
+            y = torch.from_numpy(labels[idx].astype(np.int64))
+            for g in self.opt.param_groups:
+                g["lr"] = lr_at(self.step, total, cfg)
+            logits = self.model(h)
+            loss, per = head_loss(logits, y, cfg.decay)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            with torch.no_grad():
+                pred = logits.argmax(-1)
+                acc = [float(((pred[k] == y[:, k]) & (y[:, k] >= 0)).sum() / max(1, int((y[:, k] >= 0).sum())))
+                       for k in range(cfg.num_heads)]
+            lval = float(loss.detach())
+            run_loss = lval if run_loss is None else 0.95 * run_loss + 0.05 * lval
+            run_acc = np.array(acc) if self.step == start else 0.95 * run_acc + 0.05 * np.array(acc)
+            self.step += 1
+            if self.step % 50 == 0 or self.step == total:
+                self.history.append({"step": self.step, "loss": run_loss, **{f"top1_{k}": float(a)
+                                                                            for k, a in enumerate(run_acc)}})
+            if self.progress and (self.step % 10 == 0 or self.step == total):
+                rate = (self.step - start) / max(time.time() - t0, 1e-9)
+                eta = (total - self.step) / max(rate, 1e-9)
+                accs = " ".join(f"{a:.2f}" for a in run_acc)
+                sys.stderr.write(f"\r[medusa_rt] training: step {self.step}/{total} epoch {epoch + 1} "
+                                 f"loss {run_loss:.3f} top1/head {accs} ({rate:.2f} steps/s, ETA {eta:.0f} s)   ")
+                sys.stderr.flush()
+            if self.step % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+        self.save_checkpoint()
+        if self.progress:
+            sys.stderr.write(f"\n[medusa_rt] training done: {total} steps, {time.time() - t0:.0f} s this run\n")
+        self.model.eval()
+
+    def evaluate(self, hidden: np.ndarray, labels: np.ndarray, top_k: int = 10,
+                 draft_vocab: Optional[np.ndarray] = None) -> Dict[str, object]:
+        self.model.eval()
+        return evaluate(self.model, hidden, labels, top_k, draft_vocab=draft_vocab)

@@ -1,0 +1,207 @@
+"""Head training, tree fitting and the evaluation set (medusa_rt.train)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from medusa_rt import Engine
+from medusa_rt.errors import InvalidArgumentError
+from medusa_rt.train import data, prompts, tree_fit
+from medusa_rt.train.evaluate import evaluate_heads, load_eval_prompts
+
+torch = pytest.importorskip("torch")
+
+from _tiny_models import build_hf_model, save_and_export  # noqa: E402
+
+
+def test_training_prompts_deterministic_and_varied():
+    a = prompts.training_prompts(300, seed=3)
+    assert a == prompts.training_prompts(300, seed=3)
+    assert a != prompts.training_prompts(300, seed=4)
+    assert len({p for _, p in a}) == 300
+    cats = {c for c, _ in a}
+    assert {"explain", "howto", "list", "story", "code", "rewrite", "qa"} <= cats
+
+
+def test_eval_set_is_held_out():
+    ev = load_eval_prompts()
+    assert len(ev) >= 50 and len({c for c, _ in ev}) >= 5
+    train = {p.lower() for _, p in prompts.training_prompts(prompts.available())}
+    for _, p in ev:
+        assert p.lower() not in train
+    # No training subject appears in an evaluation prompt either.
+    subjects = [s.lower() for block in (prompts.SCIENCE, prompts.TECH, prompts.SOCIETY, prompts.HOWTO, prompts.STORY)
+                for s in prompts._split(block) if len(s) > 12]
+    for _, p in ev:
+        assert not [s for s in subjects if s in p.lower()], p
+
+
+def test_fit_tree_known_table():
+    table = [[0.6, 0.2, 0.1], [0.4, 0.1, 0.05]]
+    tree = tree_fit.fit_tree(table, 5)
+    # [0]: .6; then [0,0]: .24 beats [1]: .2; then [1]: .2; then [2]: .1 beats [1,0]: .08.
+    assert tree == [[0], [0, 0], [1], [2]]
+    assert tree_fit.expected_tokens_per_step(table, tree) == pytest.approx(1 + .6 + .24 + .2 + .1)
+    assert tree_fit.fit_tree(table, 1) == []
+    assert tree_fit.fit_tree(table, 3, max_depth=1) == [[0], [1]]
+    assert len(tree_fit.fit_tree(table, 100)) == 3 + 9  # every path the table allows
+    with pytest.raises(InvalidArgumentError):
+        tree_fit.fit_tree([[1.5]], 4)
+    with pytest.raises(InvalidArgumentError):
+        tree_fit.fit_tree(table, 0)
+
+
+def test_head_labels():
+    lab = data.head_labels([10, 11, 12, 13], 2)
+    assert lab.tolist() == [[11, 12], [12, 13], [13, -1], [-1, -1]]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    model = build_hf_model("llama-mha-tied", seed=3)
+    return tmp, save_and_export(model, tmp, "base")
+
+
+def test_train_heads_end_to_end(tiny, capsys):
+    from medusa_rt.train.pipeline import train_heads
+    from medusa_rt.train.trainer import TrainConfig
+
+    tmp, base = tiny
+    out = tmp / "heads.safetensors"
+    cfg = TrainConfig(epochs=6, batch_size=64, lr=3e-3, checkpoint_every=5)
+    report = train_heads(base, tmp / "work", out, num_prompts=24, max_new_tokens=48, dtype="fp32", batch=4,
+                         tree_nodes=12, config=cfg, progress=False)
+    assert report["prompts"] == 24 and report["rows"]["held_out"] > 0
+    assert 0 < report["draft_vocab_size"] < 384  # the heads rank the answers' frequent tokens only
+    hist = json.loads((tmp / "work" / "report.json").read_text())
+    assert hist["tree_nodes"] == 12 and len(hist["accuracy_table"]) == 4
+    # Training lowered the loss (checkpoint history: first vs last running loss).
+    ck = torch.load(tmp / "work" / "checkpoint.pt", weights_only=False)
+    assert ck["history"][-1]["loss"] < ck["history"][0]["loss"]
+    # The heads round-trip through the engine: lossless and accepting on the training prompts.
+    eng = Engine(base, dtype="fp32", medusa_heads=out, medusa_max_batch=1, tree=hist["tree"])
+    assert eng.info.medusa_heads == 4 and eng.info.tree_nodes == 12
+    # The heads carry their accuracy table: by default the engine sizes the tree to the machine.
+    auto = Engine(base, dtype="fp32", medusa_heads=out, auto_tree_max_nodes=12)
+    cal = auto.info.calibration
+    assert auto.info.tree.startswith("auto-") and cal and cal[0].nodes == 2 and auto.info.plain_step_seconds > 0
+    assert auto.info.tree_nodes == max(cal, key=lambda c: c.tokens_per_second).nodes
+    assert [c.expected_tokens_per_step for c in cal] == sorted(c.expected_tokens_per_step for c in cal)
+    recs = data.read_answers(tmp / "work" / data.ANSWERS)[:6]
+    tps = []
+    for r in recs:
+        m = eng.generate(r["prompt_ids"], max_new_tokens=32)
+        p = eng.generate(r["prompt_ids"], max_new_tokens=32, medusa=False)
+        assert m.tokens == p.tokens
+        tps.append(m.stats.tokens_per_step)
+    assert np.mean(tps) > 1.3
+    # A second run resumes: nothing left to train, same heads out.
+    with pytest.raises(InvalidArgumentError):
+        train_heads(base, tmp / "work", out, num_prompts=24, max_new_tokens=48, dtype="fp32", config=cfg,
+                    progress=False)
+    again = train_heads(base, tmp / "work", out, num_prompts=24, max_new_tokens=48, dtype="fp32", batch=4,
+                        tree_nodes=12, config=cfg, overwrite=True, progress=False)
+    assert again["seconds"]["training"] < report["seconds"]["training"]
+    assert again["accuracy_table"] == report["accuracy_table"]
+    # Other settings in the same work dir are refused, not mixed.
+    with pytest.raises(InvalidArgumentError, match="different settings"):
+        train_heads(base, tmp / "work", out, num_prompts=24, max_new_tokens=48, dtype="fp32", batch=4,
+                    config=TrainConfig(epochs=6, batch_size=32), overwrite=True, progress=False)
+    # Evaluation on a prompt file.
+    items = [("a", r["prompt"]) for r in recs[:3]]
+    ev = evaluate_heads(eng, items, max_new_tokens=16, check=True, progress=False)
+    assert ev["mismatches"] == 0 and ev["overall"]["prompts"] == 3
+
+
+def test_train_own_projection_layout(tiny):
+    from medusa_rt.train.heads_np import RuntimeHeads, accuracy_table, load_lm_head
+    from medusa_rt.train.pipeline import write_trained_heads
+    from medusa_rt.train.trainer import TrainConfig, Trainer
+
+    tmp, base = tiny
+    eng = Engine(base, dtype="fp32", medusa_max_batch=0)
+    lm = load_lm_head(base)
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(3, eng.info.vocab_size, 40).tolist() for _ in range(6)]
+    recs = [{"prompt_ids": s[:8], "answer_ids": s[8:]} for s in seqs]
+    feats = data.extract_hidden_states(eng, recs, 3, tmp / "own_feats.npz", progress=False)
+    cfg = TrainConfig(num_heads=3, shared_lm_head=False, epochs=30, batch_size=64, lr=3e-3)
+    tr = Trainer(cfg, lm, tmp / "own_work", progress=False)
+    before = tr.evaluate(feats.hidden, feats.labels)
+    tr.fit(feats.hidden, feats.labels)
+    after = tr.evaluate(feats.hidden, feats.labels)
+    assert np.mean(after["loss"]) < np.mean(before["loss"])
+    out = tmp / "own_heads.safetensors"
+    report = {"expected_tokens_per_step": 1.5, "accuracy_table": after["table"], "tree": [[0], [0, 0], [1]],
+              "prompts": 6, "answer_tokens": 0, "rows": {}, "config": {}, "held_out": {}}
+    write_trained_heads(tr.model.layout_tensors(), out, eng, "fp32", report)
+    heads = RuntimeHeads.load(out)
+    assert heads.projections is not None
+    # NumPy heads reproduce torch's accuracy table; the engine loads and uses them losslessly.
+    table = accuracy_table(heads, feats.hidden, feats.labels, lm, 10)
+    assert np.allclose(table, after["table"], atol=0.02)
+    e2 = Engine(base, dtype="fp32", medusa_heads=out, medusa_max_batch=1, tree=report["tree"])
+    assert e2.info.tree_nodes == 4
+    r = e2.generate(seqs[0][:8], max_new_tokens=24)
+    assert r.tokens == e2.generate(seqs[0][:8], max_new_tokens=24, medusa=False).tokens
+
+
+def test_auto_tree_needs_an_accuracy_table(tmp_path):
+    from medusa_rt.errors import InvalidArgumentError as IAE
+    from _medusa_heads import fit_heads, training_prompts, write_heads_only
+    from medusa_rt.export import export_medusa_heads
+
+    model = build_hf_model("llama-gqa-untied", seed=5)
+    base = save_and_export(model, tmp_path, "base")
+    state = fit_heads(model, training_prompts(384, n=4), num_heads=2)
+    export_medusa_heads(write_heads_only(state, tmp_path / "h"), base, progress=False)
+    with pytest.raises(IAE, match="accuracy table"):
+        Engine(base, tree="auto")
+    with pytest.raises(IAE, match="auto_tree_max_nodes"):
+        Engine(base, auto_tree_max_nodes=1)
+
+
+def test_draft_vocabulary(tiny, tmp_path):
+    from medusa_rt.errors import ModelFormatError
+    from medusa_rt.export.medusa_heads import write_heads_file
+    from medusa_rt.train.heads_np import RuntimeHeads, load_lm_head
+
+    _, base = tiny
+    recs = [{"answer_ids": [5, 5, 5, 7, 7, 9]}, {"answer_ids": [5, 7, 11]}]
+    assert data.draft_vocabulary(recs, 0.4, minimum=1).tolist() == [5]  # 4 of 9 tokens
+    assert data.draft_vocabulary(recs, 0.5, minimum=1).tolist() == [5, 7]
+    assert data.draft_vocabulary(recs, 0.99, minimum=1).tolist() == [5, 7, 9, 11]
+    assert data.draft_vocabulary(recs, 1.0) is None
+    rng = np.random.default_rng(1)
+    H = 96
+    tensors = {}
+    for k in range(2):
+        tensors[f"{k}.0.linear.weight"] = (rng.standard_normal((H, H)) * 0.02).astype(np.float32)
+        tensors[f"{k}.0.linear.bias"] = np.zeros(H, np.float32)
+    vocab = np.arange(3, 384, 3)
+    out = tmp_path / "draft.safetensors"
+    write_heads_file(tensors, out, hidden=H, vocab=384, dtype="float32", draft_vocab=vocab, progress=False)
+    heads = RuntimeHeads.load(out)
+    assert heads.draft_vocab.tolist() == vocab.tolist()
+    top = heads.top_k(rng.standard_normal((5, H)).astype(np.float32), load_lm_head(base), 10)
+    assert np.isin(top, vocab).all()
+    eng = Engine(base, dtype="fp32", medusa_heads=out, tree="chain-2", medusa_max_batch=1)
+    p = [3, 17, 42, 99]
+    assert eng.generate(p, max_new_tokens=24).tokens == eng.generate(p, max_new_tokens=24, medusa=False).tokens
+    # A draft vocabulary that is not increasing ids is refused with the tensor named.
+    bad = tmp_path / "bad.safetensors"
+    write_heads_file(tensors, bad, hidden=H, vocab=384, dtype="float32", draft_vocab=vocab, progress=False)
+    from medusa_rt.export.safetensors_io import SafetensorsFile, TensorToWrite, write_safetensors
+    with SafetensorsFile(bad) as f:
+        meta = dict(f.metadata)
+        items = [TensorToWrite(n, f.dtype(n), tuple(f.shape(n)), lambda a=np.array(f.get(n)): a) for n in f.keys()
+                 if n != "medusa.draft_vocab"]
+    rev = vocab[::-1].astype("<i4").copy()
+    items.append(TensorToWrite("medusa.draft_vocab", "I32", rev.shape, lambda: rev))
+    write_safetensors(bad, items, metadata=meta)
+    with pytest.raises(ModelFormatError, match="draft_vocab"):
+        Engine(base, dtype="fp32", medusa_heads=bad)
