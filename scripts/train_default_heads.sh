@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 WORK=${1:-$HOME/.cache/medusa_rt/train-smollm2-135m}
 OUT=$WORK/medusa_heads.safetensors
 medusa-rt train-heads "$OUT" --model smollm2-135m --dtype bf16 --work-dir "$WORK" \
-  --prompts 1152 --max-new-tokens 256 --batch 8 --heads 4 --layers 1 --layout shared \
+  --prompts 1152 --max-new-tokens 256 --batch 8 --heads 4 --layers 2 --layout shared \
   --epochs 2 --lr 1e-3 --batch-size 256 --seed 0 --tree-nodes 64 --overwrite
 # Mark the file as the shipped heads (the registry installs them into the model's cache
 # directory and replaces only heads it installed itself), then copy it into the package.

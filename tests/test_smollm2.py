@@ -102,7 +102,7 @@ def test_medusa_on_smollm2_is_lossless(engine, tmp_path):
     for f in engine.model_dir.iterdir():
         if f.name == COMPLETE_MARKER:
             shutil.copy(f, d / f.name)
-        else:
+        elif f.name != "medusa_heads.safetensors":  # the shipped heads are replaced below
             (d / f.name).symlink_to(f)
     g = torch.Generator().manual_seed(0)
     heads = {}
@@ -119,3 +119,28 @@ def test_medusa_on_smollm2_is_lossless(engine, tmp_path):
         _core._testing.set_oracle(s._core(), ids + plain.tokens)
         oracle = s.generate(ids, max_new_tokens=32, ignore_eos=True)
         assert oracle.tokens == plain.tokens and oracle.stats.tokens_per_step > 2.0
+
+
+def test_shipped_heads_accept_on_held_out_prompts(engine):
+    """The heads shipped for the default model, installed by pull: lossless, and accepting on
+    held-out prompts with a 16-node tree fitted to their accuracy table (measured 1.62 tokens per
+    step on this subset; random heads give about 1.15; the trained-heads issue asks for 1.8,
+    which these heads do not reach yet)."""
+    import json
+
+    from medusa_rt.train import tree_fit
+    from medusa_rt.train.evaluate import evaluate_heads, load_eval_prompts
+    from medusa_rt.registry import SHIPPED_SOURCE
+    from medusa_rt.train.heads_np import RuntimeHeads
+
+    heads_file = engine.model_dir / "medusa_heads.safetensors"
+    assert heads_file.is_file() and engine.info.medusa_heads == 4
+    meta = RuntimeHeads.load(heads_file).metadata
+    assert meta["source"] == SHIPPED_SOURCE
+    tree = tree_fit.fit_tree(json.loads(meta["accuracy_table"]), 16)
+    eng = medusa_rt.Engine("smollm2-135m", dtype="bf16", max_seq_len=512, tree=tree, medusa_max_batch=1)
+    items = load_eval_prompts()[::11]
+    assert len({c for c, _ in items}) >= 4
+    ev = evaluate_heads(eng, items, max_new_tokens=48, check=True, progress=False)
+    assert ev["mismatches"] == 0
+    assert ev["overall"]["tokens_per_step"] > 1.45, ev["categories"]

@@ -83,7 +83,7 @@ def test_train_heads_end_to_end(tiny, capsys):
     ck = torch.load(tmp / "work" / "checkpoint.pt", weights_only=False)
     assert ck["history"][-1]["loss"] < ck["history"][0]["loss"]
     # The heads round-trip through the engine: lossless and accepting on the training prompts.
-    eng = Engine(base, dtype="fp32", medusa_heads=out, medusa_max_batch=1, tree=hist["tree"])
+    eng = Engine(base, dtype="fp32", medusa_heads=out, medusa_max_batch=1, tree="default")  # the fitted tree
     assert eng.info.medusa_heads == 4 and eng.info.tree_nodes == 12
     # The heads carry their accuracy table: by default the engine sizes the tree to the machine.
     auto = Engine(base, dtype="fp32", medusa_heads=out, auto_tree_max_nodes=12)

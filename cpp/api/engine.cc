@@ -198,6 +198,10 @@ TreeSpec choose_tree(const EngineOptions& o, const MedusaHeadsMeta& heads) {
   if (!o.tree_paths.empty()) return TreeSpec(o.tree_paths);
   // The largest auto candidate: buffers are sized for it, the calibration picks the size.
   if (wants_auto_tree(o, heads)) return fitted_tree(heads, o.auto_tree_max_nodes, o.medusa_top_k);
+  if (o.tree == "default") {
+    if (!heads.has_default_tree) throw InvalidArgumentError("tree \"default\": the Medusa heads file has no default_tree");
+    return heads.default_tree;
+  }
   if (!o.tree.empty()) return TreeSpec::named(o.tree);
   if (heads.has_default_tree) return heads.default_tree;
   std::vector<TreeSpec::Path> paths;

@@ -42,7 +42,8 @@ struct EngineOptions {
   /// Medusa heads file (runtime format, see docs/FORMAT.md). Empty: use
   /// <model_dir>/medusa_heads.safetensors if it exists, else run without heads.
   std::string medusa_heads;
-  /// Medusa tree: a built-in name (see TreeSpec::named), or "auto": the tree sized to this
+  /// Medusa tree: a built-in name (see TreeSpec::named), "default": the heads file's own
+  /// default_tree, or "auto": the tree sized to this
   /// machine (needs heads with an accuracy table): for trees fitted to the heads' accuracies
   /// (fit_tree_paths) of 2 .. auto_tree_max_nodes nodes, the engine times a verify step and
   /// keeps the tree with the most expected tokens per second (ModelInfo::calibration).

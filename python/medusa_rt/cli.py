@@ -98,11 +98,10 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(num_heads=args.heads, num_layers=args.layers, shared_lm_head=args.layout == "shared",
                       epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                      threads=args.threads)
+                      threads=args.threads, draft_coverage=args.draft_coverage)
     report = train_heads(args.model, args.work_dir, args.out, num_prompts=args.prompts,
                          max_new_tokens=args.max_new_tokens, dtype=args.dtype, batch=args.batch,
-                         tree_nodes=args.tree_nodes, draft_coverage=args.draft_coverage, config=cfg,
-                         overwrite=args.overwrite, progress=not args.quiet)
+                         tree_nodes=args.tree_nodes, config=cfg, overwrite=args.overwrite, progress=not args.quiet)
     print(json.dumps({k: report[k] for k in ("prompts", "answer_tokens", "rows", "held_out", "tree_nodes",
                                              "expected_tokens_per_step", "draft_vocab_size", "seconds")}, indent=1))
     return 0
@@ -167,7 +166,7 @@ def _cmd_eval_heads(args: argparse.Namespace) -> int:
     if args.limit:
         items = items[:args.limit]
     engine = Engine(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, medusa_heads=args.medusa_heads,
-                    tree=_tree_arg(args.tree), medusa_max_batch=1, progress=not args.quiet)
+                    tree=_tree_arg(args.tree) or "default", medusa_max_batch=1, progress=not args.quiet)
     ev = evaluate_heads(engine, items, max_new_tokens=args.max_new_tokens, check=args.check, progress=not args.quiet)
     print_evaluation(ev)
     if args.json:
@@ -215,7 +214,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                 for medusa in (True, False):
                     st = s.generate(p, chat=True, max_new_tokens=128, medusa=medusa).stats
                     tot[medusa][0] += st.new_tokens - 1
-                    tot[medusa][1] += st.total_seconds - st.prefill_seconds
+                    tot[medusa][1] += st.decode_seconds
                     tot[medusa][2] += st.steps
         m, p = tot[True], tot[False]
         print(f"measured on {len(prompts)} held-out prompts: Medusa {m[0] / m[1]:.1f} tok/s "
@@ -294,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     sp.add_argument("--tree-nodes", type=int, default=64, help="nodes of the fitted default tree")
     sp.add_argument("--draft-coverage", type=float, default=0.995,
-                    help="heads rank only the most frequent answer tokens covering this fraction (1: all)")
+                    help="shared lm_head: heads learn and rank only the most frequent answer tokens covering "
+                         "this fraction (1: the whole vocabulary)")
     sp.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     sp.set_defaults(fn=_cmd_train_heads)
 
@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine_args(sp)
     sp.add_argument("--prompts", help="evaluation prompts JSON (default: the shipped held-out set)")
     sp.add_argument("--medusa-heads", help="heads file to use instead of the model's own")
-    sp.add_argument("--tree", help="tree: a built-in name or a JSON list of paths (default: the heads' own)")
+    sp.add_argument("--tree", help="tree: a built-in name, 'auto' or a JSON list of paths (default: the heads' own)")
     sp.add_argument("--max-new-tokens", "-n", type=int, default=128)
     sp.add_argument("--limit", type=int, default=0, help="only the first N prompts")
     sp.add_argument("--check", action="store_true", help="also decode plainly and require identical answers")

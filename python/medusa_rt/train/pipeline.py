@@ -39,16 +39,16 @@ def train_heads(
     held_out: float = 0.05,
     tree_nodes: int = 64,
     top_k: int = 10,
-    draft_coverage: float = 0.995,
     config: Optional["object"] = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Dict[str, object]:
     """Trains Medusa heads for ``model`` by self-distillation and writes them (runtime format, with
-    the fitted default tree and the measured accuracy table) to ``out``. ``draft_coverage`` < 1
-    restricts the heads' candidates to the most frequent answer tokens covering that fraction of
-    the training answers (a draft vocabulary: cheaper heads, same output). Returns the report
-    (also written to ``work_dir/report.json``)."""
+    the fitted default tree and the measured accuracy table) to ``out``. With a shared lm_head and
+    ``config.draft_coverage`` < 1 the heads are trained to rank, and rank at inference, only the
+    most frequent answer tokens covering that fraction of the training answers (a draft
+    vocabulary: cheaper training and heads, same output). Returns the report (also written to
+    ``work_dir/report.json``)."""
     from ..engine import Engine
     from .trainer import TrainConfig, Trainer
 
@@ -80,19 +80,22 @@ def train_heads(
     t_features = time.time() - t0
     train_rec, val_rec = data.split_records(len(records), held_out, seed=cfg.seed)
     is_val = np.isin(feats.record, val_rec)
+    with open(work / "held_out.jsonl", "w") as f:  # for `medusa-rt fit-tree --answers`
+        for i in val_rec:
+            f.write(json.dumps(records[i]) + "\n")
     _say(progress, f"{len(records)} answers, {feats.hidden.shape[0]} rows "
                    f"({int((~is_val).sum())} training, {int(is_val.sum())} held out)")
     # 3. Training.
     t0 = time.time()
     lm_head = load_lm_head(engine.model_dir, dtype)
-    trainer = Trainer(cfg, lm_head, work, progress=progress)
+    draft = data.draft_vocabulary([records[i] for i in train_rec], cfg.draft_coverage) if cfg.shared_lm_head else None
+    trainer = Trainer(cfg, lm_head, work, progress=progress, draft_vocab=draft)
     if trainer.try_resume():
         _say(progress, f"resuming from {trainer.checkpoint_path} at step {trainer.step}")
     trainer.fit(feats.hidden[~is_val], feats.labels[~is_val])
     t_train = time.time() - t0
-    # 4. Held-out accuracy (with the draft vocabulary of the training answers), tree, heads file.
-    draft = data.draft_vocabulary([records[i] for i in train_rec], draft_coverage)
-    metrics = trainer.evaluate(feats.hidden[is_val], feats.labels[is_val], top_k, draft_vocab=draft)
+    # 4. Held-out accuracy, tree, heads file.
+    metrics = trainer.evaluate(feats.hidden[is_val], feats.labels[is_val], top_k)
     table = metrics["table"]
     tree = tree_fit.fit_tree(table, tree_nodes)
     expected = tree_fit.expected_tokens_per_step(table, tree)

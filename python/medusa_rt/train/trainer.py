@@ -43,6 +43,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 200
     threads: int = 0
+    draft_coverage: float = 0.995  # shared lm_head: train and rank over the draft vocabulary (1: all)
 
     def validate(self) -> None:
         if self.num_heads < 1 or self.num_layers < 1:
@@ -51,6 +52,8 @@ class TrainConfig:
             raise InvalidArgumentError("epochs and lr must be > 0 and batch_size >= 1")
         if not 0 < self.decay <= 1 or not 0 <= self.warmup < 1:
             raise InvalidArgumentError("decay must be in (0, 1] and warmup in [0, 1)")
+        if not 0 < self.draft_coverage <= 1:
+            raise InvalidArgumentError("draft_coverage must be in (0, 1]")
 
 
 class MedusaHeads(torch.nn.Module):
@@ -116,31 +119,39 @@ def head_loss(logits: torch.Tensor, labels: torch.Tensor, decay: float) -> tuple
     return total, [float(l.detach()) for l in per]
 
 
+def _map_labels(labels: np.ndarray, label_map: Optional[np.ndarray]) -> np.ndarray:
+    """Labels as indices of the heads' vocabulary (-1: none, or outside a draft vocabulary)."""
+    lab = labels.astype(np.int64)
+    if label_map is None:
+        return lab
+    return np.where(lab >= 0, label_map[np.maximum(lab, 0)], -1)
+
+
 @torch.no_grad()
 def evaluate(model: MedusaHeads, hidden: np.ndarray, labels: np.ndarray, top_k: int = 10,
-             batch: int = 1024, draft_vocab: Optional[np.ndarray] = None) -> Dict[str, object]:
+             batch: int = 1024, label_map: Optional[np.ndarray] = None) -> Dict[str, object]:
     """Per-head loss, top-1 / top-5 accuracy and the rank table ``table[k][r]`` on held-out rows.
-    With ``draft_vocab`` the heads rank only those tokens (as the engine does with such heads)."""
-    mask = None
-    if draft_vocab is not None:
-        mask = torch.full((model.lm_head.shape[0],), float("-inf"))
-        mask[torch.from_numpy(np.asarray(draft_vocab, dtype=np.int64))] = 0.0
+    ``label_map`` (token id -> index in the model's vocabulary, -1 outside it) is given when the
+    heads rank a draft vocabulary: a label outside it counts as a miss (and not in the loss)."""
     K = len(model.blocks)
     hits = np.zeros((K, top_k), dtype=np.int64)
     count = np.zeros(K, dtype=np.int64)
     loss_sum = np.zeros(K)
     for i in range(0, hidden.shape[0], batch):
         h = torch.from_numpy(hidden[i:i + batch].astype(np.float32))
-        y = torch.from_numpy(labels[i:i + batch].astype(np.int64))
+        lab = labels[i:i + batch]
+        y = torch.from_numpy(_map_labels(lab, label_map))
         logits = model(h)
-        top = (logits if mask is None else logits + mask).topk(top_k, dim=-1).indices
+        top = logits.topk(top_k, dim=-1).indices
         for k in range(K):
-            valid = y[:, k] >= 0
+            valid = torch.from_numpy(lab[:, k] >= 0)
             n = int(valid.sum())
             if n == 0:
                 continue
             count[k] += n
-            loss_sum[k] += float(F.cross_entropy(logits[k][valid], y[valid, k], reduction="sum"))
+            inside = y[:, k] >= 0
+            if bool(inside.any()):
+                loss_sum[k] += float(F.cross_entropy(logits[k][inside], y[inside, k], reduction="sum"))
             hits[k] += (top[k][valid] == y[valid, k][:, None]).sum(0).numpy()
     denom = np.maximum(count, 1)
     table = hits / denom[:, None]
@@ -156,14 +167,26 @@ def evaluate(model: MedusaHeads, hidden: np.ndarray, labels: np.ndarray, top_k: 
 class Trainer:
     """Trains heads on feature rows with checkpoints in ``work_dir`` (resumable)."""
 
-    def __init__(self, cfg: TrainConfig, lm_head: np.ndarray, work_dir: Path, progress: bool = True) -> None:
+    def __init__(self, cfg: TrainConfig, lm_head: np.ndarray, work_dir: Path, progress: bool = True,
+                 draft_vocab: Optional[np.ndarray] = None) -> None:
+        """``draft_vocab`` (shared lm_head only): token ids the heads are trained to rank among
+        (the softmax runs over those rows of the lm_head: the same ranking the engine does with
+        a draft vocabulary, at a fraction of the cost)."""
         cfg.validate()
         self.cfg, self.work_dir, self.progress = cfg, Path(work_dir), progress
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
-        self.model = MedusaHeads(torch.from_numpy(np.array(lm_head, dtype=np.float32)),
-                                 cfg.num_heads, cfg.num_layers, cfg.shared_lm_head)
+        self.draft_vocab = None if draft_vocab is None else np.asarray(draft_vocab, dtype=np.int64)
+        self.label_map: Optional[np.ndarray] = None
+        proj = np.array(lm_head, dtype=np.float32)
+        if self.draft_vocab is not None:
+            if not cfg.shared_lm_head:
+                raise InvalidArgumentError("a draft vocabulary needs the shared lm_head layout")
+            self.label_map = np.full(proj.shape[0], -1, dtype=np.int64)
+            self.label_map[self.draft_vocab] = np.arange(self.draft_vocab.size)
+            proj = np.ascontiguousarray(proj[self.draft_vocab])
+        self.model = MedusaHeads(torch.from_numpy(proj), cfg.num_heads, cfg.num_layers, cfg.shared_lm_head)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
@@ -177,6 +200,7 @@ class Trainer:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.checkpoint_path.with_suffix(".tmp")
         torch.save({"config": asdict(self.cfg), "step": self.step, "model": self.model.state_dict(),
+                    "draft_vocab": None if self.draft_vocab is None else self.draft_vocab.tolist(),
                     "opt": self.opt.state_dict(), "history": self.history}, tmp)
         tmp.replace(self.checkpoint_path)
 
@@ -187,8 +211,12 @@ class Trainer:
         ck = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
         mine = asdict(self.cfg)
         theirs = ck["config"]
-        keys = ("num_heads", "num_layers", "shared_lm_head", "epochs", "lr", "batch_size", "decay", "warmup", "seed")
+        keys = ("num_heads", "num_layers", "shared_lm_head", "epochs", "lr", "batch_size", "decay", "warmup", "seed",
+                "draft_coverage")
         diff = [k for k in keys if mine[k] != theirs.get(k)]
+        mine_vocab = None if self.draft_vocab is None else self.draft_vocab.tolist()
+        if ck.get("draft_vocab") != mine_vocab:
+            diff.append("draft vocabulary")
         if diff:
             raise InvalidArgumentError(
                 f"{self.checkpoint_path} was made with different settings ({', '.join(diff)}); "
@@ -217,7 +245,7 @@ class Trainer:
             perm = np.random.default_rng(cfg.seed + epoch).permutation(n)
             idx = np.sort(perm[i * cfg.batch_size:(i + 1) * cfg.batch_size])
             h = torch.from_numpy(hidden[idx].astype(np.float32))
-            y = torch.from_numpy(labels[idx].astype(np.int64))
+            y = torch.from_numpy(_map_labels(labels[idx], self.label_map))
             for g in self.opt.param_groups:
                 g["lr"] = lr_at(self.step, total, cfg)
             logits = self.model(h)
@@ -250,7 +278,7 @@ class Trainer:
             sys.stderr.write(f"\n[medusa_rt] training done: {total} steps, {time.time() - t0:.0f} s this run\n")
         self.model.eval()
 
-    def evaluate(self, hidden: np.ndarray, labels: np.ndarray, top_k: int = 10,
-                 draft_vocab: Optional[np.ndarray] = None) -> Dict[str, object]:
+    def evaluate(self, hidden: np.ndarray, labels: np.ndarray, top_k: int = 10) -> Dict[str, object]:
+        """Held-out metrics (see :func:`evaluate`), over the draft vocabulary if there is one."""
         self.model.eval()
-        return evaluate(self.model, hidden, labels, top_k, draft_vocab=draft_vocab)
+        return evaluate(self.model, hidden, labels, top_k, label_map=self.label_map)
