@@ -37,6 +37,11 @@ def test_eval_set_is_held_out():
                 for s in prompts._split(block) if len(s) > 12]
     for _, p in ev:
         assert not [s for s in subjects if s in p.lower()], p
+    # The development prompts (settings, shipped accuracy table) are not evaluation prompts either.
+    import medusa_rt
+    from pathlib import Path
+    dev = load_eval_prompts(Path(medusa_rt.__file__).parent / "data" / "dev_prompts.json")
+    assert len(dev) == 16 and not {p for _, p in dev} & {p for _, p in ev} and not {p.lower() for _, p in dev} & train
 
 
 def test_fit_tree_known_table():

@@ -121,7 +121,8 @@ struct GenerationConfig {
   std::vector<std::vector<int32_t>> stop_sequences;
   /// Do not stop at the model's EOS tokens.
   bool ignore_eos = false;
-  /// Use Medusa tree decoding when the engine has heads; false = plain decoding.
+  /// Use Medusa tree decoding when the engine has heads and its medusa_max_batch is not 0
+  /// (trees measured not to pay on this machine); false = plain decoding.
   bool medusa = true;
   Acceptance acceptance = Acceptance::kGreedy;
   /// Typical acceptance: accept when p > min(posterior_threshold, posterior_alpha * exp(-entropy)),

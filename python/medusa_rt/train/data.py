@@ -168,23 +168,12 @@ def extract_hidden_states(engine, records: Sequence[dict], num_heads: int, out_p
     return f
 
 
-def check_engine_fits(engine, records: Sequence[dict]) -> None:
-    longest = max((len(r["prompt_ids"]) + len(r["answer_ids"]) for r in records), default=0)
-    if longest > engine.info.max_seq_len:
-        raise InvalidArgumentError(f"a prompt + answer of {longest} tokens exceeds the engine's max_seq_len "
-                                   f"{engine.info.max_seq_len}")
-
-
 def split_records(n: int, held_out: float, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
     """Record indices for training and validation (a held-out fraction of whole answers)."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(n)
     n_val = max(1, int(round(n * held_out))) if n > 1 and held_out > 0 else 0
     return np.sort(order[n_val:]), np.sort(order[:n_val])
-
-
-def limit_records(records: List[dict], limit: Optional[int]) -> List[dict]:
-    return records if limit is None else records[:limit]
 
 
 def draft_vocabulary(records: Sequence[dict], coverage: float, minimum: int = 64) -> Optional[np.ndarray]:
