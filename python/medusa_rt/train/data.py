@@ -19,38 +19,12 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..errors import InvalidArgumentError
 
 ANSWERS = "answers.jsonl"
 FEATURES = "features.npz"
-
-
-class Progress:
-    """A one-line progress display on stderr (rate and ETA), quiet when disabled."""
-
-    def __init__(self, total: int, what: str, enabled: bool = True, unit: str = "") -> None:
-        self.total, self.what, self.enabled, self.unit = total, what, enabled, unit
-        self.done = 0
-        self.t0 = time.time()
-        self._last = 0.0
-
-    def update(self, n: int = 1, extra: str = "") -> None:
-        self.done += n
-        now = time.time()
-        if not self.enabled or (now - self._last < 0.5 and self.done < self.total):
-            return
-        self._last = now
-        rate = self.done / max(now - self.t0, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        sys.stderr.write(f"\r[medusa_rt] {self.what}: {self.done}/{self.total} {self.unit}"
-                         f" ({rate:.1f}/s, ETA {eta:.0f} s) {extra}   ")
-        sys.stderr.flush()
-
-    def close(self, extra: str = "") -> None:
-        if self.enabled:
-            sys.stderr.write(f"\r[medusa_rt] {self.what}: {self.done}/{self.total} {self.unit} in "
-                             f"{time.time() - self.t0:.0f} s {extra}   \n")
 
 
 def read_answers(path: Path) -> List[dict]:
@@ -81,8 +55,8 @@ def generate_answers(engine, prompts: Sequence[Tuple[str, str]], out_dir: Path, 
     done = {r["prompt"] for r in records}
     todo = [(c, p) for c, p in prompts if p not in done]
     tok = engine.tokenizer
-    bar = Progress(len(prompts), "answering prompts", progress, "prompts")
-    bar.done = len(prompts) - len(todo)
+    bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="[medusa_rt] answering prompts",
+               unit="prompt", disable=not progress, file=sys.stderr)
     new_tokens = 0
     t0 = time.time()
     with open(path, "a") as f:
@@ -95,7 +69,8 @@ def generate_answers(engine, prompts: Sequence[Tuple[str, str]], out_dir: Path, 
                 new_tokens += len(res.tokens)
             f.flush()
             os.fsync(f.fileno())
-            bar.update(len(part), f"{new_tokens / max(time.time() - t0, 1e-9):.0f} tok/s")
+            bar.update(len(part))
+            bar.set_postfix_str(f"{new_tokens / max(time.time() - t0, 1e-9):.0f} tok/s")
     bar.close()
     return path
 
@@ -147,7 +122,8 @@ def extract_hidden_states(engine, records: Sequence[dict], num_heads: int, out_p
     hidden = np.empty((total, H), dtype=np.float16)
     labels = np.empty((total, num_heads), dtype=np.int32)
     rec = np.empty(total, dtype=np.int32)
-    bar = Progress(total, "hidden states", progress, "tokens")
+    bar = tqdm(total=total, desc="[medusa_rt] hidden states", unit="tok", unit_scale=True, disable=not progress,
+               file=sys.stderr)
     row = 0
     with engine.session() as s:
         for i, r in enumerate(records):

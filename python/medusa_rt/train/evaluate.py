@@ -46,9 +46,9 @@ def evaluate_heads(engine, items: Sequence[Tuple[str, str]], *, max_new_tokens: 
     prompts' own ratios; with ``check``, ``mismatches`` counts answers that differ from plain decoding."""
     if not engine.info.medusa_heads:
         raise InvalidArgumentError(f"the model at {engine.model_dir} has no Medusa heads to evaluate")
-    from .data import Progress
+    from tqdm.auto import tqdm
 
-    bar = Progress(len(items), "evaluating", progress, "prompts")
+    bar = tqdm(total=len(items), desc="[medusa_rt] evaluating", unit="prompt", disable=not progress, file=sys.stderr)
     cats: Dict[str, Dict[str, float]] = {}
     rows = []
     mismatches = 0
@@ -68,7 +68,8 @@ def evaluate_heads(engine, items: Sequence[Tuple[str, str]], *, max_new_tokens: 
         c["tokens"] += decode_tokens
         c["steps"] += s.steps
         c["ratio_sum"] += s.tokens_per_step
-        bar.update(1, f"{s.tokens_per_step:.2f} tokens/step")
+        bar.update(1)
+        bar.set_postfix_str(f"{s.tokens_per_step:.2f} tokens/step")
     bar.close()
 
     def summary(c: Dict[str, float]) -> Dict[str, float]:
