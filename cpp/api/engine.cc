@@ -5,7 +5,6 @@
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
-#include <cstring>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -572,24 +571,23 @@ void check_append(const Engine::Impl& e, const SequenceState& s, const std::vect
 }  // namespace
 
 std::vector<float> Session::forward(const std::vector<int32_t>& tokens, bool all_logits) {
-  auto claim = state_->claim();
-  Engine::Impl& e = *state_->engine;
-  SequenceState& s = state_->seq;
-  check_append(e, s, tokens, "forward");
-  std::vector<float> out;
-  std::lock_guard<std::mutex> lock(e.forward_mu);
-  e.decoder->append(s, tokens.data(), static_cast<int>(tokens.size()), false, &out, all_logits);
-  return out;
+  return append(tokens, all_logits ? Output::kAllLogits : Output::kLastLogits);
 }
 
 std::vector<float> Session::hidden_states(const std::vector<int32_t>& tokens) {
+  return append(tokens, Output::kHidden);
+}
+
+std::vector<float> Session::append(const std::vector<int32_t>& tokens, Output what) {
   auto claim = state_->claim();
   Engine::Impl& e = *state_->engine;
   SequenceState& s = state_->seq;
-  check_append(e, s, tokens, "hidden_states");
+  check_append(e, s, tokens, what == Output::kHidden ? "hidden_states" : "forward");
   std::vector<float> out;
   std::lock_guard<std::mutex> lock(e.forward_mu);
-  e.decoder->append(s, tokens.data(), static_cast<int>(tokens.size()), false, nullptr, false, &out);
+  const int n = static_cast<int>(tokens.size());
+  if (what == Output::kHidden) e.decoder->append(s, tokens.data(), n, false, nullptr, false, &out);
+  else e.decoder->append(s, tokens.data(), n, false, &out, what == Output::kAllLogits);
   return out;
 }
 
@@ -719,42 +717,6 @@ void read_kv(Session& s, int layer, int length, std::vector<float>& k, std::vect
   }
   std::lock_guard<std::mutex> lock(e.forward_mu);
   e.model->read_kv(st.seq.slot, layer, length, k, v);
-}
-
-double time_linear(int n, int k, int m, const std::string& dtype, int threads, int reps) {
-  DType dt;
-  if (!parse_dtype(dtype, &dt) || (dt != DType::kF32 && dt != DType::kBF16 && dt != DType::kF16)) {
-    throw InvalidArgumentError("time_linear: dtype must be F32, BF16 or F16");
-  }
-  if (n <= 0 || k <= 0 || m <= 0 || reps <= 0) throw InvalidArgumentError("time_linear: sizes must be positive");
-  auto be = make_cpu_backend(threads);
-  std::vector<uint8_t> host(size_t(n) * k * dtype_size(dt));
-  uint32_t state = 12345;
-  for (size_t i = 0; i < host.size(); i += 2) {  // small random values in every format
-    state = state * 1664525u + 1013904223u;
-    const float v = (float((state >> 9) & 0xffff) / 65536.0f - 0.5f) * 0.1f;
-    if (dt == DType::kF32) {
-      if (i % 4 == 0) std::memcpy(&host[i], &v, 4);
-    } else {
-      const uint16_t h = dt == DType::kBF16 ? f32_to_bf16(v) : f32_to_f16(v);
-      std::memcpy(&host[i], &h, 2);
-    }
-  }
-  Matrix w = be->upload_matrix(host.data(), dt, n, k, "benchmark weights");
-  float* x = static_cast<float*>(be->allocate(sizeof(float) * size_t(m) * k, "benchmark x"));
-  float* y = static_cast<float*>(be->allocate(sizeof(float) * size_t(m) * n, "benchmark y"));
-  for (size_t i = 0; i < size_t(m) * k; ++i) x[i] = float(i % 7) * 0.1f;
-  double best = 1e30;
-  be->linear(x, m, w, nullptr, y);
-  for (int r = 0; r < reps; ++r) {
-    const auto t0 = std::chrono::steady_clock::now();
-    be->linear(x, m, w, nullptr, y);
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  }
-  be->deallocate(x);
-  be->deallocate(y);
-  be->deallocate(const_cast<void*>(w.data));
-  return best;
 }
 
 std::vector<double> time_tree_step(Engine& engine, int nodes, int reps) {

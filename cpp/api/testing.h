@@ -21,9 +21,6 @@ void set_record(Session& s, bool on);
 std::vector<SequenceState::StepRecord> take_records(Session& s);
 // K and V of one layer for positions [0, length) of the session's slot: [kv_heads][length][head_dim].
 void read_kv(Session& s, int layer, int length, std::vector<float>& k, std::vector<float>& v);
-// Seconds per call (best of reps) of the CPU backend's linear(): m rows x [n, k] weights of dtype
-// "F32" / "BF16" / "F16" (random), with `threads` threads (0 = all cores). Kernel benchmarks.
-double time_linear(int n, int k, int m, const std::string& dtype, int threads, int reps);
 // One verify step of the engine's tree cut to `nodes` nodes at batch 1 (best of reps):
 // {forward seconds (all rows' logits), heads seconds}. nodes = 1 is a plain decode step's forward.
 std::vector<double> time_tree_step(Engine& e, int nodes, int reps);

@@ -252,6 +252,8 @@ class Session {
   friend struct SessionAccess;  // internal test hooks
   struct State;
   explicit Session(std::unique_ptr<State> state);
+  enum class Output { kLastLogits, kAllLogits, kHidden };
+  std::vector<float> append(const std::vector<int32_t>& tokens, Output what);  // forward / hidden_states
   std::unique_ptr<State> state_;
 };
 
