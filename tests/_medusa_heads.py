@@ -66,6 +66,20 @@ def fit_heads(model, prompts: List[List[int]], num_heads: int = 4, num_layers: i
     return state
 
 
+def random_heads(hidden: int, vocab: int, num_heads: int = 4, seed: int = 0, shared: bool = False) -> Dict:
+    """Random heads in the published layout (one residual block each; own lm_head unless shared)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    st = {}
+    for h in range(num_heads):
+        st[f"{h}.0.linear.weight"] = torch.randn(hidden, hidden, generator=g) * 0.05
+        st[f"{h}.0.linear.bias"] = torch.randn(hidden, generator=g) * 0.05
+        if not shared:
+            st[f"{h}.1.weight"] = torch.randn(vocab, hidden, generator=g) * 0.1
+    return st
+
+
 def write_heads_only(state, out_dir: Path, *, pt: bool = False, version2: bool = False) -> Path:
     """Layout 1 (medusa_lm_head.safetensors / .pt + a Medusa config) or, with version2,
     the shared-lm_head layout (config "version": "2")."""

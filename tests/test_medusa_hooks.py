@@ -15,21 +15,14 @@ import medusa_rt  # noqa: E402
 from medusa_rt import _core  # noqa: E402
 from medusa_rt.export import export_medusa_heads  # noqa: E402
 
-from _medusa_heads import training_prompts, write_heads_only  # noqa: E402
+from _medusa_heads import random_heads as _random_heads, training_prompts, write_heads_only  # noqa: E402
 from _tiny_models import build_hf_model, save_and_export  # noqa: E402
 
 VOCAB, HIDDEN, LAYERS = 384, 96, 2
 
 
 def random_heads(num_heads=4, seed=0, shared=False):
-    g = torch.Generator().manual_seed(seed)
-    st = {}
-    for h in range(num_heads):
-        st[f"{h}.0.linear.weight"] = torch.randn(HIDDEN, HIDDEN, generator=g) * 0.05
-        st[f"{h}.0.linear.bias"] = torch.randn(HIDDEN, generator=g) * 0.05
-        if not shared:
-            st[f"{h}.1.weight"] = torch.randn(VOCAB, HIDDEN, generator=g) * 0.1
-    return st
+    return _random_heads(HIDDEN, VOCAB, num_heads=num_heads, seed=seed, shared=shared)
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +54,14 @@ def _kv(s, length):
     return [_core._testing.read_kv(s._core(), layer, length) for layer in range(LAYERS)]
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-step", "host-step"])
 @pytest.mark.parametrize("tree", ["mc_sim_7b_63", "vicuna_7b_stage2", "chain-4"])
-def test_oracle_long_paths_and_kv(model_dir, tree):
+def test_oracle_long_paths_and_kv(model_dir, tree, fused, monkeypatch):
+    """Both step implementations: the fused step (rows, acceptance, compaction and candidates in
+    backend memory, as on the GPU) and the host step (used with recording hooks, typical
+    acceptance, mixed batches). Recording forces the host step, so only it counts moved nodes."""
+    if not fused:
+        monkeypatch.setenv("MEDUSA_RT_FUSED_STEP", "0")
     # A chain only uses rank 0: with top_k 1 the oracle's true token is always there.
     top_k = 1 if tree.startswith("chain") else 10
     engine = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=200, tree=tree, medusa_top_k=top_k, medusa_max_batch=16)
@@ -73,7 +72,7 @@ def test_oracle_long_paths_and_kv(model_dir, tree):
             n = len(p) + len(plain.tokens) - 1  # the last token is never fed back
             kv_plain = _kv(s, n)
             _core._testing.set_oracle(s._core(), p + plain.tokens)
-            _core._testing.set_record(s._core(), True)
+            _core._testing.set_record(s._core(), not fused)
             med = s.generate(p, max_new_tokens=90, ignore_eos=True)
             records = _core._testing.take_records(s._core())
             assert med.tokens == plain.tokens
@@ -83,8 +82,26 @@ def test_oracle_long_paths_and_kv(model_dir, tree):
                 assert np.array_equal(k1, k2) and np.array_equal(v1, v2)  # bit for bit
         assert med.stats.tokens_per_step > 2.0
         moved += sum(1 for r in records for j, node in enumerate(r["path"]) if node != j + 1)
-    if tree != "chain-4":
+    if tree != "chain-4" and not fused:
         assert moved > 10  # accepted nodes away from the front: compaction really moved K/V
+
+
+def test_fused_and_host_steps_agree(model_dir, monkeypatch):
+    """The same generations through the fused step and the host step: same tokens, same
+    acceptance statistics (random heads, then the oracle), in a batch of mixed prompts."""
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setenv("MEDUSA_RT_FUSED_STEP", "1" if fused else "0")
+        engine = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=200, max_batch_size=4, medusa_max_batch=16)
+        out = [(r.tokens, r.stats.accepted_per_head)
+               for r in engine.generate_batch(PROMPTS, max_new_tokens=50, ignore_eos=True)]
+        with engine.session() as s:
+            ref = s.generate(PROMPTS[0], max_new_tokens=60, ignore_eos=True, medusa=False).tokens
+            _core._testing.set_oracle(s._core(), PROMPTS[0] + ref)
+            r = s.generate(PROMPTS[0], max_new_tokens=60, ignore_eos=True)
+            out.append((r.tokens, r.stats.accepted_per_head))
+        results[fused] = out
+    assert results[True] == results[False]
 
 
 def _reference_paths(paths):

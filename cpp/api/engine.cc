@@ -25,6 +25,14 @@ namespace medusa_rt {
 const char* version() { return MEDUSA_RT_VERSION_STRING; }
 int version_number() { return MEDUSA_RT_VERSION_NUMBER; }
 
+int cuda_device_count() {
+#ifdef MEDUSA_RT_HAVE_CUDA
+  return cuda_runtime_device_count();
+#else
+  return 0;
+#endif
+}
+
 const char* to_string(Acceptance acceptance) {
   return acceptance == Acceptance::kGreedy ? "greedy" : "typical";
 }
@@ -165,6 +173,27 @@ namespace {
 // The tree an engine runs: explicit paths, a name, the heads' default, or mc_sim_7b_63 cut to
 // the number of heads.
 // Whether the engine sizes the tree itself ("auto", the default for heads with an accuracy table).
+// "cpu" -> -1, "cuda" -> 0, "cuda:N" -> N.
+int parse_device(const std::string& d) {
+  if (d == "cpu") return -1;
+  int gpu = -1;
+  if (d == "cuda") {
+    gpu = 0;
+  } else if (d.rfind("cuda:", 0) == 0 && d.size() > 5 && d.size() < 9 &&
+             d.find_first_not_of("0123456789", 5) == std::string::npos) {
+    gpu = std::stoi(d.substr(5));
+  } else {
+    throw InvalidArgumentError("device must be \"cpu\", \"cuda\" or \"cuda:N\", got \"" + d + "\"");
+  }
+#ifdef MEDUSA_RT_HAVE_CUDA
+  return gpu;
+#else
+  (void)gpu;
+  throw InvalidArgumentError("device=\"" + d + "\": this build of medusa_rt has no CUDA backend "
+                             "(build it with -DMEDUSA_RT_CUDA=ON, see docs/CUDA.md)");
+#endif
+}
+
 bool wants_auto_tree(const EngineOptions& o, const MedusaHeadsMeta& heads) {
   if (!o.tree_paths.empty()) return false;
   if (o.tree == "auto") {
@@ -218,6 +247,10 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
   e.cfg = load_model_config(model_dir);
   const ModelConfig& c = e.cfg;
   const DType dtype = parse_engine_dtype(options.dtype);
+  const int gpu = parse_device(options.device);
+  if (gpu >= 0 && dtype == DType::kF32) {
+    throw InvalidArgumentError("dtype=\"fp32\" is not supported on CUDA (weights are bf16 or fp16 there)");
+  }
 
   if (options.max_batch_size < 1 || options.max_batch_size > 4096) {
     throw InvalidArgumentError("max_batch_size must be in [1, 4096], got " + std::to_string(options.max_batch_size));
@@ -276,7 +309,7 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
     tree.check_fits(heads_meta.num_heads, options.medusa_top_k);
   }
 
-  e.backend = make_cpu_backend(threads);
+  e.backend = gpu >= 0 ? make_cuda_backend(gpu) : make_cpu_backend(threads);
   const size_t heads_bytes = heads_file.empty() ? 0 : MappedFile(heads_file).size();
   ModelLimits lim;
   lim.slots = options.max_batch_size;
@@ -295,7 +328,8 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
     throw CapacityError("not enough memory for this engine: it needs " + mib(need) + " (weights " + mib(wbytes) +
                         ", KV cache " + mib(kvbytes) + " for max_batch_size=" + std::to_string(lim.slots) +
                         " x max_seq_len=" + std::to_string(max_seq) + ", workspace " + mib(wsbytes) + ") but only " +
-                        mib(avail) + " are available; lower max_seq_len or max_batch_size, or use dtype=\"bf16\"");
+                        mib(avail) + " are available on " + e.backend->device_name() +
+                        "; lower max_seq_len or max_batch_size, or use dtype=\"bf16\"");
   }
 
   {
@@ -362,6 +396,7 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
   info.dtype = dtype == DType::kF32 ? "fp32" : dtype == DType::kBF16 ? "bf16" : "fp16";
   const std::string bname = e.backend->name();
   info.isa = bname.substr(bname.find('/') + 1);
+  info.device = e.backend->device_name();
   info.num_threads = e.backend->num_threads();
   info.eos_token_ids = c.eos_token_ids;
   info.bos_token_id = c.bos_token_id;

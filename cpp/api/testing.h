@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -27,5 +28,52 @@ std::vector<double> time_tree_step(Engine& e, int nodes, int reps);
 // Streaming read bandwidth of this machine in bytes/s: `threads` threads (0 = all cores) sum a
 // buffer of `bytes` (best of reps). The memory-bandwidth bound of decoding divides it.
 double stream_bandwidth(size_t bytes, int threads, int reps);
+
+// Runs single Backend operations on host data, to check a backend's kernels against another
+// backend or an independent reference. Matrices are given as fp32 [rows, cols] and rounded to
+// `dtype` ("fp32", "bf16", "fp16") on upload. Caches are one layer of `layout`.
+class BackendHarness {
+ public:
+  explicit BackendHarness(const std::string& device, int num_threads = 1);  // "cpu", "cuda", "cuda:N"
+  ~BackendHarness();
+  std::string device_name() const;
+
+  std::vector<float> linear(const std::vector<float>& x, int rows, const std::vector<float>& w, int n, int k,
+                            const std::string& dtype, const std::vector<float>& bias);
+  // Embeddings of `tokens`, followed by matrix_row() of the table's last row.
+  std::vector<float> embed(const std::vector<float>& table, int rows, int cols, const std::string& dtype,
+                           const std::vector<int32_t>& tokens);
+  std::vector<float> rmsnorm(const std::vector<float>& x, int rows, const std::vector<float>& w, float eps);
+  std::vector<float> rope(const std::vector<float>& x, int rows, int row_stride, int col0, int heads, int head_dim,
+                          const std::vector<int32_t>& positions, const std::vector<float>& cos,
+                          const std::vector<float>& sin);
+  std::vector<float> silu_mul(const std::vector<float>& gu, int rows);
+  std::vector<float> add(const std::vector<float>& x, const std::vector<float>& y, bool silu);
+  std::vector<float> gather_rows(const std::vector<float>& x, int dim, const std::vector<int32_t>& index);
+  std::vector<int32_t> argmax(const std::vector<float>& logits, int rows);
+  // topk, then map_ids through id_map when it is not empty.
+  std::vector<int32_t> topk(const std::vector<float>& logits, int rows, int k, const std::vector<int32_t>& id_map);
+  // [lse of every row..., entropy of every row...]
+  std::vector<float> softmax_stats(const std::vector<float>& logits, int rows, float temperature);
+  // kv_store of the rows' K/V (columns k_col0 / v_col0 of qkv) into the caches, then attention;
+  // the caches come back updated.
+  std::vector<float> attention(const std::vector<float>& qkv, int rows, int row_stride, int heads,
+                               const KVLayout& layout, const std::vector<int32_t>& slots,
+                               const std::vector<int32_t>& cache_index, const std::vector<int32_t>& prefix_len,
+                               const std::vector<int32_t>& extra_offsets, const std::vector<int32_t>& extra,
+                               int k_col0, int v_col0, std::vector<float>& k_cache, std::vector<float>& v_cache);
+  // Caches of `layers` layers.
+  void kv_copy(std::vector<float>& k_cache, std::vector<float>& v_cache, int layers, const KVLayout& layout,
+               const std::vector<int32_t>& slots, const std::vector<int32_t>& src, const std::vector<int32_t>& dst);
+
+ private:
+  struct Buf;
+  template <class T>
+  std::unique_ptr<Buf> upload(const std::vector<T>& v);
+  template <class T>
+  std::vector<T> download(const Buf& b, size_t n);
+  Matrix matrix(const std::vector<float>& w, int rows, int cols, const std::string& dtype);
+  std::unique_ptr<Backend> be_;
+};
 
 }  // namespace medusa_rt::testing

@@ -16,6 +16,7 @@
 #include "cpu/packing.h"
 #include "medusa_rt/errors.h"
 #include "model/backend.h"
+#include "model/step_ops.h"
 
 namespace medusa_rt {
 namespace {
@@ -47,6 +48,9 @@ class CpuBackend final : public Backend {
   explicit CpuBackend(int num_threads) : pool_(num_threads), k_(cpu::kernels()) {}
 
   std::string name() const override { return std::string("cpu/") + k_.isa; }
+  std::string device_name() const override {
+    return "cpu (" + std::to_string(pool_.num_threads()) + " threads, " + k_.isa + ")";
+  }
   int num_threads() const override { return pool_.num_threads(); }
 
   void* allocate(size_t bytes, const char* what) override {
@@ -265,6 +269,25 @@ class CpuBackend final : public Backend {
           std::memcpy(k_cache + base + size_t(dst[i]) * L.head_dim, k_cache + base + size_t(src[i]) * L.head_dim, hd_bytes);
           std::memcpy(v_cache + base + size_t(dst[i]) * L.head_dim, v_cache + base + size_t(src[i]) * L.head_dim, hd_bytes);
         }
+      }
+    }
+  }
+
+  void tree_rows(const TreeRowsArgs& a) override {
+    for (int s = 0; s < a.n; ++s) {
+      for (int i = 0; i < a.T; ++i) step_ops::tree_row(a, s, i);
+    }
+  }
+
+  void accept_greedy(const AcceptArgs& a) override {
+    for (int s = 0; s < a.n; ++s) step_ops::accept_sequence(a, s);
+  }
+
+  void scatter_candidates(const int32_t* cand, int n, int num_heads, int k, const int32_t* slots,
+                          int32_t* dst) override {
+    for (int r = 0; r < n; ++r) {
+      for (int h = 0; h < num_heads; ++h) {
+        for (int j = 0; j < k; ++j) step_ops::scatter_candidate(cand, n, num_heads, k, slots, dst, r, h, j);
       }
     }
   }

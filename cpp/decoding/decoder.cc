@@ -1,8 +1,11 @@
 #include "decoding/decoder.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 
 #include "decoding/acceptance.h"
 #include "medusa_rt/errors.h"
@@ -69,6 +72,40 @@ Decoder::Decoder(LlamaModel& model, MedusaHeads* heads, TreeSpec tree, int max_b
     d_candidates_ = static_cast<int32_t*>(buffers_.buffer(sizeof(int32_t) * nc, "Medusa candidates"));
     candidates_host_.resize(nc);
   }
+
+  // Fused step state.
+  const int slots = model.limits().slots;
+  const int T = tree_.num_nodes(), D = tree_.max_depth();
+  auto ibuf = [&](size_t n, const char* what) {
+    return static_cast<int32_t*>(buffers_.buffer(sizeof(int32_t) * std::max<size_t>(n, 1), what));
+  };
+  d_len_ = ibuf(slots, "sequence lengths");
+  d_root_ = ibuf(slots, "pending tokens");
+  if (heads_) d_cand_ = ibuf(size_t(slots) * heads_->num_heads() * heads_->top_k(), "Medusa candidates per slot");
+  d_bslots_ = ibuf(max_batch, "step slots");
+  d_out_ = ibuf(size_t(max_batch) * (D + 2), "accepted tokens");
+  out_host_.resize(size_t(max_batch) * (D + 2));
+  std::vector<int32_t> depths(tree_.depths().begin(), tree_.depths().end());
+  std::vector<int32_t> ranks(T), parents(tree_.parents().begin(), tree_.parents().end()), anc_off{0}, anc;
+  for (int i = 0; i < T; ++i) {
+    ranks[i] = std::max(0, tree_.ranks()[i]);
+    for (int a : tree_.ancestors()[i]) anc.push_back(a);
+    anc_off.push_back(static_cast<int32_t>(anc.size()));
+  }
+  auto upload = [&](const std::vector<int32_t>& v, const char* what) {
+    int32_t* d = ibuf(v.size(), what);
+    model.backend().copy_to_device(d, v.data(), sizeof(int32_t) * v.size());
+    return d;
+  };
+  d_depths_ = upload(depths, "tree");
+  d_ranks_ = upload(ranks, "tree");
+  d_parents_ = upload(parents, "tree");
+  d_anc_off_ = upload(anc_off, "tree");
+  d_anc_ = upload(anc, "tree");
+  static std::atomic<uint64_t> next_graph_ns{1};
+  graph_ns_ = next_graph_ns++ << 40;
+  const char* f = std::getenv("MEDUSA_RT_FUSED_STEP");
+  fused_ = !(f && std::string(f) == "0");
 }
 
 Decoder::~Decoder() = default;
@@ -89,6 +126,8 @@ void Decoder::run_heads(SequenceState* const* seqs, const int32_t* hidden_rows, 
       std::copy_n(candidates_host_.data() + (size_t(h) * n + r) * k, k, s.candidates.data() + size_t(h) * k);
     }
     s.has_candidates = true;
+    s.candidates_on_host = true;
+    s.candidates_on_device = false;
     if (!s.oracle.empty()) apply_oracle(s, K, k, vocab_);
   }
   forward_seconds_ += std::chrono::duration<double>(Clock::now() - t0).count();
@@ -119,6 +158,7 @@ void Decoder::append(SequenceState& s, const int32_t* tokens, int n, bool with_h
     if (!all_logits && !hidden && last) rows_.logit_rows.push_back(c - 1);
     const auto tf = Clock::now();
     model_.forward(rows_);
+    be.synchronize();
     forward_seconds_ += std::chrono::duration<double>(Clock::now() - tf).count();
     const int nl = static_cast<int>(rows_.logit_rows.size());
     if (all_logits || (logits && last)) {
@@ -136,6 +176,7 @@ void Decoder::append(SequenceState& s, const int32_t* tokens, int n, bool with_h
     }
     if (last) {
       s.length = start + n;
+      s.device_synced = false;
       be.argmax(model_.logits() + size_t(nl - 1) * vocab_, 1, vocab_, d_argmax_);
       be.copy_to_host(&s.root, d_argmax_, sizeof(int32_t));
       s.has_candidates = false;
@@ -148,8 +189,155 @@ void Decoder::append(SequenceState& s, const int32_t* tokens, int n, bool with_h
   }
 }
 
+void Decoder::candidates_to_host(SequenceState& s) {
+  if (s.candidates_on_host || !s.candidates_on_device) return;
+  const size_t nc = size_t(heads_->num_heads()) * heads_->top_k();
+  s.candidates.resize(nc);
+  model_.backend().copy_to_host(s.candidates.data(), d_cand_ + size_t(s.slot) * nc, nc * sizeof(int32_t));
+  s.candidates_on_host = true;
+}
+
+bool Decoder::step_fused(SequenceState* const* seqs, int n, bool allow_trees) {
+  if (!fused_) return false;
+  const int max_seq = model_.limits().max_seq;
+  const bool medusa = seqs[0]->options.medusa;
+  bool any_tree = false, all_tree = true;
+  for (int i = 0; i < n; ++i) {
+    const SequenceState& s = *seqs[i];
+    if (s.record || s.options.medusa != medusa) return false;
+    const bool tree = allow_trees && medusa && heads_ && s.has_candidates;
+    if (tree && s.options.acceptance != Acceptance::kGreedy) return false;
+    any_tree |= tree;
+    all_tree &= tree;
+  }
+  if (any_tree != all_tree) return false;
+  const int T = all_tree ? tree_.num_nodes() : 1;
+  for (int i = 0; i < n; ++i) {
+    if (seqs[i]->length + T > max_seq) return false;  // the host step cuts the tree
+  }
+  const bool with_heads = medusa && heads_;
+  Backend& be = model_.backend();
+
+  // State to the device: the batch's slots, and lengths, roots and candidates made on the host.
+  bslots_.resize(n);
+  for (int i = 0; i < n; ++i) bslots_[i] = seqs[i]->slot;
+  if (bslots_ != bslots_dev_) {
+    be.copy_to_device(d_bslots_, bslots_.data(), sizeof(int32_t) * n);
+    bslots_dev_ = bslots_;
+  }
+  for (int i = 0; i < n; ++i) {
+    SequenceState& s = *seqs[i];
+    if (!s.device_synced) {
+      be.copy_to_device(d_len_ + s.slot, &s.length, sizeof(int32_t));
+      be.copy_to_device(d_root_ + s.slot, &s.root, sizeof(int32_t));
+      s.device_synced = true;
+    }
+    if (T > 1) {
+      const int K = heads_->num_heads(), k = heads_->top_k();
+      if (!s.oracle.empty()) {  // test hook: the oracle's candidates replace the heads'
+        s.candidates.resize(size_t(K) * k);
+        apply_oracle(s, K, k, vocab_);
+        s.candidates_on_host = true;
+        s.candidates_on_device = false;
+      }
+      if (!s.candidates_on_device) {
+        be.copy_to_device(d_cand_ + size_t(s.slot) * K * k, s.candidates.data(), sizeof(int32_t) * K * k);
+        s.candidates_on_device = true;
+      }
+    }
+  }
+
+  // The step: replayed from its graph, recorded on first use, or run eagerly.
+  const auto tf = Clock::now();
+  const uint64_t key = graph_ns_ | (uint64_t(n) << 24) | (uint64_t(T) << 8) | (with_heads ? 1u : 0u);
+  if (!be.graph_replay(key)) {
+    bool done = false;
+    if (be.graph_begin(key)) {
+      bool recorded = true;
+      try {
+        fused_body(n, T, with_heads);
+      } catch (const std::exception&) {
+        recorded = false;  // ended below; the eager run reports a real error
+      }
+      done = be.graph_end(key, recorded);
+    }
+    if (!done) fused_body(n, T, with_heads);
+  }
+  const int D = T > 1 ? tree_.max_depth() : 0;
+  be.copy_to_host(out_host_.data(), d_out_, sizeof(int32_t) * size_t(n) * (D + 2));
+  forward_seconds_ += std::chrono::duration<double>(Clock::now() - tf).count();
+
+  for (int i = 0; i < n; ++i) {
+    SequenceState& s = *seqs[i];
+    const int32_t* out = out_host_.data() + size_t(i) * (D + 2);
+    const int a = out[0];
+    s.new_tokens.assign(out + 1, out + 2 + a);
+    s.root = s.new_tokens.back();
+    s.accepted = a;
+    s.length += a + 1;
+    s.tree_step = T > 1;
+    s.has_candidates = with_heads;
+    s.candidates_on_host = false;
+    s.candidates_on_device = with_heads;
+  }
+  return true;
+}
+
+void Decoder::fused_body(int n, int T, bool with_heads) {
+  Backend& be = model_.backend();
+  const LlamaModel::DeviceRows d = model_.device_rows();
+  TreeRowsArgs ta;
+  ta.n = n;
+  ta.T = T;
+  ta.top_k = heads_ ? heads_->top_k() : 0;
+  ta.num_heads = heads_ ? heads_->num_heads() : 0;
+  ta.batch_slots = d_bslots_;
+  ta.lengths = d_len_;
+  ta.roots = d_root_;
+  ta.candidates = d_cand_;
+  ta.depths = d_depths_;
+  ta.ranks = d_ranks_;
+  ta.anc_offsets = d_anc_off_;
+  ta.ancestors = d_anc_;
+  ta.tokens = d.tokens;
+  ta.positions = d.positions;
+  ta.slots = d.slots;
+  ta.cache_index = d.cache_index;
+  ta.prefix_len = d.prefix_len;
+  ta.extra_offsets = d.extra_offsets;
+  ta.extra = d.extra;
+  ta.logit_rows = d.logit_rows;
+  be.tree_rows(ta);
+  model_.run_device_rows(n * T, true);
+  be.argmax(model_.logits(), n * T, vocab_, d_argmax_);
+  AcceptArgs aa;
+  aa.n = n;
+  aa.T = T;
+  aa.max_depth = T > 1 ? tree_.max_depth() : 0;
+  aa.batch_slots = d_bslots_;
+  aa.tokens = d.tokens;
+  aa.argmax = d_argmax_;
+  aa.parents = d_parents_;
+  aa.lengths = d_len_;
+  aa.roots = d_root_;
+  aa.out = d_out_;
+  aa.copy_slots = d.copy_slots;
+  aa.copy_src = d.copy_src;
+  aa.copy_dst = d.copy_dst;
+  aa.hidden_rows = d_index_;
+  be.accept_greedy(aa);
+  model_.copy_kv_device(n * aa.max_depth);
+  if (with_heads) {
+    const int H = model_.config().hidden_size, K = heads_->num_heads(), k = heads_->top_k();
+    be.gather_rows(model_.hidden(), H, d_index_, n, d_head_in_);
+    heads_->candidates(d_head_in_, n, d_candidates_);
+    be.scatter_candidates(d_candidates_, n, K, k, d_bslots_, d_cand_);
+  }
+}
+
 void Decoder::step(SequenceState* const* seqs, int n, bool allow_trees) {
   if (n <= 0 || n > max_batch_) throw Error("internal: bad step batch");
+  if (step_fused(seqs, n, allow_trees)) return;
   const int max_seq = model_.limits().max_seq;
   Backend& be = model_.backend();
 
@@ -164,6 +352,8 @@ void Decoder::step(SequenceState* const* seqs, int n, bool allow_trees) {
     const int room = max_seq - s.length;
     if (room < 1) throw Error("internal: step on a full sequence");
     s.tree_step = allow_trees && s.options.medusa && heads_ && s.has_candidates;
+    if (s.tree_step) candidates_to_host(s);
+    s.device_synced = false;
     const int T = s.tree_step ? std::min(tree_.num_nodes(), room) : 1;
     row_base_.push_back(rows_.size());
     num_nodes_.push_back(T);
@@ -186,6 +376,7 @@ void Decoder::step(SequenceState* const* seqs, int n, bool allow_trees) {
   // 2. One forward over all rows, and the base model's argmax at every node.
   const auto tf = Clock::now();
   model_.forward(rows_);
+  be.synchronize();
   forward_seconds_ += std::chrono::duration<double>(Clock::now() - tf).count();
   const int R = rows_.size();
   be.argmax(model_.logits(), R, vocab_, d_argmax_);
@@ -288,9 +479,12 @@ double Decoder::time_forward(int batch, const TreeSpec& tree, int nodes, int rep
     }
   }
   double best = 1e30;
+  Backend& be = model_.backend();
+  be.synchronize();
   for (int rep = 0; rep < reps; ++rep) {
     const auto t0 = Clock::now();
     model_.forward(rows_);
+    be.synchronize();
     best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
   }
   return best;
@@ -299,11 +493,14 @@ double Decoder::time_forward(int batch, const TreeSpec& tree, int nodes, int rep
 double Decoder::time_heads(int rows, int reps) {
   if (!heads_) return 0;
   rows = std::min(rows, max_batch_);
-  model_.backend().fill_zero(d_head_in_, sizeof(float) * size_t(rows) * model_.config().hidden_size);
+  Backend& be = model_.backend();
+  be.fill_zero(d_head_in_, sizeof(float) * size_t(rows) * model_.config().hidden_size);
+  be.synchronize();
   double best = 1e30;
   for (int rep = 0; rep < reps; ++rep) {
     const auto t0 = Clock::now();
     heads_->candidates(d_head_in_, rows, d_candidates_);
+    be.synchronize();
     best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
   }
   return best;

@@ -39,6 +39,10 @@ struct SequenceState {
   std::vector<int32_t> new_tokens;
   int accepted = 0;       // speculative tokens accepted in the last step
   bool tree_step = false;  // whether the last step verified a tree
+  // The fused step (Decoder::step_fused) keeps length, root and candidates on the device:
+  bool device_synced = false;         // the device's length and root for this slot equal ours
+  bool candidates_on_host = true;     // `candidates` is current
+  bool candidates_on_device = false;  // the device's candidates for this slot are current
   bool step_done = false;    // engine scheduler: the step this sequence was queued for ran
   bool step_failed = false;  // ... and threw
 
@@ -94,6 +98,14 @@ class Decoder {
 
  private:
   void run_heads(SequenceState* const* seqs, const int32_t* hidden_rows, int n);
+  // The step with row building, acceptance, KV compaction and the next candidates on the
+  // device (recorded as one graph per (batch, tree size) where the backend can), one copy of
+  // the accepted tokens to the host at the end. Returns false (and does nothing) when this
+  // batch needs the host step: typical acceptance, recording hooks, a mixed batch, or a tree
+  // cut at the end of the cache.
+  bool step_fused(SequenceState* const* seqs, int n, bool allow_trees);
+  void fused_body(int n, int T, bool with_heads);
+  void candidates_to_host(SequenceState& s);
   std::vector<SequenceState*> head_seqs_;
 
   LlamaModel& model_;
@@ -112,6 +124,15 @@ class Decoder {
   std::vector<float> lse_, entropy_;
   TypicalScratch typical_;
   double forward_seconds_ = 0;
+
+  // Fused step state (backend memory): per slot length, root and candidates [slot][heads][top_k];
+  // the batch's slots; the tree (depths, ranks, parents, ancestors-or-self CSR); the output
+  // blocks [max_batch][max_depth + 2].
+  int32_t *d_len_ = nullptr, *d_root_ = nullptr, *d_cand_ = nullptr, *d_bslots_ = nullptr, *d_out_ = nullptr;
+  int32_t *d_depths_ = nullptr, *d_ranks_ = nullptr, *d_parents_ = nullptr, *d_anc_off_ = nullptr, *d_anc_ = nullptr;
+  std::vector<int32_t> out_host_, bslots_, bslots_dev_;
+  uint64_t graph_ns_ = 0;  // this decoder's graph keys
+  bool fused_ = true;      // MEDUSA_RT_FUSED_STEP=0: always the host step
 };
 
 }  // namespace medusa_rt

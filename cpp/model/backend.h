@@ -44,10 +44,49 @@ struct KVLayout {
   size_t layer_elems() const { return size_t(slots) * kv_heads * max_seq * head_dim; }
 };
 
+// A decode step's tree rows built on the device (Backend::tree_rows): n sequences, each with the
+// first T nodes of the tree, row s*T + i for node i of sequence s. Per-slot state: lengths,
+// pending (root) tokens and head candidates [slot][num_heads][top_k]. All backend memory.
+struct TreeRowsArgs {
+  int n = 0, T = 0, top_k = 0, num_heads = 0;
+  const int32_t* batch_slots = nullptr;  // [n]
+  const int32_t* lengths = nullptr;      // [slots]
+  const int32_t* roots = nullptr;        // [slots]
+  const int32_t* candidates = nullptr;   // [slots][num_heads][top_k]
+  const int32_t* depths = nullptr;       // [T] tree node depths (root 0)
+  const int32_t* ranks = nullptr;        // [T] candidate rank of each node (root unused)
+  const int32_t* anc_offsets = nullptr;  // [T + 1] CSR offsets of each node's ancestors (root excluded)
+  const int32_t* ancestors = nullptr;    // [anc_offsets[T]] ancestor node indices, increasing
+  // Outputs, [n*T] each (extra_offsets [n*T + 1], extra [n * anc_offsets[T]]).
+  int32_t *tokens = nullptr, *positions = nullptr, *slots = nullptr, *cache_index = nullptr, *prefix_len = nullptr,
+          *extra_offsets = nullptr, *extra = nullptr, *logit_rows = nullptr;
+};
+
+// Greedy acceptance of n verified trees on the device (Backend::accept_greedy), the same rule as
+// accept_greedy() in decoding/acceptance.h: from the root, descend to the first child whose
+// token equals the argmax at the current node.
+struct AcceptArgs {
+  int n = 0, T = 0, max_depth = 0;
+  const int32_t* batch_slots = nullptr;  // [n]
+  const int32_t* tokens = nullptr;       // [n*T] the rows' tokens (TreeRowsArgs::tokens)
+  const int32_t* argmax = nullptr;       // [n*T] base model argmax of every row
+  const int32_t* parents = nullptr;      // [T] tree parents (root -1)
+  int32_t* lengths = nullptr;            // [slots] += accepted + 1
+  int32_t* roots = nullptr;              // [slots] = the bonus token
+  // Outputs: out[s * (max_depth + 2) + 0] = accepted a, then the a accepted tokens and the bonus
+  // token. KV compaction list, max_depth entries per sequence (unused ones copy an entry onto
+  // itself): copy_slots / copy_src / copy_dst [n * max_depth]. hidden_rows[s] = row of the last
+  // accepted node (the heads' input).
+  int32_t *out = nullptr, *copy_slots = nullptr, *copy_src = nullptr, *copy_dst = nullptr, *hidden_rows = nullptr;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
+  // Kernel set, e.g. "cpu/avx2" or "cuda/sm_90".
   virtual std::string name() const = 0;
+  // The device in words, e.g. "cpu (2 threads)" or "cuda:0 (NVIDIA H100 80GB HBM3, 81559 MiB)".
+  virtual std::string device_name() const = 0;
   virtual int num_threads() const = 0;
 
   // Memory. allocate() throws CapacityError naming `what` when memory is short.
@@ -57,6 +96,8 @@ class Backend {
   virtual void copy_to_host(void* dst, const void* src, size_t bytes) = 0;
   virtual void fill_zero(void* dst, size_t bytes) = 0;
   virtual void copy_on_device(void* dst, const void* src, size_t bytes) = 0;
+  // Waits until all work issued so far has finished (timing; a no-op on the CPU).
+  virtual void synchronize() {}
   // Allocates a matrix and fills it from host data (row-major [rows, cols] of dtype) in the
   // layout the backend's kernels want. Free it with deallocate(matrix.data).
   virtual Matrix upload_matrix(const void* host, DType dtype, int rows, int cols, const char* what) = 0;
@@ -65,6 +106,10 @@ class Backend {
   // Called once at engine creation with the KV cache layout, so that per-forward scratch is
   // reserved up front and steady-state steps allocate nothing.
   virtual void prepare(const KVLayout& layout) = 0;
+  // Called at engine creation, after the matrices are uploaded, by every user of the backend with
+  // the most rows it will pass to one call (linear, norms, ...): scratch sized by rows is
+  // reserved here, not during steps.
+  virtual void reserve_rows(int rows) {}
 
   // out[r] = fp32(table[tokens[r]])
   virtual void embed(const Matrix& table, const int32_t* tokens, int rows, float* out) = 0;
@@ -98,8 +143,9 @@ class Backend {
   virtual void argmax(const float* logits, int rows, int vocab, int32_t* out) = 0;
   // out[r*k + j] = index of the j-th largest of logits[r] (descending; equal values: lower index first)
   virtual void topk(const float* logits, int rows, int vocab, int k, int32_t* out) = 0;
-  // Per row r of z = logits[r] / temperature: lse[r] = log(sum exp z) and
-  // entropy[r] = -sum p log(p + 1e-5) with p = softmax(z) (Medusa's typical acceptance).
+  // Per row r of z = logits[r] / temperature: lse[r] = log(sum exp z) and entropy[r] =
+  // -sum p log(p + 1e-5) with p = softmax(z) (Medusa's typical acceptance). lse and entropy
+  // are host memory (rows <= the reserved rows).
   virtual void softmax_stats(const float* logits, int rows, int vocab, float temperature, float* lse,
                              float* entropy) = 0;
   // x += silu(y)   (Medusa head residual block)
@@ -108,8 +154,31 @@ class Backend {
   // for i = 0..n-1 in order (KV compaction after tree verification).
   virtual void kv_copy(float* k_cache, float* v_cache, int layers, const KVLayout& layout, const int32_t* slots,
                        const int32_t* src, const int32_t* dst, int n) = 0;
+
+  // The fused decode step's device-side parts (see TreeRowsArgs, AcceptArgs).
+  virtual void tree_rows(const TreeRowsArgs& args) = 0;
+  virtual void accept_greedy(const AcceptArgs& args) = 0;
+  // dst[slots[r]][h][j] = cand[(h * n + r) * k + j]: head candidates from the heads' batch
+  // layout into per-slot state.
+  virtual void scatter_candidates(const int32_t* cand, int n, int num_heads, int k, const int32_t* slots,
+                                  int32_t* dst) = 0;
+
+  // Graphs of recorded work (CUDA graphs), keyed by the caller. graph_replay runs the graph
+  // recorded under key and returns true, or returns false when there is none. graph_begin starts
+  // recording the work issued until graph_end: false when this backend cannot record (the CPU)
+  // or recording failed before. graph_end(key, keep) stops recording; with keep it stores the
+  // graph and runs it once and returns true; it returns false when the recording failed or keep
+  // is false: nothing of the recorded work has run then, the caller runs it eagerly.
+  virtual bool graph_replay(uint64_t key) { return false; }
+  virtual bool graph_begin(uint64_t key) { return false; }
+  virtual bool graph_end(uint64_t key, bool keep) { return false; }
 };
 
 std::unique_ptr<Backend> make_cpu_backend(int num_threads);
+// The CUDA backend on GPU `device` (cpp/cuda; only in builds with MEDUSA_RT_CUDA=ON). Throws
+// InvalidArgumentError when there is no such GPU.
+std::unique_ptr<Backend> make_cuda_backend(int device);
+// GPUs the CUDA runtime reports (0 on error).
+int cuda_runtime_device_count();
 
 }  // namespace medusa_rt

@@ -175,6 +175,7 @@ LlamaModel::LlamaModel(const ModelConfig& cfg, const TensorStore& store, DType d
     d_copy_src_ = ibuf(R);
     d_copy_dst_ = ibuf(R);
     be_.prepare(kv_layout_);
+    be_.reserve_rows(lim.max_rows);
   }
 }
 
@@ -206,10 +207,6 @@ void LlamaModel::forward(const ForwardRows& rows) {
   const int NL = static_cast<int>(rows.logit_rows.size());
   if (R <= 0 || R > lim_.max_rows || NL > lim_.max_logit_rows) throw Error("internal: forward row count out of limits");
   if (rows.extra.size() > size_t(R) * (lim_.max_tree_depth + 1)) throw Error("internal: too many tree keys");
-  const int H = cfg_.hidden_size, F = cfg_.intermediate_size, hd = cfg_.head_dim;
-  const int nq = cfg_.num_heads * hd, nkv = cfg_.num_kv_heads * hd;
-  const float eps = static_cast<float>(cfg_.rms_norm_eps);
-
   auto up = [&](int32_t* dst, const std::vector<int32_t>& src) {
     if (!src.empty()) be_.copy_to_device(dst, src.data(), src.size() * sizeof(int32_t));
   };
@@ -221,6 +218,29 @@ void LlamaModel::forward(const ForwardRows& rows) {
   up(d_extra_offsets_, rows.extra_offsets);
   up(d_extra_, rows.extra);
   up(d_logit_rows_, rows.logit_rows);
+  run(R, NL, rows.logits_from, !rows.extra_offsets.empty());
+}
+
+LlamaModel::DeviceRows LlamaModel::device_rows() const {
+  return DeviceRows{d_tokens_, d_positions_, d_slots_,       d_cache_index_, d_prefix_len_, d_extra_offsets_,
+                    d_extra_,  d_logit_rows_, d_copy_slots_, d_copy_src_,    d_copy_dst_};
+}
+
+void LlamaModel::run_device_rows(int R, bool has_extra) {
+  if (R <= 0 || R > lim_.max_rows || R > lim_.max_logit_rows) throw Error("internal: forward row count out of limits");
+  run(R, R, 0, has_extra);
+}
+
+void LlamaModel::copy_kv_device(int n) {
+  if (n <= 0) return;
+  if (n > lim_.max_rows) throw Error("internal: too many KV copies");
+  be_.kv_copy(k_cache_, v_cache_, cfg_.num_layers, kv_layout_, d_copy_slots_, d_copy_src_, d_copy_dst_, n);
+}
+
+void LlamaModel::run(int R, int NL, int logits_from, bool has_extra) {
+  const int H = cfg_.hidden_size, F = cfg_.intermediate_size, hd = cfg_.head_dim;
+  const int nq = cfg_.num_heads * hd, nkv = cfg_.num_kv_heads * hd;
+  const float eps = static_cast<float>(cfg_.rms_norm_eps);
   RowsMeta meta;
   meta.rows = R;
   meta.tokens = d_tokens_;
@@ -228,8 +248,8 @@ void LlamaModel::forward(const ForwardRows& rows) {
   meta.slots = d_slots_;
   meta.cache_index = d_cache_index_;
   meta.prefix_len = d_prefix_len_;
-  meta.extra_offsets = rows.extra_offsets.empty() ? nullptr : d_extra_offsets_;
-  meta.extra = rows.extra_offsets.empty() ? nullptr : d_extra_;
+  meta.extra_offsets = has_extra ? d_extra_offsets_ : nullptr;
+  meta.extra = has_extra ? d_extra_ : nullptr;
 
   // MEDUSA_RT_PROFILE=1: time of every op kind, printed when the model is destroyed.
   OpTimer t(prof_.get());
@@ -262,7 +282,7 @@ void LlamaModel::forward(const ForwardRows& rows) {
       be_.gather_rows(x_, H, d_logit_rows_, NL, tmp_);
       be_.rmsnorm(tmp_, final_norm_, NL, H, eps, hidden_);
     });
-    const int from = std::min(std::max(rows.logits_from, 0), NL);
+    const int from = std::min(std::max(logits_from, 0), NL);
     if (from < NL) {
       t.run(OpTimer::kLmHead, [&] {
         be_.linear(hidden_ + size_t(from) * H, NL - from, lm_head_, nullptr, logits_ + size_t(from) * cfg_.vocab_size);

@@ -50,6 +50,19 @@ class LlamaModel {
   // [rows.logit_rows.size(), vocab] (rows before rows.logits_from left unset) and hidden() the
   // final normed hidden states of those rows.
   void forward(const ForwardRows& rows);
+
+  // The forward's row metadata in backend memory, for callers that build rows on the device
+  // (the fused decode step): fill them, then run_device_rows().
+  struct DeviceRows {
+    int32_t *tokens, *positions, *slots, *cache_index, *prefix_len, *extra_offsets, *extra, *logit_rows;
+    int32_t *copy_slots, *copy_src, *copy_dst;  // [max_rows] KV compaction lists (copy_kv_device)
+  };
+  DeviceRows device_rows() const;
+  // forward() over rows already in device_rows(): R rows, logits for rows [0, R) (logit_rows
+  // filled), tree visibility from extra_offsets/extra when has_extra.
+  void run_device_rows(int R, bool has_extra);
+  // copy_kv() of the first n entries of device_rows().copy_* (already in backend memory).
+  void copy_kv_device(int n);
   const float* logits() const { return logits_; }
   const float* hidden() const { return hidden_; }
 
@@ -81,6 +94,8 @@ class LlamaModel {
     return static_cast<T*>(arena_.buffer(count * sizeof(T), what));
   }
   void build_rope_tables();
+  // The forward over the row metadata in backend memory.
+  void run(int R, int NL, int logits_from, bool has_extra);
 
   ModelConfig cfg_;
   ModelLimits lim_;

@@ -177,6 +177,7 @@ MedusaHeads::MedusaHeads(const std::string& file, const ModelConfig& base, DType
   x_ = static_cast<float*>(arena_.buffer(rows * hidden_ * sizeof(float), "Medusa head workspace"));
   tmp_ = static_cast<float*>(arena_.buffer(size_t(max_rows_) * hidden_ * sizeof(float), "Medusa head workspace"));
   logits_ = static_cast<float*>(arena_.buffer(rows * proj_vocab_ * sizeof(float), "Medusa head logits"));
+  be_.reserve_rows(static_cast<int>(rows));
 }
 
 void MedusaHeads::candidates(const float* hidden, int rows, int32_t* out) {

@@ -9,6 +9,8 @@ namespace py = pybind11;
 namespace medusa_rt::python {
 
 void register_engine(py::module_& m) {
+  m.def("cuda_device_count", &cuda_device_count,
+        "GPUs this build can use: 0 without the CUDA backend (MEDUSA_RT_CUDA=OFF) or without a GPU.");
   py::class_<Engine>(m, "Engine")
       .def(py::init<const std::string&, const EngineOptions&>(), py::arg("model_dir"), py::arg("options"),
            py::call_guard<py::gil_scoped_release>())

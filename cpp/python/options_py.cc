@@ -12,6 +12,7 @@ namespace medusa_rt::python {
 void register_options(py::module_& m) {
   py::class_<EngineOptions>(m, "EngineOptions")
       .def(py::init<>())
+      .def_readwrite("device", &EngineOptions::device)
       .def_readwrite("dtype", &EngineOptions::dtype)
       .def_readwrite("max_batch_size", &EngineOptions::max_batch_size)
       .def_readwrite("max_seq_len", &EngineOptions::max_seq_len)
@@ -86,6 +87,7 @@ void register_options(py::module_& m) {
       .def_readonly("max_batch_size", &ModelInfo::max_batch_size)
       .def_readonly("dtype", &ModelInfo::dtype)
       .def_readonly("isa", &ModelInfo::isa)
+      .def_readonly("device", &ModelInfo::device)
       .def_readonly("num_threads", &ModelInfo::num_threads)
       .def_readonly("eos_token_ids", &ModelInfo::eos_token_ids)
       .def_readonly("bos_token_id", &ModelInfo::bos_token_id)

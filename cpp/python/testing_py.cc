@@ -41,6 +41,40 @@ void register_testing(py::module_& m) {
     };
     return py::make_tuple(arr(k), arr(v));
   });
+
+  using testing::BackendHarness;
+  using F = std::vector<float>;
+  using I = std::vector<int32_t>;
+  auto layout = [](int slots, int kv_heads, int max_seq, int head_dim) {
+    return KVLayout{slots, kv_heads, max_seq, head_dim};
+  };
+  py::class_<BackendHarness>(t, "BackendHarness")
+      .def(py::init<const std::string&, int>(), py::arg("device"), py::arg("num_threads") = 1)
+      .def_property_readonly("device_name", &BackendHarness::device_name)
+      .def("linear", &BackendHarness::linear)
+      .def("embed", &BackendHarness::embed)
+      .def("rmsnorm", &BackendHarness::rmsnorm)
+      .def("rope", &BackendHarness::rope)
+      .def("silu_mul", &BackendHarness::silu_mul)
+      .def("add", &BackendHarness::add)
+      .def("gather_rows", &BackendHarness::gather_rows)
+      .def("argmax", &BackendHarness::argmax)
+      .def("topk", &BackendHarness::topk)
+      .def("softmax_stats", &BackendHarness::softmax_stats)
+      .def("attention",
+           [layout](BackendHarness& h, const F& qkv, int rows, int row_stride, int heads, int kv_heads, int max_seq,
+                    int head_dim, const I& slots, const I& cache_index, const I& prefix_len, const I& extra_offsets,
+                    const I& extra, int k_col0, int v_col0, F k_cache, F v_cache) {
+             const int nslots = static_cast<int>(k_cache.size() / (size_t(kv_heads) * max_seq * head_dim));
+             F out = h.attention(qkv, rows, row_stride, heads, layout(nslots, kv_heads, max_seq, head_dim), slots,
+                                 cache_index, prefix_len, extra_offsets, extra, k_col0, v_col0, k_cache, v_cache);
+             return py::make_tuple(out, k_cache, v_cache);
+           })
+      .def("kv_copy", [layout](BackendHarness& h, F k_cache, F v_cache, int layers, int slots, int kv_heads,
+                               int max_seq, int head_dim, const I& slot, const I& src, const I& dst) {
+        h.kv_copy(k_cache, v_cache, layers, layout(slots, kv_heads, max_seq, head_dim), slot, src, dst);
+        return py::make_tuple(k_cache, v_cache);
+      });
 }
 
 }  // namespace medusa_rt::python

@@ -28,7 +28,12 @@ namespace medusa_rt {
 
 /// Options fixed at engine creation.
 struct EngineOptions {
-  /// Weight precision in memory: "fp32", "bf16" or "fp16". Arithmetic is always fp32.
+  /// Where the model runs: "cpu", or "cuda" / "cuda:N" (GPU N; builds with the CUDA backend
+  /// only, see cuda_available()).
+  std::string device = "cpu";
+  /// Weight precision in memory: "fp32", "bf16" or "fp16" ("bf16" or "fp16" on CUDA).
+  /// Arithmetic and activations are fp32 (on CUDA the GEMM inputs are rounded to the weight
+  /// type, with fp32 accumulation).
   std::string dtype = "bf16";
   /// Number of sequence slots (sessions that can exist at once).
   int max_batch_size = 1;
@@ -86,7 +91,8 @@ struct ModelInfo {
   int max_seq_len = 0;        ///< the engine's limit (after defaults)
   int max_batch_size = 0;
   std::string dtype;          ///< weight dtype in memory
-  std::string isa;            ///< CPU kernel set in use: "avx2" or "generic"
+  std::string device;         ///< the device in words, e.g. "cpu (2 threads, avx2)"
+  std::string isa;            ///< kernel set in use: "avx2" or "generic" on the CPU, "sm_90" ... on CUDA
   int num_threads = 0;
   std::vector<int32_t> eos_token_ids;
   int32_t bos_token_id = -1;  ///< -1 if the model has none
@@ -138,6 +144,10 @@ enum class FinishReason {
   kLength,     ///< max_new_tokens reached, or the sequence reached max_seq_len
   kCancelled,  ///< the stream callback asked to stop
 };
+
+/// Number of CUDA GPUs this build can use: 0 when it was built without the CUDA backend
+/// (MEDUSA_RT_CUDA=OFF) or finds no GPU.
+int cuda_device_count();
 
 /// Returns "stop", "length" or "cancelled".
 const char* to_string(FinishReason reason);

@@ -55,11 +55,12 @@ __all__ = [
     "UnsupportedModelError",
     "CapacityError",
     "cmake_dir",
+    "cuda_device_count",
     "__version__",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .engine import Engine, GenerationResult, GenerationStats, Session, TreeSpec
+    from .engine import Engine, GenerationResult, GenerationStats, Session, TreeSpec, cuda_device_count
     from .export import export_model
     from .registry import pull
 
@@ -69,6 +70,7 @@ _LAZY = {
     "GenerationResult": ("engine", "GenerationResult"),
     "GenerationStats": ("engine", "GenerationStats"),
     "TreeSpec": ("engine", "TreeSpec"),
+    "cuda_device_count": ("engine", "cuda_device_count"),
     "pull": ("registry", "pull"),
     "export_model": ("export", "export_model"),
 }

@@ -91,13 +91,22 @@ class GenerationResult:
     stats: GenerationStats = field(repr=False)
 
 
+def cuda_device_count() -> int:
+    """Number of CUDA GPUs this build of medusa_rt can use (``Engine(..., device="cuda:N")``):
+    0 when the package was built without the CUDA backend or the machine has no GPU."""
+    return int(_core.cuda_device_count())
+
+
 class Engine:
     """A loaded model with its KV cache and workspaces, ready to generate.
 
     Args:
         model: a registry name (``"smollm2-135m"``, pulled and converted on first use) or the
             path of a model directory in the runtime format (see ``medusa-rt export``).
-        dtype: weight precision in memory, ``"bf16"``, ``"fp32"`` or ``"fp16"``; arithmetic is fp32.
+        dtype: weight precision in memory, ``"bf16"``, ``"fp32"`` or ``"fp16"`` (``"bf16"`` or
+            ``"fp16"`` on CUDA); arithmetic is fp32.
+        device: ``"cpu"``, or ``"cuda"`` / ``"cuda:N"`` in builds with the CUDA backend
+            (:func:`medusa_rt.cuda_device_count`).
         max_batch_size: number of sessions that can exist at once (sequence slots).
         max_seq_len: tokens per sequence, prompt included; 0 picks min(model limit, 4096).
         num_threads: CPU threads; 0 uses every available core.
@@ -128,6 +137,7 @@ class Engine:
         self,
         model: Union[str, "os.PathLike[str]"] = "smollm2-135m",
         *,
+        device: str = "cpu",
         dtype: str = "bf16",
         max_batch_size: int = 1,
         max_seq_len: int = 0,
@@ -157,6 +167,7 @@ class Engine:
         if medusa_expected_tokens_per_step is not None:
             options.medusa_expected_tokens_per_step = _check_float(
                 "medusa_expected_tokens_per_step", medusa_expected_tokens_per_step)
+        options.device = _check_str("device", device)
         options.dtype = _check_str("dtype", dtype)
         options.max_batch_size = _check_int("max_batch_size", max_batch_size)
         options.max_seq_len = _check_int("max_seq_len", max_seq_len)

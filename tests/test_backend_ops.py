@@ -1,0 +1,239 @@
+"""Every Backend operation against an independent NumPy reference, on the CPU backend and (tests
+marked ``gpu``, skipped without a CUDA build and GPU) on the CUDA backend, which is also compared
+with the CPU backend on the same inputs. Includes the row-independence the lossless contract
+rests on: a row's result does not depend on the other rows of the call."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import medusa_rt
+from medusa_rt import _core
+from medusa_rt.errors import InvalidArgumentError
+
+Harness = _core._testing.BackendHarness
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        medusa_rt.cuda_device_count() == 0, reason="no CUDA backend in this build or no GPU")]),
+]
+
+
+def round_to(a: np.ndarray, dtype: str) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float32)
+    if dtype == "fp32":
+        return a
+    if dtype == "fp16":
+        return a.astype(np.float16).astype(np.float32)
+    u = a.view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)  # round to nearest even
+    return r.view(np.float32)
+
+
+def arr(x, shape=None) -> np.ndarray:
+    a = np.asarray(x, dtype=np.float32)
+    return a.reshape(shape) if shape is not None else a
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def dev(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def h(dev):
+    return Harness(dev, 2)
+
+
+@pytest.fixture(scope="module")
+def cpu():
+    return Harness("cpu", 2)
+
+
+RNG = np.random.default_rng(5)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("k", [96, 100])
+def test_linear(h, dev, dtype, k):
+    n, rows = 200, 70
+    x = RNG.standard_normal((rows, k)).astype(np.float32)
+    w = (RNG.standard_normal((n, k)) * 0.1).astype(np.float32)
+    b = RNG.standard_normal(n).astype(np.float32)
+    if dev != "cpu" and dtype == "fp32":
+        with pytest.raises(InvalidArgumentError, match="bf16 or fp16"):
+            h.linear(x.ravel(), rows, w.ravel(), n, k, dtype, [])
+        return
+    y = arr(h.linear(x.ravel(), rows, w.ravel(), n, k, dtype, b), (rows, n))
+    # The CPU multiplies fp32 activations; CUDA's tensor cores take them rounded to the weights' type.
+    xin = x if dev == "cpu" else round_to(x, dtype)
+    ref = xin.astype(np.float64) @ round_to(w, dtype).T.astype(np.float64) + b
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+    # Row independence: every batch size gives each row the same bits (tree rows = plain rows).
+    for m in (1, 3, 17):
+        part = arr(h.linear(x[:m].ravel(), m, w.ravel(), n, k, dtype, b), (m, n))
+        assert np.array_equal(part, y[:m])
+    one = arr(h.linear(x[40:41].ravel(), 1, w.ravel(), n, k, dtype, b), (1, n))
+    assert np.array_equal(one, y[40:41])
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_embed_and_matrix_row(h, dtype):
+    rows, cols = 50, 36
+    t = RNG.standard_normal((rows, cols)).astype(np.float32)
+    toks = [3, 0, 49, 3]
+    out = arr(h.embed(t.ravel(), rows, cols, dtype, toks), (len(toks) + 1, cols))
+    r = round_to(t, dtype)
+    assert np.array_equal(out[:-1], r[toks])
+    assert np.array_equal(out[-1], r[-1])
+
+
+def test_rmsnorm(h):
+    x = RNG.standard_normal((5, 96)).astype(np.float32) * 3
+    w = RNG.standard_normal(96).astype(np.float32)
+    y = arr(h.rmsnorm(x.ravel(), 5, w, 1e-5), (5, 96))
+    x64 = x.astype(np.float64)
+    ref = w * (x64 / np.sqrt((x64 ** 2).mean(1, keepdims=True) + 1e-5))
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_rope(h):
+    rows, heads, hd, stride, col0 = 3, 2, 16, 40, 4
+    x = RNG.standard_normal((rows, stride)).astype(np.float32)
+    pos = [0, 5, 9]
+    ang = np.arange(10)[:, None] * (1.0 / 10000 ** (np.arange(hd // 2) * 2 / hd))[None, :]
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    y = arr(h.rope(x.ravel(), rows, stride, col0, heads, hd, pos, cos.ravel(), sin.ravel()), (rows, stride))
+    ref = x.copy()
+    for r, p in enumerate(pos):
+        for hh in range(heads):
+            v = x[r, col0 + hh * hd: col0 + (hh + 1) * hd]
+            a, b = v[: hd // 2], v[hd // 2:]
+            ref[r, col0 + hh * hd: col0 + (hh + 1) * hd] = np.concatenate([a * cos[p] - b * sin[p], b * cos[p] + a * sin[p]])
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_elementwise(h):
+    gu = RNG.standard_normal((4, 2 * 30)).astype(np.float32)
+    g, u = gu[:, :30].astype(np.float64), gu[:, 30:]
+    np.testing.assert_allclose(arr(h.silu_mul(gu.ravel(), 4), (4, 30)), g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=1e-6)
+    x, y = RNG.standard_normal(1000).astype(np.float32), RNG.standard_normal(1000).astype(np.float32)
+    assert np.array_equal(arr(h.add(x, y, False)), x + y)
+    np.testing.assert_allclose(arr(h.add(x, y, True)), x + y / (1 + np.exp(-y.astype(np.float64))), rtol=1e-5, atol=1e-6)
+    idx = [4, 0, 4, 2]
+    xs = RNG.standard_normal((5, 33)).astype(np.float32)
+    assert np.array_equal(arr(h.gather_rows(xs.ravel(), 33, idx), (4, 33)), xs[idx])
+
+
+def test_argmax_topk_ties(h):
+    vocab = 3000
+    l = RNG.standard_normal((3, vocab)).astype(np.float32)
+    l[1, [7, 900, 2999]] = 9.0  # a three-way tie: the lowest index first
+    l[2, :] = 0.5
+    assert h.argmax(l.ravel(), 3) == [int(np.argmax(l[0])), 7, 0]
+    k = 10
+    top = np.asarray(h.topk(l.ravel(), 3, k, [])).reshape(3, k)
+    for r in range(3):
+        ref = sorted(range(vocab), key=lambda i: (-l[r, i], i))[:k]
+        assert top[r].tolist() == ref
+    id_map = list(range(5000, 5000 + vocab))
+    mapped = np.asarray(h.topk(l.ravel(), 3, k, id_map)).reshape(3, k)
+    assert np.array_equal(mapped, top + 5000)
+
+
+def test_softmax_stats(h):
+    l = (RNG.standard_normal((3, 500)) * 4).astype(np.float32)
+    for t in (1.0, 0.7):
+        out = arr(h.softmax_stats(l.ravel(), 3, t))
+        z = l.astype(np.float64) / t
+        lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
+        p = np.exp(z - lse[:, None])
+        ent = -(p * np.log(p + 1e-5)).sum(1)
+        np.testing.assert_allclose(out[:3], lse, rtol=1e-5)
+        np.testing.assert_allclose(out[3:], ent, rtol=1e-4, atol=1e-5)
+
+
+HEADS, KVH, HD, SLOTS, MAXSEQ = 4, 2, 16, 2, 40
+
+
+def _attention_case():
+    width = (HEADS + 2 * KVH) * HD
+    kc = RNG.standard_normal(SLOTS * KVH * MAXSEQ * HD).astype(np.float32)
+    vc = RNG.standard_normal(kc.size).astype(np.float32)
+    rows = 5
+    qkv = RNG.standard_normal((rows, width)).astype(np.float32)
+    qkv[3, : HEADS * HD] = qkv[2, : HEADS * HD]  # row 3: the same query as row 2, as a tree row
+    slots = [0, 1, 1, 1, 0]
+    cache_index = [10, 30, 31, 32, 11]
+    prefix = [11, 31, 9, 5, 12]
+    # Row 3 sees keys 0..4 and then 5..8 as "ancestors": the same 9 keys, in the same order, as
+    # row 2's causal prefix (its own K/V are written at 32, which neither sees).
+    extra_offsets = [0, 0, 0, 0, 4, 4]
+    extra = [5, 6, 7, 8]
+    return qkv, rows, width, slots, cache_index, prefix, extra_offsets, extra, kc, vc
+
+
+def _attention_ref(qkv, slots, cache_index, prefix, extra_offsets, extra, kc, vc):
+    k = kc.reshape(SLOTS, KVH, MAXSEQ, HD).copy()
+    v = vc.reshape(SLOTS, KVH, MAXSEQ, HD).copy()
+    for r in range(len(slots)):
+        k[slots[r], :, cache_index[r]] = qkv[r, HEADS * HD:(HEADS + KVH) * HD].reshape(KVH, HD)
+        v[slots[r], :, cache_index[r]] = qkv[r, (HEADS + KVH) * HD:].reshape(KVH, HD)
+    out = np.zeros((len(slots), HEADS * HD))
+    for r in range(len(slots)):
+        keys = list(range(prefix[r])) + extra[extra_offsets[r]:extra_offsets[r + 1]]
+        for hh in range(HEADS):
+            q = qkv[r, hh * HD:(hh + 1) * HD].astype(np.float64)
+            kk = k[slots[r], hh // (HEADS // KVH), keys].astype(np.float64)
+            s = kk @ q / np.sqrt(HD)
+            p = np.exp(s - s.max())
+            out[r, hh * HD:(hh + 1) * HD] = (p / p.sum()) @ v[slots[r], hh // (HEADS // KVH), keys]
+    return out, k.ravel(), v.ravel()
+
+
+def test_attention_with_tree_rows(h):
+    qkv, rows, width, slots, ci, prefix, eo, extra, kc, vc = _attention_case()
+    out, k2, v2 = h.attention(qkv.ravel(), rows, width, HEADS, KVH, MAXSEQ, HD, slots, ci, prefix, eo, extra,
+                              HEADS * HD, (HEADS + KVH) * HD, kc, vc)
+    out = arr(out, (rows, HEADS * HD))
+    ref, kref, vref = _attention_ref(qkv, slots, ci, prefix, eo, extra, kc, vc)
+    assert np.array_equal(arr(k2), kref) and np.array_equal(arr(v2), vref)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(out[2], out[3])  # a tree row and a causal row over the same keys
+
+
+def test_kv_copy_in_order(h):
+    layers, kc_shape = 2, (2, SLOTS, KVH, MAXSEQ, HD)
+    kc = RNG.standard_normal(int(np.prod(kc_shape))).astype(np.float32)
+    vc = RNG.standard_normal(kc.size).astype(np.float32)
+    # Compaction order: 5 -> 1, then 2 -> ... copies read entries earlier copies may overwrite.
+    slot, src, dst = [1, 1, 1, 0], [5, 1, 7, 3], [1, 2, 3, 1]
+    k2, v2 = h.kv_copy(kc, vc, layers, SLOTS, KVH, MAXSEQ, HD, slot, src, dst)
+    k = kc.reshape(kc_shape).copy()
+    v = vc.reshape(kc_shape).copy()
+    for s_, a, b in zip(slot, src, dst):
+        k[:, s_, :, b] = k[:, s_, :, a]
+        v[:, s_, :, b] = v[:, s_, :, a]
+    assert np.array_equal(arr(k2), k.ravel()) and np.array_equal(arr(v2), v.ravel())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(medusa_rt.cuda_device_count() == 0, reason="no CUDA backend in this build or no GPU")
+def test_cuda_matches_cpu_backend(cpu):
+    """The same inputs through both backends (beyond the NumPy references above)."""
+    g = Harness("cuda", 1)
+    x = RNG.standard_normal((9, 64)).astype(np.float32)
+    w = (RNG.standard_normal((130, 64)) * 0.2).astype(np.float32)
+    xr = round_to(x, "bf16")  # CUDA rounds GEMM inputs to bf16: give the CPU the same values
+    a = arr(g.linear(x.ravel(), 9, w.ravel(), 130, 64, "bf16", []))
+    b = arr(cpu.linear(xr.ravel(), 9, w.ravel(), 130, 64, "bf16", []))
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    qkv, rows, width, slots, ci, prefix, eo, extra, kc, vc = _attention_case()
+    args = (qkv.ravel(), rows, width, HEADS, KVH, MAXSEQ, HD, slots, ci, prefix, eo, extra, HEADS * HD,
+            (HEADS + KVH) * HD, kc, vc)
+    np.testing.assert_allclose(arr(g.attention(*args)[0]), arr(cpu.attention(*args)[0]), rtol=1e-5, atol=1e-6)
+    l = RNG.standard_normal((4, 2000)).astype(np.float32)
+    assert g.argmax(l.ravel(), 4) == cpu.argmax(l.ravel(), 4)
+    assert g.topk(l.ravel(), 4, 8, []) == cpu.topk(l.ravel(), 4, 8, [])
