@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import struct
 import sys
 import tempfile
@@ -256,7 +257,9 @@ def main(argv=None) -> int:
 
     c = SHAPES[args.shape]
     result = {"shape": args.shape, "config": c, "context": args.context, "steps": args.steps}
-    tmp = None if args.work else tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    need = 2.3 * sum(int(np.prod(v)) for v in tensor_shapes(c).values())  # fp16 model + the small one
+    shm = os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > need
+    tmp = None if args.work else tempfile.TemporaryDirectory(dir="/dev/shm" if shm else None)
     root = Path(args.work or tmp.name)
     work = root / f"llama-{args.shape}-random"
     t0 = time.time()
@@ -296,7 +299,7 @@ def main(argv=None) -> int:
     # Generation: the fused step, from CUDA graphs.
     result["generation"] = gen = generation(e, c, args.context, args.steps)
     say(f"generation: {gen}")
-    del e
+    del info, e  # frees the GPU memory (info keeps the engine alive)
 
     # CUDA graphs against eager launches, small model, batch 1.
     small = root / f"llama-{args.small_shape}-random"

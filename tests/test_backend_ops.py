@@ -129,17 +129,19 @@ def test_elementwise(h):
 
 def test_argmax_topk_ties(h):
     vocab = 3000
-    l = RNG.standard_normal((3, vocab)).astype(np.float32)
+    l = RNG.standard_normal((4, vocab)).astype(np.float32)
     l[1, [7, 900, 2999]] = 9.0  # a three-way tie: the lowest index first
     l[2, :] = 0.5
-    assert h.argmax(l.ravel(), 3) == [int(np.argmax(l[0])), 7, 0]
+    l[3, :] = -np.inf  # fewer finite logits than k: the -inf ones follow in index order
+    l[3, [5, 50, 500]] = [1.0, 3.0, 2.0]
+    assert h.argmax(l.ravel(), 4) == [int(np.argmax(l[0])), 7, 0, 50]
     k = 10
-    top = np.asarray(h.topk(l.ravel(), 3, k, [])).reshape(3, k)
-    for r in range(3):
+    top = np.asarray(h.topk(l.ravel(), 4, k, [])).reshape(4, k)
+    for r in range(4):
         ref = sorted(range(vocab), key=lambda i: (-l[r, i], i))[:k]
         assert top[r].tolist() == ref
     id_map = list(range(5000, 5000 + vocab))
-    mapped = np.asarray(h.topk(l.ravel(), 3, k, id_map)).reshape(3, k)
+    mapped = np.asarray(h.topk(l.ravel(), 4, k, id_map)).reshape(4, k)
     assert np.array_equal(mapped, top + 5000)
 
 

@@ -355,7 +355,8 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
     const double best_possible = expected_tokens_per_step(heads_meta.accuracy_table, tree.paths());
     double best_rate = 0;
     TreeSpec best;
-    for (int n : auto_tree_sizes(tree.num_nodes())) {
+    // A timed tree is written at cache positions [0, nodes): no larger than the cache.
+    for (int n : auto_tree_sizes(std::min(tree.num_nodes(), max_seq))) {
       TreeSpec t = fitted_tree(heads_meta, n, options.medusa_top_k);
       TreeCalibration cal;
       cal.nodes = t.num_nodes();

@@ -53,7 +53,7 @@ __device__ __forceinline__ float block_max(float v, float* red) {
   if (lane == 0) red[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    v = lane < warps ? red[lane] : -FLT_MAX;
+    v = lane < warps ? red[lane] : -INFINITY;
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     if (lane == 0) red[0] = v;
   }
@@ -80,7 +80,7 @@ __device__ __forceinline__ Ranked block_best(Ranked c, Ranked* red) {
   if (lane == 0) red[warp] = c;
   __syncthreads();
   if (warp == 0) {
-    c = lane < warps ? red[lane] : Ranked{-FLT_MAX, INT32_MAX};
+    c = lane < warps ? red[lane] : Ranked{-INFINITY, INT32_MAX};
     for (int o = 16; o > 0; o >>= 1) {
       Ranked other{__shfl_xor_sync(0xffffffffu, c.v, o), __shfl_xor_sync(0xffffffffu, c.i, o)};
       if (ranks_before(other, c)) c = other;
@@ -92,11 +92,21 @@ __device__ __forceinline__ Ranked block_best(Ranked c, Ranked* red) {
 }
 
 // x [M, K] fp32 -> out [M, ldo] 16-bit, columns [K, ldo) zero (the GEMM's padded k).
+// fp16 saturates at +-65504 instead of becoming inf (bf16 has fp32's range).
+template <class T>
+__device__ __forceinline__ float clamp_for(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ float clamp_for<__half>(float v) {
+  return fminf(fmaxf(v, -65504.f), 65504.f);
+}
+
 template <class T>
 __global__ void to_half_kernel(const float* __restrict__ x, int K, int ldo, T* __restrict__ out) {
   const int r = blockIdx.x;
   for (int c = threadIdx.x; c < ldo; c += blockDim.x) {
-    out[size_t(r) * ldo + c] = from_float<T>(c < K ? x[size_t(r) * K + c] : 0.f);
+    out[size_t(r) * ldo + c] = from_float<T>(c < K ? clamp_for<T>(x[size_t(r) * K + c]) : 0.f);
   }
 }
 
@@ -188,7 +198,7 @@ __global__ void attention_kernel(const float* __restrict__ qkv, int row_stride, 
     if (lane == 0) scores[j] = s * scale;
   }
   __syncthreads();
-  float mx = -FLT_MAX;
+  float mx = -INFINITY;
   for (int j = threadIdx.x; j < n; j += blockDim.x) mx = fmaxf(mx, scores[j]);
   mx = block_max(mx, red);
   float sum = 0.f;
@@ -257,7 +267,8 @@ __global__ void gather_rows_kernel(const float* __restrict__ x, int dim, const i
 __global__ void argmax_kernel(const float* __restrict__ logits, int vocab, int32_t* __restrict__ out) {
   __shared__ Ranked red[32];
   const float* l = logits + size_t(blockIdx.x) * vocab;
-  Ranked best{-FLT_MAX, INT32_MAX};
+  // The marker {-inf, INT32_MAX} loses to every index, so -inf logits rank as on the CPU.
+  Ranked best{-INFINITY, INT32_MAX};
   for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
     const Ranked c{l[i], i};
     if (ranks_before(c, best)) best = c;
@@ -274,7 +285,7 @@ __global__ void topk_kernel(const float* __restrict__ logits, int vocab, int k, 
   Ranked prev{FLT_MAX, -1};
   bool first = true;
   for (int j = 0; j < k; ++j) {
-    Ranked best{-FLT_MAX, INT32_MAX};
+    Ranked best{-INFINITY, INT32_MAX};
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
       const Ranked c{l[i], i};
       if ((first || ranks_before(prev, c)) && ranks_before(c, best)) best = c;
@@ -292,7 +303,7 @@ __global__ void softmax_stats_kernel(const float* __restrict__ logits, int vocab
   __shared__ float red[32];
   __shared__ double dred[kBlock];
   const float* l = logits + size_t(blockIdx.x) * vocab;
-  float mx = -FLT_MAX;
+  float mx = -INFINITY;
   for (int i = threadIdx.x; i < vocab; i += blockDim.x) mx = fmaxf(mx, l[i] * inv_t);
   mx = block_max(mx, red);
   auto dsum = [&](double v) {
@@ -341,19 +352,20 @@ __global__ void kv_copy_kernel(float* __restrict__ k_cache, float* __restrict__ 
 
 // The fused decode step's device parts (model/step_ops.h): one thread per row / sequence / entry.
 __global__ void tree_rows_kernel(TreeRowsArgs a) {
-  const int r = blockIdx.x * blockDim.x + threadIdx.x;
-  if (r < a.n * a.T) step_ops::tree_row(a, r / a.T, r % a.T);
+  for (int r = blockIdx.x * blockDim.x + threadIdx.x; r < a.n * a.T; r += gridDim.x * blockDim.x) {
+    step_ops::tree_row(a, r / a.T, r % a.T);
+  }
 }
 
 __global__ void accept_greedy_kernel(AcceptArgs a) {
-  const int s = blockIdx.x * blockDim.x + threadIdx.x;
-  if (s < a.n) step_ops::accept_sequence(a, s);
+  for (int s = blockIdx.x * blockDim.x + threadIdx.x; s < a.n; s += gridDim.x * blockDim.x) {
+    step_ops::accept_sequence(a, s);
+  }
 }
 
 __global__ void scatter_candidates_kernel(const int32_t* __restrict__ cand, int n, int num_heads, int k,
                                           const int32_t* __restrict__ slots, int32_t* __restrict__ dst) {
-  const int t = blockIdx.x * blockDim.x + threadIdx.x;
-  if (t < n * num_heads * k) {
+  for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < n * num_heads * k; t += gridDim.x * blockDim.x) {
     const int j = t % k, h = (t / k) % num_heads, r = t / (k * num_heads);
     step_ops::scatter_candidate(cand, n, num_heads, k, slots, dst, r, h, j);
   }

@@ -461,7 +461,8 @@ namespace medusa_rt {
 
 double Decoder::time_forward(int batch, const TreeSpec& tree, int nodes, int reps) {
   nodes = std::min(nodes, tree.num_nodes());
-  if (batch * nodes > model_.limits().max_rows || tree.max_depth() > model_.limits().max_tree_depth) {
+  if (batch * nodes > model_.limits().max_rows || tree.max_depth() > model_.limits().max_tree_depth ||
+      nodes > model_.limits().max_seq || batch > model_.limits().slots) {
     throw Error("internal: time_forward beyond the model's limits");
   }
   rows_.clear();
