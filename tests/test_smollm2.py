@@ -144,3 +144,12 @@ def test_shipped_heads_accept_on_held_out_prompts(engine):
     ev = evaluate_heads(eng, items, max_new_tokens=48, check=True, progress=False)
     assert ev["mismatches"] == 0
     assert ev["overall"]["tokens_per_step"] > 1.45, ev["categories"]
+
+
+def test_auto_tree_with_a_short_cache():
+    """tree="auto" times trees written at the start of the cache: with max_seq_len below most
+    tree sizes it only times trees that fit (the timing refuses to write past the cache)."""
+    e = medusa_rt.Engine("smollm2-135m", max_seq_len=3, medusa_max_batch=-1)
+    assert e.info.calibration and all(c.nodes <= 3 for c in e.info.calibration)
+    ids = e.tokenizer.encode("Hi")[:2]
+    assert len(e.generate(ids, max_new_tokens=1).tokens) == 1
