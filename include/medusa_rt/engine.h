@@ -29,7 +29,7 @@ namespace medusa_rt {
 /// Options fixed at engine creation.
 struct EngineOptions {
   /// Where the model runs: "cpu", or "cuda" / "cuda:N" (GPU N; builds with the CUDA backend
-  /// only, see cuda_available()).
+  /// only, see cuda_device_count()).
   std::string device = "cpu";
   /// Weight precision in memory: "fp32", "bf16" or "fp16" ("bf16" or "fp16" on CUDA).
   /// Arithmetic and activations are fp32 (on CUDA the GEMM inputs are rounded to the weight
