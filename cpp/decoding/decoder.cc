@@ -205,7 +205,7 @@ bool Decoder::step_fused(SequenceState* const* seqs, int n, bool allow_trees) {
   for (int i = 0; i < n; ++i) {
     const SequenceState& s = *seqs[i];
     if (s.record || s.options.medusa != medusa) return false;
-    const bool tree = allow_trees && medusa && heads_ && s.has_candidates;
+    const bool tree = verifies_tree(s, allow_trees);
     if (tree && s.options.acceptance != Acceptance::kGreedy) return false;
     any_tree |= tree;
     all_tree &= tree;
@@ -351,7 +351,7 @@ void Decoder::step(SequenceState* const* seqs, int n, bool allow_trees) {
     SequenceState& s = *seqs[si];
     const int room = max_seq - s.length;
     if (room < 1) throw Error("internal: step on a full sequence");
-    s.tree_step = allow_trees && s.options.medusa && heads_ && s.has_candidates;
+    s.tree_step = verifies_tree(s, allow_trees);
     if (s.tree_step) candidates_to_host(s);
     s.device_synced = false;
     const int T = s.tree_step ? std::min(tree_.num_nodes(), room) : 1;

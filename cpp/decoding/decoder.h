@@ -97,6 +97,10 @@ class Decoder {
   double forward_seconds() const { return forward_seconds_; }
 
  private:
+  // Whether s verifies a tree in this step (both step implementations decide alike).
+  bool verifies_tree(const SequenceState& s, bool allow_trees) const {
+    return allow_trees && s.options.medusa && heads_ && s.has_candidates;
+  }
   void run_heads(SequenceState* const* seqs, const int32_t* hidden_rows, int n);
   // The step with row building, acceptance, KV compaction and the next candidates on the
   // device (recorded as one graph per (batch, tree size) where the backend can), one copy of
