@@ -5,6 +5,10 @@ rests on: a row's result does not depend on the other rows of the call."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -77,6 +81,50 @@ def test_linear(h, dev, dtype, k):
         assert np.array_equal(part, y[:m])
     one = arr(h.linear(x[40:41].ravel(), 1, w.ravel(), n, k, dtype, b), (1, n))
     assert np.array_equal(one, y[40:41])
+
+
+_ISA_GEMM = """
+import sys, numpy as np
+from medusa_rt import _core
+h = _core._testing.BackendHarness("cpu", 2)
+rng = np.random.default_rng(11)
+n, k = 200, 300                      # k > 256: the many-row path blocks k
+x = rng.standard_normal((70, k)).astype(np.float32)
+w = (rng.standard_normal((n, k)) * 0.1).astype(np.float32)
+b = rng.standard_normal(n).astype(np.float32)
+out = {}
+for dt in ("fp32", "bf16", "fp16"):
+    for m in (1, 2, 3, 5, 8, 13, 70):
+        out[f"{dt}-{m}"] = np.asarray(h.linear(x[:m].ravel(), m, w.ravel(), n, k, dt, b), np.float32)
+np.savez(sys.argv[1], **out)
+print(h.device_name)
+"""
+
+
+def test_linear_same_bits_on_every_isa(tmp_path):
+    """Each kernel set the CPU has (MEDUSA_RT_ISA caps the choice per process): the SIMD GEMMs
+    give bit-identical results to each other for every row count (one FMA chain per element in
+    the same order), each row the same bits whatever the batch; the portable path agrees closely."""
+    got = {}
+    for isa in ("generic", "avx2", "avx512"):
+        env = dict(os.environ, MEDUSA_RT_ISA=isa)
+        f = tmp_path / f"{isa}.npz"
+        p = subprocess.run([sys.executable, "-c", _ISA_GEMM, str(f)], env=env, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        used = p.stdout.strip().rstrip(")").rsplit(" ", 1)[-1]
+        got[used] = dict(np.load(f))
+    assert "generic" in got
+    for isa, out in got.items():
+        for key, y in out.items():
+            dt, m = key.split("-")
+            assert np.array_equal(y.reshape(int(m), -1), out[f"{dt}-70"].reshape(70, -1)[: int(m)]), (isa, key)
+    simd = [v for k, v in got.items() if k != "generic"]
+    for other in simd[1:]:
+        for key in other:
+            assert np.array_equal(other[key], simd[0][key]), key
+    for key in got["generic"]:
+        for out in simd:
+            np.testing.assert_allclose(out[key], got["generic"][key], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])

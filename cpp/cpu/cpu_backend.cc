@@ -103,10 +103,10 @@ class CpuBackend final : public Backend {
     const cpu::WType wt = wtype(w.dtype);
     const int N = w.rows, K = w.cols;
     const int T = pool_.num_threads();
-    // Split the output columns evenly, in whole panels (64 columns when possible: the M = 1
-    // kernel takes four panels at a time).
-    const int align = N >= 64 * T ? 64 : 16;
-    const int chunk = ((N + T - 1) / T + align - 1) / align * align;
+    // Split the output columns evenly, in whole 16-column panels (the kernels take a partial
+    // group of panels at the end of a range).
+    const int panels = (N + 15) / 16;
+    const int chunk = (panels + T - 1) / T * 16;
     const int tasks = (N + chunk - 1) / chunk;
     pool_.parallel_for(tasks, [&](int t) {
       const int n0 = t * chunk, n1 = std::min(N, n0 + chunk);
@@ -181,9 +181,7 @@ class CpuBackend final : public Backend {
   void silu_mul(const float* gu, int rows, int dim, float* out) override {
     for (int r = 0; r < rows; ++r) {
       const float* g = gu + int64_t(r) * 2 * dim;
-      const float* u = g + dim;
-      float* o = out + int64_t(r) * dim;
-      for (int i = 0; i < dim; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+      k_.silu_mul(g, g + dim, out + int64_t(r) * dim, dim);
     }
   }
 
@@ -253,9 +251,7 @@ class CpuBackend final : public Backend {
     }
   }
 
-  void add_silu(float* x, const float* y, size_t n) override {
-    for (size_t i = 0; i < n; ++i) x[i] += y[i] / (1.0f + std::exp(-y[i]));
-  }
+  void add_silu(float* x, const float* y, size_t n) override { k_.add_silu(x, y, static_cast<int64_t>(n)); }
 
   void kv_copy(float* k_cache, float* v_cache, int layers, const KVLayout& L, const int32_t* slots,
                const int32_t* src, const int32_t* dst, int n) override {

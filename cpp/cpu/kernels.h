@@ -1,7 +1,8 @@
 // CPU kernels with runtime ISA dispatch.
 //
-// The table is chosen once per process: AVX2+FMA+F16C when the CPU has them, otherwise a
-// portable path. MEDUSA_RT_ISA=generic forces the portable path (for tests).
+// The table is chosen once per process: AVX-512 (F+BW) GEMMs when the CPU has them, else
+// AVX2+FMA+F16C, else a portable path. MEDUSA_RT_ISA=generic|avx2|avx512 caps the choice (for
+// tests and side-by-side benchmarks); a set the CPU lacks falls back to the next one down.
 //
 // Reduction order contract (losslessness of speculative decoding): each output element of
 // gemm() and each attention row is computed by the same sequence of operations whatever the
@@ -36,6 +37,10 @@ struct Kernels {
                float* y, int ldy);
   // Softmax attention of one query row over one kv head, keys in index order.
   void (*attend)(const AttendArgs& a);
+  // out[i] = silu(g[i]) * u[i] for i in [0, n): SwiGLU's elementwise half.
+  void (*silu_mul)(const float* g, const float* u, float* out, int64_t n);
+  // x[i] += silu(y[i]) for i in [0, n).
+  void (*add_silu)(float* x, const float* y, int64_t n);
   // Reads `bytes` (a multiple of 256) as fast as the core can and returns an xor of them: the
   // streaming-bandwidth probe of the benchmarks.
   uint64_t (*stream_read)(const void* p, size_t bytes);
@@ -45,5 +50,7 @@ const Kernels& kernels();
 const Kernels& generic_kernels();
 // nullptr when this build or this CPU has no AVX2/FMA/F16C.
 const Kernels* avx2_kernels();
+// nullptr when this build or this CPU has no AVX-512 F+BW (or no AVX2 set to complete it).
+const Kernels* avx512_kernels();
 
 }  // namespace medusa_rt::cpu

@@ -60,6 +60,14 @@ void attend_generic(const AttendArgs& a) {
   }
 }
 
+void silu_mul_generic(const float* g, const float* u, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
+void add_silu_generic(float* x, const float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] += y[i] / (1.0f + std::exp(-y[i]));
+}
+
 uint64_t stream_read_generic(const void* p, size_t bytes) {
   const uint64_t* v = static_cast<const uint64_t*>(p);
   uint64_t a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -72,7 +80,8 @@ uint64_t stream_read_generic(const void* p, size_t bytes) {
 }  // namespace
 
 const Kernels& generic_kernels() {
-  static const Kernels k{"generic", gemm_generic, attend_generic, stream_read_generic};
+  static const Kernels k{"generic", gemm_generic, attend_generic, silu_mul_generic, add_silu_generic,
+                          stream_read_generic};
   return k;
 }
 

@@ -92,7 +92,7 @@ struct ModelInfo {
   int max_batch_size = 0;
   std::string dtype;          ///< weight dtype in memory
   std::string device;         ///< the device in words, e.g. "cpu (2 threads, avx2)"
-  std::string isa;            ///< kernel set in use: "avx2" or "generic" on the CPU, "sm_90" ... on CUDA
+  std::string isa;            ///< kernel set in use: "avx512", "avx2" or "generic" on the CPU, "sm_90" ... on CUDA
   int num_threads = 0;
   std::vector<int32_t> eos_token_ids;
   int32_t bos_token_id = -1;  ///< -1 if the model has none

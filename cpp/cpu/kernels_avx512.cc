@@ -1,0 +1,179 @@
+// AVX-512 (F + BW) GEMM. This translation unit alone is compiled with -mavx512f -mavx512bw
+// -mfma -mf16c; everything in it has internal linkage (see kernels_avx2.cc for why).
+//
+// Same packed layout and the same per-element operation sequence as the AVX2 kernel (one fp32
+// FMA chain over k in order, started at zero, then the bias): a 16-column panel row is one
+// 512-bit vector, twice the columns per instruction, and 32 registers allow tiles of up to 8
+// rows x 2 panels. Results are bit-identical to the AVX2 kernel's.
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "cpu/kernels.h"
+
+namespace medusa_rt::cpu {
+namespace {
+
+struct F32W {
+  using T = float;
+  static inline __m512 load(const T* p, __m512i) { return _mm512_loadu_ps(p); }
+};
+// bf16 rows are interleaved (c0, c8, c1, c9, ..., c7, c15); one word permutation puts column j's
+// 16 bits in the high half of lane j and zeroes the low halves: that is the fp32 value.
+struct BF16W {
+  using T = uint16_t;
+  static inline __m512 load(const T* p, __m512i idx) {
+    const __m512i v = _mm512_maskz_loadu_epi16(0xffffu, p);  // the row's 16 words, upper half zero
+    return _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, idx, v));
+  }
+};
+struct F16W {
+  using T = uint16_t;
+  static inline __m512 load(const T* p, __m512i) {
+    return _mm512_maskz_cvtph_ps(0xffffu, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+};
+
+// Word index for BF16W: output word 2j+1 takes the packed position of column j.
+inline __m512i bf16_index() {
+  alignas(64) int16_t idx[32];
+  for (int j = 0; j < 16; ++j) {
+    idx[2 * j] = 0;
+    idx[2 * j + 1] = static_cast<int16_t>(j < 8 ? 2 * j : 2 * (j - 8) + 1);
+  }
+  return _mm512_load_si512(idx);
+}
+
+inline __mmask16 valid_mask(int valid) { return static_cast<__mmask16>(valid >= 16 ? 0xffffu : (1u << valid) - 1u); }
+
+#ifndef MEDUSA_RT_PREFETCH
+#define MEDUSA_RT_PREFETCH 4096
+#endif
+constexpr int kPrefetchBytes = MEDUSA_RT_PREFETCH;
+
+// MR rows of x against NP consecutive panels (panel p at p0 + p * ps), k in [0, K). With
+// `resume` the chains continue from the partial sums in y; with `finish` the bias is added,
+// otherwise partial sums are stored for the next k block. `valid`: columns of the last panel.
+template <class W, int MR, int NP>
+__attribute__((always_inline)) inline void tile(const float* x, int ldx, int K, const typename W::T* p0, int64_t ps,
+                                                const float* bias, int n, int valid, float* y, int ldy, bool resume,
+                                                bool finish, __m512i idx) {
+  __m512 acc[MR][NP];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 8
+    for (int p = 0; p < NP; ++p) {
+      const __mmask16 m = valid_mask(p == NP - 1 ? valid : 16);
+      acc[i][p] = resume ? _mm512_maskz_loadu_ps(m, y + static_cast<int64_t>(i) * ldy + n + 16 * p) : _mm512_setzero_ps();
+    }
+  }
+  for (int k = 0; k < K; ++k) {
+    const int64_t o = static_cast<int64_t>(k) * 16;
+    __m512 w[NP];
+#pragma GCC unroll 8
+    for (int p = 0; p < NP; ++p) {
+      if ((k & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(p0 + p * ps + o) + kPrefetchBytes, _MM_HINT_T0);
+      w[p] = W::load(p0 + p * ps + o, idx);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512 xv = _mm512_set1_ps(x[static_cast<int64_t>(i) * ldx + k]);
+#pragma GCC unroll 8
+      for (int p = 0; p < NP; ++p) acc[i][p] = _mm512_fmadd_ps(xv, w[p], acc[i][p]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 8
+    for (int p = 0; p < NP; ++p) {
+      const __mmask16 m = valid_mask(p == NP - 1 ? valid : 16);
+      __m512 v = acc[i][p];
+      if (finish && bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias + n + 16 * p));
+      _mm512_mask_storeu_ps(y + static_cast<int64_t>(i) * ldy + n + 16 * p, m, v);
+    }
+  }
+}
+
+// Panels per tile for a block of MR rows: 12-16 independent chains where the rows allow
+// (FMA latency x two FMA ports needs at least 8 in flight).
+constexpr int panels_for(int mr) { return mr == 1 ? 8 : mr == 2 ? 6 : mr == 3 ? 4 : mr == 4 ? 3 : 2; }
+
+template <class W, int MR, int NP>
+inline void tile_np(const float* x, int ldx, int K, const typename W::T* p0, int64_t ps, int np, const float* bias,
+                    int n, int valid, float* y, int ldy, bool resume, bool finish, __m512i idx) {
+  if constexpr (NP > 1) {
+    if (np < NP) {
+      tile_np<W, MR, NP - 1>(x, ldx, K, p0, ps, np, bias, n, valid, y, ldy, resume, finish, idx);
+      return;
+    }
+  }
+  tile<W, MR, NP>(x, ldx, K, p0, ps, bias, n, valid, y, ldy, resume, finish, idx);
+}
+
+// Row blocks of at most 8 rows (12 as 6 + 6 would keep fewer chains per block than 8 + 4).
+template <class W>
+inline void all_rows(const float* x, int ldx, int M, int K, const typename W::T* p0, int64_t ps, int np,
+                     const float* bias, int n, int valid, float* y, int ldy, bool resume, bool finish, __m512i idx) {
+  for (int m = 0; m < M;) {
+    const int left = M - m;
+    const int mr = left >= 8 ? 8 : left;
+    const float* xm = x + static_cast<int64_t>(m) * ldx;
+    float* ym = y + static_cast<int64_t>(m) * ldy;
+    // A block gets at most the group's panels, in tiles of its own width.
+    const int width = panels_for(mr);
+    for (int p = 0; p < np; p += width) {
+      const int q = np - p < width ? np - p : width;
+      const int v = p + q == np ? valid : 16;
+      const typename W::T* pp = p0 + p * ps;
+      const int nn = n + 16 * p;
+      switch (mr) {
+        case 1: tile_np<W, 1, panels_for(1)>(xm, ldx, K, pp, ps, q, bias, nn, v, ym, ldy, resume, finish, idx); break;
+        case 2: tile_np<W, 2, panels_for(2)>(xm, ldx, K, pp, ps, q, bias, nn, v, ym, ldy, resume, finish, idx); break;
+        case 3: tile_np<W, 3, panels_for(3)>(xm, ldx, K, pp, ps, q, bias, nn, v, ym, ldy, resume, finish, idx); break;
+        case 4: tile_np<W, 4, panels_for(4)>(xm, ldx, K, pp, ps, q, bias, nn, v, ym, ldy, resume, finish, idx); break;
+        case 5: tile_np<W, 5, panels_for(5)>(xm, ldx, K, pp, ps, q, bias, nn, v, ym, ldy, resume, finish, idx); break;
+        case 6: tile_np<W, 6, panels_for(6)>(xm, ldx, K, pp, ps, q, bias, nn, v, ym, ldy, resume, finish, idx); break;
+        case 7: tile_np<W, 7, panels_for(7)>(xm, ldx, K, pp, ps, q, bias, nn, v, ym, ldy, resume, finish, idx); break;
+        default: tile_np<W, 8, panels_for(8)>(xm, ldx, K, pp, ps, q, bias, nn, v, ym, ldy, resume, finish, idx); break;
+      }
+    }
+    m += mr;
+  }
+}
+
+template <class W>
+void gemm_t(const float* x, int ldx, int M, int K, const void* wv, const float* bias, int n0, int n1, float* y, int ldy) {
+  const typename W::T* w = static_cast<const typename W::T*>(wv);
+  const int64_t ps = static_cast<int64_t>(16) * K;
+  const __m512i idx = bf16_index();
+  // Panel groups as wide as the first row block's tile: every row block passes over a group
+  // before the next group streams in, so weights come from memory once. More than one row
+  // block: k in blocks as well, so that the group's slice stays in L1 while the blocks pass;
+  // the chains continue across k blocks through y (the same operation sequence per element).
+  const int group = panels_for(M >= 8 ? 8 : M);
+  const int kKBlock = M > 8 ? 256 : K;
+  for (int k0 = 0; k0 < K; k0 += kKBlock) {
+    const int kb = K - k0 < kKBlock ? K - k0 : kKBlock;
+    const bool resume = k0 > 0, finish = k0 + kb == K;
+    for (int n = n0; n < n1; n += 16 * group) {
+      const int np = (n1 - n + 15) / 16 < group ? (n1 - n + 15) / 16 : group;
+      const int last = n + 16 * (np - 1);
+      const int valid = n1 - last < 16 ? n1 - last : 16;
+      all_rows<W>(x + k0, ldx, M, kb, w + (n / 16) * ps + static_cast<int64_t>(k0) * 16, ps, np, bias, n, valid, y,
+                  ldy, resume, finish, idx);
+    }
+  }
+}
+
+}  // namespace
+
+void gemm_avx512(const float* x, int ldx, int M, int K, const void* w, WType wt, const float* bias, int n0, int n1,
+                 float* y, int ldy) {
+  switch (wt) {
+    case WType::kF32: gemm_t<F32W>(x, ldx, M, K, w, bias, n0, n1, y, ldy); break;
+    case WType::kBF16: gemm_t<BF16W>(x, ldx, M, K, w, bias, n0, n1, y, ldy); break;
+    case WType::kF16: gemm_t<F16W>(x, ldx, M, K, w, bias, n0, n1, y, ldy); break;
+  }
+}
+
+}  // namespace medusa_rt::cpu
