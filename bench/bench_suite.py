@@ -5,7 +5,7 @@ plain decoding, verify-step latency against tree size, prefill, and peers (HF tr
 llama.cpp when llama-cpp-python is installed), all measured in one run. JSON on stdout, a table
 and progress on stderr.
 
-    python bench/bench_suite.py [--no-hf] [--prompts 12] [--json out.json]
+    python bench/bench_suite.py [--no-hf] [--no-llama-cpp] [--prompts 12] [--json out.json]
 """
 
 import sys

@@ -447,6 +447,35 @@ def test_gguf_six_types_dequantized_exactly(tmp_path) -> None:
         assert np.array_equal(got[k], v), k
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_gguf_retyped_copy_holds_the_same_weights(tmp_path, dtype) -> None:
+    """retype_gguf (the llama.cpp peer's model files): a quantized GGUF rewritten as F32/BF16/F16
+    keeps its metadata and gives the importer the same weights, rounded to the new type."""
+    from gguf import GGUFReader
+
+    from medusa_rt.export.gguf_retype import retype_gguf
+
+    src = tmp_path / "q.gguf"
+    want = write_gguf(src, tensor_types=SIX_TYPES, tied=False)
+    dst = retype_gguf(src, tmp_path / f"{dtype}.gguf", dtype)
+    a, b = GGUFReader(str(src)), GGUFReader(str(dst))
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    expect_type = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}[dtype]
+    assert {t.tensor_type.name for t in b.tensors if len(t.shape) == 2} == {expect_type}
+    assert {t.tensor_type.name for t in b.tensors if len(t.shape) == 1} <= {"F32"}
+    for key, field in a.fields.items():
+        if not key.startswith("GGUF.") and key != "general.file_type":
+            assert b.fields[key].contents() == field.contents(), key
+    got = load_export_f32(export_model(dst, tmp_path / "rt", progress=False, name="retyped"))
+    for k, v in want.items():
+        ref = v if v.ndim == 1 or dtype == "fp32" else (
+            v.astype(np.float16).astype(np.float32) if dtype == "fp16" else bf16_bits_to_f32(f32_to_bf16_bits(v)))
+        assert np.array_equal(got[k], ref), k
+    with pytest.raises(InvalidArgumentError, match="GGUF dtype"):
+        retype_gguf(src, tmp_path / "x.gguf", "q8")
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_gguf_matches_hf_model_through_permutation(tmp_path) -> None:
     """A real HF model written as F32 GGUF (q/k permuted as llama.cpp does) comes back exactly,
     and the exported weights give transformers the same logits."""

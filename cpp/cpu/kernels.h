@@ -41,8 +41,9 @@ struct Kernels {
   void (*silu_mul)(const float* g, const float* u, float* out, int64_t n);
   // x[i] += silu(y[i]) for i in [0, n).
   void (*add_silu)(float* x, const float* y, int64_t n);
-  // Reads `bytes` (a multiple of 256) as fast as the core can and returns an xor of them: the
-  // streaming-bandwidth probe of the benchmarks.
+  // Reads `bytes` (a multiple of 256) as fast as the core can (several interleaved streams, as
+  // the GEMM reads its weight panels) and returns an xor of them: the streaming-bandwidth probe
+  // of the benchmarks.
   uint64_t (*stream_read)(const void* p, size_t bytes);
 };
 

@@ -95,9 +95,12 @@ __attribute__((always_inline)) inline void tile(const float* x, int ldx, int K, 
     const int64_t o = static_cast<int64_t>(k) * 16;
 #pragma GCC unroll 4
     for (int p = 0; p < NP; ++p) {
-      // Software prefetch a few cache lines ahead of the weight stream (the hardware prefetcher
-      // alone leaves the FMA units waiting when several rows share each weight).
-      if ((k & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(p0 + p * ps + o) + kPrefetchBytes, _MM_HINT_T0);
+      // Software prefetch a few cache lines ahead of the weight stream, once per 64-byte line
+      // (the hardware prefetcher alone leaves the FMA units waiting when several rows share
+      // each weight).
+      if (sizeof(typename W::T) == 4 || (k & 1) == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(p0 + p * ps + o) + kPrefetchBytes, _MM_HINT_T0);
+      }
       __m256 wl, wh;
       W::load16(p0 + p * ps + o, wl, wh);
 #pragma GCC unroll 8
@@ -315,27 +318,26 @@ void add_silu_avx2(float* x, const float* y, int64_t n) {
 }
 
 uint64_t stream_read_avx2(const void* p, size_t bytes) {
-  const __m256i* v = static_cast<const __m256i*>(p);
-  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-  for (size_t i = 0; i < bytes / 32; i += 8) {
-    // The same software prefetch distance as the GEMM's weight stream.
-    _mm_prefetch(reinterpret_cast<const char*>(v + i) + kPrefetchBytes, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(v + i) + kPrefetchBytes + 64, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(v + i) + kPrefetchBytes + 128, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(v + i) + kPrefetchBytes + 192, _MM_HINT_T0);
-    a0 = _mm256_xor_si256(a0, _mm256_loadu_si256(v + i));
-    a1 = _mm256_xor_si256(a1, _mm256_loadu_si256(v + i + 1));
-    a2 = _mm256_xor_si256(a2, _mm256_loadu_si256(v + i + 2));
-    a3 = _mm256_xor_si256(a3, _mm256_loadu_si256(v + i + 3));
-    a4 = _mm256_xor_si256(a4, _mm256_loadu_si256(v + i + 4));
-    a5 = _mm256_xor_si256(a5, _mm256_loadu_si256(v + i + 5));
-    a6 = _mm256_xor_si256(a6, _mm256_loadu_si256(v + i + 6));
-    a7 = _mm256_xor_si256(a7, _mm256_loadu_si256(v + i + 7));
+  // Eight interleaved streams, as the GEMM reads several weight panels at once (one stream per
+  // core leaves memory-level parallelism unused and measures well below what decoding gets).
+  const char* b = static_cast<const char*>(p);
+  const size_t per = bytes / 8 / 64 * 64;
+  __m256i a[8];
+  for (int s = 0; s < 8; ++s) a[s] = _mm256_setzero_si256();
+  for (size_t off = 0; off < per; off += 64) {
+    for (int s = 0; s < 8; ++s) {
+      const char* q = b + s * per + off;
+      _mm_prefetch(q + kPrefetchBytes, _MM_HINT_T0);
+      a[s] = _mm256_xor_si256(a[s], _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)),
+                                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32))));
+    }
   }
-  a0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_xor_si256(a0, a1), _mm256_xor_si256(a2, a3)),
-                        _mm256_xor_si256(_mm256_xor_si256(a4, a5), _mm256_xor_si256(a6, a7)));
+  for (size_t off = 8 * per; off < bytes; off += 32) {
+    a[0] = _mm256_xor_si256(a[0], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + off)));
+  }
+  for (int s = 1; s < 8; ++s) a[0] = _mm256_xor_si256(a[0], a[s]);
   alignas(32) uint64_t out[4];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(out), a0);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(out), a[0]);
   return out[0] ^ out[1] ^ out[2] ^ out[3];
 }
 

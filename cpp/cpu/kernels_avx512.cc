@@ -46,10 +46,9 @@ inline __m512i bf16_index() {
 
 inline __mmask16 valid_mask(int valid) { return static_cast<__mmask16>(valid >= 16 ? 0xffffu : (1u << valid) - 1u); }
 
-#ifndef MEDUSA_RT_PREFETCH
-#define MEDUSA_RT_PREFETCH 4096
-#endif
-constexpr int kPrefetchBytes = MEDUSA_RT_PREFETCH;
+// Software prefetch distance in each panel's stream (measured: 2 KB beat 4 KB here with eight
+// panels in flight per core).
+constexpr int kPrefetchBytes = 2048;
 
 // MR rows of x against NP consecutive panels (panel p at p0 + p * ps), k in [0, K). With
 // `resume` the chains continue from the partial sums in y; with `finish` the bias is added,
@@ -72,7 +71,9 @@ __attribute__((always_inline)) inline void tile(const float* x, int ldx, int K, 
     __m512 w[NP];
 #pragma GCC unroll 8
     for (int p = 0; p < NP; ++p) {
-      if ((k & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(p0 + p * ps + o) + kPrefetchBytes, _MM_HINT_T0);
+      if (sizeof(typename W::T) == 4 || (k & 1) == 0) {  // once per 64-byte line
+        _mm_prefetch(reinterpret_cast<const char*>(p0 + p * ps + o) + kPrefetchBytes, _MM_HINT_T0);
+      }
       w[p] = W::load(p0 + p * ps + o, idx);
     }
 #pragma GCC unroll 8

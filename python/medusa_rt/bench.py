@@ -4,7 +4,8 @@ Sections (SmolLM2-135M by default, greedy, 128 new tokens):
 
 - machine: CPU, cores, streaming read bandwidth (all cores, measured here);
 - decode: engine autoregressive decode tokens/s with fp32, bf16 and fp16 weights, next to the
-  memory-bandwidth bound (weight bytes per token / measured bandwidth);
+  memory-bandwidth bound (weight bytes per token / streaming bandwidth measured on a buffer of
+  that size);
 - medusa: engine with the model's Medusa heads and its tree (``auto`` = sized to this machine)
   against plain decoding of the same prompts (held-out evaluation prompts; greedy, so both produce
   the same tokens): tokens/s, tokens per step, speedup;
@@ -12,7 +13,8 @@ Sections (SmolLM2-135M by default, greedy, 128 new tokens):
   plain decode step;
 - prefill: prompt tokens/s (512-token prompt);
 - peers: HF transformers fp32 decode (needs torch + transformers), llama.cpp through
-  ``llama-cpp-python`` when it is installed (else reported as skipped).
+  ``llama-cpp-python`` when it is installed (else reported as skipped) on F32 and BF16 GGUFs of
+  the same weights (written once into the cache), same prompt token ids, same thread count.
 
 JSON goes to stdout (or ``--json FILE``), a readable table and progress to stderr.
 """
@@ -58,16 +60,20 @@ def _chat_ids(engine: Engine, texts: Sequence[str]) -> List[List[int]]:
     return [tok.encode(tok.apply_chat_template(t), add_special_tokens=False) for t in texts]
 
 
-def bench_decode(model: str, dtype: str, new_tokens: int, repeats: int, bandwidth: float) -> Dict:
+def bench_decode(model: str, dtype: str, new_tokens: int, repeats: int, bandwidth: float,
+                 tokens: Optional[List[List[int]]] = None) -> Dict:
+    """Plain decoding; the generated tokens of each prompt go to ``tokens`` when given."""
     engine = Engine(model, dtype=dtype, max_seq_len=1024, medusa_max_batch=0, progress=False)
     prompts = _chat_ids(engine, DECODE_PROMPTS)
     decode = []
     with engine.session() as s:
         s.generate(prompts[0], max_new_tokens=8, ignore_eos=True, medusa=False)  # warm-up
-        for _ in range(repeats):
+        for rep in range(repeats):
             for p in prompts:
                 r = s.generate(p, max_new_tokens=new_tokens, ignore_eos=True, medusa=False)
                 decode.append(r.stats.decode_tokens_per_second)
+                if tokens is not None and rep == 0:
+                    tokens.append(list(r.tokens))
     # Bytes read per token: the model's weights without the heads and without the embedding
     # table (one row is gathered), plus the lm_head (tied: the same table, read in full).
     info = engine.info
@@ -76,11 +82,17 @@ def bench_decode(model: str, dtype: str, new_tokens: int, repeats: int, bandwidt
     embed = info.vocab_size * info.hidden_size * elem
     body = _model_weight_bytes(cfg, elem)
     per_token = body - embed + (embed if cfg.get("tie_word_embeddings") else 0)
-    bound = bandwidth / per_token
+    # The bound streams the same number of bytes: a buffer the size of the weights read over and
+    # over meets the same caches as decoding does (on a VM with a large shared L3, part of a
+    # small model may stay cached; a larger probe buffer would understate the bound).
+    sized_bw = _core._testing.stream_bandwidth(per_token, info.num_threads, 5)
+    bound = sized_bw / per_token
     tps = statistics.median(decode)
-    log(f"decode {dtype}: {tps:.1f} tok/s (bound {bound:.1f}, {100 * tps / bound:.0f}%)")
+    log(f"decode {dtype}: {tps:.1f} tok/s (bound {bound:.1f}, {100 * tps / bound:.0f}%; "
+        f"{bandwidth / per_token:.1f} at the 512 MiB probe)")
     return {"tokens_per_second": tps, "samples": len(decode), "bytes_per_token": per_token,
-            "bandwidth_bound_tokens_per_second": bound, "fraction_of_bound": tps / bound}
+            "stream_read_weights_sized_GBps": sized_bw / 1e9, "bandwidth_bound_tokens_per_second": bound,
+            "fraction_of_bound": tps / bound, "bound_at_512MiB_probe_tokens_per_second": bandwidth / per_token}
 
 
 def _model_weight_bytes(cfg: Dict, elem: int) -> int:
@@ -204,24 +216,80 @@ def bench_hf(model_dir: Path, new_tokens: int, repeats: int) -> Dict:
             "threads": torch.get_num_threads()}
 
 
-def bench_llama_cpp() -> Dict:
+def _peer_gguf(model: str, dtype: str) -> Path:
+    """The known model's weights as an F32/BF16/F16 GGUF for llama.cpp: the values the engine runs
+    (the pinned source file dequantized, rounded to ``dtype``). Written once into the cache."""
+    import tempfile
+
+    from . import registry
+    from .export.gguf_retype import retype_gguf
+
+    name = registry.canonical_name(model)
+    if name is None:
+        raise ValueError(f"{model} is not a known model: its source GGUF is unknown")
+    out = registry.cache_dir() / "peers" / f"{name}-{dtype}.gguf"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".peer-", dir=out.parent) as tmp:
+            src = registry.source_file(name, tmp, progress=False)
+            log(f"llama.cpp peer: writing {out.name} from {src.name}")
+            retype_gguf(src, out, dtype)
+    return out
+
+
+def bench_llama_cpp(model: str, prompts: List[List[int]], new_tokens: int, repeats: int, threads: int,
+                    engine_tokens: Dict[str, List[List[int]]], dtypes: Sequence[str] = ("fp32", "bf16")) -> Dict:
+    """llama.cpp (through llama-cpp-python) decoding the same weights at the same precision, from
+    the same prompt token ids, greedy, on as many threads as the engine."""
     try:
-        import llama_cpp  # noqa: F401
+        import llama_cpp
     except ImportError:
-        return {"skipped": "llama-cpp-python is not installed (pip install llama-cpp-python builds llama.cpp "
-                           "from source); not measured"}
-    return {"skipped": "llama-cpp-python is installed but this suite has no F32/BF16 GGUF writer for the "
-                       "runtime weights yet; not measured"}
+        return {"skipped": "llama-cpp-python is not installed (pip install '.[peers]' builds llama.cpp from "
+                           "source); not measured"}
+    out: Dict[str, object] = {"llama_cpp_python": getattr(llama_cpp, "__version__", "?"), "threads": threads}
+    for dtype in dtypes:
+        try:
+            path = _peer_gguf(model, dtype)
+        except ValueError as exc:
+            return {"skipped": str(exc)}
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_threads=threads,
+                              n_threads_batch=threads, verbose=False)
+        decode, agree = [], []
+        for rep in range(repeats + 1):  # the first pass warms up
+            for i, p in enumerate(prompts):
+                got: List[int] = []
+                t_first = 0.0
+                for tok in llm.generate(p, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+                    got.append(int(tok))
+                    if len(got) == 1:
+                        t_first = time.perf_counter()
+                    if len(got) == new_tokens:
+                        break
+                t_last = time.perf_counter()
+                if rep == 0:
+                    continue
+                decode.append((len(got) - 1) / max(t_last - t_first, 1e-9))
+                ref = engine_tokens.get(dtype, [])
+                if i < len(ref):  # greedy tokens equal to the engine's before the first difference
+                    same = next((j for j, (a, b) in enumerate(zip(got, ref[i])) if a != b), min(len(got), len(ref[i])))
+                    agree.append(same)
+        del llm
+        tps = statistics.median(decode)
+        log(f"llama.cpp {dtype}: {tps:.1f} tok/s")
+        out[dtype] = {"tokens_per_second": tps, "samples": len(decode), "gguf": str(path),
+                      "tokens_equal_to_engine_before_first_difference": agree}
+    return out
 
 
 def run_suite(model: str = "smollm2-135m", *, new_tokens: int = 128, repeats: int = 1, medusa_prompts: int = 12,
-              hf: bool = True, dtypes: Sequence[str] = ("fp32", "bf16", "fp16"), tree: Optional[str] = None) -> Dict:
+              hf: bool = True, llama_cpp: bool = True, dtypes: Sequence[str] = ("fp32", "bf16", "fp16"), tree: Optional[str] = None) -> Dict:
     from .train.evaluate import load_eval_prompts
 
     t0 = time.time()
     first = Engine(model, dtype="bf16", max_seq_len=64, medusa_max_batch=0)  # resolves / pulls the model once
     model_dir = first.model_dir
     threads = first.info.num_threads
+    decode_prompts = _chat_ids(first, DECODE_PROMPTS)
     del first
     bw = _core._testing.stream_bandwidth(1 << 29, threads, 3)
     log(f"streaming read bandwidth: {bw / 1e9:.1f} GB/s ({threads} threads)")
@@ -232,13 +300,16 @@ def run_suite(model: str = "smollm2-135m", *, new_tokens: int = 128, repeats: in
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads,
                     "stream_read_GBps": bw / 1e9},
     }
-    report["decode"] = {d: bench_decode(model, d, new_tokens, repeats, bw) for d in dtypes}
+    engine_tokens: Dict[str, List[List[int]]] = {d: [] for d in dtypes}
+    report["decode"] = {d: bench_decode(model, d, new_tokens, repeats, bw, engine_tokens[d]) for d in dtypes}
     prompts = [p for _, p in load_eval_prompts()][:: max(1, 64 // max(1, medusa_prompts))][:medusa_prompts]
     report["medusa"] = {d: bench_medusa(model, d, prompts, new_tokens, tree) for d in ("bf16", "fp32")}
     report["verify_bf16"] = bench_verify(model, "bf16")
     report["prefill"] = {d: bench_prefill(model, d) for d in ("bf16", "fp32")}
     report["peers"] = {"hf_transformers_fp32": bench_hf(Path(model_dir), new_tokens, repeats) if hf
-                       else {"skipped": "--no-hf"}, "llama_cpp": bench_llama_cpp()}
+                       else {"skipped": "--no-hf"},
+                       "llama_cpp": bench_llama_cpp(model, decode_prompts, new_tokens, repeats, threads, engine_tokens)
+                       if llama_cpp else {"skipped": "--no-llama-cpp"}}
     ratios: Dict[str, float] = {}
     dec = report["decode"]
     med = report["medusa"]
@@ -251,6 +322,13 @@ def run_suite(model: str = "smollm2-135m", *, new_tokens: int = 128, repeats: in
             ratios[f"decode_{d}_vs_hf_fp32"] = dec[d]["tokens_per_second"] / hf_res["tokens_per_second"]  # type: ignore[index]
         if "medusa" in med["fp32"]:  # type: ignore[index]
             ratios["medusa_fp32_vs_hf_fp32"] = med["fp32"]["medusa"]["tokens_per_second"] / hf_res["tokens_per_second"]  # type: ignore[index]
+    lc = report["peers"]["llama_cpp"]  # type: ignore[index]
+    for d in dtypes:
+        if "tokens_per_second" in lc.get(d, {}):
+            ratios[f"decode_{d}_vs_llama_cpp_{d}"] = dec[d]["tokens_per_second"] / lc[d]["tokens_per_second"]  # type: ignore[index]
+            if "medusa" in med.get(d, {}):  # type: ignore[union-attr]
+                ratios[f"medusa_{d}_vs_llama_cpp_{d}"] = (med[d]["medusa"]["tokens_per_second"]  # type: ignore[index]
+                                                          / lc[d]["tokens_per_second"])
     for d in dtypes:
         ratios[f"decode_{d}_fraction_of_bandwidth_bound"] = dec[d]["fraction_of_bound"]  # type: ignore[index]
     report["ratios"] = ratios
@@ -279,6 +357,11 @@ def print_table(r: Dict, file=sys.stderr) -> None:
                                                             for row in v["rows"]), file=file)
     print("prefill tok/s: " + ", ".join(f"{d} {x['tokens_per_second']:.0f}" for d, x in r["prefill"].items()), file=file)
     for name, x in r["peers"].items():
-        print(f"peer {name}: " + (f"{x['tokens_per_second']:.1f} tok/s" if "tokens_per_second" in x else x["skipped"]),
-              file=file)
+        if "skipped" in x:
+            text = x["skipped"]
+        elif "tokens_per_second" in x:
+            text = f"{x['tokens_per_second']:.1f} tok/s"
+        else:
+            text = ", ".join(f"{d} {v['tokens_per_second']:.1f} tok/s" for d, v in x.items() if isinstance(v, dict))
+        print(f"peer {name}: {text}", file=file)
     print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items()), file=file)

@@ -179,7 +179,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import print_table, run_suite
 
     report = run_suite(args.model, new_tokens=args.new_tokens, repeats=args.repeats, medusa_prompts=args.prompts,
-                       hf=not args.no_hf, tree=_tree_arg(args.tree) if args.tree else None)
+                       hf=not args.no_hf, llama_cpp=not args.no_llama_cpp, tree=_tree_arg(args.tree) if args.tree else None)
     print_table(report)
     text = json.dumps(report, indent=1)
     if args.json:
@@ -335,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompts", type=int, default=12, help="held-out prompts for the Medusa comparison")
     sp.add_argument("--tree", help="Medusa tree (default: the engine's own, auto-sized when possible)")
     sp.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
+    sp.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp peer (when llama-cpp-python is installed)")
     sp.add_argument("--json", help="write the JSON here instead of stdout")
     sp.set_defaults(fn=_cmd_bench)
     return p

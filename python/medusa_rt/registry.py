@@ -40,6 +40,7 @@ __all__ = [
     "is_known_model",
     "pull",
     "resolve_model",
+    "source_file",
 ]
 
 
@@ -196,6 +197,29 @@ def _download(model: KnownModel, workdir: Path, progress: bool) -> Path:
     return target
 
 
+def _verified_source(model: KnownModel, workdir: Path, progress: bool) -> Path:
+    """The pinned model file: from the installed package, else downloaded into ``workdir``;
+    its sha256 checked against the pin."""
+    src = _installed_file(model)
+    if src is not None:
+        _say(progress, f"using {src}")
+    else:
+        src = _download(model, workdir, progress)
+    _say(progress, f"verifying sha256 of {src.name}")
+    digest = _sha256(src)
+    if digest != model.sha256:
+        raise ModelFormatError(f"{src}: sha256 {digest} does not match the pinned {model.sha256} "
+                               f"of {model.requirement}")
+    return src
+
+
+def source_file(name: str, workdir: str | os.PathLike, *, progress: bool = True) -> Path:
+    """The known model's original file (e.g. the GGUF the runtime export was made from), checked
+    against its pinned sha256: the installed package's copy, else a download into ``workdir``
+    (which the caller owns and removes). Used to give peers the same weights."""
+    return _verified_source(_known(name), Path(workdir), progress)
+
+
 def _model_dir(model: KnownModel) -> Path:
     return cache_dir() / model.name
 
@@ -225,16 +249,7 @@ def pull(name: str, *, force: bool = False, progress: bool = True) -> Path:
             if not is_medusa_export(out):
                 _remove(out)  # junk under our own cache key; an export is swapped out atomically below
         with tempfile.TemporaryDirectory(prefix=f".{model.name}.download-", dir=root) as tmp:
-            src = _installed_file(model)
-            if src is not None:
-                _say(progress, f"using {src}")
-            else:
-                src = _download(model, Path(tmp), progress)
-            _say(progress, f"verifying sha256 of {src.name}")
-            digest = _sha256(src)
-            if digest != model.sha256:
-                raise ModelFormatError(f"{src}: sha256 {digest} does not match the pinned {model.sha256} "
-                                       f"of {model.requirement}")
+            src = _verified_source(model, Path(tmp), progress)
             _say(progress, f"exporting {model.name} to {out}")
             export_model(src, out, dtype=model.export_dtype, overwrite=True, progress=progress,
                          name=model.name)
