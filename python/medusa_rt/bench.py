@@ -14,7 +14,9 @@ Sections (SmolLM2-135M by default, greedy, 128 new tokens):
 - prefill: prompt tokens/s (512-token prompt);
 - peers: HF transformers fp32 decode (needs torch + transformers), llama.cpp through
   ``llama-cpp-python`` when it is installed (else reported as skipped) on F32 and BF16 GGUFs of
-  the same weights (written once into the cache), same prompt token ids, same thread count.
+  the same weights (written once into the cache), same prompt token ids, same thread count,
+  interleaved prompt by prompt with the engine's plain and Medusa decoding (the ratios to
+  llama.cpp come from those pairs).
 
 JSON goes to stdout (or ``--json FILE``), a readable table and progress to stderr.
 """
@@ -60,20 +62,16 @@ def _chat_ids(engine: Engine, texts: Sequence[str]) -> List[List[int]]:
     return [tok.encode(tok.apply_chat_template(t), add_special_tokens=False) for t in texts]
 
 
-def bench_decode(model: str, dtype: str, new_tokens: int, repeats: int, bandwidth: float,
-                 tokens: Optional[List[List[int]]] = None) -> Dict:
-    """Plain decoding; the generated tokens of each prompt go to ``tokens`` when given."""
+def bench_decode(model: str, dtype: str, new_tokens: int, repeats: int, bandwidth: float) -> Dict:
     engine = Engine(model, dtype=dtype, max_seq_len=1024, medusa_max_batch=0, progress=False)
     prompts = _chat_ids(engine, DECODE_PROMPTS)
     decode = []
     with engine.session() as s:
         s.generate(prompts[0], max_new_tokens=8, ignore_eos=True, medusa=False)  # warm-up
-        for rep in range(repeats):
+        for _ in range(repeats):
             for p in prompts:
                 r = s.generate(p, max_new_tokens=new_tokens, ignore_eos=True, medusa=False)
                 decode.append(r.stats.decode_tokens_per_second)
-                if tokens is not None and rep == 0:
-                    tokens.append(list(r.tokens))
     # Bytes read per token: the model's weights without the heads and without the embedding
     # table (one row is gathered), plus the lm_head (tied: the same table, read in full).
     info = engine.info
@@ -237,10 +235,27 @@ def _peer_gguf(model: str, dtype: str) -> Path:
     return out
 
 
+def _llama_greedy(llm: object, prompt: List[int], new_tokens: int) -> tuple:
+    """llama.cpp greedy decoding of ``new_tokens`` tokens: (tokens, decode tokens/s after the first)."""
+    got: List[int] = []
+    t_first = time.perf_counter()
+    for tok in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,  # type: ignore[attr-defined]
+                            reset=True):
+        got.append(int(tok))
+        if len(got) == 1:
+            t_first = time.perf_counter()
+        if len(got) == new_tokens:
+            break
+    return got, (len(got) - 1) / max(time.perf_counter() - t_first, 1e-9)
+
+
 def bench_llama_cpp(model: str, prompts: List[List[int]], new_tokens: int, repeats: int, threads: int,
-                    engine_tokens: Dict[str, List[List[int]]], dtypes: Sequence[str] = ("fp32", "bf16")) -> Dict:
-    """llama.cpp (through llama-cpp-python) decoding the same weights at the same precision, from
-    the same prompt token ids, greedy, on as many threads as the engine."""
+                    tree: Optional[str], dtypes: Sequence[str] = ("fp32", "bf16")) -> Dict:
+    """llama.cpp (through llama-cpp-python) decoding the same weights at the same precision from the
+    same prompt token ids, greedy, on as many threads as the engine. Side by side: for every
+    prompt the engine decodes plainly, then with Medusa (its heads and tree at batch 1), then
+    llama.cpp decodes, so the three see the same machine conditions; ratios are medians of the
+    per-prompt ratios."""
     try:
         import llama_cpp
     except ImportError:
@@ -252,32 +267,38 @@ def bench_llama_cpp(model: str, prompts: List[List[int]], new_tokens: int, repea
             path = _peer_gguf(model, dtype)
         except ValueError as exc:
             return {"skipped": str(exc)}
+        engine = Engine(model, dtype=dtype, max_seq_len=1024, tree=tree, medusa_max_batch=1, progress=False)
+        medusa = bool(engine.info.medusa_heads)
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_threads=threads,
                               n_threads_batch=threads, verbose=False)
-        decode, agree = [], []
-        for rep in range(repeats + 1):  # the first pass warms up
-            for i, p in enumerate(prompts):
-                got: List[int] = []
-                t_first = 0.0
-                for tok in llm.generate(p, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
-                    got.append(int(tok))
-                    if len(got) == 1:
-                        t_first = time.perf_counter()
-                    if len(got) == new_tokens:
-                        break
-                t_last = time.perf_counter()
-                if rep == 0:
-                    continue
-                decode.append((len(got) - 1) / max(t_last - t_first, 1e-9))
-                ref = engine_tokens.get(dtype, [])
-                if i < len(ref):  # greedy tokens equal to the engine's before the first difference
-                    same = next((j for j, (a, b) in enumerate(zip(got, ref[i])) if a != b), min(len(got), len(ref[i])))
-                    agree.append(same)
-        del llm
-        tps = statistics.median(decode)
-        log(f"llama.cpp {dtype}: {tps:.1f} tok/s")
-        out[dtype] = {"tokens_per_second": tps, "samples": len(decode), "gguf": str(path),
-                      "tokens_equal_to_engine_before_first_difference": agree}
+        rows: List[Dict[str, float]] = []
+        agree = []
+        with engine.session() as s:
+            for rep in range(repeats + 1):  # the first pass warms up
+                for p in prompts:
+                    plain = s.generate(p, max_new_tokens=new_tokens, ignore_eos=True, medusa=False)
+                    row = {"engine": plain.stats.decode_tokens_per_second}
+                    if medusa:
+                        m = s.generate(p, max_new_tokens=new_tokens, ignore_eos=True, medusa=True)
+                        row["engine_medusa"] = m.stats.decode_tokens_per_second
+                    got, row["llama_cpp"] = _llama_greedy(llm, p, new_tokens)
+                    if rep == 0:
+                        continue
+                    rows.append(row)
+                    # greedy tokens equal to the engine's before the first difference (numerics differ)
+                    ref = list(plain.tokens)
+                    agree.append(next((j for j, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref))))
+        del llm, engine
+        res: Dict[str, object] = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
+        res["engine_vs_llama_cpp"] = statistics.median(r["engine"] / r["llama_cpp"] for r in rows)
+        if medusa:
+            res["engine_medusa_vs_llama_cpp"] = statistics.median(r["engine_medusa"] / r["llama_cpp"] for r in rows)
+        res.update({"tokens_per_second": res["llama_cpp"], "samples": len(rows), "gguf": str(path),
+                    "tokens_equal_to_engine_before_first_difference": agree})
+        log(f"llama.cpp {dtype}: {res['llama_cpp']:.1f} tok/s; engine side by side {res['engine']:.1f} "
+            f"({res['engine_vs_llama_cpp']:.2f}x)" + (f", Medusa {res['engine_medusa']:.1f} "
+                                                     f"({res['engine_medusa_vs_llama_cpp']:.2f}x)" if medusa else ""))
+        out[dtype] = res
     return out
 
 
@@ -300,15 +321,14 @@ def run_suite(model: str = "smollm2-135m", *, new_tokens: int = 128, repeats: in
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads,
                     "stream_read_GBps": bw / 1e9},
     }
-    engine_tokens: Dict[str, List[List[int]]] = {d: [] for d in dtypes}
-    report["decode"] = {d: bench_decode(model, d, new_tokens, repeats, bw, engine_tokens[d]) for d in dtypes}
+    report["decode"] = {d: bench_decode(model, d, new_tokens, repeats, bw) for d in dtypes}
     prompts = [p for _, p in load_eval_prompts()][:: max(1, 64 // max(1, medusa_prompts))][:medusa_prompts]
     report["medusa"] = {d: bench_medusa(model, d, prompts, new_tokens, tree) for d in ("bf16", "fp32")}
     report["verify_bf16"] = bench_verify(model, "bf16")
     report["prefill"] = {d: bench_prefill(model, d) for d in ("bf16", "fp32")}
     report["peers"] = {"hf_transformers_fp32": bench_hf(Path(model_dir), new_tokens, repeats) if hf
                        else {"skipped": "--no-hf"},
-                       "llama_cpp": bench_llama_cpp(model, decode_prompts, new_tokens, repeats, threads, engine_tokens)
+                       "llama_cpp": bench_llama_cpp(model, decode_prompts, new_tokens, repeats, threads, tree)
                        if llama_cpp else {"skipped": "--no-llama-cpp"}}
     ratios: Dict[str, float] = {}
     dec = report["decode"]
@@ -324,11 +344,10 @@ def run_suite(model: str = "smollm2-135m", *, new_tokens: int = 128, repeats: in
             ratios["medusa_fp32_vs_hf_fp32"] = med["fp32"]["medusa"]["tokens_per_second"] / hf_res["tokens_per_second"]  # type: ignore[index]
     lc = report["peers"]["llama_cpp"]  # type: ignore[index]
     for d in dtypes:
-        if "tokens_per_second" in lc.get(d, {}):
-            ratios[f"decode_{d}_vs_llama_cpp_{d}"] = dec[d]["tokens_per_second"] / lc[d]["tokens_per_second"]  # type: ignore[index]
-            if "medusa" in med.get(d, {}):  # type: ignore[union-attr]
-                ratios[f"medusa_{d}_vs_llama_cpp_{d}"] = (med[d]["medusa"]["tokens_per_second"]  # type: ignore[index]
-                                                          / lc[d]["tokens_per_second"])
+        if d in lc:  # side by side with llama.cpp, per prompt
+            ratios[f"decode_{d}_vs_llama_cpp_{d}"] = lc[d]["engine_vs_llama_cpp"]  # type: ignore[index]
+            if "engine_medusa_vs_llama_cpp" in lc[d]:  # type: ignore[operator]
+                ratios[f"medusa_{d}_vs_llama_cpp_{d}"] = lc[d]["engine_medusa_vs_llama_cpp"]  # type: ignore[index]
     for d in dtypes:
         ratios[f"decode_{d}_fraction_of_bandwidth_bound"] = dec[d]["fraction_of_bound"]  # type: ignore[index]
     report["ratios"] = ratios
@@ -362,6 +381,8 @@ def print_table(r: Dict, file=sys.stderr) -> None:
         elif "tokens_per_second" in x:
             text = f"{x['tokens_per_second']:.1f} tok/s"
         else:
-            text = ", ".join(f"{d} {v['tokens_per_second']:.1f} tok/s" for d, v in x.items() if isinstance(v, dict))
+            text = "; ".join(f"{d} {v['llama_cpp']:.1f} tok/s (engine side by side {v['engine_vs_llama_cpp']:.2f}x"
+                             + (f", Medusa {v['engine_medusa_vs_llama_cpp']:.2f}x" if "engine_medusa_vs_llama_cpp" in v
+                                else "") + ")" for d, v in x.items() if isinstance(v, dict))
         print(f"peer {name}: {text}", file=file)
     print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items()), file=file)
