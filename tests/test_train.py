@@ -155,6 +155,35 @@ def test_train_own_projection_layout(tiny):
     assert r.tokens == e2.generate(seqs[0][:8], max_new_tokens=24, medusa=False).tokens
 
 
+def test_distillation_targets_are_the_base_models_next_tokens(tiny):
+    """distill > 0: the teacher of head k at position t is the base model's distribution at
+    t + 1 + k, whose argmax on greedy answers is the head's label; training on it lowers the loss."""
+    from medusa_rt.train.heads_np import load_lm_head
+    from medusa_rt.train.trainer import TrainConfig, Trainer
+
+    tmp, base = tiny
+    eng = Engine(base, dtype="fp32", medusa_max_batch=0)
+    rng = np.random.default_rng(1)
+    recs = []
+    for _ in range(6):
+        p = rng.integers(3, eng.info.vocab_size, 8).tolist()
+        recs.append({"prompt_ids": p, "answer_ids": list(eng.generate(p, max_new_tokens=40, ignore_eos=True).tokens)})
+    feats = data.extract_hidden_states(eng, recs, 3, tmp / "kd_feats.npz", progress=False)
+    cfg = TrainConfig(num_heads=3, epochs=20, batch_size=64, lr=3e-3, distill=1.0)
+    tr = Trainer(cfg, load_lm_head(base), tmp / "kd_work", progress=False)
+    idx = np.arange(feats.hidden.shape[0])
+    teacher, valid = tr._teacher(feats.hidden, idx, feats.labels)
+    assert valid.numpy().tolist() == (feats.labels >= 0).tolist()
+    agree = (teacher.argmax(-1).numpy().T == feats.labels)[feats.labels >= 0]
+    assert agree.mean() > 0.95  # float16 feature storage may flip near-ties
+    before = tr.evaluate(feats.hidden, feats.labels)
+    tr.fit(feats.hidden, feats.labels)
+    after = tr.evaluate(feats.hidden, feats.labels)
+    assert np.mean(after["loss"]) < np.mean(before["loss"])
+    with pytest.raises(InvalidArgumentError, match="distill"):
+        TrainConfig(distill=1.5).validate()
+
+
 def test_auto_tree_needs_an_accuracy_table(tmp_path):
     from medusa_rt.errors import InvalidArgumentError as IAE
     from _medusa_heads import fit_heads, training_prompts, write_heads_only

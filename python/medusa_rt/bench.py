@@ -11,7 +11,7 @@ Sections (SmolLM2-135M by default, greedy, 128 new tokens):
   the same tokens): tokens/s, tokens per step, speedup;
 - verify: one verify step's latency against tree size (first nodes of mc_sim_7b_63) next to a
   plain decode step;
-- prefill: prompt tokens/s (512-token prompt);
+- prefill: prompt tokens/s (512-token prompt, or shorter within the model's context);
 - peers: HF transformers fp32 decode (needs torch + transformers), llama.cpp through
   ``llama-cpp-python`` when it is installed (else reported as skipped) on F32 and BF16 GGUFs of
   the same weights (written once into the cache), same prompt token ids, same thread count,
@@ -62,8 +62,8 @@ def _chat_ids(engine: Engine, texts: Sequence[str]) -> List[List[int]]:
     return [tok.encode(tok.apply_chat_template(t), add_special_tokens=False) for t in texts]
 
 
-def bench_decode(model: str, dtype: str, new_tokens: int, repeats: int, bandwidth: float) -> Dict:
-    engine = Engine(model, dtype=dtype, max_seq_len=1024, medusa_max_batch=0, progress=False)
+def bench_decode(model: str, dtype: str, new_tokens: int, repeats: int, bandwidth: float, seq: int = 1024) -> Dict:
+    engine = Engine(model, dtype=dtype, max_seq_len=seq, medusa_max_batch=0, progress=False)
     prompts = _chat_ids(engine, DECODE_PROMPTS)
     decode = []
     with engine.session() as s:
@@ -102,13 +102,12 @@ def _model_weight_bytes(cfg: Dict, elem: int) -> int:
     return elem * (L * per_layer + v * h * (1 if cfg.get("tie_word_embeddings") else 2))
 
 
-def bench_medusa(model: str, dtype: str, prompts: Sequence[str], new_tokens: int, tree: Optional[str]) -> Dict:
+def bench_medusa(model: str, dtype: str, prompts: Sequence[str], new_tokens: int, tree: Optional[str],
+                 seq: int = 1024) -> Dict:
     # Trees at batch 1 even where the calibration predicts plain decoding to be faster: this
     # section measures what they give.
-    engine = Engine(model, dtype=dtype, max_seq_len=1024, tree=tree, medusa_max_batch=1, progress=False)
+    engine = Engine(model, dtype=dtype, max_seq_len=seq, tree=tree, medusa_max_batch=1, progress=False)
     info = engine.info
-    if not info.medusa_heads:
-        return {"skipped": f"{model} has no Medusa heads"}
     ids = _chat_ids(engine, prompts)
     out: Dict[str, object] = {"tree": info.tree, "tree_nodes": info.tree_nodes, "medusa_max_batch": info.medusa_max_batch,
                               "calibration": [{"nodes": c.nodes, "expected_tokens_per_step": c.expected_tokens_per_step,
@@ -139,10 +138,8 @@ def bench_medusa(model: str, dtype: str, prompts: Sequence[str], new_tokens: int
     return out
 
 
-def bench_verify(model: str, dtype: str) -> Dict:
-    engine = Engine(model, dtype=dtype, max_seq_len=1024, tree="mc_sim_7b_63", medusa_max_batch=0, progress=False)
-    if not engine.info.medusa_heads:
-        return {"skipped": f"{model} has no Medusa heads"}
+def bench_verify(model: str, dtype: str, seq: int = 1024) -> Dict:
+    engine = Engine(model, dtype=dtype, max_seq_len=seq, tree="mc_sim_7b_63", medusa_max_batch=0, progress=False)
     rows = []
     plain = None
     for n in TREE_SIZES:
@@ -250,7 +247,7 @@ def _llama_greedy(llm: object, prompt: List[int], new_tokens: int) -> tuple:
 
 
 def bench_llama_cpp(model: str, prompts: List[List[int]], new_tokens: int, repeats: int, threads: int,
-                    tree: Optional[str], dtypes: Sequence[str] = ("fp32", "bf16")) -> Dict:
+                    tree: Optional[str], dtypes: Sequence[str] = ("fp32", "bf16"), seq: int = 1024) -> Dict:
     """llama.cpp (through llama-cpp-python) decoding the same weights at the same precision from the
     same prompt token ids, greedy, on as many threads as the engine. Side by side: for every
     prompt the engine decodes plainly, then with Medusa (its heads and tree at batch 1), then
@@ -267,9 +264,9 @@ def bench_llama_cpp(model: str, prompts: List[List[int]], new_tokens: int, repea
             path = _peer_gguf(model, dtype)
         except ValueError as exc:
             return {"skipped": str(exc)}
-        engine = Engine(model, dtype=dtype, max_seq_len=1024, tree=tree, medusa_max_batch=1, progress=False)
+        engine = Engine(model, dtype=dtype, max_seq_len=seq, tree=tree, medusa_max_batch=1, progress=False)
         medusa = bool(engine.info.medusa_heads)
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_threads=threads,
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=seq, n_batch=512, n_threads=threads,
                               n_threads_batch=threads, verbose=False)
         rows: List[Dict[str, float]] = []
         agree = []
@@ -311,7 +308,10 @@ def run_suite(model: str = "smollm2-135m", *, new_tokens: int = 128, repeats: in
     model_dir = first.model_dir
     threads = first.info.num_threads
     decode_prompts = _chat_ids(first, DECODE_PROMPTS)
+    heads = first.info.medusa_heads > 0
     del first
+    # Sequences of up to 1024 tokens (fewer where the model's context is shorter).
+    seq = min(1024, int(json.loads((Path(model_dir) / "config.json").read_text())["max_position_embeddings"]))
     bw = _core._testing.stream_bandwidth(1 << 29, threads, 3)
     log(f"streaming read bandwidth: {bw / 1e9:.1f} GB/s ({threads} threads)")
     report: Dict[str, object] = {
@@ -321,14 +321,16 @@ def run_suite(model: str = "smollm2-135m", *, new_tokens: int = 128, repeats: in
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads,
                     "stream_read_GBps": bw / 1e9},
     }
-    report["decode"] = {d: bench_decode(model, d, new_tokens, repeats, bw) for d in dtypes}
+    report["decode"] = {d: bench_decode(model, d, new_tokens, repeats, bw, seq) for d in dtypes}
     prompts = [p for _, p in load_eval_prompts()][:: max(1, 64 // max(1, medusa_prompts))][:medusa_prompts]
-    report["medusa"] = {d: bench_medusa(model, d, prompts, new_tokens, tree) for d in ("bf16", "fp32")}
-    report["verify_bf16"] = bench_verify(model, "bf16")
-    report["prefill"] = {d: bench_prefill(model, d) for d in ("bf16", "fp32")}
+    no_heads = {"skipped": f"{model} has no Medusa heads"}
+    report["medusa"] = {d: bench_medusa(model, d, prompts, new_tokens, tree, seq) if heads else no_heads
+                        for d in ("bf16", "fp32")}
+    report["verify_bf16"] = bench_verify(model, "bf16", seq) if heads else no_heads
+    report["prefill"] = {d: bench_prefill(model, d, min(512, seq - 16)) for d in ("bf16", "fp32")}
     report["peers"] = {"hf_transformers_fp32": bench_hf(Path(model_dir), new_tokens, repeats) if hf
                        else {"skipped": "--no-hf"},
-                       "llama_cpp": bench_llama_cpp(model, decode_prompts, new_tokens, repeats, threads, tree)
+                       "llama_cpp": bench_llama_cpp(model, decode_prompts, new_tokens, repeats, threads, tree, seq=seq)
                        if llama_cpp else {"skipped": "--no-llama-cpp"}}
     ratios: Dict[str, float] = {}
     dec = report["decode"]

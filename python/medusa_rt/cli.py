@@ -98,7 +98,7 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(num_heads=args.heads, num_layers=args.layers, shared_lm_head=args.layout == "shared",
                       epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                      threads=args.threads, draft_coverage=args.draft_coverage)
+                      threads=args.threads, draft_coverage=args.draft_coverage, distill=args.distill)
     report = train_heads(args.model, args.work_dir, args.out, num_prompts=args.prompts,
                          max_new_tokens=args.max_new_tokens, dtype=args.dtype, batch=args.batch,
                          tree_nodes=args.tree_nodes, config=cfg, overwrite=args.overwrite, progress=not args.quiet)
@@ -295,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--draft-coverage", type=float, default=0.995,
                     help="shared lm_head: heads learn and rank only the most frequent answer tokens covering "
                          "this fraction (1: the whole vocabulary)")
+    sp.add_argument("--distill", type=float, default=0.0,
+                    help="weight of the base model's own distribution as the heads' soft target "
+                         "(self-distillation; 0: the answers' tokens only)")
     sp.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     sp.set_defaults(fn=_cmd_train_heads)
 

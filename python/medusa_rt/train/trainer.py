@@ -5,6 +5,11 @@ Rows are precomputed final hidden states of the base model (see :mod:`.data`). H
 (shared, frozen: the heads file stays a few MB) or its own projection initialised from it. Head k at
 a position predicts the token k + 2 ahead; the loss is ``sum_k 0.8^k CE_k``. Blocks start as the
 identity (zero weight and bias), so before training every head predicts the next token.
+
+With ``distill`` > 0 the targets are (partly) soft: head k at position t also learns the base
+model's own distribution for token t + 2 + k, i.e. the lm_head applied to the stored hidden state
+of position t + 1 + k (self-distillation, over the draft vocabulary when there is one).
+``CE_k = (1 - distill) * CE(hard label) + distill * CE(teacher distribution)``.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class TrainConfig:
     checkpoint_every: int = 200
     threads: int = 0
     draft_coverage: float = 0.995  # shared lm_head: train and rank over the draft vocabulary (1: all)
+    distill: float = 0.0        # weight of the base model's distribution as soft target (0: hard labels)
 
     def validate(self) -> None:
         if self.num_heads < 1 or self.num_layers < 1:
@@ -54,6 +60,8 @@ class TrainConfig:
             raise InvalidArgumentError("decay must be in (0, 1] and warmup in [0, 1)")
         if not 0 < self.draft_coverage <= 1:
             raise InvalidArgumentError("draft_coverage must be in (0, 1]")
+        if not 0 <= self.distill <= 1:
+            raise InvalidArgumentError("distill must be in [0, 1]")
 
 
 class MedusaHeads(torch.nn.Module):
@@ -109,12 +117,21 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def head_loss(logits: torch.Tensor, labels: torch.Tensor, decay: float) -> tuple:
-    """Weighted sum of the heads' cross-entropies (rows without a label ignored), and per-head losses."""
+def head_loss(logits: torch.Tensor, labels: torch.Tensor, decay: float, teacher: Optional[torch.Tensor] = None,
+              distill: float = 0.0, valid: Optional[torch.Tensor] = None) -> tuple:
+    """Weighted sum of the heads' cross-entropies (rows without a label ignored), and per-head losses.
+
+    ``teacher`` ``[K, rows, vocab]``: the base model's probabilities for each head's token, mixed in
+    with weight ``distill`` on the rows where ``valid[:, k]`` (the token exists in the answer)."""
     per = []
     for k in range(logits.shape[0]):
         y = labels[:, k]
-        per.append(F.cross_entropy(logits[k], y, ignore_index=-1) if (y >= 0).any() else logits.new_zeros(()))
+        hard = F.cross_entropy(logits[k], y, ignore_index=-1) if (y >= 0).any() else logits.new_zeros(())
+        if teacher is not None and distill > 0 and valid is not None and bool(valid[:, k].any()):
+            m = valid[:, k]
+            soft = F.cross_entropy(logits[k][m], teacher[k][m])
+            hard = (1 - distill) * hard + distill * soft
+        per.append(hard)
     total = sum((decay ** k) * l for k, l in enumerate(per))
     return total, [float(l.detach()) for l in per]
 
@@ -212,8 +229,8 @@ class Trainer:
         mine = asdict(self.cfg)
         theirs = ck["config"]
         keys = ("num_heads", "num_layers", "shared_lm_head", "epochs", "lr", "batch_size", "decay", "warmup", "seed",
-                "draft_coverage")
-        diff = [k for k in keys if mine[k] != theirs.get(k)]
+                "draft_coverage", "distill")
+        diff = [k for k in keys if mine[k] != theirs.get(k, TrainConfig.__dataclass_fields__[k].default)]
         mine_vocab = None if self.draft_vocab is None else self.draft_vocab.tolist()
         if ck.get("draft_vocab") != mine_vocab:
             diff.append("draft vocabulary")
@@ -227,8 +244,22 @@ class Trainer:
         self.history = list(ck.get("history", []))
         return True
 
+    @torch.no_grad()
+    def _teacher(self, hidden: np.ndarray, idx: np.ndarray, raw_labels: np.ndarray) -> tuple:
+        """The base model's distribution over the heads' vocabulary for each head's token:
+        softmax(lm_head . hidden[t + 1 + k]). Row t + 1 + k belongs to the same answer exactly where
+        the head has a label (``raw_labels`` >= 0, before any draft-vocabulary mapping).
+        Returns ([K, rows, vocab] probabilities, [rows, K] valid)."""
+        K = self.cfg.num_heads
+        rows = np.minimum(idx[None, :] + 1 + np.arange(K)[:, None], hidden.shape[0] - 1)
+        h = torch.from_numpy(hidden[rows.ravel()].astype(np.float32))
+        teacher = torch.softmax(h @ self.model.lm_head.T, -1).view(K, idx.size, -1)
+        return teacher, torch.from_numpy(raw_labels >= 0)
+
     def fit(self, hidden: np.ndarray, labels: np.ndarray) -> None:
-        """Trains on all rows for cfg.epochs (continuing from self.step)."""
+        """Trains on all rows for cfg.epochs (continuing from self.step). The rows of an answer must
+        be consecutive positions (as :func:`.data.extract_hidden_states` stores them) when
+        cfg.distill > 0: the teacher of head k at a row is the row 1 + k further on."""
         cfg = self.cfg
         n = hidden.shape[0]
         if n == 0:
@@ -249,7 +280,10 @@ class Trainer:
             for g in self.opt.param_groups:
                 g["lr"] = lr_at(self.step, total, cfg)
             logits = self.model(h)
-            loss, per = head_loss(logits, y, cfg.decay)
+            teacher = valid = None
+            if cfg.distill > 0:
+                teacher, valid = self._teacher(hidden, idx, labels[idx])
+            loss, per = head_loss(logits, y, cfg.decay, teacher, cfg.distill, valid)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
