@@ -1,3 +1,4 @@
+#include <cstdio>
 #include <cstdlib>
 #include <string>
 
@@ -43,7 +44,11 @@ const Kernels* avx512_kernels() {
 const Kernels& kernels() {
   static const Kernels* chosen = [] {
     const char* force = std::getenv("MEDUSA_RT_ISA");
-    const std::string cap = force ? force : "";
+    std::string cap = force ? force : "";
+    if (!cap.empty() && cap != "avx512" && cap != "avx2" && cap != "generic") {
+      std::fprintf(stderr, "[medusa_rt] MEDUSA_RT_ISA=%s is not avx512, avx2 or generic; ignored\n", force);
+      cap.clear();
+    }
     const Kernels* k = nullptr;
     if (cap.empty() || cap == "avx512") k = avx512_kernels();
     if (!k && cap != "generic") k = avx2_kernels();
