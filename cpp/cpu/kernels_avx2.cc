@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cpu/gemm_blocking.h"
 #include "cpu/kernels.h"
 
 namespace medusa_rt::cpu {
@@ -169,24 +170,13 @@ template <class W>
 void gemm_t(const float* x, int ldx, int M, int K, const void* wv, const float* bias, int n0, int n1, float* y, int ldy) {
   const typename W::T* w = static_cast<const typename W::T*>(wv);
   const int64_t ps = static_cast<int64_t>(16) * K;
-  // Panel groups as wide as the first row block's tile; every row block passes over a group
-  // before the next one streams in, so weights come from memory once (later row blocks find
-  // them in L1/L2). Many rows: k in blocks too, so a panel slice (16 x kKBlock) and the rows'
-  // x slices stay in cache while all row blocks pass over them; the chains continue across
-  // blocks through y, so each element's operation sequence is the same as without blocking.
+  // Panel groups as wide as the first row block's tile (later row blocks find the weights in
+  // L1/L2); many rows: k in blocks too.
   const int group = M == 1 ? 4 : M == 2 ? 2 : 1;
-  const int kKBlock = M > 8 ? 256 : K;
-  for (int k0 = 0; k0 < K; k0 += kKBlock) {
-    const int kb = K - k0 < kKBlock ? K - k0 : kKBlock;
-    const bool resume = k0 > 0, finish = k0 + kb == K;
-    for (int n = n0; n < n1; n += 16 * group) {
-      const int np = (n1 - n + 15) / 16 < group ? (n1 - n + 15) / 16 : group;
-      const int last = n + 16 * (np - 1);
-      const int valid = n1 - last < 16 ? n1 - last : 16;
-      all_rows<W>(x + k0, ldx, M, kb, w + (n / 16) * ps + static_cast<int64_t>(k0) * 16, ps, np, bias, n, valid, y,
-                  ldy, resume, finish);
-    }
-  }
+  for_each_panel_pass(K, n0, n1, group, M > 8 ? 256 : K, [&](const PanelPass& q) {
+    all_rows<W>(x + q.k0, ldx, M, q.kb, w + (q.n / 16) * ps + static_cast<int64_t>(q.k0) * 16, ps, q.np, bias, q.n,
+                q.valid, y, ldy, q.resume, q.finish);
+  });
 }
 
 void gemm_avx2(const float* x, int ldx, int M, int K, const void* w, WType wt, const float* bias, int n0, int n1,

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "cpu/gemm_blocking.h"
 #include "cpu/kernels.h"
 
 namespace medusa_rt::cpu {
@@ -147,23 +148,13 @@ void gemm_t(const float* x, int ldx, int M, int K, const void* wv, const float* 
   const typename W::T* w = static_cast<const typename W::T*>(wv);
   const int64_t ps = static_cast<int64_t>(16) * K;
   const __m512i idx = bf16_index();
-  // Panel groups as wide as the first row block's tile: every row block passes over a group
-  // before the next group streams in, so weights come from memory once. More than one row
-  // block: k in blocks as well, so that the group's slice stays in L1 while the blocks pass;
-  // the chains continue across k blocks through y (the same operation sequence per element).
+  // Panel groups as wide as the first row block's tile; more than one row block: k in blocks
+  // too, so the group's slice stays in L1 while the blocks pass.
   const int group = panels_for(M >= 8 ? 8 : M);
-  const int kKBlock = M > 8 ? 256 : K;
-  for (int k0 = 0; k0 < K; k0 += kKBlock) {
-    const int kb = K - k0 < kKBlock ? K - k0 : kKBlock;
-    const bool resume = k0 > 0, finish = k0 + kb == K;
-    for (int n = n0; n < n1; n += 16 * group) {
-      const int np = (n1 - n + 15) / 16 < group ? (n1 - n + 15) / 16 : group;
-      const int last = n + 16 * (np - 1);
-      const int valid = n1 - last < 16 ? n1 - last : 16;
-      all_rows<W>(x + k0, ldx, M, kb, w + (n / 16) * ps + static_cast<int64_t>(k0) * 16, ps, np, bias, n, valid, y,
-                  ldy, resume, finish, idx);
-    }
-  }
+  for_each_panel_pass(K, n0, n1, group, M > 8 ? 256 : K, [&](const PanelPass& q) {
+    all_rows<W>(x + q.k0, ldx, M, q.kb, w + (q.n / 16) * ps + static_cast<int64_t>(q.k0) * 16, ps, q.np, bias, q.n,
+                q.valid, y, ldy, q.resume, q.finish, idx);
+  });
 }
 
 }  // namespace
