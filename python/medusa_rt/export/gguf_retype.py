@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidArgumentError, ModelNotFoundError
+from ..errors import InvalidArgumentError, ModelFormatError, ModelNotFoundError
 from .gguf_import import _dequantize, _read_gguf
 from .safetensors_io import bf16_bits_to_f32, f32_to_bf16_bits
 
@@ -49,7 +49,9 @@ def retype_gguf(src: str | os.PathLike, dst: str | os.PathLike, dtype: str) -> P
     if not src.is_file():
         raise ModelNotFoundError(f"GGUF file {src} does not exist")
     reader = _read_gguf(src)
-    arch = reader.fields["general.architecture"].contents() if "general.architecture" in reader.fields else None
+    if "general.architecture" not in reader.fields:
+        raise ModelFormatError(f"{src}: missing GGUF metadata key general.architecture")
+    arch = reader.fields["general.architecture"].contents()
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     writer = GGUFWriter(str(tmp), arch)
     try:
