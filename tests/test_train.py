@@ -239,3 +239,52 @@ def test_draft_vocabulary(tiny, tmp_path):
     write_safetensors(bad, items, metadata=meta)
     with pytest.raises(ModelFormatError, match="draft_vocab"):
         Engine(base, dtype="fp32", medusa_heads=bad)
+
+
+def test_features_reused_for_a_grown_reordered_answer_set(tiny):
+    """A second extraction over more answers, in another order, computes only the new ones and
+    gives the same rows as a fresh extraction; a file without fingerprints is recomputed."""
+    tmp, base = tiny
+    eng = Engine(base, dtype="fp32", medusa_max_batch=0)
+    rng = np.random.default_rng(2)
+    recs = [{"prompt_ids": rng.integers(3, eng.info.vocab_size, 6).tolist(),
+             "answer_ids": rng.integers(3, eng.info.vocab_size, n).tolist()} for n in (9, 0, 14, 5, 11)]
+    path = tmp / "grow_feats.npz"
+    data.extract_hidden_states(eng, recs[:3], 2, path, progress=False)
+    grown = [recs[4], recs[2], recs[3], recs[0], recs[1]]
+
+    class Counting:  # counts the positions the engine actually runs
+        def __init__(self, engine):
+            self.info, self.engine, self.positions = engine.info, engine, 0
+
+        def session(self):
+            outer = self
+
+            class S:
+                def __enter__(s):
+                    s.inner = outer.engine.session().__enter__()
+                    return s
+
+                def __exit__(s, *a):
+                    return s.inner.__exit__(*a)
+
+                def reset(s):
+                    s.inner.reset()
+
+                def hidden_states(s, ids):
+                    outer.positions += len(ids)
+                    return s.inner.hidden_states(ids)
+            return S()
+
+    counting = Counting(eng)
+    f = data.extract_hidden_states(counting, grown, 2, path, progress=False)
+    assert counting.positions == (6 + 11 - 1) + (6 + 5 - 1)  # only records 4 and 3 ran
+    fresh = data.extract_hidden_states(eng, grown, 2, tmp / "fresh_feats.npz", progress=False)
+    assert np.array_equal(f.hidden, fresh.hidden) and np.array_equal(f.labels, fresh.labels)
+    assert np.array_equal(f.record, fresh.record) and f.hidden.shape[0] == 11 + 14 + 5 + 9
+    # A legacy file (no fingerprints) is not trusted: everything runs again.
+    legacy = data.Features.load(path)
+    data.Features(legacy.hidden, legacy.labels, legacy.record).save(path)
+    counting.positions = 0
+    data.extract_hidden_states(counting, grown, 2, path, progress=False)
+    assert counting.positions == sum(6 + len(r["answer_ids"]) - 1 for r in grown if r["answer_ids"])

@@ -10,13 +10,14 @@ with the answer tokens the heads must predict.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -79,21 +80,36 @@ def generate_answers(engine, prompts: Sequence[Tuple[str, str]], out_dir: Path, 
 class Features:
     """Training rows: ``hidden[i]`` is the final hidden state at a position whose next token
     starts or continues an answer; ``labels[i, k]`` the token head k must predict there (the one
-    k + 2 positions ahead), -1 past the answer's end; ``record[i]`` the answer it came from."""
+    k + 2 positions ahead), -1 past the answer's end; ``record[i]`` the answer it came from.
+    ``keys[j]`` fingerprints record j (its prompt and answer tokens), so that a later run over a
+    grown or reordered set of answers reuses the rows it already has."""
 
     hidden: np.ndarray  # [N, H] float16
     labels: np.ndarray  # [N, K] int32
     record: np.ndarray  # [N] int32
+    keys: Optional[np.ndarray] = None  # [R] uint64
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, hidden=self.hidden, labels=self.labels, record=self.record)
+        arrays = dict(hidden=self.hidden, labels=self.labels, record=self.record)
+        if self.keys is not None:
+            arrays["keys"] = self.keys
+        np.savez(tmp, **arrays)
         os.replace(tmp, path)
 
     @staticmethod
     def load(path: Path) -> "Features":
         with np.load(path) as z:
-            return Features(z["hidden"], z["labels"], z["record"])
+            return Features(z["hidden"], z["labels"], z["record"], z["keys"] if "keys" in z.files else None)
+
+
+def record_key(record: dict) -> int:
+    """A 64-bit fingerprint of one answer record's prompt and answer token ids."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(np.asarray(record["prompt_ids"], dtype=np.int64).tobytes())
+    h.update(b"|")
+    h.update(np.asarray(record["answer_ids"], dtype=np.int64).tobytes())
+    return int.from_bytes(h.digest(), "little")
 
 
 def head_labels(answer: Sequence[int], num_heads: int) -> np.ndarray:
@@ -109,37 +125,61 @@ def head_labels(answer: Sequence[int], num_heads: int) -> np.ndarray:
     return out
 
 
+def _reusable_rows(path: Path, num_heads: int, hidden_size: int) -> Dict[int, np.ndarray]:
+    """Row blocks of an earlier features file by record fingerprint (empty when there is none, it
+    predates fingerprints, or it was made for another number of heads or hidden size)."""
+    if not path.exists():
+        return {}
+    old = Features.load(path)
+    if old.keys is None or old.labels.shape[1] != num_heads or old.hidden.shape[1] != hidden_size:
+        return {}
+    # Rows of one record are consecutive (see extract_hidden_states).
+    starts = np.flatnonzero(np.r_[True, old.record[1:] != old.record[:-1]])
+    ends = np.r_[starts[1:], old.record.size]
+    return {int(old.keys[old.record[a]]): old.hidden[a:b] for a, b in zip(starts, ends)}
+
+
 def extract_hidden_states(engine, records: Sequence[dict], num_heads: int, out_path: Path, *,
-                          progress: bool = True) -> Features:
+                          progress: bool = True, save_every_s: float = 600.0) -> Features:
     """Final hidden states of every prompt + answer (rows from the prompt's last token on) and the
-    heads' labels. Reuses ``out_path`` when it already holds the same records."""
-    total = sum(len(r["answer_ids"]) for r in records)
-    if out_path.exists():
-        f = Features.load(out_path)
-        if f.hidden.shape[0] == total and f.labels.shape[1] == num_heads:
-            return f
+    heads' labels, stored in ``out_path``. Answers already there (same prompt and answer tokens)
+    are reused, whatever their order, so a grown answer set costs only its new answers; the file
+    is also saved every ``save_every_s`` seconds, so an interrupted run resumes."""
     H = engine.info.hidden_size
+    keys = np.array([record_key(r) for r in records], dtype=np.uint64)
+    known = _reusable_rows(out_path, num_heads, H)
+    total = sum(len(r["answer_ids"]) for r in records)
     hidden = np.empty((total, H), dtype=np.float16)
     labels = np.empty((total, num_heads), dtype=np.int32)
     rec = np.empty(total, dtype=np.int32)
-    bar = tqdm(total=total, desc="[medusa_rt] hidden states", unit="tok", unit_scale=True, disable=not progress,
+    todo_rows = sum(len(r["answer_ids"]) for r, k in zip(records, keys) if int(k) not in known)
+    bar = tqdm(total=todo_rows, desc="[medusa_rt] hidden states", unit="tok", unit_scale=True, disable=not progress,
                file=sys.stderr)
+    if known and progress:
+        print(f"[medusa_rt] reusing the hidden states of {total - todo_rows} answer tokens from {out_path}",
+              file=sys.stderr)
     row = 0
+    last_save = time.time()
     with engine.session() as s:
         for i, r in enumerate(records):
             p, a = r["prompt_ids"], r["answer_ids"]
-            if not a:
-                continue
-            s.reset()
-            h = s.hidden_states(list(p) + list(a[:-1]))
             n = len(a)
-            hidden[row:row + n] = h[len(p) - 1:]
+            if not n:
+                continue
+            h = known.get(int(keys[i]))
+            if h is None or h.shape[0] != n:
+                s.reset()
+                h = s.hidden_states(list(p) + list(a[:-1]))[len(p) - 1:]
+                bar.update(n)
+            hidden[row:row + n] = h
             labels[row:row + n] = head_labels(a, num_heads)
             rec[row:row + n] = i
             row += n
-            bar.update(n)
+            if time.time() - last_save > save_every_s:  # a partial file: the records done so far
+                Features(hidden[:row], labels[:row], rec[:row], keys).save(out_path)
+                last_save = time.time()
     bar.close()
-    f = Features(hidden[:row], labels[:row], rec[:row])
+    f = Features(hidden[:row], labels[:row], rec[:row], keys)
     f.save(out_path)
     return f
 

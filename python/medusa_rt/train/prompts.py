@@ -12,10 +12,12 @@ checks that.
 
 from __future__ import annotations
 
-import importlib
+import functools
+import json
 import random
 import re
-import warnings
+import subprocess
+import sys
 from typing import Dict, Iterator, List, Tuple
 
 SCIENCE = """photosynthesis|gravity|the water cycle|plate tectonics|black holes|DNA replication|the immune system|
@@ -112,35 +114,53 @@ def _split(block: str) -> List[str]:
     return [w.strip() for w in " ".join(block.split()).split("|") if w.strip()]
 
 
-def stdlib_sentences(limit: int = 2000) -> List[str]:
-    """First sentences of the Python standard library's docstrings (offline text for rewriting)."""
-    out: List[str] = []
-    seen = set()
-    for name in _STDLIB_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except Exception:  # a module missing on some platform is simply skipped
+# Run in a fresh, isolated interpreter: what ``dir(module)`` lists depends on what the process has
+# imported before (submodules become attributes, libraries patch functions), and the prompt set
+# must not depend on who asks for it.
+_COLLECT = r"""
+import importlib, json, re, sys, warnings
+modules, limit = json.loads(sys.argv[1])
+out, seen = [], set()
+for name in modules:
+    try:
+        mod = importlib.import_module(name)
+    except Exception:  # a module missing on some platform is simply skipped
+        continue
+    for attr in sorted(dir(mod)):
+        if attr.startswith("_"):
             continue
-        for attr in sorted(dir(mod)):
-            if attr.startswith("_"):
-                continue
-            with warnings.catch_warnings():  # deprecated aliases (typing.io, ...) warn on access
-                warnings.simplefilter("ignore")
-                doc = getattr(getattr(mod, attr, None), "__doc__", None)
-            if not isinstance(doc, str):
-                continue
-            text = " ".join(doc.strip().split())
-            m = re.match(r"(.{30,200}?[.!?])(\s|$)", text)
-            if not m:
-                continue
-            sentence = m.group(1)
-            if "(" in sentence[:20] or sentence in seen or not sentence[0].isupper():
-                continue
-            seen.add(sentence)
-            out.append(sentence)
-            if len(out) >= limit:
-                return out
-    return out
+        with warnings.catch_warnings():  # deprecated aliases (typing.io, ...) warn on access
+            warnings.simplefilter("ignore")
+            doc = getattr(getattr(mod, attr, None), "__doc__", None)
+        if not isinstance(doc, str):
+            continue
+        m = re.match(r"(.{30,200}?[.!?])(\s|$)", " ".join(doc.strip().split()))
+        if not m:
+            continue
+        sentence = m.group(1)
+        if "(" in sentence[:20] or sentence in seen or not sentence[0].isupper():
+            continue
+        seen.add(sentence)
+        out.append(sentence)
+        if len(out) >= limit:
+            break
+    if len(out) >= limit:
+        break
+json.dump(out, sys.stdout)
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _stdlib_sentences(limit: int) -> Tuple[str, ...]:
+    args = json.dumps([_STDLIB_MODULES, limit])
+    done = subprocess.run([sys.executable, "-I", "-c", _COLLECT, args], capture_output=True, text=True, check=True)
+    return tuple(json.loads(done.stdout))
+
+
+def stdlib_sentences(limit: int = 2000) -> List[str]:
+    """First sentences of the Python standard library's docstrings (offline text for rewriting),
+    collected in a fresh interpreter so that the result depends only on the Python version."""
+    return list(_stdlib_sentences(limit))
 
 
 def _all_prompts() -> List[Tuple[str, str]]:
