@@ -147,6 +147,16 @@ def test_rmsnorm(h):
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_add_rmsnorm_is_add_then_rmsnorm(h):
+    x = RNG.standard_normal((5, 96)).astype(np.float32) * 3
+    y = RNG.standard_normal((5, 96)).astype(np.float32)
+    w = RNG.standard_normal(96).astype(np.float32)
+    got = arr(h.add_rmsnorm(x.ravel(), y.ravel(), 5, w, 1e-5), (2, 5, 96))
+    summed = arr(h.add(x.ravel(), y.ravel(), False), (5, 96))
+    assert np.array_equal(got[0], summed) and np.array_equal(got[0], x + y)
+    assert np.array_equal(got[1], arr(h.rmsnorm(summed.ravel(), 5, w, 1e-5), (5, 96)))
+
+
 def test_rope(h):
     rows, heads, hd, stride, col0 = 3, 2, 16, 40, 4
     x = RNG.standard_normal((rows, stride)).astype(np.float32)
@@ -173,6 +183,24 @@ def test_elementwise(h):
     idx = [4, 0, 4, 2]
     xs = RNG.standard_normal((5, 33)).astype(np.float32)
     assert np.array_equal(arr(h.gather_rows(xs.ravel(), 33, idx), (4, 33)), xs[idx])
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_linear_argmax_is_linear_then_argmax(h, dtype):
+    """The greedy lm_head (linear fused with argmax) picks exactly the index linear() then
+    argmax() picks, ties included (lowest index), across column chunks and threads."""
+    n, k = 3000, 64  # 188 panels, the last one partial: two threads, several chunks each
+    for rows in (1, 3, 9, 40):
+        x = RNG.standard_normal((rows, k)).astype(np.float32)
+        w = RNG.standard_normal((n, k)).astype(np.float32)
+        w[7] = 10 * x[0] / np.linalg.norm(x[0])  # row 0's winner by far...
+        w[[900, 1600, 2999]] = w[7]  # ...tied in another chunk, on the other thread, in the last panel
+        if rows > 2:
+            x[2] = 0  # every logit 0: index 0
+        ref = np.asarray(h.linear(x.ravel(), rows, w.ravel(), n, k, dtype, [])).reshape(rows, n)
+        got = h.linear_argmax(x.ravel(), rows, w.ravel(), n, k, dtype)
+        assert got == [int(np.argmax(r)) for r in ref]
+        assert got[0] == 7 and (rows < 3 or got[2] == 0)
 
 
 def test_argmax_topk_ties(h):

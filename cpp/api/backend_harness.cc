@@ -91,6 +91,18 @@ std::vector<float> BackendHarness::linear(const std::vector<float>& x, int rows,
   return out;
 }
 
+std::vector<int32_t> BackendHarness::linear_argmax(const std::vector<float>& x, int rows, const std::vector<float>& w,
+                                                  int n, int k, const std::string& dtype) {
+  const Matrix m = matrix(w, n, k, dtype);
+  be_->reserve_rows(rows);
+  auto dx = upload(x);
+  Buf scratch(*be_, sizeof(float) * size_t(rows) * n), y(*be_, sizeof(int32_t) * rows);
+  be_->linear_argmax(dx->as<float>(), rows, m, scratch.as<float>(), y.as<int32_t>());
+  auto out = download<int32_t>(y, rows);
+  be_->deallocate(const_cast<void*>(m.data));
+  return out;
+}
+
 std::vector<float> BackendHarness::embed(const std::vector<float>& table, int rows, int cols, const std::string& dtype,
                                          const std::vector<int32_t>& tokens) {
   const Matrix m = matrix(table, rows, cols, dtype);
@@ -112,6 +124,18 @@ std::vector<float> BackendHarness::rmsnorm(const std::vector<float>& x, int rows
   Buf y(*be_, sizeof(float) * x.size());
   be_->rmsnorm(dx->as<float>(), dw->as<float>(), rows, dim, eps, y.as<float>());
   return download<float>(y, x.size());
+}
+
+std::vector<float> BackendHarness::add_rmsnorm(const std::vector<float>& x, const std::vector<float>& y, int rows,
+                                               const std::vector<float>& w, float eps) {
+  const int dim = static_cast<int>(w.size());
+  auto dx = upload(x), dy = upload(y), dw = upload(w);
+  Buf o(*be_, sizeof(float) * x.size());
+  be_->add_rmsnorm(dx->as<float>(), dy->as<float>(), dw->as<float>(), rows, dim, eps, o.as<float>());
+  std::vector<float> out = download<float>(*dx, x.size());
+  const std::vector<float> normed = download<float>(o, x.size());
+  out.insert(out.end(), normed.begin(), normed.end());
+  return out;
 }
 
 std::vector<float> BackendHarness::rope(const std::vector<float>& x, int rows, int row_stride, int col0, int heads,

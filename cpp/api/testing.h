@@ -23,7 +23,8 @@ std::vector<SequenceState::StepRecord> take_records(Session& s);
 // K and V of one layer for positions [0, length) of the session's slot: [kv_heads][length][head_dim].
 void read_kv(Session& s, int layer, int length, std::vector<float>& k, std::vector<float>& v);
 // One verify step of the engine's tree cut to `nodes` nodes at batch 1 (best of reps):
-// {forward seconds (all rows' logits), heads seconds}. nodes = 1 is a plain decode step's forward.
+// {forward seconds (as a greedy step runs it: the lm_head with a fused argmax), heads seconds}.
+// nodes = 1 is a plain decode step's forward.
 std::vector<double> time_tree_step(Engine& e, int nodes, int reps);
 // Streaming read bandwidth of this machine in bytes/s: `threads` threads (0 = all cores) sum a
 // buffer of `bytes` (best of reps). The memory-bandwidth bound of decoding divides it.
@@ -40,10 +41,16 @@ class BackendHarness {
 
   std::vector<float> linear(const std::vector<float>& x, int rows, const std::vector<float>& w, int n, int k,
                             const std::string& dtype, const std::vector<float>& bias);
+  // linear() without bias fused with argmax() (the greedy lm_head).
+  std::vector<int32_t> linear_argmax(const std::vector<float>& x, int rows, const std::vector<float>& w, int n, int k,
+                                     const std::string& dtype);
   // Embeddings of `tokens`, followed by matrix_row() of the table's last row.
   std::vector<float> embed(const std::vector<float>& table, int rows, int cols, const std::string& dtype,
                            const std::vector<int32_t>& tokens);
   std::vector<float> rmsnorm(const std::vector<float>& x, int rows, const std::vector<float>& w, float eps);
+  // add_rmsnorm(): [x + y..., the normed rows...]
+  std::vector<float> add_rmsnorm(const std::vector<float>& x, const std::vector<float>& y, int rows,
+                                 const std::vector<float>& w, float eps);
   std::vector<float> rope(const std::vector<float>& x, int rows, int row_stride, int col0, int heads, int head_dim,
                           const std::vector<int32_t>& positions, const std::vector<float>& cos,
                           const std::vector<float>& sin);

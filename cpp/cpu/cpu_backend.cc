@@ -91,11 +91,22 @@ class CpuBackend final : public Backend {
   void rmsnorm(const float* x, const float* w, int rows, int dim, float eps, float* out) override {
     for (int r = 0; r < rows; ++r) {
       const float* xr = x + int64_t(r) * dim;
-      float* o = out + int64_t(r) * dim;
       double ss = 0.0;
       for (int i = 0; i < dim; ++i) ss += double(xr[i]) * xr[i];
-      const float inv = 1.0f / std::sqrt(float(ss / dim) + eps);
-      for (int i = 0; i < dim; ++i) o[i] = w[i] * (xr[i] * inv);
+      scale_row(xr, w, dim, ss, eps, out + int64_t(r) * dim);
+    }
+  }
+
+  void add_rmsnorm(float* x, const float* y, const float* w, int rows, int dim, float eps, float* out) override {
+    for (int r = 0; r < rows; ++r) {
+      float* xr = x + int64_t(r) * dim;
+      const float* yr = y + int64_t(r) * dim;
+      double ss = 0.0;
+      for (int i = 0; i < dim; ++i) {
+        xr[i] += yr[i];
+        ss += double(xr[i]) * xr[i];
+      }
+      scale_row(xr, w, dim, ss, eps, out + int64_t(r) * dim);
     }
   }
 
@@ -112,6 +123,75 @@ class CpuBackend final : public Backend {
       const int n0 = t * chunk, n1 = std::min(N, n0 + chunk);
       k_.gemm(x, K, rows, K, w.data, wt, bias, n0, n1, y, N);
     });
+  }
+
+  void reserve_rows(int rows) override {
+    if (rows <= argmax_rows_) return;
+    argmax_rows_ = rows;
+    const size_t T = pool_.num_threads();
+    argmax_chunk_.assign(T * rows * kArgmaxCols, 0.f);
+    argmax_best_.assign(T * rows, 0.f);
+    argmax_index_.assign(T * rows, 0);
+  }
+
+  void linear_argmax(const float* x, int rows, const Matrix& w, float* /*logits*/, int32_t* out) override {
+    const cpu::WType wt = wtype(w.dtype);
+    const int N = w.rows, K = w.cols;
+    if (rows <= 0 || N <= 0) return;
+    reserve_rows(rows);  // no-op in steps: the model reserved its rows at creation
+    const int T = pool_.num_threads();
+    const int panels = (N + 15) / 16;
+    const int span = (panels + T - 1) / T * 16;
+    const int tasks = (N + span - 1) / span;
+    const size_t panel_bytes = size_t(cpu::panel_elems(K)) * cpu::wtype_size(wt);
+    // Each task: its columns in chunks of kArgmaxCols (whole panels: a chunk is the packed matrix
+    // from its first panel on, columns [0, width)), each reduced into a running first-max per row
+    // while in L1. The per-element operations are the GEMM's, so the values are linear()'s.
+    pool_.parallel_for(tasks, [&](int t) {
+      float* chunk = argmax_chunk_.data() + size_t(t) * argmax_rows_ * kArgmaxCols;
+      float* best = argmax_best_.data() + size_t(t) * argmax_rows_;
+      int32_t* index = argmax_index_.data() + size_t(t) * argmax_rows_;
+      const int n0 = t * span, n1 = std::min(N, n0 + span);
+      for (int c0 = n0; c0 < n1; c0 += kArgmaxCols) {
+        const int width = std::min(kArgmaxCols, n1 - c0);
+        const void* wc = static_cast<const char*>(w.data) + size_t(c0 / 16) * panel_bytes;
+        k_.gemm(x, K, rows, K, wc, wt, nullptr, 0, width, chunk, kArgmaxCols);
+        for (int r = 0; r < rows; ++r) {
+          const float* v = chunk + size_t(r) * kArgmaxCols;
+          int j0 = 0;
+          if (c0 == n0) {
+            best[r] = v[0];
+            index[r] = c0;
+            j0 = 1;
+          }
+          float b = best[r];
+          int bj = -1;
+          for (int j = j0; j < width; ++j) {
+            if (v[j] > b) {
+              b = v[j];
+              bj = j;
+            }
+          }
+          if (bj >= 0) {
+            best[r] = b;
+            index[r] = c0 + bj;
+          }
+        }
+      }
+    });
+    // Tasks hold increasing column ranges: a later one wins only with a strictly larger value.
+    for (int r = 0; r < rows; ++r) {
+      float b = argmax_best_[r];
+      int32_t bi = argmax_index_[r];
+      for (int t = 1; t < tasks; ++t) {
+        const float v = argmax_best_[size_t(t) * argmax_rows_ + r];
+        if (v > b) {
+          b = v;
+          bi = argmax_index_[size_t(t) * argmax_rows_ + r];
+        }
+      }
+      out[r] = bi;
+    }
   }
 
   void rope(float* x, int rows, int row_stride, int col0, int heads, int head_dim, const int32_t* positions,
@@ -289,10 +369,23 @@ class CpuBackend final : public Backend {
   }
 
  private:
+  // The second half of an RMSNorm row: out = w * (x / rms), rms from the sum of squares ss.
+  static void scale_row(const float* x, const float* w, int dim, double ss, float eps, float* out) {
+    const float inv = 1.0f / std::sqrt(float(ss / dim) + eps);
+    for (int i = 0; i < dim; ++i) out[i] = w[i] * (x[i] * inv);
+  }
+
+  // Columns of the lm_head one argmax chunk holds (whole panels; 2 KB per row).
+  static constexpr int kArgmaxCols = 512;
+
   ThreadPool pool_;
   const cpu::Kernels& k_;
   std::vector<float> scratch_;
   size_t scratch_stride_ = 0;
+  int argmax_rows_ = 0;                // rows the argmax scratch holds per thread
+  std::vector<float> argmax_chunk_;    // [thread][row][kArgmaxCols]
+  std::vector<float> argmax_best_;     // [thread][row]
+  std::vector<int32_t> argmax_index_;  // [thread][row]
 };
 
 }  // namespace

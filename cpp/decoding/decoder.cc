@@ -156,8 +156,10 @@ void Decoder::append(SequenceState& s, const int32_t* tokens, int n, bool with_h
     const bool last = off + c == n;
     if (hidden && !all_logits) rows_.logits_from = last ? c - 1 : c;  // hidden states of all, logits of the last
     if (!all_logits && !hidden && last) rows_.logit_rows.push_back(c - 1);
+    // Unless the caller wants logits, only the last row's greedy token is: a fused lm_head argmax.
+    int32_t* greedy = last && !logits ? d_argmax_ : nullptr;
     const auto tf = Clock::now();
-    model_.forward(rows_);
+    model_.forward(rows_, greedy);
     be.synchronize();
     forward_seconds_ += std::chrono::duration<double>(Clock::now() - tf).count();
     const int nl = static_cast<int>(rows_.logit_rows.size());
@@ -177,8 +179,8 @@ void Decoder::append(SequenceState& s, const int32_t* tokens, int n, bool with_h
     if (last) {
       s.length = start + n;
       s.device_synced = false;
-      be.argmax(model_.logits() + size_t(nl - 1) * vocab_, 1, vocab_, d_argmax_);
-      be.copy_to_host(&s.root, d_argmax_, sizeof(int32_t));
+      if (!greedy) be.argmax(model_.logits() + size_t(nl - 1) * vocab_, 1, vocab_, d_argmax_);
+      be.copy_to_host(&s.root, greedy ? d_argmax_ + (nl - 1) : d_argmax_, sizeof(int32_t));
       s.has_candidates = false;
       if (with_heads && heads_) {
         const int32_t row = nl - 1;
@@ -308,8 +310,7 @@ void Decoder::fused_body(int n, int T, bool with_heads) {
   ta.extra = d.extra;
   ta.logit_rows = d.logit_rows;
   be.tree_rows(ta);
-  model_.run_device_rows(n * T, true);
-  be.argmax(model_.logits(), n * T, vocab_, d_argmax_);
+  model_.run_device_rows(n * T, true, d_argmax_);  // greedy acceptance needs only the argmax
   AcceptArgs aa;
   aa.n = n;
   aa.T = T;
@@ -373,13 +374,18 @@ void Decoder::step(SequenceState* const* seqs, int n, bool allow_trees) {
     }
   }
 
-  // 2. One forward over all rows, and the base model's argmax at every node.
+  // 2. One forward over all rows, and the base model's argmax at every node: fused into the
+  // lm_head when no sequence needs the logits (typical acceptance, step records).
+  bool argmax_only = true;
+  for (int si = 0; si < n; ++si) {
+    if (seqs[si]->options.acceptance != Acceptance::kGreedy || seqs[si]->record) argmax_only = false;
+  }
   const auto tf = Clock::now();
-  model_.forward(rows_);
+  model_.forward(rows_, argmax_only ? d_argmax_ : nullptr);
   be.synchronize();
   forward_seconds_ += std::chrono::duration<double>(Clock::now() - tf).count();
   const int R = rows_.size();
-  be.argmax(model_.logits(), R, vocab_, d_argmax_);
+  if (!argmax_only) be.argmax(model_.logits(), R, vocab_, d_argmax_);
   be.copy_to_host(argmax_.data(), d_argmax_, sizeof(int32_t) * R);
 
   // 3. Acceptance, commit, KV compaction.
@@ -484,7 +490,7 @@ double Decoder::time_forward(int batch, const TreeSpec& tree, int nodes, int rep
   be.synchronize();
   for (int rep = 0; rep < reps; ++rep) {
     const auto t0 = Clock::now();
-    model_.forward(rows_);
+    model_.forward(rows_, d_argmax_);  // as a greedy step runs it
     be.synchronize();
     best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
   }

@@ -115,6 +115,12 @@ class Backend {
   virtual void embed(const Matrix& table, const int32_t* tokens, int rows, float* out) = 0;
   // out[r] = x[r] / rms(x[r]) * w
   virtual void rmsnorm(const float* x, const float* w, int rows, int dim, float eps, float* out) = 0;
+  // x += y, then rmsnorm(x) into out: the residual add and the next norm, the same values as the
+  // two operations (the CPU backend makes one pass; the default runs both).
+  virtual void add_rmsnorm(float* x, const float* y, const float* w, int rows, int dim, float eps, float* out) {
+    add(x, y, size_t(rows) * dim);
+    rmsnorm(x, w, rows, dim, eps, out);
+  }
   // y[r, n] = sum_k x[r, k] * w[n, k] + bias[n]   (bias may be null)
   virtual void linear(const float* x, int rows, const Matrix& w, const float* bias, float* y) = 0;
   // Rotary embedding, in place, on `heads` heads of each row starting at column col0 of a
@@ -141,6 +147,15 @@ class Backend {
   virtual void gather_rows(const float* x, int dim, const int32_t* index, int n, float* out) = 0;
   // out[r] = first index of the maximum of logits[r]
   virtual void argmax(const float* logits, int rows, int vocab, int32_t* out) = 0;
+  // out[r] = argmax of linear(x, rows, w, no bias)[r]: the same values and the same index as
+  // linear() then argmax() (for finite logits), where only the argmax is wanted (greedy lm_head).
+  // `logits` [rows, w.rows] is scratch a backend may use; its contents are unspecified after.
+  // The CPU backend reduces each thread's columns chunk by chunk while they are in L1 and writes
+  // no logits; the default runs the two operations.
+  virtual void linear_argmax(const float* x, int rows, const Matrix& w, float* logits, int32_t* out) {
+    linear(x, rows, w, nullptr, logits);
+    argmax(logits, rows, w.rows, out);
+  }
   // out[r*k + j] = index of the j-th largest of logits[r] (descending; equal values: lower index first)
   virtual void topk(const float* logits, int rows, int vocab, int k, int32_t* out) = 0;
   // Per row r of z = logits[r] / temperature: lse[r] = log(sum exp z) and entropy[r] =

@@ -202,7 +202,7 @@ void LlamaModel::copy_kv(const int32_t* slots, const int32_t* src, const int32_t
   be_.kv_copy(k_cache_, v_cache_, cfg_.num_layers, kv_layout_, d_copy_slots_, d_copy_src_, d_copy_dst_, n);
 }
 
-void LlamaModel::forward(const ForwardRows& rows) {
+void LlamaModel::forward(const ForwardRows& rows, int32_t* argmax) {
   const int R = rows.size();
   const int NL = static_cast<int>(rows.logit_rows.size());
   if (R <= 0 || R > lim_.max_rows || NL > lim_.max_logit_rows) throw Error("internal: forward row count out of limits");
@@ -218,7 +218,7 @@ void LlamaModel::forward(const ForwardRows& rows) {
   up(d_extra_offsets_, rows.extra_offsets);
   up(d_extra_, rows.extra);
   up(d_logit_rows_, rows.logit_rows);
-  run(R, NL, rows.logits_from, !rows.extra_offsets.empty());
+  run(R, NL, rows.logits_from, !rows.extra_offsets.empty(), argmax);
 }
 
 LlamaModel::DeviceRows LlamaModel::device_rows() const {
@@ -226,9 +226,9 @@ LlamaModel::DeviceRows LlamaModel::device_rows() const {
                     d_extra_,  d_logit_rows_, d_copy_slots_, d_copy_src_,    d_copy_dst_};
 }
 
-void LlamaModel::run_device_rows(int R, bool has_extra) {
+void LlamaModel::run_device_rows(int R, bool has_extra, int32_t* argmax) {
   if (R <= 0 || R > lim_.max_rows || R > lim_.max_logit_rows) throw Error("internal: forward row count out of limits");
-  run(R, R, 0, has_extra);
+  run(R, R, 0, has_extra, argmax);
 }
 
 void LlamaModel::copy_kv_device(int n) {
@@ -237,7 +237,7 @@ void LlamaModel::copy_kv_device(int n) {
   be_.kv_copy(k_cache_, v_cache_, cfg_.num_layers, kv_layout_, d_copy_slots_, d_copy_src_, d_copy_dst_, n);
 }
 
-void LlamaModel::run(int R, int NL, int logits_from, bool has_extra) {
+void LlamaModel::run(int R, int NL, int logits_from, bool has_extra, int32_t* argmax) {
   const int H = cfg_.hidden_size, F = cfg_.intermediate_size, hd = cfg_.head_dim;
   const int nq = cfg_.num_heads * hd, nkv = cfg_.num_kv_heads * hd;
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
@@ -255,11 +255,12 @@ void LlamaModel::run(int R, int NL, int logits_from, bool has_extra) {
   OpTimer t(prof_.get());
   t.run(OpTimer::kEmbed, [&] { be_.embed(embed_, d_tokens_, R, x_); });
   const size_t layer_elems = kv_layout_.layer_elems();
+  t.run(OpTimer::kNorm, [&] { be_.rmsnorm(x_, layers_[0].ln1, R, H, eps, xn_); });
   for (int l = 0; l < cfg_.num_layers; ++l) {
     const Layer& L = layers_[l];
     float* kc = k_cache_ + layer_elems * l;
     float* vc = v_cache_ + layer_elems * l;
-    t.run(OpTimer::kNorm, [&] { be_.rmsnorm(x_, L.ln1, R, H, eps, xn_); });
+    // xn_ holds ln1(x): every residual add is fused with the norm that follows it.
     t.run(OpTimer::kGemm, [&] { be_.linear(xn_, R, L.qkv, L.qkv_bias, qkv_); });
     t.run(OpTimer::kRope, [&] {
       be_.rope(qkv_, R, qkv_width_, 0, cfg_.num_heads, hd, d_positions_, rope_cos_, rope_sin_);
@@ -268,14 +269,17 @@ void LlamaModel::run(int R, int NL, int logits_from, bool has_extra) {
     });
     t.run(OpTimer::kAttention, [&] { be_.attention(qkv_, qkv_width_, cfg_.num_heads, meta, kv_layout_, kc, vc, attn_); });
     t.run(OpTimer::kGemm, [&] { be_.linear(attn_, R, L.o, nullptr, tmp_); });
-    t.run(OpTimer::kElementwise, [&] {
-      be_.add(x_, tmp_, size_t(R) * H);
-      be_.rmsnorm(x_, L.ln2, R, H, eps, xn_);
-    });
+    t.run(OpTimer::kElementwise, [&] { be_.add_rmsnorm(x_, tmp_, L.ln2, R, H, eps, xn_); });
     t.run(OpTimer::kGemm, [&] { be_.linear(xn_, R, L.gate_up, nullptr, gu_); });
     t.run(OpTimer::kElementwise, [&] { be_.silu_mul(gu_, R, F, act_); });
     t.run(OpTimer::kGemm, [&] { be_.linear(act_, R, L.down, nullptr, tmp_); });
-    t.run(OpTimer::kElementwise, [&] { be_.add(x_, tmp_, size_t(R) * H); });
+    t.run(OpTimer::kElementwise, [&] {
+      if (l + 1 < cfg_.num_layers) {
+        be_.add_rmsnorm(x_, tmp_, layers_[l + 1].ln1, R, H, eps, xn_);
+      } else {
+        be_.add(x_, tmp_, size_t(R) * H);  // the final norm runs on the logit rows only
+      }
+    });
   }
   if (NL > 0) {
     t.run(OpTimer::kNorm, [&] {
@@ -285,7 +289,13 @@ void LlamaModel::run(int R, int NL, int logits_from, bool has_extra) {
     const int from = std::min(std::max(logits_from, 0), NL);
     if (from < NL) {
       t.run(OpTimer::kLmHead, [&] {
-        be_.linear(hidden_ + size_t(from) * H, NL - from, lm_head_, nullptr, logits_ + size_t(from) * cfg_.vocab_size);
+        const float* h = hidden_ + size_t(from) * H;
+        float* logits = logits_ + size_t(from) * cfg_.vocab_size;
+        if (argmax) {
+          be_.linear_argmax(h, NL - from, lm_head_, logits, argmax + from);
+        } else {
+          be_.linear(h, NL - from, lm_head_, nullptr, logits);
+        }
       });
     }
   }

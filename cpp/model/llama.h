@@ -48,8 +48,10 @@ class LlamaModel {
   // Runs the decoder over rows (which must satisfy the limits and reference valid slots and
   // positions; the engine validates user input before). Afterwards logits() holds
   // [rows.logit_rows.size(), vocab] (rows before rows.logits_from left unset) and hidden() the
-  // final normed hidden states of those rows.
-  void forward(const ForwardRows& rows);
+  // final normed hidden states of those rows. With `argmax` (backend memory, one entry per logit
+  // row) only the greedy tokens are wanted: argmax[i] = the argmax of logit row i for i >=
+  // rows.logits_from, computed by the lm_head with a fused argmax, and logits() is left unset.
+  void forward(const ForwardRows& rows, int32_t* argmax = nullptr);
 
   // The forward's row metadata in backend memory, for callers that build rows on the device
   // (the fused decode step): fill them, then run_device_rows().
@@ -59,8 +61,8 @@ class LlamaModel {
   };
   DeviceRows device_rows() const;
   // forward() over rows already in device_rows(): R rows, logits for rows [0, R) (logit_rows
-  // filled), tree visibility from extra_offsets/extra when has_extra.
-  void run_device_rows(int R, bool has_extra);
+  // filled), tree visibility from extra_offsets/extra when has_extra; `argmax` as in forward().
+  void run_device_rows(int R, bool has_extra, int32_t* argmax = nullptr);
   // copy_kv() of the first n entries of device_rows().copy_* (already in backend memory).
   void copy_kv_device(int n);
   const float* logits() const { return logits_; }
@@ -95,7 +97,7 @@ class LlamaModel {
   }
   void build_rope_tables();
   // The forward over the row metadata in backend memory.
-  void run(int R, int NL, int logits_from, bool has_extra);
+  void run(int R, int NL, int logits_from, bool has_extra, int32_t* argmax);
 
   ModelConfig cfg_;
   ModelLimits lim_;
