@@ -281,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--work-dir", required=True, help="keeps answers, features and checkpoints (resumable)")
     sp.add_argument("--prompts", type=int, default=1400, help="training prompts the model answers")
     sp.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit")
-    sp.add_argument("--batch", type=int, default=8, help="answers generated at once")
+    sp.add_argument("--batch", type=int, default=16,
+                    help="answers generated at once (SmolLM2-135M bf16, 2 cores: 8 -> 269, 16 -> 297, 32 -> 327 tokens/s)")
     sp.add_argument("--heads", type=int, default=4)
     sp.add_argument("--layers", type=int, default=1, help="residual blocks per head")
     sp.add_argument("--layout", choices=["shared", "own"], default="shared",

@@ -35,7 +35,7 @@ def train_heads(
     num_prompts: int = 1400,
     max_new_tokens: int = 256,
     dtype: str = "bf16",
-    batch: int = 8,
+    batch: int = 16,
     held_out: float = 0.05,
     tree_nodes: int = 64,
     top_k: int = 10,
