@@ -29,3 +29,29 @@ def test_bench_suite_runs_on_a_tiny_model(tmp_path):
     out = io.StringIO()
     print_table(r, file=out)
     assert "decode" in out.getvalue() and "peer llama_cpp: --no-llama-cpp" in out.getvalue()
+
+
+def test_bench_verify_interleaves_rounds_after_a_context(tmp_path):
+    from medusa_rt import _core
+    from medusa_rt.bench import TREE_SIZES, bench_verify
+    from medusa_rt.engine import Engine
+    from medusa_rt.errors import InvalidArgumentError
+    from medusa_rt.export import export_medusa_heads
+
+    from _medusa_heads import random_heads, write_heads_only
+
+    model = build_hf_model("llama-mha-tied", seed=3)
+    base = save_and_export(model, tmp_path, "base")
+    heads = random_heads(model.config.hidden_size, model.config.vocab_size)
+    export_medusa_heads(write_heads_only(heads, tmp_path / "heads"), base, progress=False)
+    r = bench_verify(str(base), "bf16", seq=128, rounds=3, context=1000)
+    assert r["context"] == 128 - TREE_SIZES[-1] and r["rounds"] == 3  # the context is cut to the cache
+    rows = r["rows"]
+    assert [x["nodes"] for x in rows] == TREE_SIZES and rows[0]["x_decode_step"] == 1.0
+    assert all(x["forward_ms"] > 0 and x["x_decode_step"] > 0 for x in rows) and rows[0]["heads_ms"] == 0
+    assert all(x["heads_ms"] > 0 for x in rows[1:])
+    # A timed step must fit the cache after its context.
+    eng = Engine(base, dtype="bf16", max_seq_len=128, tree="mc_sim_7b_63", medusa_max_batch=0)
+    with pytest.raises(InvalidArgumentError, match="max_seq_len"):
+        _core._testing.time_tree_step(eng._engine, 8, 1, 121)
+    assert len(_core._testing.time_tree_step(eng._engine, 8, 1, 120)) == 2

@@ -206,6 +206,18 @@ bool wants_auto_tree(const EngineOptions& o, const MedusaHeadsMeta& heads) {
   return o.tree.empty() && !heads.accuracy_table.empty();
 }
 
+// The auto tree's calibration: timing rounds, and the cached tokens a timed step attends to (a
+// typical chat turn's context).
+constexpr int kCalibrationRounds = 5;
+constexpr int kCalibrationContext = 256;
+constexpr double kCalibrationSlack = 1.25;
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
 // Candidate sizes of the auto tree, up to max_nodes.
 std::vector<int> auto_tree_sizes(int max_nodes) {
   std::vector<int> out;
@@ -348,24 +360,50 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
   const bool auto_tree = e.heads && wants_auto_tree(options, heads_meta);
   if (auto_tree) {
     // Size the tree to this machine: expected tokens per second of fitted trees of growing size,
-    // each timed as one verify step (forward + heads) at batch 1, against a plain step.
+    // each timed as one verify step (forward + heads) at batch 1 after kCalibrationContext cached
+    // tokens (attention grows with the rows times the context), against a plain step.
     ModelInfo& info = e.info;
-    info.plain_step_seconds = e.decoder->time_forward(1, TreeSpec(), 1);
+    const int limit = std::min(tree.num_nodes(), max_seq);
+    const int context = std::max(0, std::min(kCalibrationContext, max_seq - limit));
+    const TreeSpec plain;
     const double heads_s = e.decoder->time_heads(1);
     const double best_possible = expected_tokens_per_step(heads_meta.accuracy_table, tree.paths());
+    // Round 0 finds the sizes worth timing: the search stops once no larger tree can win, with
+    // slack for a single timing's noise.
+    std::vector<TreeSpec> trees;
+    std::vector<std::vector<double>> ratios;  // [size][round]: step / that round's plain step
+    std::vector<double> plain_s{e.decoder->time_forward(1, plain, 1, 1, context)};
     double best_rate = 0;
+    for (int n : auto_tree_sizes(limit)) {
+      trees.push_back(fitted_tree(heads_meta, n, options.medusa_top_k));
+      const double step = e.decoder->time_forward(1, trees.back(), n, 1, context);
+      ratios.push_back({step / plain_s[0]});
+      best_rate = std::max(best_rate, expected_tokens_per_step(heads_meta.accuracy_table, trees.back().paths()) /
+                                          (step + heads_s));
+      if (best_possible / (step + heads_s) < best_rate / kCalibrationSlack) break;
+    }
+    // More rounds, each a plain step then every size once: on a shared machine timings drift
+    // and jump by 10-20% between runs, so a size's cost is the median of its ratios to the plain
+    // step of the same round, not a best-of taken at a different moment than the plain step's.
+    for (int round = 1; round < kCalibrationRounds; ++round) {
+      plain_s.push_back(e.decoder->time_forward(1, plain, 1, 1, context));
+      for (size_t i = 0; i < trees.size(); ++i) {
+        ratios[i].push_back(e.decoder->time_forward(1, trees[i], trees[i].num_nodes(), 1, context) / plain_s.back());
+      }
+    }
+    info.plain_step_seconds = median(plain_s);
+    double best_ratio = 0;  // a larger tree never costs less than a smaller one (noise otherwise)
     TreeSpec best;
-    // A timed tree is written at cache positions [0, nodes): no larger than the cache.
-    for (int n : auto_tree_sizes(std::min(tree.num_nodes(), max_seq))) {
-      TreeSpec t = fitted_tree(heads_meta, n, options.medusa_top_k);
+    best_rate = 0;
+    for (size_t i = 0; i < trees.size(); ++i) {
+      best_ratio = std::max(best_ratio, median(ratios[i]));
       TreeCalibration cal;
-      cal.nodes = t.num_nodes();
-      cal.expected_tokens_per_step = expected_tokens_per_step(heads_meta.accuracy_table, t.paths());
-      cal.step_seconds = e.decoder->time_forward(1, t, t.num_nodes()) + heads_s;
+      cal.nodes = trees[i].num_nodes();
+      cal.expected_tokens_per_step = expected_tokens_per_step(heads_meta.accuracy_table, trees[i].paths());
+      cal.step_seconds = best_ratio * info.plain_step_seconds + heads_s;
       cal.tokens_per_second = cal.expected_tokens_per_step / cal.step_seconds;
       info.calibration.push_back(cal);
-      if (cal.tokens_per_second > best_rate) best_rate = cal.tokens_per_second, best = t;
-      if (best_possible / cal.step_seconds < best_rate) break;  // no larger tree can win
+      if (cal.tokens_per_second > best_rate) best_rate = cal.tokens_per_second, best = trees[i];
     }
     // A tree must promise a clear gain: accuracy tables measured on held-out data tend to
     // overstate acceptance on other prompts, and a predicted tie is a loss in practice.
@@ -755,19 +793,23 @@ void read_kv(Session& s, int layer, int length, std::vector<float>& k, std::vect
   e.model->read_kv(st.seq.slot, layer, length, k, v);
 }
 
-std::vector<double> time_tree_step(Engine& engine, int nodes, int reps) {
+std::vector<double> time_tree_step(Engine& engine, int nodes, int reps, int context) {
   Engine::Impl& e = *EngineAccess::impl(engine);
   const TreeSpec& tree = e.decoder->tree();
   if (nodes < 1 || nodes > tree.num_nodes()) {
     throw InvalidArgumentError("time_tree_step: nodes must be in 1.." + std::to_string(tree.num_nodes()) +
                                " (the engine's tree)");
   }
+  if (context < 0 || context + nodes > e.model->limits().max_seq) {
+    throw InvalidArgumentError("time_tree_step: context + nodes must be within max_seq_len (" +
+                               std::to_string(e.model->limits().max_seq) + ")");
+  }
   std::lock_guard<std::mutex> lock(e.forward_mu);
   for (bool used : e.slot_used) {
     if (used) throw InvalidArgumentError("time_tree_step needs an idle engine (it writes slot 0's cache)");
   }
   const TreeSpec t = tree.truncated(nodes);
-  return {e.decoder->time_forward(1, t, nodes, reps), nodes > 1 ? e.decoder->time_heads(1, reps) : 0.0};
+  return {e.decoder->time_forward(1, t, nodes, reps, context), nodes > 1 ? e.decoder->time_heads(1, reps) : 0.0};
 }
 
 double stream_bandwidth(size_t bytes, int threads, int reps) {

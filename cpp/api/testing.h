@@ -22,10 +22,10 @@ void set_record(Session& s, bool on);
 std::vector<SequenceState::StepRecord> take_records(Session& s);
 // K and V of one layer for positions [0, length) of the session's slot: [kv_heads][length][head_dim].
 void read_kv(Session& s, int layer, int length, std::vector<float>& k, std::vector<float>& v);
-// One verify step of the engine's tree cut to `nodes` nodes at batch 1 (best of reps):
-// {forward seconds (as a greedy step runs it: the lm_head with a fused argmax), heads seconds}.
-// nodes = 1 is a plain decode step's forward.
-std::vector<double> time_tree_step(Engine& e, int nodes, int reps);
+// One verify step of the engine's tree cut to `nodes` nodes at batch 1 after `context` cached
+// tokens (best of reps): {forward seconds (as a greedy step runs it: the lm_head with a fused
+// argmax), heads seconds}. nodes = 1 is a plain decode step's forward.
+std::vector<double> time_tree_step(Engine& e, int nodes, int reps, int context = 0);
 // Streaming read bandwidth of this machine in bytes/s: `threads` threads (0 = all cores) sum a
 // buffer of `bytes` (best of reps). The memory-bandwidth bound of decoding divides it.
 double stream_bandwidth(size_t bytes, int threads, int reps);

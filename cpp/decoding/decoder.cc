@@ -465,10 +465,10 @@ void Decoder::step(SequenceState* const* seqs, int n, bool allow_trees) {
 
 namespace medusa_rt {
 
-double Decoder::time_forward(int batch, const TreeSpec& tree, int nodes, int reps) {
+double Decoder::time_forward(int batch, const TreeSpec& tree, int nodes, int reps, int context) {
   nodes = std::min(nodes, tree.num_nodes());
   if (batch * nodes > model_.limits().max_rows || tree.max_depth() > model_.limits().max_tree_depth ||
-      nodes > model_.limits().max_seq || batch > model_.limits().slots) {
+      context < 0 || context + nodes > model_.limits().max_seq || batch > model_.limits().slots) {
     throw Error("internal: time_forward beyond the model's limits");
   }
   rows_.clear();
@@ -476,11 +476,11 @@ double Decoder::time_forward(int batch, const TreeSpec& tree, int nodes, int rep
   for (int b = 0; b < batch; ++b) {
     for (int i = 0; i < nodes; ++i) {
       rows_.tokens.push_back(0);
-      rows_.positions.push_back(tree.depths()[i]);
+      rows_.positions.push_back(context + tree.depths()[i]);
       rows_.slots.push_back(b);
-      rows_.cache_index.push_back(i);
-      rows_.prefix_len.push_back(0);
-      for (int a : tree.ancestors()[i]) rows_.extra.push_back(a);
+      rows_.cache_index.push_back(context + i);
+      rows_.prefix_len.push_back(context);
+      for (int a : tree.ancestors()[i]) rows_.extra.push_back(context + a);
       rows_.extra_offsets.push_back(static_cast<int32_t>(rows_.extra.size()));
       rows_.logit_rows.push_back(rows_.size() - 1);
     }

@@ -88,9 +88,10 @@ class Decoder {
   int calibrate_max_tree_batch(double tokens_per_step);
 
   // Seconds (best of reps) of one forward of `batch` sequences each carrying the first `nodes`
-  // nodes of `tree` (the argmax of every row, as a greedy step), written at cache slots [0, nodes)
-  // of slots 0..batch-1.
-  double time_forward(int batch, const TreeSpec& tree, int nodes, int reps = 3);
+  // nodes of `tree` (the argmax of every row, as a greedy step) after `context` cached tokens
+  // (whatever the cache holds there), written at cache positions [context, context + nodes) of
+  // slots 0..batch-1.
+  double time_forward(int batch, const TreeSpec& tree, int nodes, int reps = 3, int context = 0);
   // Seconds (best of reps) of the heads' candidates for `rows` sequences (0 without heads).
   double time_heads(int rows, int reps = 3);
 

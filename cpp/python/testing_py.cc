@@ -28,7 +28,7 @@ void register_testing(py::module_& m) {
     return out;
   });
   t.def("time_tree_step", &testing::time_tree_step, py::arg("engine"), py::arg("nodes"), py::arg("reps") = 3,
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("context") = 0, py::call_guard<py::gil_scoped_release>());
   t.def("stream_bandwidth", &testing::stream_bandwidth, py::arg("bytes") = size_t(1) << 29, py::arg("threads") = 0,
         py::arg("reps") = 3, py::call_guard<py::gil_scoped_release>());
   t.def("read_kv", [](Session& s, int layer, int length) {

@@ -10,7 +10,7 @@ Sections (SmolLM2-135M by default, greedy, 128 new tokens):
   against plain decoding of the same prompts (held-out evaluation prompts; greedy, so both produce
   the same tokens): tokens/s, tokens per step, speedup;
 - verify: one verify step's latency against tree size (first nodes of mc_sim_7b_63) next to a
-  plain decode step;
+  plain decode step, both after 256 cached tokens (median ratios over interleaved rounds);
 - prefill: prompt tokens/s (512-token prompt, or shorter within the model's context);
 - peers: HF transformers fp32 decode (needs torch + transformers), llama.cpp through
   ``llama-cpp-python`` when it is installed (else reported as skipped) on F32 and BF16 GGUFs of
@@ -41,6 +41,7 @@ DECODE_PROMPTS = [
     "List five tips for writing clean Python code.",
 ]
 TREE_SIZES = [1, 2, 4, 8, 16, 32, 64]
+VERIFY_CONTEXT = 256  # cached tokens before a timed verify step (a typical chat turn)
 
 
 def log(msg: str) -> None:
@@ -138,19 +139,29 @@ def bench_medusa(model: str, dtype: str, prompts: Sequence[str], new_tokens: int
     return out
 
 
-def bench_verify(model: str, dtype: str, seq: int = 1024) -> Dict:
+def bench_verify(model: str, dtype: str, seq: int = 1024, rounds: int = 5, context: int = VERIFY_CONTEXT) -> Dict:
+    """Verify-step cost against tree size, after ``context`` cached tokens.
+
+    Each round times every size once; a size's cost is the median over rounds of its ratio to
+    the same round's decode step (timings on a shared machine drift and jump between runs, which
+    a best-of per size taken at different moments turns into noise in the ratios).
+    """
     engine = Engine(model, dtype=dtype, max_seq_len=seq, tree="mc_sim_7b_63", medusa_max_batch=0, progress=False)
+    context = min(context, seq - TREE_SIZES[-1])
+    samples: Dict[int, List[tuple]] = {n: [] for n in TREE_SIZES}
+    for _ in range(rounds):
+        for n in TREE_SIZES:
+            samples[n].append(_core._testing.time_tree_step(engine._engine, n, 1, context))
+    plain = [f for f, _ in samples[1]]
     rows = []
-    plain = None
     for n in TREE_SIZES:
-        fwd, heads = _core._testing.time_tree_step(engine._engine, n, 5)
-        ms = 1e3 * (fwd + heads)
-        if n == 1:
-            plain = ms
-        rows.append({"nodes": n, "forward_ms": 1e3 * fwd, "heads_ms": 1e3 * heads, "step_ms": ms,
-                     "x_decode_step": ms / plain if plain else 1.0})
+        fwd = statistics.median(f for f, _ in samples[n])
+        heads = statistics.median(h for _, h in samples[n])
+        ratio = statistics.median((f + h) / p for (f, h), p in zip(samples[n], plain))
+        rows.append({"nodes": n, "forward_ms": 1e3 * fwd, "heads_ms": 1e3 * heads, "step_ms": 1e3 * (fwd + heads),
+                     "x_decode_step": ratio})
     log("verify: " + ", ".join(f"{r['nodes']}: {r['x_decode_step']:.2f}x" for r in rows))
-    return {"tree": "mc_sim_7b_63 (first nodes)", "rows": rows}
+    return {"tree": "mc_sim_7b_63 (first nodes)", "context": context, "rounds": rounds, "rows": rows}
 
 
 def bench_prefill(model: str, dtype: str, tokens: int = 512) -> Dict:
@@ -374,7 +385,7 @@ def print_table(r: Dict, file=sys.stderr) -> None:
             print(f"{d:<10} {x.get('skipped')}", file=file)
     v = r["verify_bf16"]
     if "rows" in v:
-        print("verify step (bf16), x decode step: " + "  ".join(f"{row['nodes']}: {row['x_decode_step']:.2f}"
+        print(f"verify step (bf16, after {v['context']} cached tokens), x decode step: " + "  ".join(f"{row['nodes']}: {row['x_decode_step']:.2f}"
                                                             for row in v["rows"]), file=file)
     print("prefill tok/s: " + ", ".join(f"{d} {x['tokens_per_second']:.0f}" for d, x in r["prefill"].items()), file=file)
     for name, x in r["peers"].items():
