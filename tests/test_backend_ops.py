@@ -315,3 +315,42 @@ def test_cuda_matches_cpu_backend(cpu):
     l = RNG.standard_normal((4, 2000)).astype(np.float32)
     assert g.argmax(l.ravel(), 4) == cpu.argmax(l.ravel(), 4)
     assert g.topk(l.ravel(), 4, 8, []) == cpu.topk(l.ravel(), 4, 8, [])
+
+
+def test_attention_rows_together_same_bits_as_alone(h):
+    # A tree step's rows attend together (each block of keys read once for the rows and the q heads
+    # of a kv head); each row's result must be the same bits as when it comes alone (a plain
+    # decode step), or Medusa's greedy output could differ from plain decoding's.
+    heads, kvh, hd, slots_n, maxseq = 6, 2, 80, 2, 200
+    width = (heads + 2 * kvh) * hd
+    kc = RNG.standard_normal(slots_n * kvh * maxseq * hd).astype(np.float32)
+    vc = RNG.standard_normal(kc.size).astype(np.float32)
+    # Rows 0-4: a 5-node tree of slot 1 after 150 cached tokens (root, two children, a grandchild
+    # of each); row 5: a decode row of slot 0; rows 6-7: two prefill rows of slot 0.
+    slots = [1, 1, 1, 1, 1, 0, 0, 0]
+    cache_index = [150, 151, 152, 153, 154, 37, 38, 39]
+    prefix = [150] * 5 + [38, 39, 40]
+    ancestors = [[150], [150, 151], [150, 152], [150, 151, 153], [150, 152, 154], [], [], []]
+    extra_offsets = np.cumsum([0] + [len(a) for a in ancestors]).tolist()
+    extra = [i for a in ancestors for i in a]
+    rows = len(slots)
+    qkv = RNG.standard_normal((rows, width)).astype(np.float32)
+    args = (width, heads, kvh, maxseq, hd)
+    out, k2, v2 = h.attention(qkv.ravel(), rows, *args, slots, cache_index, prefix, extra_offsets, extra,
+                              heads * hd, (heads + kvh) * hd, kc, vc)
+    out = arr(out, (rows, heads * hd))
+    for r in range(rows):
+        alone, _, _ = h.attention(qkv[r], 1, *args, [slots[r]], [cache_index[r]], [prefix[r]],
+                                  [0, len(ancestors[r])], ancestors[r], heads * hd, (heads + kvh) * hd,
+                                  np.array(k2), np.array(v2))
+        assert np.array_equal(arr(alone), out[r]), r
+    # And against a float64 reference.
+    k = arr(k2).reshape(slots_n, kvh, maxseq, hd).astype(np.float64)
+    v = arr(v2).reshape(slots_n, kvh, maxseq, hd).astype(np.float64)
+    for r in range(rows):
+        keys = list(range(prefix[r])) + ancestors[r]
+        for hh in range(heads):
+            kk, vv = k[slots[r], hh // (heads // kvh), keys], v[slots[r], hh // (heads // kvh), keys]
+            s = kk @ qkv[r, hh * hd:(hh + 1) * hd].astype(np.float64) / np.sqrt(hd)
+            p = np.exp(s - s.max())
+            np.testing.assert_allclose(out[r, hh * hd:(hh + 1) * hd], (p / p.sum()) @ vv, rtol=1e-4, atol=1e-5)

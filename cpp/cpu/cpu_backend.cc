@@ -69,9 +69,10 @@ class CpuBackend final : public Backend {
   size_t available_memory() const override { return mem_available_bytes(); }
 
   void prepare(const KVLayout& layout) override {
-    // Attention scores: one strip per thread; a row never sees more than max_seq keys.
+    // Attention scores: a strip per query a thread attends at once; a row never sees more than
+    // max_seq keys.
     scratch_stride_ = (size_t(layout.max_seq) + 15) & ~size_t(15);
-    scratch_.assign(scratch_stride_ * pool_.num_threads(), 0.f);
+    scratch_.assign(scratch_stride_ * cpu::kMaxAttendQueries * pool_.num_threads(), 0.f);
   }
 
   Matrix upload_matrix(const void* host, DType dtype, int rows, int cols, const char* what) override {
@@ -226,34 +227,46 @@ class CpuBackend final : public Backend {
 
   void attention(const float* qkv, int row_stride, int heads, const RowsMeta& meta, const KVLayout& L,
                  const float* k_cache, const float* v_cache, float* out) override {
-    const int units = meta.rows * heads;
     const int group = heads / L.kv_heads;
     const float scale = 1.0f / std::sqrt(float(L.head_dim));
-    const int T = std::min(pool_.num_threads(), units);
     if (scratch_stride_ < size_t(L.max_seq)) throw Error("internal: CpuBackend::prepare() was not called");
+    // Tasks: queries that share a kv head and the visible prefix (the q heads of one kv head, for
+    // consecutive rows of one sequence with the same prefix: a tree step's rows), a few tasks per
+    // thread for balance; each block of keys is then read once for all of a task's queries.
+    const int threads = pool_.num_threads();
+    const int per_task = std::clamp((meta.rows * heads + 3 * threads - 1) / (3 * threads), 1, cpu::kMaxAttendQueries);
+    attend_tasks_.clear();
+    attend_tasks_.reserve(size_t(meta.rows) * heads);  // allocates only when a forward has more rows than any before
+    for (int r0 = 0, r1; r0 < meta.rows; r0 = r1) {
+      for (r1 = r0 + 1; r1 < meta.rows && meta.slots[r1] == meta.slots[r0] && meta.prefix_len[r1] == meta.prefix_len[r0];) ++r1;
+      const int nq = (r1 - r0) * group;
+      for (int kvh = 0; kvh < L.kv_heads; ++kvh) {
+        for (int q0 = 0; q0 < nq; q0 += per_task) attend_tasks_.push_back({r0, kvh, q0, std::min(nq, q0 + per_task)});
+      }
+    }
+    const int ntasks = static_cast<int>(attend_tasks_.size());
+    const int T = std::min(threads, ntasks);
     pool_.parallel_for(T, [&](int t) {
-      const int u0 = int(int64_t(units) * t / T), u1 = int(int64_t(units) * (t + 1) / T);
-      float* scores = scratch_.data() + size_t(t) * scratch_stride_;
-      for (int u = u0; u < u1; ++u) {
-        const int r = u / heads, h = u % heads, kvh = h / group;
-        const size_t base = (size_t(meta.slots[r]) * L.kv_heads + kvh) * L.max_seq * L.head_dim;
-        cpu::AttendArgs a;
-        a.q = qkv + int64_t(r) * row_stride + int64_t(h) * L.head_dim;
-        a.k = k_cache + base;
-        a.v = v_cache + base;
-        a.head_dim = L.head_dim;
-        a.prefix_len = meta.prefix_len[r];
-        if (meta.extra_offsets) {
-          a.extra = meta.extra + meta.extra_offsets[r];
-          a.num_extra = meta.extra_offsets[r + 1] - meta.extra_offsets[r];
-        } else {
-          a.extra = nullptr;
-          a.num_extra = 0;
+      float* scores = scratch_.data() + size_t(t) * cpu::kMaxAttendQueries * scratch_stride_;
+      cpu::AttendArgs args[cpu::kMaxAttendQueries];
+      for (int i = int(int64_t(ntasks) * t / T), i1 = int(int64_t(ntasks) * (t + 1) / T); i < i1; ++i) {
+        const AttendTask& task = attend_tasks_[i];
+        const size_t base = (size_t(meta.slots[task.row]) * L.kv_heads + task.kv_head) * L.max_seq * L.head_dim;
+        for (int q = task.q0; q < task.q1; ++q) {
+          const int r = task.row + q / group, h = task.kv_head * group + q % group;
+          cpu::AttendArgs& a = args[q - task.q0];
+          a.q = qkv + int64_t(r) * row_stride + int64_t(h) * L.head_dim;
+          a.k = k_cache + base;
+          a.v = v_cache + base;
+          a.head_dim = L.head_dim;
+          a.prefix_len = meta.prefix_len[r];
+          a.extra = meta.extra_offsets ? meta.extra + meta.extra_offsets[r] : nullptr;
+          a.num_extra = meta.extra_offsets ? meta.extra_offsets[r + 1] - meta.extra_offsets[r] : 0;
+          a.scale = scale;
+          a.scores = scores + size_t(q - task.q0) * scratch_stride_;
+          a.out = out + int64_t(r) * heads * L.head_dim + int64_t(h) * L.head_dim;
         }
-        a.scale = scale;
-        a.scores = scores;
-        a.out = out + int64_t(r) * heads * L.head_dim + int64_t(h) * L.head_dim;
-        k_.attend(a);
+        k_.attend(args, task.q1 - task.q0);
       }
     });
   }
@@ -382,6 +395,12 @@ class CpuBackend final : public Backend {
   const cpu::Kernels& k_;
   std::vector<float> scratch_;
   size_t scratch_stride_ = 0;
+  // Attention work items: queries q0..q1-1 of the group starting at `row` (query q: row
+  // row + q / group, q head kv_head * group + q % group).
+  struct AttendTask {
+    int row, kv_head, q0, q1;
+  };
+  std::vector<AttendTask> attend_tasks_;
   int argmax_rows_ = 0;                // rows the argmax scratch holds per thread
   std::vector<float> argmax_chunk_;    // [thread][row][kArgmaxCols]
   std::vector<float> argmax_best_;     // [thread][row]

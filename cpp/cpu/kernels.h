@@ -29,14 +29,20 @@ struct AttendArgs {
   float* out;            // [head_dim]
 };
 
+// Queries attend() takes at once: they share k, v, head_dim, prefix_len and scale (the q heads
+// of one kv head, for the rows of one sequence's step), so each block of prefix keys and values
+// is read from memory once for all of them.
+constexpr int kMaxAttendQueries = 16;
+
 struct Kernels {
   const char* isa;
   // y[m*ldy + n] = bias[n] + sum_k x[m*ldx + k] * W[n, k]   for m in [0, M), n in [n0, n1),
   // W packed as in packing.h; n0 a multiple of 16. bias may be null.
   void (*gemm)(const float* x, int ldx, int M, int K, const void* w, WType wt, const float* bias, int n0, int n1,
                float* y, int ldy);
-  // Softmax attention of one query row over one kv head, keys in index order.
-  void (*attend)(const AttendArgs& a);
+  // Softmax attention of nq (1..kMaxAttendQueries) query rows over one kv head, keys in index
+  // order. Each query's result is the same sequence of operations as when it comes alone.
+  void (*attend)(const AttendArgs* a, int nq);
   // out[i] = silu(g[i]) * u[i] for i in [0, n): SwiGLU's elementwise half.
   void (*silu_mul)(const float* g, const float* u, float* out, int64_t n);
   // x[i] += silu(y[i]) for i in [0, n).

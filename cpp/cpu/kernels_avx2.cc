@@ -227,63 +227,92 @@ inline __m256 scores8(const float* q, const float* const* k, int hd) {
   return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
 }
 
-void attend_avx2(const AttendArgs& a) {
-  const int n = a.prefix_len + a.num_extra;
-  const int hd = a.head_dim;
-  auto key = [&](int j) { return j < a.prefix_len ? j : a.extra[j - a.prefix_len]; };
-  if (hd % 8 != 0) {  // not seen in practice; the portable kernel keeps the contract
-    generic_kernels().attend(a);
-    return;
-  }
-  // Scores, 8 keys at a time (a partial block repeats its last key in the unused lanes).
+// Softmax of one query's scores[0, n) in place, returning 1 / their sum: the max, then
+// exp(score - max) 8-wide by key index with a fixed lane reduction of the sum.
+inline float softmax_scores(float* scores, int n) {
   __m256 mx8 = _mm256_set1_ps(-INFINITY);
-  const __m256 scale = _mm256_set1_ps(a.scale);
-  for (int j0 = 0; j0 < n; j0 += 8) {
-    const float* k[8];
-    for (int j = 0; j < 8; ++j) k[j] = a.k + static_cast<int64_t>(key(j0 + j < n ? j0 + j : n - 1)) * hd;
-    const __m256 s = _mm256_mul_ps(scores8(a.q, k, hd), scale);
-    if (j0 + 8 <= n) {
-      _mm256_storeu_ps(a.scores + j0, s);
-    } else {
-      alignas(32) float tmp[8];
-      _mm256_store_ps(tmp, s);
-      for (int j = j0; j < n; ++j) a.scores[j] = tmp[j - j0];
-    }
-    mx8 = _mm256_max_ps(mx8, s);
-  }
+  int j = 0;
+  for (; j + 8 <= n; j += 8) mx8 = _mm256_max_ps(mx8, _mm256_loadu_ps(scores + j));
   alignas(32) float m8[8];
   _mm256_store_ps(m8, mx8);
   float mx = m8[0];
-  for (int j = 1; j < 8; ++j) mx = m8[j] > mx ? m8[j] : mx;
-  // exp(score - max) and their sum: 8-wide lanes by key index, then a fixed lane reduction.
+  for (int i = 1; i < 8; ++i) mx = m8[i] > mx ? m8[i] : mx;
+  for (; j < n; ++j) mx = scores[j] > mx ? scores[j] : mx;
   const __m256 mxv = _mm256_set1_ps(mx);
   __m256 sum8 = _mm256_setzero_ps();
-  int j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(a.scores + j), mxv));
-    _mm256_storeu_ps(a.scores + j, e);
+  for (j = 0; j + 8 <= n; j += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(scores + j), mxv));
+    _mm256_storeu_ps(scores + j, e);
     sum8 = _mm256_add_ps(sum8, e);
   }
   if (j < n) {
     alignas(32) float tmp[8];
-    for (int i = 0; i < 8; ++i) tmp[i] = j + i < n ? a.scores[j + i] : -INFINITY;
+    for (int i = 0; i < 8; ++i) tmp[i] = j + i < n ? scores[j + i] : -INFINITY;
     const __m256 e = exp256(_mm256_sub_ps(_mm256_load_ps(tmp), mxv));
     _mm256_store_ps(tmp, e);
-    for (int i = 0; j + i < n; ++i) a.scores[j + i] = tmp[i];
+    for (int i = 0; j + i < n; ++i) scores[j + i] = tmp[i];
     sum8 = _mm256_add_ps(sum8, e);
   }
-  const float inv = 1.f / hsum(sum8);
-  // Output: keys in index order, 64 dims (8 vectors) per pass.
+  return 1.f / hsum(sum8);
+}
+
+// Values in chunks of this many keys (16 KB of a 64-dim head): every query passes over a chunk
+// while it is in L1.
+constexpr int kValueChunk = 64;
+
+void attend_avx2(const AttendArgs* qs, int nq) {
+  const AttendArgs& a0 = qs[0];
+  const int hd = a0.head_dim, prefix = a0.prefix_len;
+  if (hd % 8 != 0) {  // not seen in practice; the portable kernel keeps the contract
+    generic_kernels().attend(qs, nq);
+    return;
+  }
+  const __m256 scale = _mm256_set1_ps(a0.scale);
+  // Scores, 8 keys at a time: blocks of prefix keys for all queries while they are in L1, then
+  // each query's last blocks (the rest of the prefix and its own extra keys; a partial block
+  // repeats its last key in the unused lanes). A key's score does not depend on its block.
+  const int shared = prefix / 8 * 8;
+  for (int j0 = 0; j0 < shared; j0 += 8) {
+    const float* k[8];
+    for (int j = 0; j < 8; ++j) k[j] = a0.k + static_cast<int64_t>(j0 + j) * hd;
+    for (int q = 0; q < nq; ++q) _mm256_storeu_ps(qs[q].scores + j0, _mm256_mul_ps(scores8(qs[q].q, k, hd), scale));
+  }
+  float inv[kMaxAttendQueries];
+  for (int q = 0; q < nq; ++q) {
+    const AttendArgs& a = qs[q];
+    const int n = prefix + a.num_extra;
+    auto key = [&](int j) { return j < prefix ? j : a.extra[j - prefix]; };
+    for (int j0 = shared; j0 < n; j0 += 8) {
+      const float* k[8];
+      for (int j = 0; j < 8; ++j) k[j] = a.k + static_cast<int64_t>(key(j0 + j < n ? j0 + j : n - 1)) * hd;
+      const __m256 sc = _mm256_mul_ps(scores8(a.q, k, hd), scale);
+      alignas(32) float tmp[8];
+      _mm256_store_ps(tmp, sc);
+      for (int j = j0; j < n && j < j0 + 8; ++j) a.scores[j] = tmp[j - j0];
+    }
+    inv[q] = softmax_scores(a.scores, n);
+  }
+  // Output, 64 dims (8 vectors) per pass: for each dim, one FMA chain over the keys in index
+  // order. Prefix keys in chunks, all queries per chunk (a query's partial sums wait in its out
+  // row), then each query's extra keys.
   for (int d0 = 0; d0 < hd; d0 += 64) {
     const int nv = (hd - d0 < 64 ? hd - d0 : 64) / 8;
-    __m256 acc[8];
-    for (int v = 0; v < 8; ++v) acc[v] = _mm256_setzero_ps();
-    for (int jj = 0; jj < n; ++jj) {
-      const __m256 p = _mm256_set1_ps(a.scores[jj] * inv);
-      const float* vr = a.v + static_cast<int64_t>(key(jj)) * hd + d0;
-      for (int v = 0; v < nv; ++v) acc[v] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * v), acc[v]);
+    auto run = [&](const AttendArgs& a, float p_inv, int j0, int j1, bool first) {
+      __m256 acc[8];
+      for (int v = 0; v < nv; ++v) acc[v] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(a.out + d0 + 8 * v);
+      for (int jj = j0; jj < j1; ++jj) {
+        const __m256 p = _mm256_set1_ps(a.scores[jj] * p_inv);
+        const int key = jj < prefix ? jj : a.extra[jj - prefix];
+        const float* vr = a.v + static_cast<int64_t>(key) * hd + d0;
+        for (int v = 0; v < nv; ++v) acc[v] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * v), acc[v]);
+      }
+      for (int v = 0; v < nv; ++v) _mm256_storeu_ps(a.out + d0 + 8 * v, acc[v]);
+    };
+    for (int c0 = 0; c0 < prefix; c0 += kValueChunk) {
+      const int c1 = prefix - c0 < kValueChunk ? prefix : c0 + kValueChunk;
+      for (int q = 0; q < nq; ++q) run(qs[q], inv[q], c0, c1, c0 == 0);
     }
-    for (int v = 0; v < nv; ++v) _mm256_storeu_ps(a.out + d0 + 8 * v, acc[v]);
+    for (int q = 0; q < nq; ++q) run(qs[q], inv[q], prefix, prefix + qs[q].num_extra, prefix == 0);
   }
 }
 

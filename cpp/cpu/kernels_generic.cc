@@ -33,7 +33,7 @@ void gemm_generic(const float* x, int ldx, int M, int K, const void* w, WType wt
   }
 }
 
-void attend_generic(const AttendArgs& a) {
+void attend_one(const AttendArgs& a) {
   const int n = a.prefix_len + a.num_extra;
   float mx = -INFINITY;
   for (int j = 0; j < n; ++j) {
@@ -58,6 +58,10 @@ void attend_generic(const AttendArgs& a) {
     const float p = a.scores[j] * inv;
     for (int d = 0; d < a.head_dim; ++d) a.out[d] += p * vr[d];
   }
+}
+
+void attend_generic(const AttendArgs* a, int nq) {
+  for (int i = 0; i < nq; ++i) attend_one(a[i]);
 }
 
 void silu_mul_generic(const float* g, const float* u, float* out, int64_t n) {
