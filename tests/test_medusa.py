@@ -280,3 +280,107 @@ def test_concurrent_medusa_sessions(own_dir, setup):
     for t in threads:
         t.join()
     assert got == expected
+
+
+def _root_heads(setup, scale=0.5, seed=3):
+    """The fitted shared-lm_head heads plus a random root input R_k per head (published names)."""
+    g = torch.Generator().manual_seed(seed)
+    state = dict(setup["shared"])
+    for k in range(4):
+        state[f"{k}.root.weight"] = torch.randn(96, 96, generator=g) * scale
+    return state
+
+
+def _record_steps(engine, prompt, n):
+    """Greedy Medusa generation with the host step's records: (tokens, [(root position, tree
+    tokens)]) where the root position is the root token's index in prompt + tokens."""
+    from medusa_rt import _core
+
+    with engine.session() as s:
+        _core._testing.set_record(s._core(), True)
+        r = s.generate(prompt, max_new_tokens=n, ignore_eos=True)
+        records = _core._testing.take_records(s._core())
+    steps, pos = [], len(prompt)
+    for rec in records:
+        steps.append((pos, list(rec["tokens"])))
+        pos += len(rec["path"]) + 1
+    return r.tokens, steps
+
+
+def test_heads_with_a_root_input(setup, tmp_path):
+    """Heads that also read the root token's embedding (format_version 2): the engine's candidates
+    are an independent NumPy evaluation of the heads given the hidden state and the root (the
+    model's input embedding, untied from its lm_head here), lossless, same in both step kinds."""
+    import numpy as np
+
+    from medusa_rt.export.safetensors_io import SafetensorsFile
+    from medusa_rt.train.heads_np import RuntimeHeads, load_embedding, load_lm_head
+
+    d = _with_heads(setup, "root", write_heads_only(_root_heads(setup), tmp_path / "src"))
+    heads_file = d / "medusa_heads.safetensors"
+    with SafetensorsFile(heads_file) as f:
+        assert f.metadata["format_version"] == "2" and "medusa.3.root.weight" in f.keys()
+    tree = [[0], [1], [2], [0, 0], [0, 0, 0]]  # nodes: head 0 ranks 0-2, head 1 rank 0, head 2 rank 0
+    engine = medusa_rt.Engine(d, dtype="fp32", max_seq_len=256, tree=tree, medusa_max_batch=16)
+    heads = RuntimeHeads.load(heads_file)
+    assert heads.roots is not None
+    plain = RuntimeHeads(heads.blocks, None, heads.metadata)  # the same heads without the root input
+    lm, emb = load_lm_head(d), load_embedding(d)
+    assert not np.array_equal(lm, emb)
+    differs = 0
+    for p in _unseen(3):
+        tokens, steps = _record_steps(engine, p, 40)
+        assert tokens == engine.generate(p, max_new_tokens=40, ignore_eos=True, medusa=False).tokens
+        seq = p + tokens
+        with engine.session() as s:
+            hidden = s.hidden_states(seq)
+        for pos, tree_tokens in steps:
+            h, root = hidden[pos - 1:pos], seq[pos]
+            assert tree_tokens[0] == root
+            want = heads.top_k(h, lm, 3, emb[[root]])[:, 0]
+            assert tree_tokens[1:4] == want[0].tolist()
+            assert tree_tokens[4:] == [int(want[1][0]), int(want[2][0])]
+            differs += plain.top_k(h, lm, 3)[0, 0].tolist() != want[0].tolist()
+    assert differs > 0  # the root input changes the candidates: the check above has teeth
+    # The fused step (candidates for each row's root gathered in backend memory) agrees.
+    stats = {}
+    for fused in ("1", "0"):
+        import os
+        os.environ["MEDUSA_RT_FUSED_STEP"] = fused
+        try:
+            e = medusa_rt.Engine(d, dtype="fp32", max_seq_len=256, max_batch_size=3, tree=tree, medusa_max_batch=16)
+            stats[fused] = [(r.tokens, r.stats.accepted_per_head)
+                            for r in e.generate_batch(_unseen(3), max_new_tokens=30, ignore_eos=True)]
+        finally:
+            del os.environ["MEDUSA_RT_FUSED_STEP"]
+    assert stats["1"] == stats["0"]
+
+
+def test_root_input_file_errors(setup, tmp_path):
+    from medusa_rt.export.safetensors_io import SafetensorsFile, TensorToWrite, write_safetensors
+
+    partial = {k: v for k, v in _root_heads(setup).items() if k != "2.root.weight"}
+    d = tmp_path / "m"
+    shutil.copytree(setup["base"], d)
+    with pytest.raises(ModelFormatError, match=r"root inputs .* for heads \[0, 1, 3\]"):
+        export_medusa_heads(write_heads_only(partial, tmp_path / "partial"), d, progress=False)
+    export_medusa_heads(write_heads_only(_root_heads(setup), tmp_path / "ok"), d, progress=False)
+    good = d / "medusa_heads.safetensors"
+
+    def rewrite(drop=None, version=None):
+        with SafetensorsFile(good) as f:
+            meta = dict(f.metadata)
+            items = [TensorToWrite(n, f.dtype(n), tuple(f.shape(n)), lambda a=f.get(n).copy(): a)
+                     for n in f.keys() if n != drop]
+        if version:
+            meta["format_version"] = version
+        out = tmp_path / "bad.safetensors"
+        write_safetensors(out, items, metadata=meta)
+        return out
+
+    with pytest.raises(ModelFormatError, match=r"medusa\.1\.root\.weight"):
+        medusa_rt.Engine(d, medusa_heads=rewrite(drop="medusa.1.root.weight"), medusa_max_batch=16)
+    with pytest.raises(ModelFormatError, match="needs format_version 2"):
+        medusa_rt.Engine(d, medusa_heads=rewrite(version="1"), medusa_max_batch=16)
+    with pytest.raises(medusa_rt.errors.UnsupportedModelError, match="format_version 3"):
+        medusa_rt.Engine(d, medusa_heads=rewrite(version="3"), medusa_max_batch=16)

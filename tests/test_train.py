@@ -77,7 +77,7 @@ def test_train_heads_end_to_end(tiny, capsys):
 
     tmp, base = tiny
     out = tmp / "heads.safetensors"
-    cfg = TrainConfig(epochs=6, batch_size=64, lr=3e-3, checkpoint_every=5)
+    cfg = TrainConfig(epochs=6, batch_size=64, lr=3e-3, checkpoint_every=5, root_input=True)  # the CLI's default
     report = train_heads(base, tmp / "work", out, num_prompts=24, max_new_tokens=48, dtype="fp32", batch=4,
                          tree_nodes=12, config=cfg, progress=False)
     assert report["prompts"] == 24 and report["rows"]["held_out"] > 0
@@ -122,6 +122,13 @@ def test_train_heads_end_to_end(tiny, capsys):
     items = [("a", r["prompt"]) for r in recs[:3]]
     ev = evaluate_heads(eng, items, max_new_tokens=16, check=True, progress=False)
     assert ev["mismatches"] == 0 and ev["overall"]["prompts"] == 3
+    # fit-tree measures the (root-input) heads' table on the held-out answers in NumPy: the table
+    # training measured on the same rows in torch.
+    from medusa_rt import cli
+    assert cli.main(["--quiet", "fit-tree", "--model", str(base), "--dtype", "fp32", "--medusa-heads", str(out),
+                     "--answers", str(tmp / "work" / "held_out.jsonl"), "--nodes", "12"]) == 0
+    fitted = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert np.allclose(fitted["accuracy_table"], report["accuracy_table"], atol=0.02)
 
 
 def test_train_own_projection_layout(tiny):
@@ -290,3 +297,42 @@ def test_features_reused_for_a_grown_reordered_answer_set(tiny):
     counting.positions = 0
     data.extract_hidden_states(counting, grown, 2, path, progress=False)
     assert counting.positions == sum(6 + len(r["answer_ids"]) - 1 for r in grown if r["answer_ids"])
+
+
+def test_train_heads_with_a_root_input(tiny):
+    """Root-input heads (the token the base model emits at the row, through its embedding) learn,
+    and the heads file they export gives the same accuracy table in NumPy as in torch."""
+    from medusa_rt.train.heads_np import RuntimeHeads, accuracy_table, load_embedding, load_lm_head
+    from medusa_rt.train.pipeline import write_trained_heads
+    from medusa_rt.train.trainer import TrainConfig, Trainer
+
+    tmp, base = tiny
+    eng = Engine(base, dtype="fp32", medusa_max_batch=0)
+    lm, emb = load_lm_head(base), load_embedding(base)
+    rng = np.random.default_rng(5)
+    seqs = [rng.integers(3, eng.info.vocab_size, 40).tolist() for _ in range(6)]
+    recs = [{"prompt_ids": s[:8], "answer_ids": s[8:]} for s in seqs]
+    feats = data.extract_hidden_states(eng, recs, 2, tmp / "root_feats.npz", progress=False)
+    assert feats.roots.tolist() == [t for r in recs for t in r["answer_ids"]]
+    assert data.Features.load(tmp / "root_feats.npz").roots.tolist() == feats.roots.tolist()
+    cfg = TrainConfig(num_heads=2, epochs=30, batch_size=64, lr=3e-3, root_input=True)
+    with pytest.raises(InvalidArgumentError, match="embedding"):
+        Trainer(cfg, lm, tmp / "root_work", progress=False)
+    tr = Trainer(cfg, lm, tmp / "root_work", progress=False, embedding=emb)
+    with pytest.raises(InvalidArgumentError, match="root tokens"):
+        tr.fit(feats.hidden, feats.labels)
+    before = tr.evaluate(feats.hidden, feats.labels, roots=feats.roots)
+    tr.fit(feats.hidden, feats.labels, feats.roots)
+    after = tr.evaluate(feats.hidden, feats.labels, roots=feats.roots)
+    assert np.mean(after["loss"]) < np.mean(before["loss"])
+    out = tmp / "root_heads.safetensors"
+    report = {"expected_tokens_per_step": 1.5, "accuracy_table": after["table"], "tree": [[0], [0, 0], [1]],
+              "prompts": 6, "answer_tokens": 0, "rows": {}, "config": {}, "held_out": {}}
+    write_trained_heads(tr.model.layout_tensors(), out, eng, "fp32", report)
+    heads = RuntimeHeads.load(out)
+    assert heads.metadata["format_version"] == "2" and heads.roots is not None
+    table = accuracy_table(heads, feats.hidden, feats.labels, lm, 10, roots=feats.roots, embedding=emb)
+    assert np.allclose(table, after["table"], atol=0.02)
+    e2 = Engine(base, dtype="fp32", medusa_heads=out, medusa_max_batch=1, tree=report["tree"])
+    r = e2.generate(seqs[0][:8], max_new_tokens=24)
+    assert r.tokens == e2.generate(seqs[0][:8], max_new_tokens=24, medusa=False).tokens

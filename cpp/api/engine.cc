@@ -350,7 +350,7 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
   }  // the mapping is released once the weights are converted
   if (!heads_file.empty()) {
     e.heads = std::make_unique<MedusaHeads>(heads_file, c, dtype, options.max_batch_size, options.medusa_top_k,
-                                            *e.backend, e.model->lm_head());
+                                            *e.backend, e.model->lm_head(), e.model->embedding());
   }
   e.decoder = std::make_unique<Decoder>(*e.model, e.heads.get(), tree, options.max_batch_size);
   double expected_tps = options.medusa_expected_tokens_per_step > 0 ? options.medusa_expected_tokens_per_step
@@ -366,7 +366,12 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
     const int limit = std::min(tree.num_nodes(), max_seq);
     const int context = std::max(0, std::min(kCalibrationContext, max_seq - limit));
     const TreeSpec plain;
-    const double heads_s = e.decoder->time_heads(1);
+    // The heads' time by tree depth (a tree runs only the heads it reads), never less for a deeper one.
+    std::vector<double> heads_by_depth(tree.max_depth() + 1, 0.0);
+    for (int d = 1; d <= tree.max_depth(); ++d) {
+      heads_by_depth[d] = std::max(heads_by_depth[d - 1], e.decoder->time_heads(1, 3, d));
+    }
+    auto heads_s = [&](const TreeSpec& t) { return heads_by_depth[t.max_depth()]; };
     const double best_possible = expected_tokens_per_step(heads_meta.accuracy_table, tree.paths());
     // Round 0 finds the sizes worth timing: the search stops once no larger tree can win, with
     // slack for a single timing's noise.
@@ -379,8 +384,8 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
       const double step = e.decoder->time_forward(1, trees.back(), n, 1, context);
       ratios.push_back({step / plain_s[0]});
       best_rate = std::max(best_rate, expected_tokens_per_step(heads_meta.accuracy_table, trees.back().paths()) /
-                                          (step + heads_s));
-      if (best_possible / (step + heads_s) < best_rate / kCalibrationSlack) break;
+                                          (step + heads_s(trees.back())));
+      if (best_possible / (step + heads_s(trees.back())) < best_rate / kCalibrationSlack) break;
     }
     // More rounds, each a plain step then every size once: on a shared machine timings drift
     // and jump by 10-20% between runs, so a size's cost is the median of its ratios to the plain
@@ -400,7 +405,7 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
       TreeCalibration cal;
       cal.nodes = trees[i].num_nodes();
       cal.expected_tokens_per_step = expected_tokens_per_step(heads_meta.accuracy_table, trees[i].paths());
-      cal.step_seconds = best_ratio * info.plain_step_seconds + heads_s;
+      cal.step_seconds = best_ratio * info.plain_step_seconds + heads_s(trees[i]);
       cal.tokens_per_second = cal.expected_tokens_per_step / cal.step_seconds;
       info.calibration.push_back(cal);
       if (cal.tokens_per_second > best_rate) best_rate = cal.tokens_per_second, best = trees[i];
@@ -809,7 +814,8 @@ std::vector<double> time_tree_step(Engine& engine, int nodes, int reps, int cont
     if (used) throw InvalidArgumentError("time_tree_step needs an idle engine (it writes slot 0's cache)");
   }
   const TreeSpec t = tree.truncated(nodes);
-  return {e.decoder->time_forward(1, t, nodes, reps, context), nodes > 1 ? e.decoder->time_heads(1, reps) : 0.0};
+  return {e.decoder->time_forward(1, t, nodes, reps, context),
+          nodes > 1 ? e.decoder->time_heads(1, reps, t.max_depth()) : 0.0};
 }
 
 double stream_bandwidth(size_t bytes, int threads, int reps) {

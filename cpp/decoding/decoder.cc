@@ -68,9 +68,13 @@ Decoder::Decoder(LlamaModel& model, MedusaHeads* heads, TreeSpec tree, int max_b
   if (heads_) {
     const int H = model.config().hidden_size;
     d_head_in_ = static_cast<float*>(buffers_.buffer(sizeof(float) * H * max_batch, "Medusa head input"));
+    d_head_roots_ = static_cast<int32_t*>(buffers_.buffer(sizeof(int32_t) * max_batch, "Medusa head input"));
+    head_roots_.reserve(max_batch);
     const size_t nc = size_t(heads_->num_heads()) * max_batch * heads_->top_k();
     d_candidates_ = static_cast<int32_t*>(buffers_.buffer(sizeof(int32_t) * nc, "Medusa candidates"));
+    model.backend().fill_zero(d_candidates_, sizeof(int32_t) * nc);  // heads past the tree's depth stay 0
     candidates_host_.resize(nc);
+    heads_depth_ = std::clamp(tree_.max_depth(), 1, heads_->num_heads());
   }
 
   // Fused step state.
@@ -116,7 +120,12 @@ void Decoder::run_heads(SequenceState* const* seqs, const int32_t* hidden_rows, 
   const int H = model_.config().hidden_size;
   be.copy_to_device(d_index_, hidden_rows, sizeof(int32_t) * n);
   be.gather_rows(model_.hidden(), H, d_index_, n, d_head_in_);
-  heads_->candidates(d_head_in_, n, d_candidates_);
+  if (heads_->root_input()) {
+    head_roots_.clear();
+    for (int r = 0; r < n; ++r) head_roots_.push_back(seqs[r]->root);
+    be.copy_to_device(d_head_roots_, head_roots_.data(), sizeof(int32_t) * n);
+  }
+  heads_->candidates(d_head_in_, d_head_roots_, n, heads_depth_, d_candidates_);
   const int K = heads_->num_heads(), k = heads_->top_k();
   be.copy_to_host(candidates_host_.data(), d_candidates_, sizeof(int32_t) * size_t(K) * n * k);
   for (int r = 0; r < n; ++r) {
@@ -331,7 +340,11 @@ void Decoder::fused_body(int n, int T, bool with_heads) {
   if (with_heads) {
     const int H = model_.config().hidden_size, K = heads_->num_heads(), k = heads_->top_k();
     be.gather_rows(model_.hidden(), H, d_index_, n, d_head_in_);
-    heads_->candidates(d_head_in_, n, d_candidates_);
+    if (heads_->root_input()) {  // row r's root: the new root of its slot
+      be.copy_on_device(d_head_roots_, d_bslots_, sizeof(int32_t) * n);
+      be.map_ids(d_head_roots_, size_t(n), d_root_);
+    }
+    heads_->candidates(d_head_in_, d_head_roots_, n, heads_depth_, d_candidates_);
     be.scatter_candidates(d_candidates_, n, K, k, d_bslots_, d_cand_);
   }
 }
@@ -497,16 +510,18 @@ double Decoder::time_forward(int batch, const TreeSpec& tree, int nodes, int rep
   return best;
 }
 
-double Decoder::time_heads(int rows, int reps) {
+double Decoder::time_heads(int rows, int reps, int depth) {
   if (!heads_) return 0;
   rows = std::min(rows, max_batch_);
+  depth = depth > 0 ? std::min(depth, heads_->num_heads()) : heads_depth_;
   Backend& be = model_.backend();
   be.fill_zero(d_head_in_, sizeof(float) * size_t(rows) * model_.config().hidden_size);
+  be.fill_zero(d_head_roots_, sizeof(int32_t) * size_t(rows));
   be.synchronize();
   double best = 1e30;
   for (int rep = 0; rep < reps; ++rep) {
     const auto t0 = Clock::now();
-    heads_->candidates(d_head_in_, rows, d_candidates_);
+    heads_->candidates(d_head_in_, d_head_roots_, rows, depth, d_candidates_);
     be.synchronize();
     best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
   }

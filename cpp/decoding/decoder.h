@@ -92,8 +92,9 @@ class Decoder {
   // (whatever the cache holds there), written at cache positions [context, context + nodes) of
   // slots 0..batch-1.
   double time_forward(int batch, const TreeSpec& tree, int nodes, int reps = 3, int context = 0);
-  // Seconds (best of reps) of the heads' candidates for `rows` sequences (0 without heads).
-  double time_heads(int rows, int reps = 3);
+  // Seconds (best of reps) of the heads' candidates for `rows` sequences (0 without heads), for
+  // a tree `depth` deep (0: this decoder's tree).
+  double time_heads(int rows, int reps = 3, int depth = 0);
 
   // Seconds spent in model and head forwards since construction (statistics).
   double forward_seconds() const { return forward_seconds_; }
@@ -124,8 +125,10 @@ class Decoder {
   int32_t* d_argmax_ = nullptr;
   int32_t* d_index_ = nullptr;
   float* d_head_in_ = nullptr;
+  int32_t* d_head_roots_ = nullptr;  // [max_batch] the root token of each head input row
+  int heads_depth_ = 0;              // heads that run: the tree's depth (deeper heads are never read)
   int32_t* d_candidates_ = nullptr;
-  std::vector<int32_t> argmax_, tokens_, candidates_host_, copy_slots_, copy_src_, copy_dst_, hidden_rows_;
+  std::vector<int32_t> argmax_, tokens_, candidates_host_, head_roots_, copy_slots_, copy_src_, copy_dst_, hidden_rows_;
   std::vector<int> row_base_, num_nodes_, path_;
   std::vector<float> lse_, entropy_;
   TypicalScratch typical_;

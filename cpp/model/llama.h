@@ -76,6 +76,7 @@ class LlamaModel {
   void read_kv(int slot, int layer, int length, std::vector<float>& k, std::vector<float>& v);
 
   const Matrix& lm_head() const { return lm_head_; }
+  const Matrix& embedding() const { return embed_; }  ///< token embedding table [vocab, H]
   Backend& backend() { return be_; }
 
   const ModelConfig& config() const { return cfg_; }

@@ -54,10 +54,12 @@ MedusaHeadsMeta read_meta_of(const SafetensorsFile& f, const ModelConfig& base) 
   if (meta(f, "format") != "medusa_rt_heads") {
     throw ModelFormatError(file + ": metadata format is '" + meta(f, "format") + "', expected 'medusa_rt_heads'");
   }
-  if (meta(f, "format_version") != "1") {
-    throw UnsupportedModelError(file + ": heads format_version " + meta(f, "format_version") + " is not supported");
+  const std::string& version = meta(f, "format_version");
+  if (version != "1" && version != "2") {
+    throw UnsupportedModelError(file + ": heads format_version " + version + " is not supported (1 and 2 are)");
   }
   MedusaHeadsMeta m;
+  m.root_input = version == "2";
   m.num_heads = meta_int(f, "num_heads");
   m.num_layers = meta_int(f, "num_layers");
   const std::string shared = meta(f, "shared_lm_head");
@@ -115,9 +117,9 @@ MedusaHeadsMeta MedusaHeads::read_meta(const std::string& file, const ModelConfi
 }
 
 MedusaHeads::MedusaHeads(const std::string& file, const ModelConfig& base, DType dtype, int max_rows, int top_k,
-                         Backend& be, const Matrix& base_lm_head)
+                         Backend& be, const Matrix& base_lm_head, const Matrix& base_embed)
     : be_(be), arena_(be), hidden_(base.hidden_size), vocab_(base.vocab_size), max_rows_(max_rows), top_k_(top_k),
-      base_lm_head_(base_lm_head) {
+      base_lm_head_(base_lm_head), base_embed_(base_embed) {
   SafetensorsFile f(file);
   meta_ = read_meta_of(f, base);
   if (top_k < 1 || top_k > vocab_) throw InvalidArgumentError("medusa_top_k must be in [1, vocab_size]");
@@ -137,6 +139,14 @@ MedusaHeads::MedusaHeads(const std::string& file, const ModelConfig& base, DType
       check_shape(b, {hidden_}, source);
       h.w.push_back(arena_.matrix({&w}, hidden_, dtype));
       h.b.push_back(arena_.vector({&b}));
+    }
+    const std::string root = "medusa." + std::to_string(k) + ".root.weight";
+    if (meta_.root_input) {
+      const TensorView& w = f.get(root);
+      check_shape(w, {hidden_, hidden_}, source);
+      h.root = arena_.matrix({&w}, hidden_, dtype);
+    } else if (f.tensors().count(root)) {
+      throw ModelFormatError(file + ": " + root + " needs format_version 2 (heads with a root input)");
     }
     const std::string proj = "medusa." + std::to_string(k) + ".lm_head.weight";
     if (shared_) {
@@ -177,17 +187,27 @@ MedusaHeads::MedusaHeads(const std::string& file, const ModelConfig& base, DType
   x_ = static_cast<float*>(arena_.buffer(rows * hidden_ * sizeof(float), "Medusa head workspace"));
   tmp_ = static_cast<float*>(arena_.buffer(size_t(max_rows_) * hidden_ * sizeof(float), "Medusa head workspace"));
   logits_ = static_cast<float*>(arena_.buffer(rows * proj_vocab_ * sizeof(float), "Medusa head logits"));
+  if (meta_.root_input) {
+    root_emb_ = static_cast<float*>(arena_.buffer(size_t(max_rows_) * hidden_ * sizeof(float), "Medusa head workspace"));
+  }
   be_.reserve_rows(static_cast<int>(rows));
 }
 
-void MedusaHeads::candidates(const float* hidden, int rows, int32_t* out) {
+void MedusaHeads::candidates(const float* hidden, const int32_t* roots, int rows, int depth, int32_t* out) {
   if (rows <= 0 || rows > max_rows_) throw Error("internal: Medusa head row count out of range");
+  if (depth < 1 || depth > meta_.num_heads) throw Error("internal: Medusa head depth out of range");
   const size_t H = hidden_;
-  const int num_heads_ = meta_.num_heads, num_layers_ = meta_.num_layers;
+  const int num_heads_ = depth, num_layers_ = meta_.num_layers;
   const bool shared_ = meta_.shared_lm_head;
+  if (meta_.root_input) be_.embed(base_embed_, roots, rows, root_emb_);
   for (int k = 0; k < num_heads_; ++k) {
     float* xk = x_ + size_t(k) * rows * H;
-    be_.copy_on_device(xk, hidden, size_t(rows) * H * sizeof(float));
+    if (meta_.root_input) {  // x = h + R_k e(root)
+      be_.linear(root_emb_, rows, heads_[k].root, nullptr, xk);
+      be_.add(xk, hidden, size_t(rows) * H);
+    } else {
+      be_.copy_on_device(xk, hidden, size_t(rows) * H * sizeof(float));
+    }
     for (int l = 0; l < num_layers_; ++l) {
       be_.linear(xk, rows, heads_[k].w[l], heads_[k].b[l], tmp_);
       be_.add_silu(xk, tmp_, size_t(rows) * H);

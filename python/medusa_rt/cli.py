@@ -98,7 +98,8 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(num_heads=args.heads, num_layers=args.layers, shared_lm_head=args.layout == "shared",
                       epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                      threads=args.threads, draft_coverage=args.draft_coverage, distill=args.distill)
+                      threads=args.threads, draft_coverage=args.draft_coverage, distill=args.distill,
+                      root_input=args.root_input)
     report = train_heads(args.model, args.work_dir, args.out, num_prompts=args.prompts,
                          max_new_tokens=args.max_new_tokens, dtype=args.dtype, batch=args.batch,
                          tree_nodes=args.tree_nodes, config=cfg, overwrite=args.overwrite, progress=not args.quiet)
@@ -141,7 +142,7 @@ def _measure_table(args: argparse.Namespace) -> list:
 
     from .engine import Engine
     from .train import data
-    from .train.heads_np import RuntimeHeads, accuracy_table, load_lm_head
+    from .train.heads_np import RuntimeHeads, accuracy_table, load_embedding, load_lm_head
 
     if not args.answers:
         raise InvalidArgumentError("fit-tree needs --table (an accuracy table) or --answers (held-out answers)")
@@ -155,7 +156,10 @@ def _measure_table(args: argparse.Namespace) -> list:
     feats = data.extract_hidden_states(engine, records, heads.num_heads, Path(args.answers).with_suffix(".features.npz"),
                                        progress=not args.quiet)
     lm_head = load_lm_head(engine.model_dir, args.dtype)
-    return np.round(accuracy_table(heads, feats.hidden, feats.labels, lm_head, args.top_k), 5).tolist()
+    embedding = load_embedding(engine.model_dir, args.dtype) if heads.roots is not None else None
+    table = accuracy_table(heads, feats.hidden, feats.labels, lm_head, args.top_k, roots=feats.roots,
+                           embedding=embedding)
+    return np.round(table, 5).tolist()
 
 
 def _cmd_eval_heads(args: argparse.Namespace) -> int:
@@ -299,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--distill", type=float, default=0.0,
                     help="weight of the base model's own distribution as the heads' soft target "
                          "(self-distillation; 0: the answers' tokens only)")
+    sp.add_argument("--root-input", action=argparse.BooleanOptionalAction, default=True,
+                    help="heads also read the embedding of the token the base model emits at the position "
+                         "(heads format_version 2; --no-root-input: format 1, readable by older engines)")
     sp.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     sp.set_defaults(fn=_cmd_train_heads)
 

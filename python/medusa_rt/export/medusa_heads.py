@@ -41,6 +41,8 @@ __all__ = ["HEADS_FILE", "export_medusa_heads", "find_head_source", "load_head_t
 
 HEADS_FILE = "medusa_heads.safetensors"
 _KEY = re.compile(r"^(?:medusa_head\.)?(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
+# Heads with a root input (trained by medusa-rt train-heads --root-input): R_k, [d, d].
+_ROOT_KEY = re.compile(r"^(\d+)\.root\.weight$")
 
 TreeArg = Union[None, str, Sequence[Sequence[int]]]
 
@@ -118,18 +120,23 @@ def load_head_tensors(src: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
     out = {}
     for k, v in raw.items():
         k2 = k[len("medusa_head."):] if k.startswith("medusa_head.") else k
-        if _KEY.match(k2):
+        if _KEY.match(k2) or _ROOT_KEY.match(k2):
             out[k2] = v
     if not out:
         raise ModelFormatError(f"{files[0]}: no Medusa head tensors ({{h}}.{{l}}.linear.weight ...) found")
     return out
 
 
-def _structure(t: Dict[str, np.ndarray], where: str) -> Tuple[int, int, bool]:
+def _structure(t: Dict[str, np.ndarray], where: str) -> Tuple[int, int, bool, bool]:
+    """(heads, blocks per head, shared lm_head, root input) of heads given by published names."""
     heads: Dict[int, Dict[str, set]] = {}
+    roots = {int(m.group(1)) for m in map(_ROOT_KEY.match, t) if m}
     for k in t:
+        if _ROOT_KEY.match(k):
+            continue
         m = _KEY.match(k)
-        assert m
+        if not m:
+            raise ModelFormatError(f"{where}: unexpected tensor {k} among the Medusa heads")
         h, l, kind = int(m.group(1)), int(m.group(2)), m.group(3)
         heads.setdefault(h, {"linear": set(), "proj": set()})
         heads[h]["linear" if kind.startswith("linear") else "proj"].add(l)
@@ -152,7 +159,10 @@ def _structure(t: Dict[str, np.ndarray], where: str) -> Tuple[int, int, bool]:
         for l in range(num_layers):
             if f"{h}.{l}.linear.weight" not in t:
                 raise ModelFormatError(f"{where}: {h}.{l}.linear.weight is missing")
-    return num_heads, num_layers, shared
+    if roots and roots != set(range(num_heads)):
+        raise ModelFormatError(f"{where}: root inputs ({{h}}.root.weight) for heads {sorted(roots)}; "
+                               f"heads with a root input need one for every head 0..{num_heads - 1}")
+    return num_heads, num_layers, shared, bool(roots)
 
 
 def export_medusa_heads(
@@ -208,7 +218,8 @@ def write_heads_file(
     progress: bool = True,
 ) -> int:
     """Writes heads given by name in the published layouts (``{h}.{l}.linear.weight`` / ``.bias``,
-    optional ``{h}.{L}.weight``) as a runtime heads file at ``out`` (atomically), checking shapes
+    optional ``{h}.{L}.weight``; ``{h}.root.weight`` for heads with a root input, written as
+    format_version 2) as a runtime heads file at ``out`` (atomically), checking shapes
     against ``hidden`` / ``vocab``. ``draft_vocab`` (increasing token ids; shared lm_head only) is
     the sub-vocabulary the heads rank. Returns the file's size in bytes."""
     where = where or str(out)
@@ -217,7 +228,7 @@ def write_heads_file(
     if default_tree is not None:
         tree_meta = default_tree if isinstance(default_tree, str) else json.dumps(
             [[int(r) for r in p] for p in default_tree])
-    num_heads, num_layers, shared = _structure(tensors, where)
+    num_heads, num_layers, shared, root_input = _structure(tensors, where)
     if num_layers < 1:
         raise ModelFormatError(f"{where}: Medusa heads without residual blocks are not supported")
 
@@ -243,6 +254,8 @@ def write_heads_file(
             b = check(b_name, (hidden,)) if b_name in tensors else np.zeros(hidden, np.float32)
             add(f"medusa.{h}.{l}.weight", w, dtype)
             add(f"medusa.{h}.{l}.bias", b, "float32")
+        if root_input:
+            add(f"medusa.{h}.root.weight", check(f"{h}.root.weight", (hidden, hidden)), dtype)
         if not shared:
             add(f"medusa.{h}.lm_head.weight", check(f"{h}.{num_layers}.weight", (vocab, hidden)), dtype)
 
@@ -257,7 +270,7 @@ def write_heads_file(
 
     metadata = {
         "format": "medusa_rt_heads",
-        "format_version": "1",
+        "format_version": "2" if root_input else "1",
         "num_heads": str(num_heads),
         "num_layers": str(num_layers),
         "shared_lm_head": "true" if shared else "false",
@@ -278,7 +291,8 @@ def write_heads_file(
         import sys
 
         print(f"[medusa_rt] wrote {num_heads} Medusa heads ({num_layers} block(s) each, "
-              f"{'shared' if shared else 'own'} lm_head) to {out}", file=sys.stderr)
+              f"{'shared' if shared else 'own'} lm_head{', root input' if root_input else ''}) to {out}",
+              file=sys.stderr)
     return size
 
 

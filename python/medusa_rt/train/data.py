@@ -80,27 +80,32 @@ def generate_answers(engine, prompts: Sequence[Tuple[str, str]], out_dir: Path, 
 class Features:
     """Training rows: ``hidden[i]`` is the final hidden state at a position whose next token
     starts or continues an answer; ``labels[i, k]`` the token head k must predict there (the one
-    k + 2 positions ahead), -1 past the answer's end; ``record[i]`` the answer it came from.
-    ``keys[j]`` fingerprints record j (its prompt and answer tokens), so that a later run over a
-    grown or reordered set of answers reuses the rows it already has."""
+    k + 2 positions ahead), -1 past the answer's end; ``record[i]`` the answer it came from;
+    ``roots[i]`` the token that follows the position (the one the base model emitted there: what
+    heads with a root input read besides the hidden state). ``keys[j]`` fingerprints record j (its
+    prompt and answer tokens), so that a later run over a grown or reordered set of answers
+    reuses the rows it already has."""
 
     hidden: np.ndarray  # [N, H] float16
     labels: np.ndarray  # [N, K] int32
     record: np.ndarray  # [N] int32
     keys: Optional[np.ndarray] = None  # [R] uint64
+    roots: Optional[np.ndarray] = None  # [N] int32
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp.npz")
         arrays = dict(hidden=self.hidden, labels=self.labels, record=self.record)
-        if self.keys is not None:
-            arrays["keys"] = self.keys
+        for name in ("keys", "roots"):
+            if getattr(self, name) is not None:
+                arrays[name] = getattr(self, name)
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
 
     @staticmethod
     def load(path: Path) -> "Features":
         with np.load(path) as z:
-            return Features(z["hidden"], z["labels"], z["record"], z["keys"] if "keys" in z.files else None)
+            opt = {n: z[n] if n in z.files else None for n in ("keys", "roots")}
+            return Features(z["hidden"], z["labels"], z["record"], **opt)
 
 
 def record_key(record: dict) -> int:
@@ -152,6 +157,7 @@ def extract_hidden_states(engine, records: Sequence[dict], num_heads: int, out_p
     hidden = np.empty((total, H), dtype=np.float16)
     labels = np.empty((total, num_heads), dtype=np.int32)
     rec = np.empty(total, dtype=np.int32)
+    roots = np.empty(total, dtype=np.int32)
     todo_rows = sum(len(r["answer_ids"]) for r, k in zip(records, keys) if int(k) not in known)
     bar = tqdm(total=todo_rows, desc="[medusa_rt] hidden states", unit="tok", unit_scale=True, disable=not progress,
                file=sys.stderr)
@@ -173,13 +179,14 @@ def extract_hidden_states(engine, records: Sequence[dict], num_heads: int, out_p
                 bar.update(n)
             hidden[row:row + n] = h
             labels[row:row + n] = head_labels(a, num_heads)
+            roots[row:row + n] = a
             rec[row:row + n] = i
             row += n
             if time.time() - last_save > save_every_s:  # a partial file: the records done so far
-                Features(hidden[:row], labels[:row], rec[:row], keys).save(out_path)
+                Features(hidden[:row], labels[:row], rec[:row], keys, roots[:row]).save(out_path)
                 last_save = time.time()
     bar.close()
-    f = Features(hidden[:row], labels[:row], rec[:row], keys)
+    f = Features(hidden[:row], labels[:row], rec[:row], keys, roots[:row])
     f.save(out_path)
     return f
 

@@ -1,7 +1,8 @@
 """Medusa heads of a runtime heads file applied in NumPy (accuracy tables without torch).
 
 ``p_k(h) = softmax(W_k (h + sum-of-blocks)))``: each block is ``x <- x + SiLU(A x + b)``; W_k is the
-head's own projection or the base model's lm_head.
+head's own projection or the base model's lm_head. Heads with a root input start from
+``x = h + R_k e`` instead, e the input embedding of the token the base model emits at the row.
 """
 
 from __future__ import annotations
@@ -39,12 +40,22 @@ def round_to(arr: np.ndarray, dtype: str) -> np.ndarray:
 def load_lm_head(model_dir: Union[str, os.PathLike], dtype: str = "fp32") -> np.ndarray:
     """The base model's vocabulary projection ``[vocab, hidden]`` from a runtime model directory,
     rounded to the engine's weight dtype."""
+    return _load_model_tensor(model_dir, dtype, lm_head=True)
+
+
+def load_embedding(model_dir: Union[str, os.PathLike], dtype: str = "fp32") -> np.ndarray:
+    """The base model's token embedding table ``[vocab, hidden]`` (what heads with a root input
+    read), rounded to the engine's weight dtype."""
+    return _load_model_tensor(model_dir, dtype, lm_head=False)
+
+
+def _load_model_tensor(model_dir: Union[str, os.PathLike], dtype: str, lm_head: bool) -> np.ndarray:
     root = Path(model_dir)
     cfg_path = root / "config.json"
     if not cfg_path.exists():
         raise ModelNotFoundError(f"{root} is not a medusa_rt model directory (no config.json)")
     cfg = json.loads(cfg_path.read_text())
-    name = "model.embed_tokens.weight" if cfg.get("tie_word_embeddings") else "lm_head.weight"
+    name = "lm_head.weight" if lm_head and not cfg.get("tie_word_embeddings") else "model.embed_tokens.weight"
     for p in sorted(root.glob("*.safetensors")):
         if p.name.startswith("medusa_heads"):
             continue
@@ -60,6 +71,7 @@ class RuntimeHeads:
     projections: Optional[List[np.ndarray]]  # per-head [V, H], None when the lm_head is shared
     metadata: Dict[str, str]
     draft_vocab: Optional[np.ndarray] = None  # token ids the heads rank (None: all)
+    roots: Optional[List[np.ndarray]] = None  # per-head R_k [H, H] (format_version 2), else None
 
     @property
     def num_heads(self) -> int:
@@ -77,23 +89,32 @@ class RuntimeHeads:
                        for l in range(L)] for k in range(K)]
             proj = None if shared else [round_to(_f32(f, f"medusa.{k}.lm_head.weight"), dtype) for k in range(K)]
             draft = np.array(f.get("medusa.draft_vocab"), dtype=np.int64) if "medusa.draft_vocab" in f else None
-        return RuntimeHeads(blocks, proj, meta, draft)
+            roots = [round_to(_f32(f, f"medusa.{k}.root.weight"), dtype) for k in range(K)] \
+                if meta.get("format_version") == "2" else None
+        return RuntimeHeads(blocks, proj, meta, draft, roots)
 
-    def head_states(self, k: int, hidden: np.ndarray) -> np.ndarray:
+    def head_states(self, k: int, hidden: np.ndarray, root_emb: Optional[np.ndarray] = None) -> np.ndarray:
+        """Head k's state before its projection; ``root_emb`` ``[rows, H]``: the embeddings of the
+        rows' root tokens (needed, and only read, when the heads have a root input)."""
         x = np.asarray(hidden, dtype=np.float32)
+        if self.roots is not None:
+            if root_emb is None:
+                raise ValueError("these heads have a root input: pass the root tokens' embeddings")
+            x = x + root_emb @ self.roots[k].T
         for w, b in self.blocks[k]:
             z = x @ w.T + b
             x = x + z / (1.0 + np.exp(-z))
         return x
 
-    def top_k(self, hidden: np.ndarray, lm_head: np.ndarray, k_top: int) -> np.ndarray:
+    def top_k(self, hidden: np.ndarray, lm_head: np.ndarray, k_top: int,
+              root_emb: Optional[np.ndarray] = None) -> np.ndarray:
         """Each head's k_top candidates (best first) for every row: ``[heads, rows, k_top]``."""
         out = np.empty((self.num_heads, hidden.shape[0], k_top), dtype=np.int64)
         for k in range(self.num_heads):
             w = lm_head if self.projections is None else self.projections[k]
             if self.draft_vocab is not None:
                 w = w[self.draft_vocab]
-            logits = self.head_states(k, hidden) @ w.T
+            logits = self.head_states(k, hidden, root_emb) @ w.T
             part = np.argpartition(-logits, k_top - 1, axis=1)[:, :k_top]
             order = np.argsort(-np.take_along_axis(logits, part, axis=1), axis=1, kind="stable")
             top = np.take_along_axis(part, order, axis=1)
@@ -102,14 +123,19 @@ class RuntimeHeads:
 
 
 def accuracy_table(heads: RuntimeHeads, hidden: np.ndarray, labels: np.ndarray, lm_head: np.ndarray,
-                   k_top: int = 10, chunk: int = 1024) -> np.ndarray:
+                   k_top: int = 10, chunk: int = 1024, roots: Optional[np.ndarray] = None,
+                   embedding: Optional[np.ndarray] = None) -> np.ndarray:
     """``table[k][r]``: the fraction of rows (with a label for head k) whose label is head k's
-    rank-r candidate."""
+    rank-r candidate. Heads with a root input need the rows' ``roots`` (token ids) and the base
+    model's ``embedding`` table."""
     K = heads.num_heads
+    if heads.roots is not None and (roots is None or embedding is None):
+        raise ValueError("these heads have a root input: pass the rows' root tokens and the embedding table")
     hits = np.zeros((K, k_top), dtype=np.int64)
     counts = np.zeros(K, dtype=np.int64)
     for i in range(0, hidden.shape[0], chunk):
-        top = heads.top_k(hidden[i:i + chunk], lm_head, k_top)
+        emb = embedding[roots[i:i + chunk]] if heads.roots is not None else None
+        top = heads.top_k(hidden[i:i + chunk], lm_head, k_top, emb)
         lab = labels[i:i + chunk]
         for k in range(K):
             valid = lab[:, k] >= 0

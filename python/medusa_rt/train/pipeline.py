@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import InvalidArgumentError
 from . import data, prompts, tree_fit
-from .heads_np import load_lm_head
+from .heads_np import load_embedding, load_lm_head
 
 DTYPE_STORAGE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -89,13 +89,14 @@ def train_heads(
     t0 = time.time()
     lm_head = load_lm_head(engine.model_dir, dtype)
     draft = data.draft_vocabulary([records[i] for i in train_rec], cfg.draft_coverage) if cfg.shared_lm_head else None
-    trainer = Trainer(cfg, lm_head, work, progress=progress, draft_vocab=draft)
+    embedding = load_embedding(engine.model_dir, dtype) if cfg.root_input else None
+    trainer = Trainer(cfg, lm_head, work, progress=progress, draft_vocab=draft, embedding=embedding)
     if trainer.try_resume():
         _say(progress, f"resuming from {trainer.checkpoint_path} at step {trainer.step}")
-    trainer.fit(feats.hidden[~is_val], feats.labels[~is_val])
+    trainer.fit(feats.hidden[~is_val], feats.labels[~is_val], feats.roots[~is_val])
     t_train = time.time() - t0
     # 4. Held-out accuracy, tree, heads file.
-    metrics = trainer.evaluate(feats.hidden[is_val], feats.labels[is_val], top_k)
+    metrics = trainer.evaluate(feats.hidden[is_val], feats.labels[is_val], top_k, roots=feats.roots[is_val])
     table = metrics["table"]
     tree = tree_fit.fit_tree(table, tree_nodes)
     expected = tree_fit.expected_tokens_per_step(table, tree)

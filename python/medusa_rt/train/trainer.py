@@ -6,6 +6,10 @@ Rows are precomputed final hidden states of the base model (see :mod:`.data`). H
 a position predicts the token k + 2 ahead; the loss is ``sum_k 0.8^k CE_k``. Blocks start as the
 identity (zero weight and bias), so before training every head predicts the next token.
 
+With ``root_input`` each head also reads the token k + 1 ahead of its target, the one the base
+model emits at the position (the tree's root, known when the heads run): its blocks start from
+``h + R_k e`` instead of ``h``, e that token's input embedding (frozen), R_k trained (from zero).
+
 With ``distill`` > 0 the targets are (partly) soft: head k at position t also learns the base
 model's own distribution for token t + 2 + k, i.e. the lm_head applied to the stored hidden state
 of position t + 1 + k (self-distillation, over the draft vocabulary when there is one).
@@ -50,6 +54,7 @@ class TrainConfig:
     threads: int = 0
     draft_coverage: float = 0.995  # shared lm_head: train and rank over the draft vocabulary (1: all)
     distill: float = 0.0        # weight of the base model's distribution as soft target (0: hard labels)
+    root_input: bool = False    # heads also read the embedding of the root token (format_version 2)
 
     def validate(self) -> None:
         if self.num_heads < 1 or self.num_layers < 1:
@@ -65,9 +70,11 @@ class TrainConfig:
 
 
 class MedusaHeads(torch.nn.Module):
-    """K heads of L residual blocks over a frozen (shared) or trainable (own) vocabulary projection."""
+    """K heads of L residual blocks over a frozen (shared) or trainable (own) vocabulary projection;
+    with an ``embedding`` table (frozen) the heads have a root input."""
 
-    def __init__(self, lm_head: torch.Tensor, num_heads: int, num_layers: int, shared: bool) -> None:
+    def __init__(self, lm_head: torch.Tensor, num_heads: int, num_layers: int, shared: bool,
+                 embedding: Optional[torch.Tensor] = None) -> None:
         super().__init__()
         vocab, hidden = lm_head.shape
         self.blocks = torch.nn.ModuleList(
@@ -78,29 +85,41 @@ class MedusaHeads(torch.nn.Module):
                 torch.nn.init.zeros_(lin.bias)
         self.shared = shared
         self.register_buffer("lm_head", lm_head, persistent=False)
+        self.root = None
+        if embedding is not None:
+            self.register_buffer("embedding", embedding, persistent=False)
+            self.root = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden, bias=False) for _ in range(num_heads))
+            for lin in self.root:
+                torch.nn.init.zeros_(lin.weight)
         self.proj = None if shared else torch.nn.ParameterList(
             torch.nn.Parameter(lm_head.clone()) for _ in range(num_heads))
 
-    def states(self, h: torch.Tensor) -> List[torch.Tensor]:
+    def states(self, h: torch.Tensor, roots: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+        if self.root is not None and roots is None:
+            raise InvalidArgumentError("these heads have a root input: pass the rows' root tokens")
+        e = self.embedding[roots] if self.root is not None else None
         out = []
-        for head in self.blocks:
-            x = h
+        for k, head in enumerate(self.blocks):
+            x = h if e is None else h + self.root[k](e)
             for lin in head:
                 x = x + F.silu(lin(x))
             out.append(x)
         return out
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits ``[K, rows, vocab]``."""
-        z = self.states(h)
+    def forward(self, h: torch.Tensor, roots: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits ``[K, rows, vocab]``; ``roots`` ``[rows]`` token ids (root input only)."""
+        z = self.states(h, roots)
         if self.shared:
             return (torch.cat(z) @ self.lm_head.T).view(len(z), h.shape[0], -1)
         return torch.stack([x @ p.T for x, p in zip(z, self.proj)])
 
     def layout_tensors(self) -> Dict[str, np.ndarray]:
-        """The heads by their published names (``{h}.{l}.linear.*``, ``{h}.{L}.weight``)."""
+        """The heads by their published names (``{h}.{l}.linear.*``, ``{h}.{L}.weight``, and
+        ``{h}.root.weight`` for a root input)."""
         t: Dict[str, np.ndarray] = {}
         for k, head in enumerate(self.blocks):
+            if self.root is not None:
+                t[f"{k}.root.weight"] = self.root[k].weight.detach().float().numpy().copy()
             for l, lin in enumerate(head):
                 t[f"{k}.{l}.linear.weight"] = lin.weight.detach().float().numpy().copy()
                 t[f"{k}.{l}.linear.bias"] = lin.bias.detach().float().numpy().copy()
@@ -136,6 +155,10 @@ def head_loss(logits: torch.Tensor, labels: torch.Tensor, decay: float, teacher:
     return total, [float(l.detach()) for l in per]
 
 
+def _rows(roots: Optional[np.ndarray], idx) -> Optional[torch.Tensor]:
+    return None if roots is None else torch.from_numpy(np.asarray(roots[idx], dtype=np.int64))
+
+
 def _map_labels(labels: np.ndarray, label_map: Optional[np.ndarray]) -> np.ndarray:
     """Labels as indices of the heads' vocabulary (-1: none, or outside a draft vocabulary)."""
     lab = labels.astype(np.int64)
@@ -146,10 +169,12 @@ def _map_labels(labels: np.ndarray, label_map: Optional[np.ndarray]) -> np.ndarr
 
 @torch.no_grad()
 def evaluate(model: MedusaHeads, hidden: np.ndarray, labels: np.ndarray, top_k: int = 10,
-             batch: int = 1024, label_map: Optional[np.ndarray] = None) -> Dict[str, object]:
+             batch: int = 1024, label_map: Optional[np.ndarray] = None,
+             roots: Optional[np.ndarray] = None) -> Dict[str, object]:
     """Per-head loss, top-1 / top-5 accuracy and the rank table ``table[k][r]`` on held-out rows.
     ``label_map`` (token id -> index in the model's vocabulary, -1 outside it) is given when the
-    heads rank a draft vocabulary: a label outside it counts as a miss (and not in the loss)."""
+    heads rank a draft vocabulary: a label outside it counts as a miss (and not in the loss).
+    ``roots``: the rows' root tokens (heads with a root input)."""
     K = len(model.blocks)
     hits = np.zeros((K, top_k), dtype=np.int64)
     count = np.zeros(K, dtype=np.int64)
@@ -158,7 +183,7 @@ def evaluate(model: MedusaHeads, hidden: np.ndarray, labels: np.ndarray, top_k: 
         h = torch.from_numpy(hidden[i:i + batch].astype(np.float32))
         lab = labels[i:i + batch]
         y = torch.from_numpy(_map_labels(lab, label_map))
-        logits = model(h)
+        logits = model(h, _rows(roots, slice(i, i + batch)))
         top = logits.topk(top_k, dim=-1).indices
         for k in range(K):
             valid = torch.from_numpy(lab[:, k] >= 0)
@@ -185,11 +210,14 @@ class Trainer:
     """Trains heads on feature rows with checkpoints in ``work_dir`` (resumable)."""
 
     def __init__(self, cfg: TrainConfig, lm_head: np.ndarray, work_dir: Path, progress: bool = True,
-                 draft_vocab: Optional[np.ndarray] = None) -> None:
+                 draft_vocab: Optional[np.ndarray] = None, embedding: Optional[np.ndarray] = None) -> None:
         """``draft_vocab`` (shared lm_head only): token ids the heads are trained to rank among
         (the softmax runs over those rows of the lm_head: the same ranking the engine does with
-        a draft vocabulary, at a fraction of the cost)."""
+        a draft vocabulary, at a fraction of the cost). ``embedding``: the base model's token
+        embedding table, needed with ``cfg.root_input``."""
         cfg.validate()
+        if cfg.root_input and embedding is None:
+            raise InvalidArgumentError("root_input heads need the base model's embedding table")
         self.cfg, self.work_dir, self.progress = cfg, Path(work_dir), progress
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
@@ -203,7 +231,8 @@ class Trainer:
             self.label_map = np.full(proj.shape[0], -1, dtype=np.int64)
             self.label_map[self.draft_vocab] = np.arange(self.draft_vocab.size)
             proj = np.ascontiguousarray(proj[self.draft_vocab])
-        self.model = MedusaHeads(torch.from_numpy(proj), cfg.num_heads, cfg.num_layers, cfg.shared_lm_head)
+        emb = torch.from_numpy(np.array(embedding, dtype=np.float32)) if cfg.root_input else None
+        self.model = MedusaHeads(torch.from_numpy(proj), cfg.num_heads, cfg.num_layers, cfg.shared_lm_head, emb)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
@@ -229,7 +258,7 @@ class Trainer:
         mine = asdict(self.cfg)
         theirs = ck["config"]
         keys = ("num_heads", "num_layers", "shared_lm_head", "epochs", "lr", "batch_size", "decay", "warmup", "seed",
-                "draft_coverage", "distill")
+                "draft_coverage", "distill", "root_input")
         diff = [k for k in keys if mine[k] != theirs.get(k, TrainConfig.__dataclass_fields__[k].default)]
         mine_vocab = None if self.draft_vocab is None else self.draft_vocab.tolist()
         if ck.get("draft_vocab") != mine_vocab:
@@ -256,11 +285,14 @@ class Trainer:
         teacher = torch.softmax(h @ self.model.lm_head.T, -1).view(K, idx.size, -1)
         return teacher, torch.from_numpy(raw_labels >= 0)
 
-    def fit(self, hidden: np.ndarray, labels: np.ndarray) -> None:
+    def fit(self, hidden: np.ndarray, labels: np.ndarray, roots: Optional[np.ndarray] = None) -> None:
         """Trains on all rows for cfg.epochs (continuing from self.step). The rows of an answer must
         be consecutive positions (as :func:`.data.extract_hidden_states` stores them) when
-        cfg.distill > 0: the teacher of head k at a row is the row 1 + k further on."""
+        cfg.distill > 0: the teacher of head k at a row is the row 1 + k further on. ``roots``
+        (the rows' root tokens) is needed with cfg.root_input."""
         cfg = self.cfg
+        if cfg.root_input and roots is None:
+            raise InvalidArgumentError("root_input training needs the rows' root tokens")
         n = hidden.shape[0]
         if n == 0:
             raise InvalidArgumentError("no training rows")
@@ -279,7 +311,7 @@ class Trainer:
             y = torch.from_numpy(_map_labels(labels[idx], self.label_map))
             for g in self.opt.param_groups:
                 g["lr"] = lr_at(self.step, total, cfg)
-            logits = self.model(h)
+            logits = self.model(h, _rows(roots, idx) if cfg.root_input else None)
             teacher = valid = None
             if cfg.distill > 0:
                 teacher, valid = self._teacher(hidden, idx, labels[idx])
@@ -312,7 +344,9 @@ class Trainer:
             sys.stderr.write(f"\n[medusa_rt] training done: {total} steps, {time.time() - t0:.0f} s this run\n")
         self.model.eval()
 
-    def evaluate(self, hidden: np.ndarray, labels: np.ndarray, top_k: int = 10) -> Dict[str, object]:
+    def evaluate(self, hidden: np.ndarray, labels: np.ndarray, top_k: int = 10,
+                 roots: Optional[np.ndarray] = None) -> Dict[str, object]:
         """Held-out metrics (see :func:`evaluate`), over the draft vocabulary if there is one."""
         self.model.eval()
-        return evaluate(self.model, hidden, labels, top_k, label_map=self.label_map)
+        return evaluate(self.model, hidden, labels, top_k, label_map=self.label_map,
+                        roots=roots if self.cfg.root_input else None)
