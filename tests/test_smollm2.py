@@ -123,9 +123,10 @@ def test_medusa_on_smollm2_is_lossless(engine, tmp_path):
 
 def test_shipped_heads_accept_on_held_out_prompts(engine):
     """The heads shipped for the default model, installed by pull: lossless, and accepting on
-    held-out prompts with a 16-node tree fitted to their accuracy table (measured 1.66 tokens per
-    step on this subset with the heads trained on 2,304 prompts, 1.62 with the earlier ones;
-    random heads give about 1.15; the trained-heads issue asks for 1.8, not reached yet)."""
+    held-out prompts with a 16-node tree fitted to their accuracy table (measured 1.73 tokens per
+    step on this subset with the root-input heads trained on 1,728 prompts, 1.66 with the plain
+    heads trained on 2,304, 1.62 with the earlier ones; random heads give about 1.15; the
+    trained-heads issue asks for 1.8, not reached yet at 16 nodes)."""
     import json
 
     from medusa_rt.train import tree_fit
@@ -143,7 +144,7 @@ def test_shipped_heads_accept_on_held_out_prompts(engine):
     assert len({c for c, _ in items}) >= 4
     ev = evaluate_heads(eng, items, max_new_tokens=48, check=True, progress=False)
     assert ev["mismatches"] == 0
-    assert ev["overall"]["tokens_per_step"] > 1.45, ev["categories"]
+    assert ev["overall"]["tokens_per_step"] > 1.6, ev["categories"]
 
 
 def test_auto_tree_with_a_short_cache():
