@@ -132,8 +132,7 @@ def test_train_heads_end_to_end(tiny, capsys):
 
 
 def test_train_own_projection_layout(tiny):
-    from medusa_rt.train.heads_np import RuntimeHeads, accuracy_table, load_lm_head
-    from medusa_rt.train.pipeline import write_trained_heads
+    from medusa_rt.train.heads_np import accuracy_table, load_lm_head
     from medusa_rt.train.trainer import TrainConfig, Trainer
 
     tmp, base = tiny
@@ -145,20 +144,13 @@ def test_train_own_projection_layout(tiny):
     feats = data.extract_hidden_states(eng, recs, 3, tmp / "own_feats.npz", progress=False)
     cfg = TrainConfig(num_heads=3, shared_lm_head=False, epochs=30, batch_size=64, lr=3e-3)
     tr = Trainer(cfg, lm, tmp / "own_work", progress=False)
-    before = tr.evaluate(feats.hidden, feats.labels)
-    tr.fit(feats.hidden, feats.labels)
-    after = tr.evaluate(feats.hidden, feats.labels)
-    assert np.mean(after["loss"]) < np.mean(before["loss"])
     out = tmp / "own_heads.safetensors"
-    report = {"expected_tokens_per_step": 1.5, "accuracy_table": after["table"], "tree": [[0], [0, 0], [1]],
-              "prompts": 6, "answer_tokens": 0, "rows": {}, "config": {}, "held_out": {}}
-    write_trained_heads(tr.model.layout_tensors(), out, eng, "fp32", report)
-    heads = RuntimeHeads.load(out)
+    after, heads = _train_and_export(tr, feats, eng, out)
     assert heads.projections is not None
     # NumPy heads reproduce torch's accuracy table; the engine loads and uses them losslessly.
     table = accuracy_table(heads, feats.hidden, feats.labels, lm, 10)
     assert np.allclose(table, after["table"], atol=0.02)
-    e2 = Engine(base, dtype="fp32", medusa_heads=out, medusa_max_batch=1, tree=report["tree"])
+    e2 = Engine(base, dtype="fp32", medusa_heads=out, medusa_max_batch=1, tree=TRAINED_TREE)
     assert e2.info.tree_nodes == 4
     r = e2.generate(seqs[0][:8], max_new_tokens=24)
     assert r.tokens == e2.generate(seqs[0][:8], max_new_tokens=24, medusa=False).tokens
@@ -302,8 +294,7 @@ def test_features_reused_for_a_grown_reordered_answer_set(tiny):
 def test_train_heads_with_a_root_input(tiny):
     """Root-input heads (the token the base model emits at the row, through its embedding) learn,
     and the heads file they export gives the same accuracy table in NumPy as in torch."""
-    from medusa_rt.train.heads_np import RuntimeHeads, accuracy_table, load_embedding, load_lm_head
-    from medusa_rt.train.pipeline import write_trained_heads
+    from medusa_rt.train.heads_np import accuracy_table, load_embedding, load_lm_head
     from medusa_rt.train.trainer import TrainConfig, Trainer
 
     tmp, base = tiny
@@ -321,18 +312,30 @@ def test_train_heads_with_a_root_input(tiny):
     tr = Trainer(cfg, lm, tmp / "root_work", progress=False, embedding=emb)
     with pytest.raises(InvalidArgumentError, match="root tokens"):
         tr.fit(feats.hidden, feats.labels)
-    before = tr.evaluate(feats.hidden, feats.labels, roots=feats.roots)
-    tr.fit(feats.hidden, feats.labels, feats.roots)
-    after = tr.evaluate(feats.hidden, feats.labels, roots=feats.roots)
-    assert np.mean(after["loss"]) < np.mean(before["loss"])
     out = tmp / "root_heads.safetensors"
-    report = {"expected_tokens_per_step": 1.5, "accuracy_table": after["table"], "tree": [[0], [0, 0], [1]],
-              "prompts": 6, "answer_tokens": 0, "rows": {}, "config": {}, "held_out": {}}
-    write_trained_heads(tr.model.layout_tensors(), out, eng, "fp32", report)
-    heads = RuntimeHeads.load(out)
+    after, heads = _train_and_export(tr, feats, eng, out, feats.roots)
     assert heads.metadata["format_version"] == "2" and heads.roots is not None
     table = accuracy_table(heads, feats.hidden, feats.labels, lm, 10, roots=feats.roots, embedding=emb)
     assert np.allclose(table, after["table"], atol=0.02)
-    e2 = Engine(base, dtype="fp32", medusa_heads=out, medusa_max_batch=1, tree=report["tree"])
+    e2 = Engine(base, dtype="fp32", medusa_heads=out, medusa_max_batch=1, tree=TRAINED_TREE)
     r = e2.generate(seqs[0][:8], max_new_tokens=24)
     assert r.tokens == e2.generate(seqs[0][:8], max_new_tokens=24, medusa=False).tokens
+
+
+TRAINED_TREE = [[0], [0, 0], [1]]  # the tree _train_and_export records in its heads files
+
+
+def _train_and_export(tr, feats, eng, out, roots=None):
+    """Trains on all rows, checks the loss fell, writes the heads file; returns (metrics after
+    training, the file's NumPy heads)."""
+    from medusa_rt.train.heads_np import RuntimeHeads
+    from medusa_rt.train.pipeline import write_trained_heads
+
+    before = tr.evaluate(feats.hidden, feats.labels, roots=roots)
+    tr.fit(feats.hidden, feats.labels, roots)
+    after = tr.evaluate(feats.hidden, feats.labels, roots=roots)
+    assert np.mean(after["loss"]) < np.mean(before["loss"])
+    report = {"expected_tokens_per_step": 1.5, "accuracy_table": after["table"], "tree": TRAINED_TREE,
+              "prompts": 6, "answer_tokens": 0, "rows": {}, "config": {}, "held_out": {}}
+    write_trained_heads(tr.model.layout_tensors(), out, eng, "fp32", report)
+    return after, RuntimeHeads.load(out)

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Union
 
 import numpy as np
 
-from ..errors import ModelFormatError, ModelNotFoundError
+from ..errors import InvalidArgumentError, ModelFormatError, ModelNotFoundError
 from ..export.safetensors_io import SafetensorsFile, bf16_bits_to_f32
 
 
@@ -99,7 +99,7 @@ class RuntimeHeads:
         x = np.asarray(hidden, dtype=np.float32)
         if self.roots is not None:
             if root_emb is None:
-                raise ValueError("these heads have a root input: pass the root tokens' embeddings")
+                raise InvalidArgumentError("these heads have a root input: pass the root tokens' embeddings")
             x = x + root_emb @ self.roots[k].T
         for w, b in self.blocks[k]:
             z = x @ w.T + b
@@ -130,7 +130,7 @@ def accuracy_table(heads: RuntimeHeads, hidden: np.ndarray, labels: np.ndarray, 
     model's ``embedding`` table."""
     K = heads.num_heads
     if heads.roots is not None and (roots is None or embedding is None):
-        raise ValueError("these heads have a root input: pass the rows' root tokens and the embedding table")
+        raise InvalidArgumentError("these heads have a root input: pass the rows' root tokens and the embedding table")
     hits = np.zeros((K, k_top), dtype=np.int64)
     counts = np.zeros(K, dtype=np.int64)
     for i in range(0, hidden.shape[0], chunk):
