@@ -382,5 +382,78 @@ def test_root_input_file_errors(setup, tmp_path):
         medusa_rt.Engine(d, medusa_heads=rewrite(drop="medusa.1.root.weight"), medusa_max_batch=16)
     with pytest.raises(ModelFormatError, match="needs format_version 2"):
         medusa_rt.Engine(d, medusa_heads=rewrite(version="1"), medusa_max_batch=16)
-    with pytest.raises(medusa_rt.errors.UnsupportedModelError, match="format_version 3"):
+    with pytest.raises(ModelFormatError, match=r"medusa\.1\.path\.1\.weight"):
         medusa_rt.Engine(d, medusa_heads=rewrite(version="3"), medusa_max_batch=16)
+    with pytest.raises(medusa_rt.errors.UnsupportedModelError, match="format_version 4"):
+        medusa_rt.Engine(d, medusa_heads=rewrite(version="4"), medusa_max_batch=16)
+
+
+def _path_heads(setup, scale=0.5, seed=5):
+    """Root-input heads plus a random path input P_kj (j = 1..k) per head (published names)."""
+    g = torch.Generator().manual_seed(seed)
+    state = _root_heads(setup)
+    for k in range(4):
+        for j in range(1, k + 1):
+            state[f"{k}.path.{j}.weight"] = torch.randn(96, 96, generator=g) * scale
+    return state
+
+
+def test_heads_with_a_path_input(setup, tmp_path):
+    """Heads that read their tree path (format_version 3, Hydra-style): every tree node with
+    children has its own candidates, an independent NumPy evaluation of head d on h + R_d e(root)
+    + sum_j P_dj e(path_j) with the node's path as the engine drafted it; lossless, same in both
+    step kinds and across batch sizes."""
+    import numpy as np
+
+    from medusa_rt import _core
+    from medusa_rt.export.safetensors_io import SafetensorsFile
+    from medusa_rt.train.heads_np import RuntimeHeads, load_embedding, load_lm_head
+
+    d = _with_heads(setup, "path", write_heads_only(_path_heads(setup), tmp_path / "src"))
+    heads_file = d / "medusa_heads.safetensors"
+    with SafetensorsFile(heads_file) as f:
+        assert f.metadata["format_version"] == "3" and "medusa.3.path.3.weight" in f.keys()
+    tree = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [1, 0, 0], [0, 1, 0]]
+    nodes = [()] + sorted(map(tuple, tree), key=lambda p: (len(p), p))  # the engine's node order
+    assert [list(p) for p in _core.TreeSpec(tree).paths] == [list(p) for p in nodes[1:]]
+    engine = medusa_rt.Engine(d, dtype="fp32", max_seq_len=256, tree=tree, medusa_max_batch=16)
+    heads = RuntimeHeads.load(heads_file)
+    assert heads.paths is not None and len(heads.paths[3]) == 3
+    lm, emb = load_lm_head(d), load_embedding(d)
+    checked = differs = 0
+    for p in _unseen(3):
+        tokens, steps = _record_steps(engine, p, 40)
+        assert tokens == engine.generate(p, max_new_tokens=40, ignore_eos=True, medusa=False).tokens
+        seq = p + tokens
+        with engine.session() as s:
+            hidden = s.hidden_states(seq)
+        for pos, tree_tokens in steps:
+            h, root = hidden[pos - 1:pos], seq[pos]
+            assert tree_tokens[0] == root
+            tok = dict(zip(nodes, tree_tokens))
+            for parent in nodes:
+                children = [c for c in nodes if len(c) == len(parent) + 1 and c[:-1] == parent]
+                if not children:
+                    continue
+                depth = len(parent)
+                path_emb = [emb[[tok[parent[:j]]]] for j in range(1, depth + 1)]
+                pad = [np.zeros_like(emb[[root]])] * (3 - depth)  # heads past this depth: not compared
+                want = heads.top_k(h, lm, 3, emb[[root]], path_emb + pad)[depth, 0]
+                for c in children:
+                    assert tok[c] == int(want[c[-1]]), (parent, c)
+                    checked += 1
+            differs += tok[(0, 0)] != tok[(1, 0)]  # same head and rank, different paths
+    assert checked > 0 and differs > 0  # the path input changes the candidates: the check has teeth
+    stats = {}
+    for fused in ("1", "0"):
+        import os
+        os.environ["MEDUSA_RT_FUSED_STEP"] = fused
+        try:
+            e = medusa_rt.Engine(d, dtype="fp32", max_seq_len=256, max_batch_size=3, tree=tree, medusa_max_batch=16)
+            stats[fused] = [(r.tokens, r.stats.accepted_per_head)
+                            for r in e.generate_batch(_unseen(3), max_new_tokens=30, ignore_eos=True)]
+        finally:
+            del os.environ["MEDUSA_RT_FUSED_STEP"]
+    assert stats["1"] == stats["0"]
+    alone = [engine.generate(p, max_new_tokens=30, ignore_eos=True) for p in _unseen(3)]
+    assert [r.tokens for r in alone] == [t for t, _ in stats["1"]]

@@ -322,6 +322,38 @@ def test_train_heads_with_a_root_input(tiny):
     assert r.tokens == e2.generate(seqs[0][:8], max_new_tokens=24, medusa=False).tokens
 
 
+def test_train_heads_with_a_path_input(tiny):
+    """Path-input heads (Hydra-style: head k also reads the path's tokens, the true ones in
+    training) learn, export as heads format 3, give the same accuracy table (given the true path)
+    in NumPy as in torch, and decode losslessly through the engine with a branching tree."""
+    from medusa_rt.train.heads_np import accuracy_table, load_embedding, load_lm_head
+    from medusa_rt.train.trainer import TrainConfig, Trainer
+
+    tmp, base = tiny
+    eng = Engine(base, dtype="fp32", medusa_max_batch=0)
+    lm, emb = load_lm_head(base), load_embedding(base)
+    rng = np.random.default_rng(6)
+    seqs = [rng.integers(3, eng.info.vocab_size, 40).tolist() for _ in range(6)]
+    recs = [{"prompt_ids": s[:8], "answer_ids": s[8:]} for s in seqs]
+    feats = data.extract_hidden_states(eng, recs, 3, tmp / "path_feats.npz", progress=False)
+    with pytest.raises(InvalidArgumentError, match="path_input needs root_input"):
+        TrainConfig(path_input=True).validate()
+    cfg = TrainConfig(num_heads=3, epochs=30, batch_size=64, lr=3e-3, root_input=True, path_input=True)
+    tr = Trainer(cfg, lm, tmp / "path_work", progress=False, embedding=emb)
+    out = tmp / "path_heads.safetensors"
+    after, heads = _train_and_export(tr, feats, eng, out, feats.roots)
+    assert heads.metadata["format_version"] == "3" and heads.paths is not None
+    assert [len(p) for p in heads.paths] == [0, 1, 2]
+    assert any(np.abs(p).max() > 0 for p in heads.paths[2])  # the path matrices were trained
+    table = accuracy_table(heads, feats.hidden, feats.labels, lm, 10, roots=feats.roots, embedding=emb)
+    assert np.allclose(table, after["table"], atol=0.02)
+    tree = [[0], [1], [0, 0], [1, 0], [0, 0, 0], [1, 0, 0]]
+    e2 = Engine(base, dtype="fp32", medusa_heads=out, medusa_max_batch=1, tree=tree)
+    for s in seqs[:2]:
+        r = e2.generate(s[:8], max_new_tokens=24)
+        assert r.tokens == e2.generate(s[:8], max_new_tokens=24, medusa=False).tokens
+
+
 TRAINED_TREE = [[0], [0, 0], [1]]  # the tree _train_and_export records in its heads files
 
 

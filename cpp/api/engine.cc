@@ -366,12 +366,12 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
     const int limit = std::min(tree.num_nodes(), max_seq);
     const int context = std::max(0, std::min(kCalibrationContext, max_seq - limit));
     const TreeSpec plain;
-    // The heads' time by tree depth (a tree runs only the heads it reads), never less for a deeper one.
-    std::vector<double> heads_by_depth(tree.max_depth() + 1, 0.0);
-    for (int d = 1; d <= tree.max_depth(); ++d) {
-      heads_by_depth[d] = std::max(heads_by_depth[d - 1], e.decoder->time_heads(1, 3, d));
-    }
-    auto heads_s = [&](const TreeSpec& t) { return heads_by_depth[t.max_depth()]; };
+    // The heads' time per tree (a tree runs only the heads it reads; with a path input, once per
+    // node with children), never less for a larger one.
+    std::vector<double> heads_time;  // [size]
+    auto time_heads = [&](const TreeSpec& t) {
+      heads_time.push_back(std::max(heads_time.empty() ? 0.0 : heads_time.back(), e.decoder->time_heads(1, 3, &t)));
+    };
     const double best_possible = expected_tokens_per_step(heads_meta.accuracy_table, tree.paths());
     // Round 0 finds the sizes worth timing: the search stops once no larger tree can win, with
     // slack for a single timing's noise.
@@ -381,11 +381,12 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
     double best_rate = 0;
     for (int n : auto_tree_sizes(limit)) {
       trees.push_back(fitted_tree(heads_meta, n, options.medusa_top_k));
+      time_heads(trees.back());
       const double step = e.decoder->time_forward(1, trees.back(), n, 1, context);
       ratios.push_back({step / plain_s[0]});
       best_rate = std::max(best_rate, expected_tokens_per_step(heads_meta.accuracy_table, trees.back().paths()) /
-                                          (step + heads_s(trees.back())));
-      if (best_possible / (step + heads_s(trees.back())) < best_rate / kCalibrationSlack) break;
+                                          (step + heads_time.back()));
+      if (best_possible / (step + heads_time.back()) < best_rate / kCalibrationSlack) break;
     }
     // More rounds, each a plain step then every size once: on a shared machine timings drift
     // and jump by 10-20% between runs, so a size's cost is the median of its ratios to the plain
@@ -405,7 +406,7 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
       TreeCalibration cal;
       cal.nodes = trees[i].num_nodes();
       cal.expected_tokens_per_step = expected_tokens_per_step(heads_meta.accuracy_table, trees[i].paths());
-      cal.step_seconds = best_ratio * info.plain_step_seconds + heads_s(trees[i]);
+      cal.step_seconds = best_ratio * info.plain_step_seconds + heads_time[i];
       cal.tokens_per_second = cal.expected_tokens_per_step / cal.step_seconds;
       info.calibration.push_back(cal);
       if (cal.tokens_per_second > best_rate) best_rate = cal.tokens_per_second, best = trees[i];
@@ -815,7 +816,7 @@ std::vector<double> time_tree_step(Engine& engine, int nodes, int reps, int cont
   }
   const TreeSpec t = tree.truncated(nodes);
   return {e.decoder->time_forward(1, t, nodes, reps, context),
-          nodes > 1 ? e.decoder->time_heads(1, reps, t.max_depth()) : 0.0};
+          nodes > 1 ? e.decoder->time_heads(1, reps, &t) : 0.0};
 }
 
 double stream_bandwidth(size_t bytes, int threads, int reps) {

@@ -16,8 +16,12 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 // Test oracle: head h's list holds the true token for position length + 1 + h at rank
-// (length + h) % top_k (or rank 0), and distinct wrong tokens elsewhere.
-void apply_oracle(SequenceState& s, int num_heads, int top_k, int vocab) {
+// (length + h) % top_k (or rank 0), and distinct wrong tokens elsewhere; node (depth d, rank r)
+// of the tree takes head d - 1's rank-r token (whatever the heads' kind), placed where the
+// plan reads it.
+void apply_oracle(SequenceState& s, const TreeSpec& tree, const HeadsPlan& plan, int num_heads, int top_k, int vocab,
+                  std::vector<int32_t>& lists) {
+  lists.resize(size_t(num_heads) * top_k);
   for (int h = 0; h < num_heads; ++h) {
     const size_t pos = size_t(s.length) + 1 + h;
     const int32_t truth = pos < s.oracle.size() ? s.oracle[pos] : 0;
@@ -30,8 +34,12 @@ void apply_oracle(SequenceState& s, int num_heads, int top_k, int vocab) {
         if (wrong == truth) wrong = (wrong + 1) % vocab;
         tok = wrong;
       }
-      s.candidates[size_t(h) * top_k + j] = tok;
+      lists[size_t(h) * top_k + j] = tok;
     }
+  }
+  s.candidates.assign(size_t(plan.blocks) * plan.width, 0);
+  for (int i = 1; i < tree.num_nodes(); ++i) {
+    s.candidates[plan.index[i]] = lists[size_t(tree.depths()[i] - 1) * top_k + tree.ranks()[i]];
   }
 }
 
@@ -70,11 +78,12 @@ Decoder::Decoder(LlamaModel& model, MedusaHeads* heads, TreeSpec tree, int max_b
     d_head_in_ = static_cast<float*>(buffers_.buffer(sizeof(float) * H * max_batch, "Medusa head input"));
     d_head_roots_ = static_cast<int32_t*>(buffers_.buffer(sizeof(int32_t) * max_batch, "Medusa head input"));
     head_roots_.reserve(max_batch);
-    const size_t nc = size_t(heads_->num_heads()) * max_batch * heads_->top_k();
+    plan_ = heads_->plan(tree_);
+    cand_stride_ = plan_.blocks * plan_.width;
+    const size_t nc = size_t(cand_stride_) * max_batch;
     d_candidates_ = static_cast<int32_t*>(buffers_.buffer(sizeof(int32_t) * nc, "Medusa candidates"));
     model.backend().fill_zero(d_candidates_, sizeof(int32_t) * nc);  // heads past the tree's depth stay 0
     candidates_host_.resize(nc);
-    heads_depth_ = std::clamp(tree_.max_depth(), 1, heads_->num_heads());
   }
 
   // Fused step state.
@@ -85,14 +94,14 @@ Decoder::Decoder(LlamaModel& model, MedusaHeads* heads, TreeSpec tree, int max_b
   };
   d_len_ = ibuf(slots, "sequence lengths");
   d_root_ = ibuf(slots, "pending tokens");
-  if (heads_) d_cand_ = ibuf(size_t(slots) * heads_->num_heads() * heads_->top_k(), "Medusa candidates per slot");
+  if (heads_) d_cand_ = ibuf(size_t(slots) * cand_stride_, "Medusa candidates per slot");
   d_bslots_ = ibuf(max_batch, "step slots");
   d_out_ = ibuf(size_t(max_batch) * (D + 2), "accepted tokens");
   out_host_.resize(size_t(max_batch) * (D + 2));
   std::vector<int32_t> depths(tree_.depths().begin(), tree_.depths().end());
-  std::vector<int32_t> ranks(T), parents(tree_.parents().begin(), tree_.parents().end()), anc_off{0}, anc;
+  std::vector<int32_t> cidx(heads_ ? plan_.index : std::vector<int32_t>(T, 0));
+  std::vector<int32_t> parents(tree_.parents().begin(), tree_.parents().end()), anc_off{0}, anc;
   for (int i = 0; i < T; ++i) {
-    ranks[i] = std::max(0, tree_.ranks()[i]);
     for (int a : tree_.ancestors()[i]) anc.push_back(a);
     anc_off.push_back(static_cast<int32_t>(anc.size()));
   }
@@ -102,7 +111,7 @@ Decoder::Decoder(LlamaModel& model, MedusaHeads* heads, TreeSpec tree, int max_b
     return d;
   };
   d_depths_ = upload(depths, "tree");
-  d_ranks_ = upload(ranks, "tree");
+  d_cidx_ = upload(cidx, "tree");
   d_parents_ = upload(parents, "tree");
   d_anc_off_ = upload(anc_off, "tree");
   d_anc_ = upload(anc, "tree");
@@ -125,19 +134,19 @@ void Decoder::run_heads(SequenceState* const* seqs, const int32_t* hidden_rows, 
     for (int r = 0; r < n; ++r) head_roots_.push_back(seqs[r]->root);
     be.copy_to_device(d_head_roots_, head_roots_.data(), sizeof(int32_t) * n);
   }
-  heads_->candidates(d_head_in_, d_head_roots_, n, heads_depth_, d_candidates_);
-  const int K = heads_->num_heads(), k = heads_->top_k();
-  be.copy_to_host(candidates_host_.data(), d_candidates_, sizeof(int32_t) * size_t(K) * n * k);
+  heads_->candidates(d_head_in_, d_head_roots_, n, plan_, d_candidates_);
+  const int B = plan_.blocks, W = plan_.width;
+  be.copy_to_host(candidates_host_.data(), d_candidates_, sizeof(int32_t) * size_t(cand_stride_) * n);
   for (int r = 0; r < n; ++r) {
     SequenceState& s = *seqs[r];
-    s.candidates.resize(size_t(K) * k);
-    for (int h = 0; h < K; ++h) {
-      std::copy_n(candidates_host_.data() + (size_t(h) * n + r) * k, k, s.candidates.data() + size_t(h) * k);
+    s.candidates.resize(cand_stride_);
+    for (int b = 0; b < B; ++b) {
+      std::copy_n(candidates_host_.data() + (size_t(b) * n + r) * W, W, s.candidates.data() + size_t(b) * W);
     }
     s.has_candidates = true;
     s.candidates_on_host = true;
     s.candidates_on_device = false;
-    if (!s.oracle.empty()) apply_oracle(s, K, k, vocab_);
+    if (!s.oracle.empty()) apply_oracle(s, tree_, plan_, heads_->num_heads(), heads_->top_k(), vocab_, oracle_);
   }
   forward_seconds_ += std::chrono::duration<double>(Clock::now() - t0).count();
 }
@@ -202,7 +211,7 @@ void Decoder::append(SequenceState& s, const int32_t* tokens, int n, bool with_h
 
 void Decoder::candidates_to_host(SequenceState& s) {
   if (s.candidates_on_host || !s.candidates_on_device) return;
-  const size_t nc = size_t(heads_->num_heads()) * heads_->top_k();
+  const size_t nc = cand_stride_;
   s.candidates.resize(nc);
   model_.backend().copy_to_host(s.candidates.data(), d_cand_ + size_t(s.slot) * nc, nc * sizeof(int32_t));
   s.candidates_on_host = true;
@@ -244,15 +253,14 @@ bool Decoder::step_fused(SequenceState* const* seqs, int n, bool allow_trees) {
       s.device_synced = true;
     }
     if (T > 1) {
-      const int K = heads_->num_heads(), k = heads_->top_k();
       if (!s.oracle.empty()) {  // test hook: the oracle's candidates replace the heads'
-        s.candidates.resize(size_t(K) * k);
-        apply_oracle(s, K, k, vocab_);
+        apply_oracle(s, tree_, plan_, heads_->num_heads(), heads_->top_k(), vocab_, oracle_);
         s.candidates_on_host = true;
         s.candidates_on_device = false;
       }
       if (!s.candidates_on_device) {
-        be.copy_to_device(d_cand_ + size_t(s.slot) * K * k, s.candidates.data(), sizeof(int32_t) * K * k);
+        be.copy_to_device(d_cand_ + size_t(s.slot) * cand_stride_, s.candidates.data(),
+                          sizeof(int32_t) * cand_stride_);
         s.candidates_on_device = true;
       }
     }
@@ -300,14 +308,13 @@ void Decoder::fused_body(int n, int T, bool with_heads) {
   TreeRowsArgs ta;
   ta.n = n;
   ta.T = T;
-  ta.top_k = heads_ ? heads_->top_k() : 0;
-  ta.num_heads = heads_ ? heads_->num_heads() : 0;
+  ta.cand_stride = cand_stride_;
   ta.batch_slots = d_bslots_;
   ta.lengths = d_len_;
   ta.roots = d_root_;
   ta.candidates = d_cand_;
   ta.depths = d_depths_;
-  ta.ranks = d_ranks_;
+  ta.cand_index = d_cidx_;
   ta.anc_offsets = d_anc_off_;
   ta.ancestors = d_anc_;
   ta.tokens = d.tokens;
@@ -338,14 +345,14 @@ void Decoder::fused_body(int n, int T, bool with_heads) {
   be.accept_greedy(aa);
   model_.copy_kv_device(n * aa.max_depth);
   if (with_heads) {
-    const int H = model_.config().hidden_size, K = heads_->num_heads(), k = heads_->top_k();
+    const int H = model_.config().hidden_size;
     be.gather_rows(model_.hidden(), H, d_index_, n, d_head_in_);
     if (heads_->root_input()) {  // row r's root: the new root of its slot
       be.copy_on_device(d_head_roots_, d_bslots_, sizeof(int32_t) * n);
       be.map_ids(d_head_roots_, size_t(n), d_root_);
     }
-    heads_->candidates(d_head_in_, d_head_roots_, n, heads_depth_, d_candidates_);
-    be.scatter_candidates(d_candidates_, n, K, k, d_bslots_, d_cand_);
+    heads_->candidates(d_head_in_, d_head_roots_, n, plan_, d_candidates_);
+    be.scatter_candidates(d_candidates_, n, plan_.blocks, plan_.width, d_bslots_, d_cand_);
   }
 }
 
@@ -371,10 +378,9 @@ void Decoder::step(SequenceState* const* seqs, int n, bool allow_trees) {
     const int T = s.tree_step ? std::min(tree_.num_nodes(), room) : 1;
     row_base_.push_back(rows_.size());
     num_nodes_.push_back(T);
-    const int top_k = heads_ ? heads_->top_k() : 0;
     for (int i = 0; i < T; ++i) {
       const int depth = tree_.depths()[i];
-      const int32_t tok = i == 0 ? s.root : s.candidates[size_t(depth - 1) * top_k + tree_.ranks()[i]];
+      const int32_t tok = i == 0 ? s.root : s.candidates[plan_.index[i]];
       rows_.tokens.push_back(tok);
       tokens_.push_back(tok);
       rows_.positions.push_back(s.length + depth);
@@ -510,18 +516,25 @@ double Decoder::time_forward(int batch, const TreeSpec& tree, int nodes, int rep
   return best;
 }
 
-double Decoder::time_heads(int rows, int reps, int depth) {
+double Decoder::time_heads(int rows, int reps, const TreeSpec* tree) {
   if (!heads_) return 0;
   rows = std::min(rows, max_batch_);
-  depth = depth > 0 ? std::min(depth, heads_->num_heads()) : heads_depth_;
+  const HeadsPlan other = tree ? heads_->plan(*tree) : HeadsPlan();
+  const HeadsPlan& plan = tree ? other : plan_;
   Backend& be = model_.backend();
+  WeightArena scratch(be);
+  int32_t* out = d_candidates_;
+  if (plan.blocks * plan.width > cand_stride_) {  // a larger tree than this decoder's
+    out = static_cast<int32_t*>(scratch.buffer(sizeof(int32_t) * size_t(plan.blocks) * plan.width * rows,
+                                               "Medusa candidates"));
+  }
   be.fill_zero(d_head_in_, sizeof(float) * size_t(rows) * model_.config().hidden_size);
   be.fill_zero(d_head_roots_, sizeof(int32_t) * size_t(rows));
   be.synchronize();
   double best = 1e30;
   for (int rep = 0; rep < reps; ++rep) {
     const auto t0 = Clock::now();
-    heads_->candidates(d_head_in_, d_head_roots_, rows, depth, d_candidates_);
+    heads_->candidates(d_head_in_, d_head_roots_, rows, plan, out);
     be.synchronize();
     best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
   }

@@ -32,7 +32,7 @@ struct SequenceState {
   int slot = -1;
   int length = 0;                   // tokens in the slot's KV cache
   int32_t root = -1;                // pending token: in the output, not yet in the cache
-  std::vector<int32_t> candidates;  // [num_heads][top_k] head candidates for the root's successors
+  std::vector<int32_t> candidates;  // the heads' candidates for the root's successors (HeadsPlan layout)
   bool has_candidates = false;
   StepOptions options;              // how this sequence decodes (medusa: run the heads, verify trees)
   // Filled by step(): the accepted speculative tokens followed by the bonus token (the new root).
@@ -93,8 +93,8 @@ class Decoder {
   // slots 0..batch-1.
   double time_forward(int batch, const TreeSpec& tree, int nodes, int reps = 3, int context = 0);
   // Seconds (best of reps) of the heads' candidates for `rows` sequences (0 without heads), for
-  // a tree `depth` deep (0: this decoder's tree).
-  double time_heads(int rows, int reps = 3, int depth = 0);
+  // `tree` (null: this decoder's tree).
+  double time_heads(int rows, int reps = 3, const TreeSpec* tree = nullptr);
 
   // Seconds spent in model and head forwards since construction (statistics).
   double forward_seconds() const { return forward_seconds_; }
@@ -126,19 +126,20 @@ class Decoder {
   int32_t* d_index_ = nullptr;
   float* d_head_in_ = nullptr;
   int32_t* d_head_roots_ = nullptr;  // [max_batch] the root token of each head input row
-  int heads_depth_ = 0;              // heads that run: the tree's depth (deeper heads are never read)
+  HeadsPlan plan_;                   // how the heads draft this decoder's tree
+  int cand_stride_ = 0;              // candidates per sequence (plan_.blocks * plan_.width)
   int32_t* d_candidates_ = nullptr;
-  std::vector<int32_t> argmax_, tokens_, candidates_host_, head_roots_, copy_slots_, copy_src_, copy_dst_, hidden_rows_;
+  std::vector<int32_t> argmax_, tokens_, candidates_host_, oracle_, head_roots_, copy_slots_, copy_src_, copy_dst_, hidden_rows_;
   std::vector<int> row_base_, num_nodes_, path_;
   std::vector<float> lse_, entropy_;
   TypicalScratch typical_;
   double forward_seconds_ = 0;
 
-  // Fused step state (backend memory): per slot length, root and candidates [slot][heads][top_k];
-  // the batch's slots; the tree (depths, ranks, parents, ancestors-or-self CSR); the output
+  // Fused step state (backend memory): per slot length, root and candidates [slot][cand_stride_];
+  // the batch's slots; the tree (depths, candidate indices, parents, ancestors-or-self CSR); the output
   // blocks [max_batch][max_depth + 2].
   int32_t *d_len_ = nullptr, *d_root_ = nullptr, *d_cand_ = nullptr, *d_bslots_ = nullptr, *d_out_ = nullptr;
-  int32_t *d_depths_ = nullptr, *d_ranks_ = nullptr, *d_parents_ = nullptr, *d_anc_off_ = nullptr, *d_anc_ = nullptr;
+  int32_t *d_depths_ = nullptr, *d_cidx_ = nullptr, *d_parents_ = nullptr, *d_anc_off_ = nullptr, *d_anc_ = nullptr;
   std::vector<int32_t> out_host_, bslots_, bslots_dev_;
   uint64_t graph_ns_ = 0;  // this decoder's graph keys
   bool fused_ = true;      // MEDUSA_RT_FUSED_STEP=0: always the host step

@@ -46,15 +46,15 @@ struct KVLayout {
 
 // A decode step's tree rows built on the device (Backend::tree_rows): n sequences, each with the
 // first T nodes of the tree, row s*T + i for node i of sequence s. Per-slot state: lengths,
-// pending (root) tokens and head candidates [slot][num_heads][top_k]. All backend memory.
+// pending (root) tokens and head candidates [slot][cand_stride]. All backend memory.
 struct TreeRowsArgs {
-  int n = 0, T = 0, top_k = 0, num_heads = 0;
+  int n = 0, T = 0, cand_stride = 0;
   const int32_t* batch_slots = nullptr;  // [n]
   const int32_t* lengths = nullptr;      // [slots]
   const int32_t* roots = nullptr;        // [slots]
-  const int32_t* candidates = nullptr;   // [slots][num_heads][top_k]
+  const int32_t* candidates = nullptr;   // [slots][cand_stride]
   const int32_t* depths = nullptr;       // [T] tree node depths (root 0)
-  const int32_t* ranks = nullptr;        // [T] candidate rank of each node (root unused)
+  const int32_t* cand_index = nullptr;   // [T] each node's token among its slot's candidates (root unused)
   const int32_t* anc_offsets = nullptr;  // [T + 1] CSR offsets of each node's ancestors (root excluded)
   const int32_t* ancestors = nullptr;    // [anc_offsets[T]] ancestor node indices, increasing
   // Outputs, [n*T] each (extra_offsets [n*T + 1], extra [n * anc_offsets[T]]).
@@ -174,7 +174,7 @@ class Backend {
   virtual void tree_rows(const TreeRowsArgs& args) = 0;
   virtual void accept_greedy(const AcceptArgs& args) = 0;
   // dst[slots[r]][h][j] = cand[(h * n + r) * k + j]: head candidates from the heads' batch
-  // layout into per-slot state.
+  // layout ([h][rows][k], HeadsPlan) into per-slot state.
   virtual void scatter_candidates(const int32_t* cand, int n, int num_heads, int k, const int32_t* slots,
                                   int32_t* dst) = 0;
 

@@ -55,11 +55,12 @@ MedusaHeadsMeta read_meta_of(const SafetensorsFile& f, const ModelConfig& base) 
     throw ModelFormatError(file + ": metadata format is '" + meta(f, "format") + "', expected 'medusa_rt_heads'");
   }
   const std::string& version = meta(f, "format_version");
-  if (version != "1" && version != "2") {
-    throw UnsupportedModelError(file + ": heads format_version " + version + " is not supported (1 and 2 are)");
+  if (version != "1" && version != "2" && version != "3") {
+    throw UnsupportedModelError(file + ": heads format_version " + version + " is not supported (1, 2 and 3 are)");
   }
   MedusaHeadsMeta m;
-  m.root_input = version == "2";
+  m.root_input = version != "1";
+  m.path_input = version == "3";
   m.num_heads = meta_int(f, "num_heads");
   m.num_layers = meta_int(f, "num_layers");
   const std::string shared = meta(f, "shared_lm_head");
@@ -148,6 +149,16 @@ MedusaHeads::MedusaHeads(const std::string& file, const ModelConfig& base, DType
     } else if (f.tensors().count(root)) {
       throw ModelFormatError(file + ": " + root + " needs format_version 2 (heads with a root input)");
     }
+    for (int j = 1; j <= k; ++j) {
+      const std::string path = "medusa." + std::to_string(k) + ".path." + std::to_string(j) + ".weight";
+      if (meta_.path_input) {
+        const TensorView& w = f.get(path);
+        check_shape(w, {hidden_, hidden_}, source);
+        h.path.push_back(arena_.matrix({&w}, hidden_, dtype));
+      } else if (f.tensors().count(path)) {
+        throw ModelFormatError(file + ": " + path + " needs format_version 3 (heads with a path input)");
+      }
+    }
     const std::string proj = "medusa." + std::to_string(k) + ".lm_head.weight";
     if (shared_) {
       if (f.tensors().count(proj)) throw ModelFormatError(file + ": shared_lm_head is true but " + proj + " is present");
@@ -183,6 +194,7 @@ MedusaHeads::MedusaHeads(const std::string& file, const ModelConfig& base, DType
     be_.copy_to_device(draft_ids_, ids.data(), sizeof(int32_t) * size_t(n));
     proj_vocab_ = n;
   }
+  if (meta_.path_input) return;  // each tree's plan holds the workspace
   const size_t rows = size_t(num_heads_) * max_rows_;
   x_ = static_cast<float*>(arena_.buffer(rows * hidden_ * sizeof(float), "Medusa head workspace"));
   tmp_ = static_cast<float*>(arena_.buffer(size_t(max_rows_) * hidden_ * sizeof(float), "Medusa head workspace"));
@@ -193,11 +205,98 @@ MedusaHeads::MedusaHeads(const std::string& file, const ModelConfig& base, DType
   be_.reserve_rows(static_cast<int>(rows));
 }
 
-void MedusaHeads::candidates(const float* hidden, const int32_t* roots, int rows, int depth, int32_t* out) {
-  if (rows <= 0 || rows > max_rows_) throw Error("internal: Medusa head row count out of range");
-  if (depth < 1 || depth > meta_.num_heads) throw Error("internal: Medusa head depth out of range");
+HeadsPlan MedusaHeads::plan(const TreeSpec& tree) const {
+  tree.check_fits(meta_.num_heads, top_k_);
+  HeadsPlan p;
+  const int T = tree.num_nodes();
+  p.depth = std::max(1, tree.max_depth());
+  p.index.assign(T, 0);
+  if (!meta_.path_input) {
+    p.blocks = meta_.num_heads;
+    p.width = top_k_;
+    for (int i = 1; i < T; ++i) p.index[i] = (tree.depths()[i] - 1) * top_k_ + tree.ranks()[i];
+    return p;
+  }
+  p.blocks = 1;
+  p.width = std::max(1, T - 1);
+  for (int i = 1; i < T; ++i) p.index[i] = i - 1;
+  p.arena = std::make_unique<WeightArena>(be_);
+  WeightArena& a = *p.arena;
+  // Level d: the nodes at depth d with children, and each one's position among them.
+  std::vector<std::vector<int>> parents(p.depth);
+  std::vector<int> pos(T, -1);
+  for (int i = 0; i < T; ++i) {
+    const int d = tree.depths()[i];
+    bool has_child = false;
+    for (int c = 1; c < T && !has_child; ++c) has_child = tree.parents()[c] == i;
+    if (has_child) {
+      pos[i] = static_cast<int>(parents[d].size());
+      parents[d].push_back(i);
+    }
+  }
+  // Where node c's token sits in `drafts`, per sequence r: its parent's top_k list at its rank.
+  std::vector<size_t> offset(p.depth);
+  size_t drafts = 0;
+  for (int d = 0; d < p.depth; ++d) {
+    offset[d] = drafts;
+    drafts += size_t(max_rows_) * parents[d].size() * top_k_;
+  }
+  auto draft_of = [&](int c, int r) {
+    const int u = tree.parents()[c], d = tree.depths()[u];
+    return static_cast<int32_t>(offset[d] + (size_t(r) * parents[d].size() + pos[u]) * top_k_ + tree.ranks()[c]);
+  };
+  auto upload = [&](const std::vector<int32_t>& v) {
+    auto* dst = static_cast<int32_t*>(a.buffer(sizeof(int32_t) * std::max<size_t>(v.size(), 1), "Medusa draft plan"));
+    be_.copy_to_device(dst, v.data(), sizeof(int32_t) * v.size());
+    return dst;
+  };
+  size_t max_level_rows = 1;
+  for (int d = 0; d < p.depth; ++d) {
+    HeadsPlan::Level L;
+    L.parents = static_cast<int>(parents[d].size());
+    L.drafts_offset = offset[d];
+    const size_t m = size_t(max_rows_) * L.parents;
+    max_level_rows = std::max(max_level_rows, m);
+    std::vector<int32_t> seq(m);
+    std::vector<std::vector<int32_t>> path(d, std::vector<int32_t>(m));
+    for (int r = 0; r < max_rows_; ++r) {
+      for (int u = 0; u < L.parents; ++u) {
+        const size_t row = size_t(r) * L.parents + u;
+        seq[row] = r;
+        for (int c = parents[d][u]; c > 0; c = tree.parents()[c]) path[tree.depths()[c] - 1][row] = draft_of(c, r);
+      }
+    }
+    L.seq = upload(seq);
+    for (const auto& v : path) L.path.push_back(upload(v));
+    p.levels.push_back(std::move(L));
+  }
+  std::vector<int32_t> out(size_t(max_rows_) * p.width, 0);
+  for (int r = 0; r < max_rows_; ++r) {
+    for (int c = 1; c < T; ++c) out[size_t(r) * p.width + c - 1] = draft_of(c, r);
+  }
+  p.out_index = upload(out);
+  p.drafts = static_cast<int32_t*>(a.buffer(sizeof(int32_t) * std::max<size_t>(drafts, 1), "Medusa drafts"));
+  be_.fill_zero(p.drafts, sizeof(int32_t) * std::max<size_t>(drafts, 1));
+  p.tokens = static_cast<int32_t*>(a.buffer(sizeof(int32_t) * max_level_rows, "Medusa draft plan"));
   const size_t H = hidden_;
-  const int num_heads_ = depth, num_layers_ = meta_.num_layers;
+  p.x = static_cast<float*>(a.buffer(sizeof(float) * max_level_rows * H, "Medusa head workspace"));
+  p.tmp = static_cast<float*>(a.buffer(sizeof(float) * max_level_rows * H, "Medusa head workspace"));
+  p.emb = static_cast<float*>(a.buffer(sizeof(float) * max_level_rows * H, "Medusa head workspace"));
+  p.logits = static_cast<float*>(a.buffer(sizeof(float) * max_level_rows * proj_vocab_, "Medusa head logits"));
+  be_.reserve_rows(static_cast<int>(max_level_rows));
+  return p;
+}
+
+void MedusaHeads::candidates(const float* hidden, const int32_t* roots, int rows, const HeadsPlan& plan,
+                             int32_t* out) {
+  if (rows <= 0 || rows > max_rows_) throw Error("internal: Medusa head row count out of range");
+  if (plan.depth < 1 || plan.depth > meta_.num_heads) throw Error("internal: Medusa head depth out of range");
+  if (meta_.path_input) {
+    path_candidates(hidden, roots, rows, plan, out);
+    return;
+  }
+  const size_t H = hidden_;
+  const int num_heads_ = plan.depth;
   const bool shared_ = meta_.shared_lm_head;
   if (meta_.root_input) be_.embed(base_embed_, roots, rows, root_emb_);
   for (int k = 0; k < num_heads_; ++k) {
@@ -208,16 +307,52 @@ void MedusaHeads::candidates(const float* hidden, const int32_t* roots, int rows
     } else {
       be_.copy_on_device(xk, hidden, size_t(rows) * H * sizeof(float));
     }
-    for (int l = 0; l < num_layers_; ++l) {
-      be_.linear(xk, rows, heads_[k].w[l], heads_[k].b[l], tmp_);
-      be_.add_silu(xk, tmp_, size_t(rows) * H);
-    }
+    run_blocks(k, xk, rows, tmp_);
     if (!shared_) be_.linear(xk, rows, heads_[k].proj, nullptr, logits_ + size_t(k) * rows * vocab_);
   }
   // A shared projection reads the lm_head (or its draft rows) once for all heads.
   if (shared_) be_.linear(x_, num_heads_ * rows, draft_ids_ ? draft_proj_ : base_lm_head_, nullptr, logits_);
   be_.topk(logits_, num_heads_ * rows, proj_vocab_, top_k_, out);
   if (draft_ids_) be_.map_ids(out, size_t(num_heads_) * rows * top_k_, draft_ids_);
+}
+
+void MedusaHeads::run_blocks(int k, float* x, int rows, float* tmp) {
+  for (int l = 0; l < meta_.num_layers; ++l) {
+    be_.linear(x, rows, heads_[k].w[l], heads_[k].b[l], tmp);
+    be_.add_silu(x, tmp, size_t(rows) * hidden_);
+  }
+}
+
+// Level by level: head d runs once per (sequence, node at depth d with children) on
+// h + R_d e(root) + sum_j P_dj e(path_j), the path's tokens gathered from the earlier levels'
+// top_k lists; then every node's token is gathered from its parent's list.
+void MedusaHeads::path_candidates(const float* hidden, const int32_t* roots, int rows, const HeadsPlan& plan,
+                                  int32_t* out) {
+  const size_t H = hidden_;
+  auto add_embedded = [&](const int32_t* index, const int32_t* table, int m, const Matrix& w, float* x) {
+    be_.copy_on_device(plan.tokens, index, sizeof(int32_t) * size_t(m));
+    be_.map_ids(plan.tokens, size_t(m), table);
+    be_.embed(base_embed_, plan.tokens, m, plan.emb);
+    be_.linear(plan.emb, m, w, nullptr, plan.tmp);
+    be_.add(x, plan.tmp, size_t(m) * H);
+  };
+  for (size_t d = 0; d < plan.levels.size(); ++d) {
+    const HeadsPlan::Level& L = plan.levels[d];
+    const int m = rows * L.parents;
+    if (m == 0) continue;  // a root-only tree
+    const Head& head = heads_[d];
+    be_.gather_rows(hidden, hidden_, L.seq, m, plan.x);
+    add_embedded(L.seq, roots, m, head.root, plan.x);
+    for (size_t j = 0; j < L.path.size(); ++j) add_embedded(L.path[j], plan.drafts, m, head.path[j], plan.x);
+    run_blocks(static_cast<int>(d), plan.x, m, plan.tmp);
+    be_.linear(plan.x, m, draft_ids_ ? draft_proj_ : head.proj, nullptr, plan.logits);
+    int32_t* lists = plan.drafts + L.drafts_offset;
+    be_.topk(plan.logits, m, proj_vocab_, top_k_, lists);
+    if (draft_ids_) be_.map_ids(lists, size_t(m) * top_k_, draft_ids_);
+  }
+  const size_t n = size_t(rows) * plan.width;
+  be_.copy_on_device(out, plan.out_index, sizeof(int32_t) * n);
+  be_.map_ids(out, n, plan.drafts);
 }
 
 }  // namespace medusa_rt

@@ -24,8 +24,7 @@ MRT_HOST_DEVICE inline void tree_row(const TreeRowsArgs& a, int s, int i) {
   const int32_t slot = a.batch_slots[s];
   const int32_t len = a.lengths[slot];
   const int32_t depth = a.depths[i];
-  a.tokens[r] = i == 0 ? a.roots[slot]
-                       : a.candidates[(int64_t(slot) * a.num_heads + depth - 1) * a.top_k + a.ranks[i]];
+  a.tokens[r] = i == 0 ? a.roots[slot] : a.candidates[int64_t(slot) * a.cand_stride + a.cand_index[i]];
   a.positions[r] = len + depth;
   a.slots[r] = slot;
   a.cache_index[r] = len + i;

@@ -99,7 +99,7 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
     cfg = TrainConfig(num_heads=args.heads, num_layers=args.layers, shared_lm_head=args.layout == "shared",
                       epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                       threads=args.threads, draft_coverage=args.draft_coverage, distill=args.distill,
-                      root_input=args.root_input)
+                      root_input=args.root_input or args.path_input, path_input=args.path_input)
     report = train_heads(args.model, args.work_dir, args.out, num_prompts=args.prompts,
                          max_new_tokens=args.max_new_tokens, dtype=args.dtype, batch=args.batch,
                          tree_nodes=args.tree_nodes, config=cfg, overwrite=args.overwrite, progress=not args.quiet)
@@ -156,7 +156,7 @@ def _measure_table(args: argparse.Namespace) -> list:
     feats = data.extract_hidden_states(engine, records, heads.num_heads, Path(args.answers).with_suffix(".features.npz"),
                                        progress=not args.quiet)
     lm_head = load_lm_head(engine.model_dir, args.dtype)
-    embedding = load_embedding(engine.model_dir, args.dtype) if heads.roots is not None else None
+    embedding = load_embedding(engine.model_dir, args.dtype) if heads.roots is not None else None  # paths need roots
     table = accuracy_table(heads, feats.hidden, feats.labels, lm_head, args.top_k, roots=feats.roots,
                            embedding=embedding)
     return np.round(table, 5).tolist()
@@ -306,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--root-input", action=argparse.BooleanOptionalAction, default=True,
                     help="heads also read the embedding of the token the base model emits at the position "
                          "(heads format_version 2; --no-root-input: format 1, readable by older engines)")
+    sp.add_argument("--path-input", action=argparse.BooleanOptionalAction, default=False,
+                    help="heads also read the tokens of the tree path they extend (Hydra-style; implies "
+                         "--root-input; heads format_version 3: every tree node with children gets its own "
+                         "candidates)")
     sp.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     sp.set_defaults(fn=_cmd_train_heads)
 

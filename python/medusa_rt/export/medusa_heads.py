@@ -43,6 +43,8 @@ HEADS_FILE = "medusa_heads.safetensors"
 _KEY = re.compile(r"^(?:medusa_head\.)?(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
 # Heads with a root input (trained by medusa-rt train-heads --root-input): R_k, [d, d].
 _ROOT_KEY = re.compile(r"^(\d+)\.root\.weight$")
+# Heads with a path input (train-heads --path-input): P_kj for the path's token at depth j = 1..k.
+_PATH_KEY = re.compile(r"^(\d+)\.path\.(\d+)\.weight$")
 
 TreeArg = Union[None, str, Sequence[Sequence[int]]]
 
@@ -120,19 +122,21 @@ def load_head_tensors(src: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
     out = {}
     for k, v in raw.items():
         k2 = k[len("medusa_head."):] if k.startswith("medusa_head.") else k
-        if _KEY.match(k2) or _ROOT_KEY.match(k2):
+        if _KEY.match(k2) or _ROOT_KEY.match(k2) or _PATH_KEY.match(k2):
             out[k2] = v
     if not out:
         raise ModelFormatError(f"{files[0]}: no Medusa head tensors ({{h}}.{{l}}.linear.weight ...) found")
     return out
 
 
-def _structure(t: Dict[str, np.ndarray], where: str) -> Tuple[int, int, bool, bool]:
-    """(heads, blocks per head, shared lm_head, root input) of heads given by published names."""
+def _structure(t: Dict[str, np.ndarray], where: str) -> Tuple[int, int, bool, bool, bool]:
+    """(heads, blocks per head, shared lm_head, root input, path input) of heads given by published
+    names."""
     heads: Dict[int, Dict[str, set]] = {}
     roots = {int(m.group(1)) for m in map(_ROOT_KEY.match, t) if m}
+    paths = {(int(m.group(1)), int(m.group(2))) for m in map(_PATH_KEY.match, t) if m}
     for k in t:
-        if _ROOT_KEY.match(k):
+        if _ROOT_KEY.match(k) or _PATH_KEY.match(k):
             continue
         m = _KEY.match(k)
         if not m:
@@ -162,7 +166,12 @@ def _structure(t: Dict[str, np.ndarray], where: str) -> Tuple[int, int, bool, bo
     if roots and roots != set(range(num_heads)):
         raise ModelFormatError(f"{where}: root inputs ({{h}}.root.weight) for heads {sorted(roots)}; "
                                f"heads with a root input need one for every head 0..{num_heads - 1}")
-    return num_heads, num_layers, shared, bool(roots)
+    want_paths = {(h, j) for h in range(num_heads) for j in range(1, h + 1)}
+    if paths and (paths != want_paths or not roots):
+        raise ModelFormatError(f"{where}: path inputs ({{h}}.path.{{j}}.weight) {sorted(paths)}; heads with a path "
+                               f"input need a root input and {{h}}.path.{{j}}.weight for every head h and "
+                               f"j = 1..h")
+    return num_heads, num_layers, shared, bool(roots), bool(paths)
 
 
 def export_medusa_heads(
@@ -219,7 +228,8 @@ def write_heads_file(
 ) -> int:
     """Writes heads given by name in the published layouts (``{h}.{l}.linear.weight`` / ``.bias``,
     optional ``{h}.{L}.weight``; ``{h}.root.weight`` for heads with a root input, written as
-    format_version 2) as a runtime heads file at ``out`` (atomically), checking shapes
+    format_version 2; with ``{h}.path.{j}.weight`` (j = 1..h) for a path input, format_version 3)
+    as a runtime heads file at ``out`` (atomically), checking shapes
     against ``hidden`` / ``vocab``. ``draft_vocab`` (increasing token ids; shared lm_head only) is
     the sub-vocabulary the heads rank. Returns the file's size in bytes."""
     where = where or str(out)
@@ -228,7 +238,7 @@ def write_heads_file(
     if default_tree is not None:
         tree_meta = default_tree if isinstance(default_tree, str) else json.dumps(
             [[int(r) for r in p] for p in default_tree])
-    num_heads, num_layers, shared, root_input = _structure(tensors, where)
+    num_heads, num_layers, shared, root_input, path_input = _structure(tensors, where)
     if num_layers < 1:
         raise ModelFormatError(f"{where}: Medusa heads without residual blocks are not supported")
 
@@ -256,6 +266,8 @@ def write_heads_file(
             add(f"medusa.{h}.{l}.bias", b, "float32")
         if root_input:
             add(f"medusa.{h}.root.weight", check(f"{h}.root.weight", (hidden, hidden)), dtype)
+        for j in range(1, h + 1 if path_input else 1):
+            add(f"medusa.{h}.path.{j}.weight", check(f"{h}.path.{j}.weight", (hidden, hidden)), dtype)
         if not shared:
             add(f"medusa.{h}.lm_head.weight", check(f"{h}.{num_layers}.weight", (vocab, hidden)), dtype)
 
@@ -270,7 +282,7 @@ def write_heads_file(
 
     metadata = {
         "format": "medusa_rt_heads",
-        "format_version": "2" if root_input else "1",
+        "format_version": "3" if path_input else "2" if root_input else "1",
         "num_heads": str(num_heads),
         "num_layers": str(num_layers),
         "shared_lm_head": "true" if shared else "false",
@@ -291,7 +303,8 @@ def write_heads_file(
         import sys
 
         print(f"[medusa_rt] wrote {num_heads} Medusa heads ({num_layers} block(s) each, "
-              f"{'shared' if shared else 'own'} lm_head{', root input' if root_input else ''}) to {out}",
+              f"{'shared' if shared else 'own'} lm_head{', path input' if path_input else ', root input' if root_input else ''}) "
+              f"to {out}",
               file=sys.stderr)
     return size
 

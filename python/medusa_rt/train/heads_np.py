@@ -2,7 +2,8 @@
 
 ``p_k(h) = softmax(W_k (h + sum-of-blocks)))``: each block is ``x <- x + SiLU(A x + b)``; W_k is the
 head's own projection or the base model's lm_head. Heads with a root input start from
-``x = h + R_k e`` instead, e the input embedding of the token the base model emits at the row.
+``x = h + R_k e`` instead, e the input embedding of the token the base model emits at the row;
+heads with a path input also add ``P_kj e_j`` for the tokens at depths j = 1..k of their path.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ class RuntimeHeads:
     projections: Optional[List[np.ndarray]]  # per-head [V, H], None when the lm_head is shared
     metadata: Dict[str, str]
     draft_vocab: Optional[np.ndarray] = None  # token ids the heads rank (None: all)
-    roots: Optional[List[np.ndarray]] = None  # per-head R_k [H, H] (format_version 2), else None
+    roots: Optional[List[np.ndarray]] = None  # per-head R_k [H, H] (format_version >= 2), else None
+    paths: Optional[List[List[np.ndarray]]] = None  # [head k][j - 1] P_kj [H, H] (format_version 3)
 
     @property
     def num_heads(self) -> int:
@@ -89,32 +91,43 @@ class RuntimeHeads:
                        for l in range(L)] for k in range(K)]
             proj = None if shared else [round_to(_f32(f, f"medusa.{k}.lm_head.weight"), dtype) for k in range(K)]
             draft = np.array(f.get("medusa.draft_vocab"), dtype=np.int64) if "medusa.draft_vocab" in f else None
+            version = meta.get("format_version")
             roots = [round_to(_f32(f, f"medusa.{k}.root.weight"), dtype) for k in range(K)] \
-                if meta.get("format_version") == "2" else None
-        return RuntimeHeads(blocks, proj, meta, draft, roots)
+                if version in ("2", "3") else None
+            paths = [[round_to(_f32(f, f"medusa.{k}.path.{j}.weight"), dtype) for j in range(1, k + 1)]
+                     for k in range(K)] if version == "3" else None
+        return RuntimeHeads(blocks, proj, meta, draft, roots, paths)
 
-    def head_states(self, k: int, hidden: np.ndarray, root_emb: Optional[np.ndarray] = None) -> np.ndarray:
+    def head_states(self, k: int, hidden: np.ndarray, root_emb: Optional[np.ndarray] = None,
+                    path_emb: Optional[List[np.ndarray]] = None) -> np.ndarray:
         """Head k's state before its projection; ``root_emb`` ``[rows, H]``: the embeddings of the
-        rows' root tokens (needed, and only read, when the heads have a root input)."""
+        rows' root tokens (needed, and only read, when the heads have a root input); ``path_emb``:
+        the embeddings of the path's tokens at depths 1..k (path input only)."""
         x = np.asarray(hidden, dtype=np.float32)
         if self.roots is not None:
             if root_emb is None:
                 raise InvalidArgumentError("these heads have a root input: pass the root tokens' embeddings")
             x = x + root_emb @ self.roots[k].T
+        if self.paths is not None and k > 0:
+            if path_emb is None or len(path_emb) < k:
+                raise InvalidArgumentError("these heads have a path input: pass the path tokens' embeddings")
+            for j, p in enumerate(self.paths[k]):
+                x = x + path_emb[j] @ p.T
         for w, b in self.blocks[k]:
             z = x @ w.T + b
             x = x + z / (1.0 + np.exp(-z))
         return x
 
     def top_k(self, hidden: np.ndarray, lm_head: np.ndarray, k_top: int,
-              root_emb: Optional[np.ndarray] = None) -> np.ndarray:
-        """Each head's k_top candidates (best first) for every row: ``[heads, rows, k_top]``."""
+              root_emb: Optional[np.ndarray] = None, path_emb: Optional[List[np.ndarray]] = None) -> np.ndarray:
+        """Each head's k_top candidates (best first) for every row: ``[heads, rows, k_top]``
+        (path-input heads: each row's head k given the path ``path_emb[0..k-1]``)."""
         out = np.empty((self.num_heads, hidden.shape[0], k_top), dtype=np.int64)
         for k in range(self.num_heads):
             w = lm_head if self.projections is None else self.projections[k]
             if self.draft_vocab is not None:
                 w = w[self.draft_vocab]
-            logits = self.head_states(k, hidden, root_emb) @ w.T
+            logits = self.head_states(k, hidden, root_emb, path_emb) @ w.T
             part = np.argpartition(-logits, k_top - 1, axis=1)[:, :k_top]
             order = np.argsort(-np.take_along_axis(logits, part, axis=1), axis=1, kind="stable")
             top = np.take_along_axis(part, order, axis=1)
@@ -127,7 +140,8 @@ def accuracy_table(heads: RuntimeHeads, hidden: np.ndarray, labels: np.ndarray, 
                    embedding: Optional[np.ndarray] = None) -> np.ndarray:
     """``table[k][r]``: the fraction of rows (with a label for head k) whose label is head k's
     rank-r candidate. Heads with a root input need the rows' ``roots`` (token ids) and the base
-    model's ``embedding`` table."""
+    model's ``embedding`` table. Path-input heads read the true path (the labels of the heads
+    before them): head k's accuracy given that the path so far is right."""
     K = heads.num_heads
     if heads.roots is not None and (roots is None or embedding is None):
         raise InvalidArgumentError("these heads have a root input: pass the rows' root tokens and the embedding table")
@@ -135,8 +149,12 @@ def accuracy_table(heads: RuntimeHeads, hidden: np.ndarray, labels: np.ndarray, 
     counts = np.zeros(K, dtype=np.int64)
     for i in range(0, hidden.shape[0], chunk):
         emb = embedding[roots[i:i + chunk]] if heads.roots is not None else None
-        top = heads.top_k(hidden[i:i + chunk], lm_head, k_top, emb)
         lab = labels[i:i + chunk]
+        path = None
+        if heads.paths is not None:
+            path = [np.where((lab[:, j] >= 0)[:, None], embedding[np.maximum(lab[:, j], 0)], 0.0).astype(np.float32)
+                    for j in range(K - 1)]
+        top = heads.top_k(hidden[i:i + chunk], lm_head, k_top, emb, path)
         for k in range(K):
             valid = lab[:, k] >= 0
             counts[k] += int(valid.sum())

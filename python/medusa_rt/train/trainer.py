@@ -10,6 +10,13 @@ With ``root_input`` each head also reads the token k + 1 ahead of its target, th
 model emits at the position (the tree's root, known when the heads run): its blocks start from
 ``h + R_k e`` instead of ``h``, e that token's input embedding (frozen), R_k trained (from zero).
 
+With ``path_input`` (which implies the root input) the heads are conditioned on their tree path
+(Hydra-style): head k also reads the tokens at depths 1..k of the path it extends, the tokens 2 ..
+k + 1 ahead of the position (in training the true ones, teacher forcing; at inference the candidates
+of the path being drafted, which matter only while that path is the true one):
+``x = h + R_k e(root) + sum_j P_kj e(path_j)``, P_kj trained from zero. The tree then holds, for
+every node with children, its own candidates (heads format_version 3).
+
 With ``distill`` > 0 the targets are (partly) soft: head k at position t also learns the base
 model's own distribution for token t + 2 + k, i.e. the lm_head applied to the stored hidden state
 of position t + 1 + k (self-distillation, over the draft vocabulary when there is one).
@@ -55,6 +62,7 @@ class TrainConfig:
     draft_coverage: float = 0.995  # shared lm_head: train and rank over the draft vocabulary (1: all)
     distill: float = 0.0        # weight of the base model's distribution as soft target (0: hard labels)
     root_input: bool = False    # heads also read the embedding of the root token (format_version 2)
+    path_input: bool = False    # ... and of their tree path's tokens (format_version 3; needs root_input)
 
     def validate(self) -> None:
         if self.num_heads < 1 or self.num_layers < 1:
@@ -67,14 +75,17 @@ class TrainConfig:
             raise InvalidArgumentError("draft_coverage must be in (0, 1]")
         if not 0 <= self.distill <= 1:
             raise InvalidArgumentError("distill must be in [0, 1]")
+        if self.path_input and not self.root_input:
+            raise InvalidArgumentError("path_input needs root_input (the path starts at the root)")
 
 
 class MedusaHeads(torch.nn.Module):
     """K heads of L residual blocks over a frozen (shared) or trainable (own) vocabulary projection;
-    with an ``embedding`` table (frozen) the heads have a root input."""
+    with an ``embedding`` table (frozen) the heads have a root input, with ``path_input`` also a
+    path input."""
 
     def __init__(self, lm_head: torch.Tensor, num_heads: int, num_layers: int, shared: bool,
-                 embedding: Optional[torch.Tensor] = None) -> None:
+                 embedding: Optional[torch.Tensor] = None, path_input: bool = False) -> None:
         super().__init__()
         vocab, hidden = lm_head.shape
         self.blocks = torch.nn.ModuleList(
@@ -91,35 +102,63 @@ class MedusaHeads(torch.nn.Module):
             self.root = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden, bias=False) for _ in range(num_heads))
             for lin in self.root:
                 torch.nn.init.zeros_(lin.weight)
+        self.path = None
+        if path_input:
+            if embedding is None:
+                raise InvalidArgumentError("path_input heads need the embedding table")
+            # path[k][j - 1]: P_kj for the token at depth j = 1..k of head k's path
+            self.path = torch.nn.ModuleList(
+                torch.nn.ModuleList(torch.nn.Linear(hidden, hidden, bias=False) for _ in range(k))
+                for k in range(num_heads))
+            for head in self.path:
+                for lin in head:
+                    torch.nn.init.zeros_(lin.weight)
         self.proj = None if shared else torch.nn.ParameterList(
             torch.nn.Parameter(lm_head.clone()) for _ in range(num_heads))
 
-    def states(self, h: torch.Tensor, roots: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Embeddings of token ids, zero rows for -1 (a path past the answer's end)."""
+        return self.embedding[tokens.clamp(min=0)] * (tokens >= 0).unsqueeze(-1).to(self.embedding.dtype)
+
+    def states(self, h: torch.Tensor, roots: Optional[torch.Tensor] = None,
+               path: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
         if self.root is not None and roots is None:
             raise InvalidArgumentError("these heads have a root input: pass the rows' root tokens")
+        if self.path is not None and (path is None or path.shape[1] < len(self.blocks) - 1):
+            raise InvalidArgumentError("these heads have a path input: pass the rows' path tokens [rows, K - 1]")
         e = self.embedding[roots] if self.root is not None else None
+        pe = [self._embed(path[:, j]) for j in range(len(self.blocks) - 1)] if self.path is not None else []
         out = []
         for k, head in enumerate(self.blocks):
             x = h if e is None else h + self.root[k](e)
+            if self.path is not None:
+                for j, lin in enumerate(self.path[k]):
+                    x = x + lin(pe[j])
             for lin in head:
                 x = x + F.silu(lin(x))
             out.append(x)
         return out
 
-    def forward(self, h: torch.Tensor, roots: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits ``[K, rows, vocab]``; ``roots`` ``[rows]`` token ids (root input only)."""
-        z = self.states(h, roots)
+    def forward(self, h: torch.Tensor, roots: Optional[torch.Tensor] = None,
+                path: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits ``[K, rows, vocab]``; ``roots`` ``[rows]`` token ids (root input only); ``path``
+        ``[rows, >= K - 1]`` the tokens at depths 1.. of the path (path input only: in training the
+        true continuation, i.e. the rows' labels, -1 past the end)."""
+        z = self.states(h, roots, path)
         if self.shared:
             return (torch.cat(z) @ self.lm_head.T).view(len(z), h.shape[0], -1)
         return torch.stack([x @ p.T for x, p in zip(z, self.proj)])
 
     def layout_tensors(self) -> Dict[str, np.ndarray]:
         """The heads by their published names (``{h}.{l}.linear.*``, ``{h}.{L}.weight``, and
-        ``{h}.root.weight`` for a root input)."""
+        ``{h}.root.weight`` for a root input, ``{h}.path.{j}.weight`` for a path input)."""
         t: Dict[str, np.ndarray] = {}
         for k, head in enumerate(self.blocks):
             if self.root is not None:
                 t[f"{k}.root.weight"] = self.root[k].weight.detach().float().numpy().copy()
+            if self.path is not None:
+                for j, lin in enumerate(self.path[k]):
+                    t[f"{k}.path.{j + 1}.weight"] = lin.weight.detach().float().numpy().copy()
             for l, lin in enumerate(head):
                 t[f"{k}.{l}.linear.weight"] = lin.weight.detach().float().numpy().copy()
                 t[f"{k}.{l}.linear.bias"] = lin.bias.detach().float().numpy().copy()
@@ -159,6 +198,11 @@ def _rows(roots: Optional[np.ndarray], idx) -> Optional[torch.Tensor]:
     return None if roots is None else torch.from_numpy(np.asarray(roots[idx], dtype=np.int64))
 
 
+def _path(model: "MedusaHeads", raw_labels: np.ndarray) -> Optional[torch.Tensor]:
+    """The path tokens of path-input heads in training and evaluation: the true continuation."""
+    return None if model.path is None else torch.from_numpy(raw_labels.astype(np.int64))
+
+
 def _map_labels(labels: np.ndarray, label_map: Optional[np.ndarray]) -> np.ndarray:
     """Labels as indices of the heads' vocabulary (-1: none, or outside a draft vocabulary)."""
     lab = labels.astype(np.int64)
@@ -174,7 +218,9 @@ def evaluate(model: MedusaHeads, hidden: np.ndarray, labels: np.ndarray, top_k: 
     """Per-head loss, top-1 / top-5 accuracy and the rank table ``table[k][r]`` on held-out rows.
     ``label_map`` (token id -> index in the model's vocabulary, -1 outside it) is given when the
     heads rank a draft vocabulary: a label outside it counts as a miss (and not in the loss).
-    ``roots``: the rows' root tokens (heads with a root input)."""
+    ``roots``: the rows' root tokens (heads with a root input). Path-input heads are evaluated
+    with the true path (teacher forcing): the accuracy of a head given that the path so far is
+    right, which is what a tree's acceptance needs."""
     K = len(model.blocks)
     hits = np.zeros((K, top_k), dtype=np.int64)
     count = np.zeros(K, dtype=np.int64)
@@ -183,7 +229,7 @@ def evaluate(model: MedusaHeads, hidden: np.ndarray, labels: np.ndarray, top_k: 
         h = torch.from_numpy(hidden[i:i + batch].astype(np.float32))
         lab = labels[i:i + batch]
         y = torch.from_numpy(_map_labels(lab, label_map))
-        logits = model(h, _rows(roots, slice(i, i + batch)))
+        logits = model(h, _rows(roots, slice(i, i + batch)), _path(model, lab))
         top = logits.topk(top_k, dim=-1).indices
         for k in range(K):
             valid = torch.from_numpy(lab[:, k] >= 0)
@@ -232,7 +278,8 @@ class Trainer:
             self.label_map[self.draft_vocab] = np.arange(self.draft_vocab.size)
             proj = np.ascontiguousarray(proj[self.draft_vocab])
         emb = torch.from_numpy(np.array(embedding, dtype=np.float32)) if cfg.root_input else None
-        self.model = MedusaHeads(torch.from_numpy(proj), cfg.num_heads, cfg.num_layers, cfg.shared_lm_head, emb)
+        self.model = MedusaHeads(torch.from_numpy(proj), cfg.num_heads, cfg.num_layers, cfg.shared_lm_head, emb,
+                                 cfg.path_input)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
@@ -258,7 +305,7 @@ class Trainer:
         mine = asdict(self.cfg)
         theirs = ck["config"]
         keys = ("num_heads", "num_layers", "shared_lm_head", "epochs", "lr", "batch_size", "decay", "warmup", "seed",
-                "draft_coverage", "distill", "root_input")
+                "draft_coverage", "distill", "root_input", "path_input")
         diff = [k for k in keys if mine[k] != theirs.get(k, TrainConfig.__dataclass_fields__[k].default)]
         mine_vocab = None if self.draft_vocab is None else self.draft_vocab.tolist()
         if ck.get("draft_vocab") != mine_vocab:
@@ -311,7 +358,7 @@ class Trainer:
             y = torch.from_numpy(_map_labels(labels[idx], self.label_map))
             for g in self.opt.param_groups:
                 g["lr"] = lr_at(self.step, total, cfg)
-            logits = self.model(h, _rows(roots, idx) if cfg.root_input else None)
+            logits = self.model(h, _rows(roots, idx) if cfg.root_input else None, _path(self.model, labels[idx]))
             teacher = valid = None
             if cfg.distill > 0:
                 teacher, valid = self._teacher(hidden, idx, labels[idx])
