@@ -123,10 +123,10 @@ def test_medusa_on_smollm2_is_lossless(engine, tmp_path):
 
 def test_shipped_heads_accept_on_held_out_prompts(engine):
     """The heads shipped for the default model, installed by pull: lossless, and accepting on
-    held-out prompts with a 16-node tree fitted to their accuracy table (measured 1.73 tokens per
-    step on this subset with the root-input heads trained on 1,728 prompts, 1.66 with the plain
-    heads trained on 2,304, 1.62 with the earlier ones; random heads give about 1.15; the
-    trained-heads issue asks for 1.8, not reached yet at 16 nodes)."""
+    held-out prompts with a 24-node tree fitted to their accuracy table: more than the 1.8 tokens
+    per step the trained-heads issue asks for on a quick subset (measured 1.93 with the path-input
+    heads; with a 16-node tree 1.81, against 1.73 for the previous root-input heads, 1.66 for plain
+    heads trained on 2,304 prompts; random heads give about 1.15)."""
     import json
 
     from medusa_rt.train import tree_fit
@@ -138,13 +138,13 @@ def test_shipped_heads_accept_on_held_out_prompts(engine):
     assert heads_file.is_file() and engine.info.medusa_heads == 4
     meta = RuntimeHeads.load(heads_file).metadata
     assert meta["source"] == SHIPPED_SOURCE
-    tree = tree_fit.fit_tree(json.loads(meta["accuracy_table"]), 16)
+    tree = tree_fit.fit_tree(json.loads(meta["accuracy_table"]), 24)
     eng = medusa_rt.Engine("smollm2-135m", dtype="bf16", max_seq_len=512, tree=tree, medusa_max_batch=1)
     items = load_eval_prompts()[::11]
     assert len({c for c, _ in items}) >= 4
     ev = evaluate_heads(eng, items, max_new_tokens=48, check=True, progress=False)
     assert ev["mismatches"] == 0
-    assert ev["overall"]["tokens_per_step"] > 1.6, ev["categories"]
+    assert ev["overall"]["tokens_per_step"] > 1.8, ev["categories"]
 
 
 def test_auto_tree_with_a_short_cache():

@@ -99,7 +99,7 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
     cfg = TrainConfig(num_heads=args.heads, num_layers=args.layers, shared_lm_head=args.layout == "shared",
                       epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                       threads=args.threads, draft_coverage=args.draft_coverage, distill=args.distill,
-                      root_input=args.root_input or args.path_input, path_input=args.path_input)
+                      root_input=args.root_input, path_input=args.path_input and args.root_input)
     report = train_heads(args.model, args.work_dir, args.out, num_prompts=args.prompts,
                          max_new_tokens=args.max_new_tokens, dtype=args.dtype, batch=args.batch,
                          tree_nodes=args.tree_nodes, config=cfg, overwrite=args.overwrite, progress=not args.quiet)
@@ -306,10 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--root-input", action=argparse.BooleanOptionalAction, default=True,
                     help="heads also read the embedding of the token the base model emits at the position "
                          "(heads format_version 2; --no-root-input: format 1, readable by older engines)")
-    sp.add_argument("--path-input", action=argparse.BooleanOptionalAction, default=False,
-                    help="heads also read the tokens of the tree path they extend (Hydra-style; implies "
-                         "--root-input; heads format_version 3: every tree node with children gets its own "
-                         "candidates)")
+    sp.add_argument("--path-input", action=argparse.BooleanOptionalAction, default=True,
+                    help="heads also read the tokens of the tree path they extend (Hydra-style, on top of the "
+                         "root input; heads format_version 3: every tree node with children gets its own "
+                         "candidates; --no-path-input: format 2; --no-root-input turns both off)")
     sp.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     sp.set_defaults(fn=_cmd_train_heads)
 
