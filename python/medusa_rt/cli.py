@@ -156,7 +156,7 @@ def _measure_table(args: argparse.Namespace) -> list:
     feats = data.extract_hidden_states(engine, records, heads.num_heads, Path(args.answers).with_suffix(".features.npz"),
                                        progress=not args.quiet)
     lm_head = load_lm_head(engine.model_dir, args.dtype)
-    embedding = load_embedding(engine.model_dir, args.dtype) if heads.roots is not None else None  # paths need roots
+    embedding = load_embedding(engine.model_dir, args.dtype) if heads.roots is not None else None
     table = accuracy_table(heads, feats.hidden, feats.labels, lm_head, args.top_k, roots=feats.roots,
                            embedding=embedding)
     return np.round(table, 5).tolist()

@@ -10,7 +10,7 @@ With ``root_input`` each head also reads the token k + 1 ahead of its target, th
 model emits at the position (the tree's root, known when the heads run): its blocks start from
 ``h + R_k e`` instead of ``h``, e that token's input embedding (frozen), R_k trained (from zero).
 
-With ``path_input`` (which implies the root input) the heads are conditioned on their tree path
+With ``path_input`` (which needs ``root_input``) the heads are conditioned on their tree path
 (Hydra-style): head k also reads the tokens at depths 1..k of the path it extends, the tokens 2 ..
 k + 1 ahead of the position (in training the true ones, teacher forcing; at inference the candidates
 of the path being drafted, which matter only while that path is the true one):
