@@ -307,6 +307,24 @@ def _record_steps(engine, prompt, n):
     return r.tokens, steps
 
 
+def _batch_fused_and_host(d, tree):
+    """Greedy Medusa on 3 unseen prompts in one batch, with the fused step and with the host step:
+    asserts both give the same tokens and acceptance; returns [(tokens, accepted per head)]."""
+    import os
+
+    stats = {}
+    for fused in ("1", "0"):
+        os.environ["MEDUSA_RT_FUSED_STEP"] = fused
+        try:
+            e = medusa_rt.Engine(d, dtype="fp32", max_seq_len=256, max_batch_size=3, tree=tree, medusa_max_batch=16)
+            stats[fused] = [(r.tokens, r.stats.accepted_per_head)
+                            for r in e.generate_batch(_unseen(3), max_new_tokens=30, ignore_eos=True)]
+        finally:
+            del os.environ["MEDUSA_RT_FUSED_STEP"]
+    assert stats["1"] == stats["0"]
+    return stats["1"]
+
+
 def test_heads_with_a_root_input(setup, tmp_path):
     """Heads that also read the root token's embedding (format_version 2): the engine's candidates
     are an independent NumPy evaluation of the heads given the hidden state and the root (the
@@ -343,17 +361,7 @@ def test_heads_with_a_root_input(setup, tmp_path):
             differs += plain.top_k(h, lm, 3)[0, 0].tolist() != want[0].tolist()
     assert differs > 0  # the root input changes the candidates: the check above has teeth
     # The fused step (candidates for each row's root gathered in backend memory) agrees.
-    stats = {}
-    for fused in ("1", "0"):
-        import os
-        os.environ["MEDUSA_RT_FUSED_STEP"] = fused
-        try:
-            e = medusa_rt.Engine(d, dtype="fp32", max_seq_len=256, max_batch_size=3, tree=tree, medusa_max_batch=16)
-            stats[fused] = [(r.tokens, r.stats.accepted_per_head)
-                            for r in e.generate_batch(_unseen(3), max_new_tokens=30, ignore_eos=True)]
-        finally:
-            del os.environ["MEDUSA_RT_FUSED_STEP"]
-    assert stats["1"] == stats["0"]
+    _batch_fused_and_host(d, tree)
 
 
 def test_root_input_file_errors(setup, tmp_path):
@@ -444,16 +452,6 @@ def test_heads_with_a_path_input(setup, tmp_path):
                     checked += 1
             differs += tok[(0, 0)] != tok[(1, 0)]  # same head and rank, different paths
     assert checked > 0 and differs > 0  # the path input changes the candidates: the check has teeth
-    stats = {}
-    for fused in ("1", "0"):
-        import os
-        os.environ["MEDUSA_RT_FUSED_STEP"] = fused
-        try:
-            e = medusa_rt.Engine(d, dtype="fp32", max_seq_len=256, max_batch_size=3, tree=tree, medusa_max_batch=16)
-            stats[fused] = [(r.tokens, r.stats.accepted_per_head)
-                            for r in e.generate_batch(_unseen(3), max_new_tokens=30, ignore_eos=True)]
-        finally:
-            del os.environ["MEDUSA_RT_FUSED_STEP"]
-    assert stats["1"] == stats["0"]
+    batch = _batch_fused_and_host(d, tree)
     alone = [engine.generate(p, max_new_tokens=30, ignore_eos=True) for p in _unseen(3)]
-    assert [r.tokens for r in alone] == [t for t, _ in stats["1"]]
+    assert [r.tokens for r in alone] == [t for t, _ in batch]

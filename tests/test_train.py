@@ -291,19 +291,28 @@ def test_features_reused_for_a_grown_reordered_answer_set(tiny):
     assert counting.positions == sum(6 + len(r["answer_ids"]) - 1 for r in grown if r["answer_ids"])
 
 
-def test_train_heads_with_a_root_input(tiny):
-    """Root-input heads (the token the base model emits at the row, through its embedding) learn,
-    and the heads file they export gives the same accuracy table in NumPy as in torch."""
-    from medusa_rt.train.heads_np import accuracy_table, load_embedding, load_lm_head
-    from medusa_rt.train.trainer import TrainConfig, Trainer
+def _random_answers(tiny, seed: int, num_heads: int, name: str):
+    """Six random 40-token sequences (8 prompt + 32 answer tokens) of the tiny model and their
+    feature rows: (engine, lm_head, embedding, sequences, records, features)."""
+    from medusa_rt.train.heads_np import load_embedding, load_lm_head
 
     tmp, base = tiny
     eng = Engine(base, dtype="fp32", medusa_max_batch=0)
-    lm, emb = load_lm_head(base), load_embedding(base)
-    rng = np.random.default_rng(5)
+    rng = np.random.default_rng(seed)
     seqs = [rng.integers(3, eng.info.vocab_size, 40).tolist() for _ in range(6)]
     recs = [{"prompt_ids": s[:8], "answer_ids": s[8:]} for s in seqs]
-    feats = data.extract_hidden_states(eng, recs, 2, tmp / "root_feats.npz", progress=False)
+    feats = data.extract_hidden_states(eng, recs, num_heads, tmp / name, progress=False)
+    return eng, load_lm_head(base), load_embedding(base), seqs, recs, feats
+
+
+def test_train_heads_with_a_root_input(tiny):
+    """Root-input heads (the token the base model emits at the row, through its embedding) learn,
+    and the heads file they export gives the same accuracy table in NumPy as in torch."""
+    from medusa_rt.train.heads_np import accuracy_table
+    from medusa_rt.train.trainer import TrainConfig, Trainer
+
+    tmp, base = tiny
+    eng, lm, emb, seqs, recs, feats = _random_answers(tiny, seed=5, num_heads=2, name="root_feats.npz")
     assert feats.roots.tolist() == [t for r in recs for t in r["answer_ids"]]
     assert data.Features.load(tmp / "root_feats.npz").roots.tolist() == feats.roots.tolist()
     cfg = TrainConfig(num_heads=2, epochs=30, batch_size=64, lr=3e-3, root_input=True)
@@ -326,16 +335,11 @@ def test_train_heads_with_a_path_input(tiny):
     """Path-input heads (Hydra-style: head k also reads the path's tokens, the true ones in
     training) learn, export as heads format 3, give the same accuracy table (given the true path)
     in NumPy as in torch, and decode losslessly through the engine with a branching tree."""
-    from medusa_rt.train.heads_np import accuracy_table, load_embedding, load_lm_head
+    from medusa_rt.train.heads_np import accuracy_table
     from medusa_rt.train.trainer import TrainConfig, Trainer
 
     tmp, base = tiny
-    eng = Engine(base, dtype="fp32", medusa_max_batch=0)
-    lm, emb = load_lm_head(base), load_embedding(base)
-    rng = np.random.default_rng(6)
-    seqs = [rng.integers(3, eng.info.vocab_size, 40).tolist() for _ in range(6)]
-    recs = [{"prompt_ids": s[:8], "answer_ids": s[8:]} for s in seqs]
-    feats = data.extract_hidden_states(eng, recs, 3, tmp / "path_feats.npz", progress=False)
+    eng, lm, emb, seqs, recs, feats = _random_answers(tiny, seed=6, num_heads=3, name="path_feats.npz")
     with pytest.raises(InvalidArgumentError, match="path_input needs root_input"):
         TrainConfig(path_input=True).validate()
     cfg = TrainConfig(num_heads=3, epochs=30, batch_size=64, lr=3e-3, root_input=True, path_input=True)
