@@ -307,6 +307,21 @@ def _record_steps(engine, prompt, n):
     return r.tokens, steps
 
 
+def _lossless_steps(engine, n=40):
+    """Greedy Medusa on 3 unseen prompts, asserted equal to plain greedy decoding; yields each
+    step's (hidden state at the root's position [1, H], root token, tree tokens), the root
+    asserted to be the tree's first token."""
+    for p in _unseen(3):
+        tokens, steps = _record_steps(engine, p, n)
+        assert tokens == engine.generate(p, max_new_tokens=n, ignore_eos=True, medusa=False).tokens
+        seq = p + tokens
+        with engine.session() as s:
+            hidden = s.hidden_states(seq)
+        for pos, tree_tokens in steps:
+            assert tree_tokens[0] == seq[pos]
+            yield hidden[pos - 1:pos], seq[pos], tree_tokens
+
+
 def _batch_fused_and_host(d, tree):
     """Greedy Medusa on 3 unseen prompts in one batch, with the fused step and with the host step:
     asserts both give the same tokens and acceptance; returns [(tokens, accepted per head)]."""
@@ -346,19 +361,11 @@ def test_heads_with_a_root_input(setup, tmp_path):
     lm, emb = load_lm_head(d), load_embedding(d)
     assert not np.array_equal(lm, emb)
     differs = 0
-    for p in _unseen(3):
-        tokens, steps = _record_steps(engine, p, 40)
-        assert tokens == engine.generate(p, max_new_tokens=40, ignore_eos=True, medusa=False).tokens
-        seq = p + tokens
-        with engine.session() as s:
-            hidden = s.hidden_states(seq)
-        for pos, tree_tokens in steps:
-            h, root = hidden[pos - 1:pos], seq[pos]
-            assert tree_tokens[0] == root
-            want = heads.top_k(h, lm, 3, emb[[root]])[:, 0]
-            assert tree_tokens[1:4] == want[0].tolist()
-            assert tree_tokens[4:] == [int(want[1][0]), int(want[2][0])]
-            differs += plain.top_k(h, lm, 3)[0, 0].tolist() != want[0].tolist()
+    for h, root, tree_tokens in _lossless_steps(engine):
+        want = heads.top_k(h, lm, 3, emb[[root]])[:, 0]
+        assert tree_tokens[1:4] == want[0].tolist()
+        assert tree_tokens[4:] == [int(want[1][0]), int(want[2][0])]
+        differs += plain.top_k(h, lm, 3)[0, 0].tolist() != want[0].tolist()
     assert differs > 0  # the root input changes the candidates: the check above has teeth
     # The fused step (candidates for each row's root gathered in backend memory) agrees.
     _batch_fused_and_host(d, tree)
@@ -429,28 +436,20 @@ def test_heads_with_a_path_input(setup, tmp_path):
     assert heads.paths is not None and len(heads.paths[3]) == 3
     lm, emb = load_lm_head(d), load_embedding(d)
     checked = differs = 0
-    for p in _unseen(3):
-        tokens, steps = _record_steps(engine, p, 40)
-        assert tokens == engine.generate(p, max_new_tokens=40, ignore_eos=True, medusa=False).tokens
-        seq = p + tokens
-        with engine.session() as s:
-            hidden = s.hidden_states(seq)
-        for pos, tree_tokens in steps:
-            h, root = hidden[pos - 1:pos], seq[pos]
-            assert tree_tokens[0] == root
-            tok = dict(zip(nodes, tree_tokens))
-            for parent in nodes:
-                children = [c for c in nodes if len(c) == len(parent) + 1 and c[:-1] == parent]
-                if not children:
-                    continue
-                depth = len(parent)
-                path_emb = [emb[[tok[parent[:j]]]] for j in range(1, depth + 1)]
-                pad = [np.zeros_like(emb[[root]])] * (3 - depth)  # heads past this depth: not compared
-                want = heads.top_k(h, lm, 3, emb[[root]], path_emb + pad)[depth, 0]
-                for c in children:
-                    assert tok[c] == int(want[c[-1]]), (parent, c)
-                    checked += 1
-            differs += tok[(0, 0)] != tok[(1, 0)]  # same head and rank, different paths
+    for h, root, tree_tokens in _lossless_steps(engine):
+        tok = dict(zip(nodes, tree_tokens))
+        for parent in nodes:
+            children = [c for c in nodes if len(c) == len(parent) + 1 and c[:-1] == parent]
+            if not children:
+                continue
+            depth = len(parent)
+            path_emb = [emb[[tok[parent[:j]]]] for j in range(1, depth + 1)]
+            pad = [np.zeros_like(emb[[root]])] * (3 - depth)  # heads past this depth: not compared
+            want = heads.top_k(h, lm, 3, emb[[root]], path_emb + pad)[depth, 0]
+            for c in children:
+                assert tok[c] == int(want[c[-1]]), (parent, c)
+                checked += 1
+        differs += tok[(0, 0)] != tok[(1, 0)]  # same head and rank, different paths
     assert checked > 0 and differs > 0  # the path input changes the candidates: the check has teeth
     batch = _batch_fused_and_host(d, tree)
     alone = [engine.generate(p, max_new_tokens=30, ignore_eos=True) for p in _unseen(3)]
