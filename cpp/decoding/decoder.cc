@@ -82,7 +82,6 @@ Decoder::Decoder(LlamaModel& model, MedusaHeads* heads, TreeSpec tree, int max_b
     cand_stride_ = plan_.blocks * plan_.width;
     const size_t nc = size_t(cand_stride_) * max_batch;
     d_candidates_ = static_cast<int32_t*>(buffers_.buffer(sizeof(int32_t) * nc, "Medusa candidates"));
-    model.backend().fill_zero(d_candidates_, sizeof(int32_t) * nc);  // heads past the tree's depth stay 0
     candidates_host_.resize(nc);
   }
 

@@ -212,7 +212,7 @@ HeadsPlan MedusaHeads::plan(const TreeSpec& tree) const {
   p.depth = std::max(1, tree.max_depth());
   p.index.assign(T, 0);
   if (!meta_.path_input) {
-    p.blocks = meta_.num_heads;
+    p.blocks = p.depth;  // the heads the tree reads
     p.width = top_k_;
     for (int i = 1; i < T; ++i) p.index[i] = (tree.depths()[i] - 1) * top_k_ + tree.ranks()[i];
     return p;
@@ -282,6 +282,7 @@ HeadsPlan MedusaHeads::plan(const TreeSpec& tree) const {
   p.x = static_cast<float*>(a.buffer(sizeof(float) * max_level_rows * H, "Medusa head workspace"));
   p.tmp = static_cast<float*>(a.buffer(sizeof(float) * max_level_rows * H, "Medusa head workspace"));
   p.emb = static_cast<float*>(a.buffer(sizeof(float) * max_level_rows * H, "Medusa head workspace"));
+  p.root_emb = static_cast<float*>(a.buffer(sizeof(float) * max_rows_ * H, "Medusa head workspace"));
   p.logits = static_cast<float*>(a.buffer(sizeof(float) * max_level_rows * proj_vocab_, "Medusa head logits"));
   be_.reserve_rows(static_cast<int>(max_level_rows));
   return p;
@@ -336,13 +337,16 @@ void MedusaHeads::path_candidates(const float* hidden, const int32_t* roots, int
     be_.linear(plan.emb, m, w, nullptr, plan.tmp);
     be_.add(x, plan.tmp, size_t(m) * H);
   };
+  be_.embed(base_embed_, roots, rows, plan.root_emb);
   for (size_t d = 0; d < plan.levels.size(); ++d) {
     const HeadsPlan::Level& L = plan.levels[d];
     const int m = rows * L.parents;
     if (m == 0) continue;  // a root-only tree
     const Head& head = heads_[d];
-    be_.gather_rows(hidden, hidden_, L.seq, m, plan.x);
-    add_embedded(L.seq, roots, m, head.root, plan.x);
+    // h + R_d e(root) once per sequence, then one copy per node with children.
+    be_.linear(plan.root_emb, rows, head.root, nullptr, plan.tmp);
+    be_.add(plan.tmp, hidden, size_t(rows) * H);
+    be_.gather_rows(plan.tmp, hidden_, L.seq, m, plan.x);
     for (size_t j = 0; j < L.path.size(); ++j) add_embedded(L.path[j], plan.drafts, m, head.path[j], plan.x);
     run_blocks(static_cast<int>(d), plan.x, m, plan.tmp);
     be_.linear(plan.x, m, draft_ids_ ? draft_proj_ : head.proj, nullptr, plan.logits);

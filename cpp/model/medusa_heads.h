@@ -49,7 +49,8 @@ struct MedusaHeadsMeta {
 // How the heads draft the candidates of one tree (MedusaHeads::plan). candidates() writes
 // [blocks][rows][width] token ids; sequence r's candidates are the `blocks` pieces of `width`
 // (block b at b * width), and index[i] is tree node i's token among them (root: unused).
-// Independent heads: block k = head k's top_k, node (depth d, rank r) at (d - 1) * top_k + r.
+// Independent heads: block k = head k's top_k (k < the tree's depth), node (depth d, rank r) at
+// (d - 1) * top_k + r.
 // Path input: one block per sequence, node i at i - 1.
 struct HeadsPlan {
   int depth = 0;                 // heads 0..depth-1 run (the tree's depth)
@@ -59,7 +60,7 @@ struct HeadsPlan {
   // (`parents` of them), rows r-major (row r * parents + u). Gather indices in backend memory.
   struct Level {
     int parents = 0;
-    int32_t* seq = nullptr;                // [max_rows * parents]: r (hidden-state row and root)
+    int32_t* seq = nullptr;                // [max_rows * parents]: r (the sequence's row)
     std::vector<int32_t*> path;            // [j - 1][max_rows * parents]: index into `drafts` of the
                                            // path's token at depth j = 1..d
     size_t drafts_offset = 0;              // this level's top_k lists in `drafts`
@@ -68,7 +69,7 @@ struct HeadsPlan {
   int32_t* out_index = nullptr;            // [max_rows * width]: node tokens from `drafts`
   int32_t* drafts = nullptr;               // every level's top_k lists (token ids)
   int32_t* tokens = nullptr;               // [max level rows] scratch
-  float *x = nullptr, *tmp = nullptr, *emb = nullptr, *logits = nullptr;
+  float *x = nullptr, *tmp = nullptr, *emb = nullptr, *root_emb = nullptr, *logits = nullptr;
   std::unique_ptr<WeightArena> arena;      // owns the buffers above
 };
 
