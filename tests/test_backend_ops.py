@@ -88,7 +88,7 @@ import sys, numpy as np
 from medusa_rt import _core
 h = _core._testing.BackendHarness("cpu", 2)
 rng = np.random.default_rng(11)
-n, k = 200, 300                      # k > 256: the many-row path blocks k
+n, k = 200, 300                      # k > 256: the AVX-512 many-row path blocks k
 x = rng.standard_normal((70, k)).astype(np.float32)
 w = (rng.standard_normal((n, k)) * 0.1).astype(np.float32)
 b = rng.standard_normal(n).astype(np.float32)
