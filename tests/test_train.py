@@ -98,6 +98,7 @@ def test_train_heads_end_to_end(tiny, capsys):
     assert [c.expected_tokens_per_step for c in cal] == sorted(c.expected_tokens_per_step for c in cal)
     # Step costs are medians of interleaved rounds, never lower for a larger tree (timing noise).
     assert [c.step_seconds for c in cal] == sorted(c.step_seconds for c in cal)
+    assert all(0 < c.heads_seconds < c.step_seconds for c in cal)
     recs = data.read_answers(tmp / "work" / data.ANSWERS)[:6]
     tps = []
     for r in recs:

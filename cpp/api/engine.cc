@@ -406,7 +406,8 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
       TreeCalibration cal;
       cal.nodes = trees[i].num_nodes();
       cal.expected_tokens_per_step = expected_tokens_per_step(heads_meta.accuracy_table, trees[i].paths());
-      cal.step_seconds = best_ratio * info.plain_step_seconds + heads_time[i];
+      cal.heads_seconds = heads_time[i];
+      cal.step_seconds = best_ratio * info.plain_step_seconds + cal.heads_seconds;
       cal.tokens_per_second = cal.expected_tokens_per_step / cal.step_seconds;
       info.calibration.push_back(cal);
       if (cal.tokens_per_second > best_rate) best_rate = cal.tokens_per_second, best = trees[i];

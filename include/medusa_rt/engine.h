@@ -76,6 +76,7 @@ struct TreeCalibration {
   int nodes = 0;                          ///< tree nodes, root included
   double expected_tokens_per_step = 0;    ///< from the heads' accuracy table (bonus token included)
   double step_seconds = 0;                ///< measured: verify forward + heads, batch 1
+  double heads_seconds = 0;               ///< the heads' share of step_seconds
   double tokens_per_second = 0;           ///< expected_tokens_per_step / step_seconds
 };
 
