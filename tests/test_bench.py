@@ -17,11 +17,12 @@ def test_bench_suite_runs_on_a_tiny_model(tmp_path):
     from medusa_rt.bench import print_table, run_suite
 
     base = save_and_export(build_hf_model("llama-mha-tied", seed=3), tmp_path, "base")
-    r = run_suite(str(base), new_tokens=6, repeats=1, medusa_prompts=1, hf=False, llama_cpp=False, dtypes=("fp32",))
+    r = run_suite(str(base), new_tokens=6, repeats=2, medusa_prompts=1, hf=False, llama_cpp=False, dtypes=("fp32",))
     json.dumps(r)  # the report is JSON
     d = r["decode"]["fp32"]
     assert d["tokens_per_second"] > 0 and d["bandwidth_bound_tokens_per_second"] > 0
     assert d["fraction_of_bound"] == pytest.approx(d["tokens_per_second"] / d["bandwidth_bound_tokens_per_second"])
+    assert d["bandwidth_samples"] == d["samples"] > 1  # the bound is probed before each prompt's decoding
     assert "no Medusa heads" in r["medusa"]["bf16"]["skipped"] and "skipped" in r["verify_bf16"]
     assert r["prefill"]["fp32"]["tokens_per_second"] > 0
     assert r["peers"] == {"hf_transformers_fp32": {"skipped": "--no-hf"}, "llama_cpp": {"skipped": "--no-llama-cpp"}}

@@ -66,13 +66,6 @@ def _chat_ids(engine: Engine, texts: Sequence[str]) -> List[List[int]]:
 def bench_decode(model: str, dtype: str, new_tokens: int, repeats: int, bandwidth: float, seq: int = 1024) -> Dict:
     engine = Engine(model, dtype=dtype, max_seq_len=seq, medusa_max_batch=0, progress=False)
     prompts = _chat_ids(engine, DECODE_PROMPTS)
-    decode = []
-    with engine.session() as s:
-        s.generate(prompts[0], max_new_tokens=8, ignore_eos=True, medusa=False)  # warm-up
-        for _ in range(repeats):
-            for p in prompts:
-                r = s.generate(p, max_new_tokens=new_tokens, ignore_eos=True, medusa=False)
-                decode.append(r.stats.decode_tokens_per_second)
     # Bytes read per token: the model's weights without the heads and without the embedding
     # table (one row is gathered), plus the lm_head (tied: the same table, read in full).
     info = engine.info
@@ -83,14 +76,25 @@ def bench_decode(model: str, dtype: str, new_tokens: int, repeats: int, bandwidt
     per_token = body - embed + (embed if cfg.get("tie_word_embeddings") else 0)
     # The bound streams the same number of bytes: a buffer the size of the weights read over and
     # over meets the same caches as decoding does (on a VM with a large shared L3, part of a
-    # small model may stay cached; a larger probe buffer would understate the bound).
-    sized_bw = _core._testing.stream_bandwidth(per_token, info.num_threads, 5)
+    # small model may stay cached; a larger probe buffer would understate the bound). It is
+    # probed before every prompt's decoding and the median taken, like the decode speed: a single
+    # probe at another moment than the decoding is at the mercy of the VM's neighbours.
+    decode, probes = [], []
+    with engine.session() as s:
+        s.generate(prompts[0], max_new_tokens=8, ignore_eos=True, medusa=False)  # warm-up
+        for _ in range(repeats):
+            for p in prompts:
+                probes.append(_core._testing.stream_bandwidth(per_token, info.num_threads, 5))
+                r = s.generate(p, max_new_tokens=new_tokens, ignore_eos=True, medusa=False)
+                decode.append(r.stats.decode_tokens_per_second)
+    sized_bw = statistics.median(probes)
     bound = sized_bw / per_token
     tps = statistics.median(decode)
     log(f"decode {dtype}: {tps:.1f} tok/s (bound {bound:.1f}, {100 * tps / bound:.0f}%; "
         f"{bandwidth / per_token:.1f} at the 512 MiB probe)")
     return {"tokens_per_second": tps, "samples": len(decode), "bytes_per_token": per_token,
-            "stream_read_weights_sized_GBps": sized_bw / 1e9, "bandwidth_bound_tokens_per_second": bound,
+            "stream_read_weights_sized_GBps": sized_bw / 1e9, "bandwidth_samples": len(probes),
+            "bandwidth_bound_tokens_per_second": bound,
             "fraction_of_bound": tps / bound, "bound_at_512MiB_probe_tokens_per_second": bandwidth / per_token}
 
 
