@@ -41,7 +41,35 @@ def test_eval_set_is_held_out():
     import medusa_rt
     from pathlib import Path
     dev = load_eval_prompts(Path(medusa_rt.__file__).parent / "data" / "dev_prompts.json")
-    assert len(dev) == 16 and not {p for _, p in dev} & {p for _, p in ev} and not {p.lower() for _, p in dev} & train
+    assert len(dev) == 96 and len({p for _, p in dev}) == 96 and len({c for c, _ in dev}) == 10
+    assert not {p for _, p in dev} & {p for _, p in ev} and not {p.lower() for _, p in dev} & train
+
+
+def test_fit_tree_empirical_known_ranks():
+    import numpy as np
+
+    from medusa_rt.train.heads_np import table_from_ranks
+
+    # Rank of the true token per head (given the true path); 10: not in the top 10, -1: no label.
+    ranks = np.array([[0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0], [0, 10, 3], [-1, -1, -1]])
+    paths, freq = tree_fit.fit_tree_empirical(ranks, 4, max_children=10)
+    # Prefix counts: [0] 4, [0, 0] 2, then [1] (1 row, shallowest first among ties).
+    assert paths == [[0], [0, 0], [1]] and freq == pytest.approx([4 / 6, 2 / 6, 1 / 6])
+    # The sum of the frequencies is the mean accepted length: rows accept 2, 2, 1, 1, 1 and 0 tokens.
+    assert 1 + sum(freq) == pytest.approx(1 + 7 / 6)
+    full, _ = tree_fit.fit_tree_empirical(ranks, 100, max_children=10)
+    assert len(full) == 9  # every path some row accepts, no other
+    for n in range(1, 11):  # every prefix of the list is a tree: each path's parent comes before it
+        sub, _ = tree_fit.fit_tree_empirical(ranks, n, max_children=10)
+        assert sub == full[:n - 1]
+        assert all(p[:-1] in sub[:i] for i, p in enumerate(sub) if len(p) > 1)
+    assert tree_fit.fit_tree_empirical(ranks, 100, max_children=10, max_depth=1)[0] == [[0], [1]]
+    assert tree_fit.fit_tree_empirical(ranks, 100, max_children=1)[0] == [[0], [0, 0], [0, 0, 0]]
+    assert np.allclose(table_from_ranks(ranks, 4), [[4 / 5, 1 / 5, 0, 0], [3 / 5, 1 / 5, 0, 0], [3 / 5, 1 / 5, 0, 1 / 5]])
+    with pytest.raises(InvalidArgumentError):
+        tree_fit.fit_tree_empirical(np.zeros((0, 3), dtype=int), 4)
+    with pytest.raises(InvalidArgumentError):
+        tree_fit.fit_tree_empirical(ranks, 4, max_depth=5)
 
 
 def test_fit_tree_known_table():
@@ -130,6 +158,16 @@ def test_train_heads_end_to_end(tiny, capsys):
                      "--answers", str(tmp / "work" / "held_out.jsonl"), "--nodes", "12"]) == 0
     fitted = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert np.allclose(fitted["accuracy_table"], report["accuracy_table"], atol=0.02)
+    # --joint fits the paths most rows accept: on those rows it accepts at least as much as the
+    # tree fitted to the table with the heads taken as independent.
+    assert cli.main(["--quiet", "fit-tree", "--model", str(base), "--dtype", "fp32", "--medusa-heads", str(out),
+                     "--answers", str(tmp / "work" / "held_out.jsonl"), "--nodes", "12", "--joint"]) == 0
+    joint = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert joint["fit"] == "joint" and fitted["fit"] == "independent" and joint["rows"] == fitted["rows"] > 0
+    assert joint["accuracy_table"] == fitted["accuracy_table"] and 1 <= joint["nodes"] <= 12
+    assert joint["measured_tokens_per_step"] >= fitted["measured_tokens_per_step"] >= 1
+    assert cli.main(["--quiet", "fit-tree", "--table", str(tmp / "work" / "report.json"), "--joint"]) == 2
+    assert "--joint fits the tree to measured ranks" in capsys.readouterr().err
 
 
 def test_train_own_projection_layout(tiny):

@@ -109,9 +109,15 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
 
 
 def _cmd_fit_tree(args: argparse.Namespace) -> int:
-    from .train import tree_fit
+    import numpy as np
 
+    from .train import tree_fit
+    from .train.heads_np import table_from_ranks
+
+    ranks = None
     if args.table:
+        if args.joint:
+            raise InvalidArgumentError("--joint fits the tree to measured ranks: give --answers, not --table")
         try:
             table = json.loads(open(args.table).read())
         except (OSError, ValueError) as exc:
@@ -119,11 +125,20 @@ def _cmd_fit_tree(args: argparse.Namespace) -> int:
         if isinstance(table, dict):
             table = table.get("accuracy_table", table.get("table"))
     else:
-        table = _measure_table(args)
-    tree = tree_fit.fit_tree(table, args.nodes, max_depth=args.max_depth, max_children=args.max_children)
+        ranks = _measure_ranks(args)
+        table = np.round(table_from_ranks(ranks, args.top_k), 5).tolist()
+    if args.joint:
+        tree, _ = tree_fit.fit_tree_empirical(ranks, args.nodes, max_depth=args.max_depth,
+                                              max_children=args.max_children or args.top_k)
+    else:
+        tree = tree_fit.fit_tree(table, args.nodes, max_depth=args.max_depth, max_children=args.max_children)
     expected = tree_fit.expected_tokens_per_step(table, tree)
-    print(json.dumps({"tree": tree, "nodes": len(tree) + 1, "expected_tokens_per_step": expected,
-                      "accuracy_table": table}))
+    result = {"tree": tree, "nodes": len(tree) + 1, "fit": "joint" if args.joint else "independent",
+              "expected_tokens_per_step": expected, "accuracy_table": table}
+    if ranks is not None:
+        result["measured_tokens_per_step"] = tree_fit.measured_tokens_per_step(ranks, tree)
+        result["rows"] = int(ranks.shape[0])
+    print(json.dumps(result))
     if args.write:
         from .export.medusa_heads import update_heads_metadata
 
@@ -134,15 +149,14 @@ def _cmd_fit_tree(args: argparse.Namespace) -> int:
     return 0
 
 
-def _measure_table(args: argparse.Namespace) -> list:
-    """Accuracy table of the model's heads on held-out answers (an answers.jsonl of train-heads)."""
+def _measure_ranks(args: argparse.Namespace) -> "numpy.ndarray":
+    """Rank of the true token per head and row (:func:`.train.heads_np.rank_matrix`) of the
+    model's heads on held-out answers (an answers.jsonl of train-heads)."""
     from pathlib import Path
-
-    import numpy as np
 
     from .engine import Engine
     from .train import data
-    from .train.heads_np import RuntimeHeads, accuracy_table, load_embedding, load_lm_head
+    from .train.heads_np import RuntimeHeads, load_embedding, load_lm_head, rank_matrix
 
     if not args.answers:
         raise InvalidArgumentError("fit-tree needs --table (an accuracy table) or --answers (held-out answers)")
@@ -157,9 +171,8 @@ def _measure_table(args: argparse.Namespace) -> list:
                                        progress=not args.quiet)
     lm_head = load_lm_head(engine.model_dir, args.dtype)
     embedding = load_embedding(engine.model_dir, args.dtype) if heads.roots is not None else None
-    table = accuracy_table(heads, feats.hidden, feats.labels, lm_head, args.top_k, roots=feats.roots,
-                           embedding=embedding)
-    return np.round(table, 5).tolist()
+    return rank_matrix(heads, feats.hidden, feats.labels, lm_head, args.top_k, roots=feats.roots,
+                       embedding=embedding)
 
 
 def _cmd_eval_heads(args: argparse.Namespace) -> int:
@@ -322,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-k", type=int, default=10, help="ranks measured per head")
     sp.add_argument("--max-depth", type=int, default=None)
     sp.add_argument("--max-children", type=int, default=None)
+    sp.add_argument("--joint", action="store_true",
+                    help="with --answers: fit the tree to the rows' joint ranks (the paths most rows accept) "
+                         "instead of the per-head table taken as independent")
     sp.add_argument("--write", help="heads file whose default tree (and accuracy table) to set")
     sp.set_defaults(fn=_cmd_fit_tree)
 

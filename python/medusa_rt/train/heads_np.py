@@ -135,18 +135,19 @@ class RuntimeHeads:
         return out
 
 
-def accuracy_table(heads: RuntimeHeads, hidden: np.ndarray, labels: np.ndarray, lm_head: np.ndarray,
-                   k_top: int = 10, chunk: int = 1024, roots: Optional[np.ndarray] = None,
-                   embedding: Optional[np.ndarray] = None) -> np.ndarray:
-    """``table[k][r]``: the fraction of rows (with a label for head k) whose label is head k's
-    rank-r candidate. Heads with a root input need the rows' ``roots`` (token ids) and the base
-    model's ``embedding`` table. Path-input heads read the true path (the labels of the heads
-    before them): head k's accuracy given that the path so far is right."""
+def rank_matrix(heads: RuntimeHeads, hidden: np.ndarray, labels: np.ndarray, lm_head: np.ndarray,
+                k_top: int = 10, chunk: int = 1024, roots: Optional[np.ndarray] = None,
+                embedding: Optional[np.ndarray] = None) -> np.ndarray:
+    """``ranks[row, k]``: the rank of the row's label among head k's candidates (0 = best), ``k_top``
+    when it is not among the first ``k_top`` (or outside the draft vocabulary), -1 where the row has
+    no label for head k (past the answer's end). Heads with a root input need the rows' ``roots``
+    (token ids) and the base model's ``embedding`` table. Path-input heads read the true path (the
+    labels of the heads before them): a rank given that the path so far is right, which is what
+    the acceptance of a tree path needs (see :func:`.tree_fit.fit_tree_empirical`)."""
     K = heads.num_heads
     if heads.roots is not None and (roots is None or embedding is None):
         raise InvalidArgumentError("these heads have a root input: pass the rows' root tokens and the embedding table")
-    hits = np.zeros((K, k_top), dtype=np.int64)
-    counts = np.zeros(K, dtype=np.int64)
+    ranks = np.empty((hidden.shape[0], K), dtype=np.int64)
     for i in range(0, hidden.shape[0], chunk):
         emb = embedding[roots[i:i + chunk]] if heads.roots is not None else None
         lab = labels[i:i + chunk]
@@ -156,7 +157,26 @@ def accuracy_table(heads: RuntimeHeads, hidden: np.ndarray, labels: np.ndarray, 
                     for j in range(K - 1)]
         top = heads.top_k(hidden[i:i + chunk], lm_head, k_top, emb, path)
         for k in range(K):
-            valid = lab[:, k] >= 0
-            counts[k] += int(valid.sum())
-            hits[k] += (top[k][valid] == lab[valid, k][:, None]).sum(axis=0)
-    return hits / np.maximum(counts, 1)[:, None]
+            hit = top[k] == lab[:, k][:, None]
+            r = np.where(hit.any(axis=1), hit.argmax(axis=1), k_top)
+            ranks[i:i + chunk, k] = np.where(lab[:, k] >= 0, r, -1)
+    return ranks
+
+
+def table_from_ranks(ranks: np.ndarray, k_top: int = 10) -> np.ndarray:
+    """``table[k][r]``: the fraction of rows with a label for head k whose label is head k's rank-r
+    candidate (ranks as :func:`rank_matrix` returns them)."""
+    table = np.zeros((ranks.shape[1], k_top))
+    for k in range(ranks.shape[1]):
+        valid = ranks[:, k] >= 0
+        r = ranks[valid, k]
+        table[k] = np.bincount(r[r < k_top], minlength=k_top)[:k_top] / max(int(valid.sum()), 1)
+    return table
+
+
+def accuracy_table(heads: RuntimeHeads, hidden: np.ndarray, labels: np.ndarray, lm_head: np.ndarray,
+                   k_top: int = 10, chunk: int = 1024, roots: Optional[np.ndarray] = None,
+                   embedding: Optional[np.ndarray] = None) -> np.ndarray:
+    """``table[k][r]``: the fraction of rows (with a label for head k) whose label is head k's
+    rank-r candidate (:func:`rank_matrix` summed per head; the same inputs)."""
+    return table_from_ranks(rank_matrix(heads, hidden, labels, lm_head, k_top, chunk, roots, embedding), k_top)

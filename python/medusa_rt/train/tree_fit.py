@@ -8,11 +8,21 @@ frontier holds each chosen path's next sibling (last rank + 1) and first child (
 deeper); the most probable frontier path joins until the tree has the requested number of nodes
 (root included). The engine implements it (``medusa_rt::fit_tree_paths``, also used by the
 calibrated tree); these are its Python entry points.
+
+Heads are not independent (a row one head gets wrong is likely hard for the next, and path-input
+heads read the path). :func:`fit_tree_empirical` fits the joint distribution instead: from each
+held-out row's rank vector (the rank of the true token for each head, given the true path), a path
+(r_1, ..., r_d) is accepted at exactly the rows whose rank vector starts with it, so the expected
+tokens per step of a tree is 1 + the sum of its paths' row frequencies, and the paths of highest
+frequency form the best tree of any size (a path is never more frequent than its parent).
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from collections import Counter
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
 
 from .. import _core
 
@@ -34,3 +44,56 @@ def fit_tree(table: Sequence[Sequence[float]], num_nodes: int, *, max_depth: Opt
 def expected_tokens_per_step(table: Sequence[Sequence[float]], paths: Sequence[Sequence[int]]) -> float:
     """1 + the sum of the paths' acceptance probabilities (greedy acceptance, independent heads)."""
     return float(_core.expected_tokens_per_step(_table(table), [[int(r) for r in p] for p in paths]))
+
+
+def fit_tree_empirical(ranks: np.ndarray, num_nodes: int, *, max_depth: Optional[int] = None,
+                       max_children: Optional[int] = None) -> Tuple[List[List[int]], List[float]]:
+    """The tree of at most ``num_nodes`` nodes (root included) with the most accepted tokens on the
+    rows of ``ranks`` (``[rows, heads]``, as :func:`.heads_np.rank_matrix` returns them: ranks >=
+    ``max_children`` and -1 end a row's path). Returns the paths, most frequent first (so every
+    prefix of the list is itself the best tree of its size), and each path's frequency (the fraction
+    of rows that accept it): the expected tokens per step of the first n paths is 1 + the sum of
+    their frequencies. Paths no row accepts are left out (a tree can come out smaller). Raises
+    InvalidArgumentError for an empty rank matrix or limits out of range."""
+    from ..errors import InvalidArgumentError
+
+    ranks = np.asarray(ranks)
+    if ranks.ndim != 2 or ranks.shape[0] == 0 or ranks.shape[1] == 0:
+        raise InvalidArgumentError("fit_tree_empirical needs a [rows, heads] rank matrix with rows")
+    if num_nodes < 1:
+        raise InvalidArgumentError("a tree has at least 1 node (the root)")
+    depth = ranks.shape[1] if max_depth is None else int(max_depth)
+    children = int(ranks.max()) + 1 if max_children is None else int(max_children)
+    if not 1 <= depth <= ranks.shape[1] or children < 1:
+        raise InvalidArgumentError(f"max_depth must be in 1..{ranks.shape[1]} and max_children >= 1")
+    counts: Counter = Counter()
+    for row in ranks[:, :depth].tolist():
+        path: Tuple[int, ...] = ()
+        for r in row:
+            if r < 0 or r >= children:
+                break
+            path += (r,)
+            counts[path] += 1
+    # Most frequent first; a parent is at least as frequent as its child and sorts before it on a tie.
+    best = sorted(counts.items(), key=lambda kv: (-kv[1], len(kv[0]), kv[0]))[:num_nodes - 1]
+    n = ranks.shape[0]
+    return [list(p) for p, _ in best], [c / n for _, c in best]
+
+
+def measured_tokens_per_step(ranks: np.ndarray, paths: Sequence[Sequence[int]]) -> float:
+    """1 + the mean accepted length of the tree ``paths`` over the rows of ``ranks`` (as
+    :func:`.heads_np.rank_matrix` returns them): each row accepts the longest prefix of its rank
+    vector that is a path of the tree. The joint counterpart of :func:`expected_tokens_per_step`
+    (an estimate per position: decoding starts steps more often at positions the heads find hard,
+    so the tokens per step of real decoding come out lower)."""
+    tree = {tuple(int(r) for r in p) for p in paths}
+    ranks = np.asarray(ranks)
+    total = 0
+    for row in ranks.tolist():
+        path: tuple = ()
+        for r in row:
+            if r < 0 or path + (r,) not in tree:
+                break
+            path += (r,)
+        total += len(path)
+    return 1.0 + total / max(ranks.shape[0], 1)
