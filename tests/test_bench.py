@@ -45,6 +45,13 @@ def test_bench_verify_interleaves_rounds_after_a_context(tmp_path):
     base = save_and_export(model, tmp_path, "base")
     heads = random_heads(model.config.hidden_size, model.config.vocab_size)
     export_medusa_heads(write_heads_only(heads, tmp_path / "heads"), base, progress=False)
+    # Medusa against plain decoding, and the heads alone next to the default prompt lookup.
+    from medusa_rt.bench import bench_medusa
+
+    m = bench_medusa(str(base), "fp32", ["Tell me about the sea.", "A list of four colors."], 8, "chain-2", seq=128)
+    assert m["prompt_lookup"] == 4 and m["identical_outputs"] == "2/2" and m["tree"] == "chain-2"
+    assert {"medusa", "heads_only", "plain"} <= set(m) and m["plain"]["tokens_per_step"] == 1.0
+    assert m["speedup"] > 0 and m["heads_only_speedup"] > 0 and m["heads_only"]["lookup_tokens"] == 0
     r = bench_verify(str(base), "bf16", seq=128, rounds=3, context=1000)
     assert r["context"] == 128 - TREE_SIZES[-1] and r["rounds"] == 3  # the context is cut to the cache
     rows = r["rows"]

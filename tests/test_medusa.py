@@ -140,6 +140,45 @@ def test_end_of_cache_falls_back(own_dir, setup):
         assert med.finish_reason == plain.finish_reason == "length"
 
 
+def test_prompt_lookup_is_lossless_and_accepts(own_dir, setup):
+    """Tokens looked up in the context are verified like head candidates: with and without heads,
+    greedy output equals plain decoding, and where the output repeats its context they are taken."""
+    engine = medusa_rt.Engine(own_dir, dtype="fp32", max_seq_len=256, medusa_max_batch=16, prompt_lookup=4)
+    no_heads = medusa_rt.Engine(setup["base"], dtype="fp32", max_seq_len=256, prompt_lookup=4)
+    assert engine.info.prompt_lookup == 4 and no_heads.info.medusa_heads == 0
+    looked = 0
+    with engine.session() as s, no_heads.session() as s0:
+        for p in setup["prompts"][:2] + _unseen(3):
+            plain = s.generate(p, max_new_tokens=64, ignore_eos=True, medusa=False, prompt_lookup=False)
+            assert plain.stats.lookup_steps == 0 and plain.stats.tokens_per_step == 1.0
+            assert s.generate(p, max_new_tokens=64, ignore_eos=True, medusa=False).stats.lookup_steps == 0
+            for r in (s.generate(p, max_new_tokens=64, ignore_eos=True),
+                      s0.generate(p, max_new_tokens=64, ignore_eos=True)):
+                st = r.stats
+                assert r.tokens == plain.tokens
+                assert st.tokens_per_step == pytest.approx(63 / st.steps)
+                assert 0 <= st.lookup_tokens <= 4 * st.lookup_steps and st.lookup_steps <= st.steps
+                looked += st.lookup_tokens
+            # Without heads, every token beyond one per step came from the lookup (the last step
+            # may accept more than max_new_tokens leaves room for).
+            assert 63 <= st.steps + st.lookup_tokens < 63 + 4
+    assert looked > 0
+    # Batched requests (fused steps and lookup steps mixed) and the end of the cache.
+    batch = medusa_rt.Engine(own_dir, dtype="fp32", max_seq_len=96, max_batch_size=3, medusa_max_batch=16,
+                             prompt_lookup=6)
+    prompts = setup["prompts"][:2] + _unseen(2)
+    plain = [r.tokens for r in batch.generate_batch(prompts, max_new_tokens=200, ignore_eos=True, medusa=False)]
+    got = batch.generate_batch(prompts, max_new_tokens=200, ignore_eos=True)
+    assert [r.tokens for r in got] == plain and sum(r.stats.lookup_tokens for r in got) > 0
+    assert all(r.finish_reason == "length" for r in got)
+    typical = batch.generate(prompts[0], max_new_tokens=48, ignore_eos=True, acceptance="typical")
+    assert len(typical.tokens) == 48 and typical.tokens[0] == plain[0][0]
+    assert medusa_rt.Engine(setup["base"], dtype="fp32", max_seq_len=64).info.prompt_lookup == 4  # the CPU's default
+    for bad in (-2, 65):
+        with pytest.raises(InvalidArgumentError, match="prompt_lookup"):
+            medusa_rt.Engine(setup["base"], dtype="fp32", max_seq_len=64, prompt_lookup=bad)
+
+
 @pytest.mark.parametrize("layout", ["safetensors", "pt", "full", "version2"])
 def test_head_layouts(setup, layout):
     tmp = setup["tmp"]
@@ -197,7 +236,7 @@ def test_medusa_flags(tmp_path, setup):
     assert plain_engine.info.medusa_heads == 0 and plain_engine.info.tree_nodes == 1
     with plain_engine.session() as s:
         r = s.generate([5, 6, 7], max_new_tokens=5, ignore_eos=True)
-        assert not r.stats.medusa and r.stats.tokens_per_step == 1.0
+        assert not r.stats.medusa and r.stats.tree_steps == 0
         with pytest.raises(InvalidArgumentError, match="no Medusa heads"):
             s.generate([5, 6, 7], medusa=True)
     with pytest.raises(InvalidArgumentError, match="no Medusa heads"):
@@ -354,7 +393,7 @@ def test_heads_with_a_root_input(setup, tmp_path):
     with SafetensorsFile(heads_file) as f:
         assert f.metadata["format_version"] == "2" and "medusa.3.root.weight" in f.keys()
     tree = [[0], [1], [2], [0, 0], [0, 0, 0]]  # nodes: head 0 ranks 0-2, head 1 rank 0, head 2 rank 0
-    engine = medusa_rt.Engine(d, dtype="fp32", max_seq_len=256, tree=tree, medusa_max_batch=16)
+    engine = medusa_rt.Engine(d, dtype="fp32", max_seq_len=256, tree=tree, medusa_max_batch=16, prompt_lookup=0)
     heads = RuntimeHeads.load(heads_file)
     assert heads.roots is not None
     plain = RuntimeHeads(heads.blocks, None, heads.metadata)  # the same heads without the root input
@@ -431,7 +470,7 @@ def test_heads_with_a_path_input(setup, tmp_path):
     tree = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [1, 0, 0], [0, 1, 0]]
     nodes = [()] + sorted(map(tuple, tree), key=lambda p: (len(p), p))  # the engine's node order
     assert [list(p) for p in _core.TreeSpec(tree).paths] == [list(p) for p in nodes[1:]]
-    engine = medusa_rt.Engine(d, dtype="fp32", max_seq_len=256, tree=tree, medusa_max_batch=16)
+    engine = medusa_rt.Engine(d, dtype="fp32", max_seq_len=256, tree=tree, medusa_max_batch=16, prompt_lookup=0)
     heads = RuntimeHeads.load(heads_file)
     assert heads.paths is not None and len(heads.paths[3]) == 3
     lm, emb = load_lm_head(d), load_embedding(d)

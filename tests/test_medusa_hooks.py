@@ -35,7 +35,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(model_dir):
-    return medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=200, medusa_max_batch=16)
+    return medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=200, medusa_max_batch=16, prompt_lookup=0)
 
 
 PROMPTS = training_prompts(VOCAB, 4, seed=77)
@@ -150,7 +150,7 @@ def _typical_reference(tokens, logits, retrieve, threshold, alpha, temperature):
 def test_typical_matches_numpy_reference(model_dir, threshold, alpha, temperature):
     tree = _core.TreeSpec.named("mc_sim_7b_63")
     retrieve = _reference_paths([list(p) for p in tree.paths])
-    engine = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=200, medusa_max_batch=16)
+    engine = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=200, medusa_max_batch=16, prompt_lookup=0)
     compared = 0
     with engine.session() as s:
         for p in PROMPTS:
@@ -174,7 +174,7 @@ def test_deep_chain_tree(tmp_path, model_dir):
     d = tmp_path / "deep"
     shutil.copytree(model_dir, d, ignore=shutil.ignore_patterns("medusa_heads.safetensors"))
     export_medusa_heads(write_heads_only(random_heads(num_heads=20, seed=3), tmp_path / "h20"), d, progress=False)
-    engine = medusa_rt.Engine(d, dtype="fp32", max_seq_len=200, tree="chain-20", medusa_top_k=1, medusa_max_batch=16)
+    engine = medusa_rt.Engine(d, dtype="fp32", max_seq_len=200, tree="chain-20", medusa_top_k=1, medusa_max_batch=16, prompt_lookup=0)
     p = PROMPTS[0]
     with engine.session() as s:
         plain = s.generate(p, max_new_tokens=100, ignore_eos=True, medusa=False)

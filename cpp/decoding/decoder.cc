@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <map>
 #include <string>
 
 #include "decoding/acceptance.h"
@@ -14,6 +15,11 @@ namespace medusa_rt {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+// Prompt lookup matches the context's last kLookupMaxNgram .. kLookupMinNgram tokens (longest
+// first) against its earlier tokens, most recent occurrence first.
+constexpr int kLookupMaxNgram = 4;
+constexpr int kLookupMinNgram = 2;
 
 // Test oracle: head h's list holds the true token for position length + 1 + h at rank
 // (length + h) % top_k (or rank 0), and distinct wrong tokens elsewhere; node (depth d, rank r)
@@ -45,13 +51,41 @@ void apply_oracle(SequenceState& s, const TreeSpec& tree, const HeadsPlan& plan,
 
 }  // namespace
 
-Decoder::Decoder(LlamaModel& model, MedusaHeads* heads, TreeSpec tree, int max_batch)
+Decoder::Decoder(LlamaModel& model, MedusaHeads* heads, TreeSpec tree, int max_batch, int lookup_tokens)
     : model_(model),
       heads_(heads),
       tree_(std::move(tree)),
       max_batch_(max_batch),
       vocab_(model.config().vocab_size),
       buffers_(model.backend()) {
+  if (lookup_tokens < 0 || max_batch * (tree_.num_nodes() + lookup_tokens) > model.limits().max_rows ||
+      std::max(tree_.max_depth(), lookup_tokens) > model.limits().max_tree_depth) {
+    throw Error("internal: the model's limits leave no room for the tree and the lookup chain");
+  }
+  lookup_tokens_ = lookup_tokens;
+  if (lookup_tokens_ > 0) {
+    // A chain of n nodes under the root at a rank no head candidate has (after the base tree's
+    // nodes of each depth in the node order, so where a head candidate and a looked-up token
+    // agree, greedy acceptance follows the head's subtree).
+    const TreeSpec root_only;
+    for (const TreeSpec* base : {static_cast<const TreeSpec*>(&root_only), static_cast<const TreeSpec*>(&tree_)}) {
+      std::map<TreeSpec::Path, int> node_of;
+      for (size_t i = 0; i < base->paths().size(); ++i) node_of[base->paths()[i]] = static_cast<int>(i) + 1;
+      std::vector<TreeSpec::Path> paths = base->paths();
+      TreeSpec::Path chain;
+      for (int n = 1; n <= lookup_tokens_; ++n) {
+        chain.push_back(base->max_rank() + 1);
+        paths.push_back(chain);
+        LookupTree lt{TreeSpec(paths, base->name() + "+lookup-" + std::to_string(n)), {0}};
+        for (const auto& p : lt.tree.paths()) {
+          auto it = node_of.find(p);
+          lt.src.push_back(it != node_of.end() ? it->second : -static_cast<int>(p.size()));
+        }
+        lookup_trees_.push_back(std::move(lt));
+      }
+    }
+    seq_lookup_.reserve(max_batch);
+  }
   const int R = model.limits().max_rows;
   d_argmax_ = static_cast<int32_t*>(buffers_.buffer(sizeof(int32_t) * R, "argmax output"));
   d_index_ = static_cast<int32_t*>(buffers_.buffer(sizeof(int32_t) * max_batch, "row indices"));
@@ -64,15 +98,17 @@ Decoder::Decoder(LlamaModel& model, MedusaHeads* heads, TreeSpec tree, int max_b
   head_seqs_.reserve(max_batch);
   row_base_.reserve(max_batch);
   num_nodes_.reserve(max_batch);
-  path_.reserve(tree_.max_depth() + 1);
-  lse_.reserve(tree_.num_nodes());
-  entropy_.reserve(tree_.num_nodes());
-  typical_.logp.reserve(tree_.num_nodes());
-  typical_.accepted.reserve(tree_.num_nodes());
+  const int max_nodes = tree_.num_nodes() + lookup_tokens_;  // per sequence, a lookup chain included
+  const int max_depth = std::max(tree_.max_depth(), lookup_tokens_);
+  path_.reserve(max_depth + 1);
+  lse_.reserve(max_nodes);
+  entropy_.reserve(max_nodes);
+  typical_.logp.reserve(max_nodes);
+  typical_.accepted.reserve(max_nodes);
   ForwardRows& r = rows_;
   for (auto* v : {&r.tokens, &r.positions, &r.slots, &r.cache_index, &r.prefix_len, &r.logit_rows}) v->reserve(R);
   r.extra_offsets.reserve(R + 1);
-  r.extra.reserve(size_t(R) * (tree_.max_depth() + 1));
+  r.extra.reserve(size_t(R) * (max_depth + 1));
   if (heads_) {
     const int H = model.config().hidden_size;
     d_head_in_ = static_cast<float*>(buffers_.buffer(sizeof(float) * H * max_batch, "Medusa head input"));
@@ -158,6 +194,10 @@ void Decoder::append(SequenceState& s, const int32_t* tokens, int n, bool with_h
   Backend& be = model_.backend();
   const int chunk = model_.limits().max_rows;
   const int start = s.length;
+  if (lookup_tokens_ > 0) {
+    s.history.resize(start);
+    s.history.insert(s.history.end(), tokens, tokens + n);
+  }
   for (int off = 0; off < n; off += chunk) {
     const int c = std::min(chunk, n - off);
     rows_.clear();
@@ -214,6 +254,28 @@ void Decoder::candidates_to_host(SequenceState& s) {
   s.candidates.resize(nc);
   model_.backend().copy_to_host(s.candidates.data(), d_cand_ + size_t(s.slot) * nc, nc * sizeof(int32_t));
   s.candidates_on_host = true;
+}
+
+void Decoder::find_lookup(SequenceState& s) const {
+  s.lookup.clear();
+  if (s.history.size() < size_t(s.length)) return;  // not appended through this decoder
+  const int len = s.length + 1;                     // the cached tokens, then the root
+  auto at = [&](int i) { return i < s.length ? s.history[i] : s.root; };
+  for (int n = std::min(kLookupMaxNgram, len - 1); n >= kLookupMinNgram; --n) {
+    for (int j = len - n - 1; j >= 0; --j) {
+      int k = 0;
+      while (k < n && at(j + k) == at(len - n + k)) ++k;
+      if (k < n) continue;
+      for (int i = j + n; i < len && int(s.lookup.size()) < lookup_tokens_; ++i) s.lookup.push_back(at(i));
+      return;
+    }
+  }
+}
+
+void Decoder::commit_history(SequenceState& s, int old_length, int32_t old_root) {
+  s.history.resize(old_length);
+  s.history.push_back(old_root);
+  s.history.insert(s.history.end(), s.new_tokens.begin(), s.new_tokens.end() - 1);
 }
 
 bool Decoder::step_fused(SequenceState* const* seqs, int n, bool allow_trees) {
@@ -290,6 +352,9 @@ bool Decoder::step_fused(SequenceState* const* seqs, int n, bool allow_trees) {
     const int32_t* out = out_host_.data() + size_t(i) * (D + 2);
     const int a = out[0];
     s.new_tokens.assign(out + 1, out + 2 + a);
+    if (lookup_tokens_ > 0) commit_history(s, s.length, s.root);
+    s.lookup_step = false;
+    s.lookup_accepted = 0;
     s.root = s.new_tokens.back();
     s.accepted = a;
     s.length += a + 1;
@@ -355,9 +420,16 @@ void Decoder::fused_body(int n, int T, bool with_heads) {
   }
 }
 
-void Decoder::step(SequenceState* const* seqs, int n, bool allow_trees) {
+void Decoder::step(SequenceState* const* seqs, int n, bool allow_trees, bool allow_lookup) {
   if (n <= 0 || n > max_batch_) throw Error("internal: bad step batch");
-  if (step_fused(seqs, n, allow_trees)) return;
+  bool any_lookup = false;
+  for (int i = 0; i < n; ++i) {
+    SequenceState& s = *seqs[i];
+    s.lookup.clear();
+    if (lookup_tokens_ > 0 && allow_lookup && s.options.lookup) find_lookup(s);
+    any_lookup |= !s.lookup.empty();
+  }
+  if (!any_lookup && step_fused(seqs, n, allow_trees)) return;
   const int max_seq = model_.limits().max_seq;
   Backend& be = model_.backend();
 
@@ -366,6 +438,7 @@ void Decoder::step(SequenceState* const* seqs, int n, bool allow_trees) {
   tokens_.clear();
   row_base_.clear();
   num_nodes_.clear();
+  seq_lookup_.clear();
   rows_.extra_offsets.push_back(0);
   for (int si = 0; si < n; ++si) {
     SequenceState& s = *seqs[si];
@@ -374,19 +447,25 @@ void Decoder::step(SequenceState* const* seqs, int n, bool allow_trees) {
     s.tree_step = verifies_tree(s, allow_trees);
     if (s.tree_step) candidates_to_host(s);
     s.device_synced = false;
-    const int T = s.tree_step ? std::min(tree_.num_nodes(), room) : 1;
+    // With a looked-up chain: the tree (or the root alone) plus the chain.
+    const LookupTree* lt = s.lookup.empty() ? nullptr : &lookup_tree(s.tree_step, static_cast<int>(s.lookup.size()));
+    const TreeSpec& tree = lt ? lt->tree : tree_;
+    s.lookup_step = lt != nullptr;
+    seq_lookup_.push_back(lt);
+    const int T = s.tree_step || lt ? std::min(tree.num_nodes(), room) : 1;
     row_base_.push_back(rows_.size());
     num_nodes_.push_back(T);
     for (int i = 0; i < T; ++i) {
-      const int depth = tree_.depths()[i];
-      const int32_t tok = i == 0 ? s.root : s.candidates[plan_.index[i]];
+      const int depth = tree.depths()[i];
+      const int src = lt ? lt->src[i] : i;
+      const int32_t tok = i == 0 ? s.root : src < 0 ? s.lookup[-src - 1] : s.candidates[plan_.index[src]];
       rows_.tokens.push_back(tok);
       tokens_.push_back(tok);
       rows_.positions.push_back(s.length + depth);
       rows_.slots.push_back(s.slot);
       rows_.cache_index.push_back(s.length + i);
       rows_.prefix_len.push_back(s.length);
-      for (int a : tree_.ancestors()[i]) rows_.extra.push_back(s.length + a);
+      for (int a : tree.ancestors()[i]) rows_.extra.push_back(s.length + a);
       rows_.extra_offsets.push_back(static_cast<int32_t>(rows_.extra.size()));
       rows_.logit_rows.push_back(rows_.size() - 1);
     }
@@ -416,12 +495,14 @@ void Decoder::step(SequenceState* const* seqs, int n, bool allow_trees) {
     SequenceState& s = *seqs[si];
     const StepOptions& opt = s.options;
     const int base = row_base_[si], T = num_nodes_[si];
+    const LookupTree* lt = seq_lookup_[si];
+    const TreeSpec& tree = lt ? lt->tree : tree_;
     const int32_t* toks = tokens_.data() + base;
     std::vector<int>& path = path_;
     path.clear();
     if (T > 1) {
       if (opt.acceptance == Acceptance::kGreedy) {
-        accept_greedy(tree_, T, toks, argmax_.data() + base, path);
+        accept_greedy(tree, T, toks, argmax_.data() + base, path);
       } else {
         const float* logits = model_.logits();
         lse_.assign(T, NAN);
@@ -441,7 +522,7 @@ void Decoder::step(SequenceState* const* seqs, int n, bool allow_trees) {
           stats(u);
           return entropy_[u];
         };
-        accept_typical(tree_, T, toks, prob, entropy, opt.posterior_threshold, opt.posterior_alpha, typical_, path);
+        accept_typical(tree, T, toks, prob, entropy, opt.posterior_threshold, opt.posterior_alpha, typical_, path);
       }
     }
     const int a = static_cast<int>(path.size());
@@ -456,6 +537,11 @@ void Decoder::step(SequenceState* const* seqs, int n, bool allow_trees) {
       }
     }
     s.new_tokens.push_back(argmax_[base + last]);  // bonus token: the base model's own next token
+    s.lookup_accepted = 0;
+    if (lt) {
+      for (int u : path) s.lookup_accepted += lt->src[u] < 0;
+    }
+    if (lookup_tokens_ > 0) commit_history(s, s.length, s.root);
     if (s.record) {
       SequenceState::StepRecord rec;
       rec.tokens.assign(toks, toks + T);

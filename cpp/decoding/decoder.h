@@ -26,6 +26,7 @@ struct StepOptions {
   float posterior_threshold = 0.09f;
   float posterior_alpha = 0.3f;
   float temperature = 1.0f;
+  bool lookup = false;  // verify tokens looked up in the context (Decoder's lookup_tokens > 0)
 };
 
 struct SequenceState {
@@ -39,6 +40,12 @@ struct SequenceState {
   std::vector<int32_t> new_tokens;
   int accepted = 0;       // speculative tokens accepted in the last step
   bool tree_step = false;  // whether the last step verified a tree
+  // Prompt lookup (Decoder with lookup_tokens > 0): the tokens in the slot's cache (its first
+  // `length` entries are current), the chain the next step verifies, and what the last step did.
+  std::vector<int32_t> history;
+  std::vector<int32_t> lookup;
+  bool lookup_step = false;  // the last step verified a looked-up chain
+  int lookup_accepted = 0;   // ... and accepted this many of its tokens
   // The fused step (Decoder::step_fused) keeps length, root and candidates on the device:
   bool device_synced = false;         // the device's length and root for this slot equal ours
   bool candidates_on_host = true;     // `candidates` is current
@@ -64,7 +71,9 @@ struct SequenceState {
 class Decoder {
  public:
   // heads may be null (plain decoding only). tree: the engine's tree (root-only without heads).
-  Decoder(LlamaModel& model, MedusaHeads* heads, TreeSpec tree, int max_batch);
+  // lookup_tokens: the longest chain of context-lookup candidates a step verifies (0: none;
+  // the model's limits must leave room for tree + chain rows and depth).
+  Decoder(LlamaModel& model, MedusaHeads* heads, TreeSpec tree, int max_batch, int lookup_tokens = 0);
   ~Decoder();
 
   const TreeSpec& tree() const { return tree_; }
@@ -79,7 +88,10 @@ class Decoder {
   // One decode step for each sequence (which must each have length < max_seq), each by its own
   // options. With allow_trees false every sequence takes a plain step (its heads still run, so
   // it can verify trees again in a later step): the batch-size speculation policy.
-  void step(SequenceState* const* seqs, int n, bool allow_trees = true);
+  // allow_lookup: sequences with options.lookup whose context's last 2-4 tokens occurred before
+  // also verify the tokens that followed there, as one more branch of the root (prompt lookup;
+  // such steps run on the host path).
+  void step(SequenceState* const* seqs, int n, bool allow_trees = true, bool allow_lookup = false);
 
   // Measures the forward cost of batches of B sequences, plain (B rows) and with the tree
   // (B x nodes rows), for B = 1, 2, 4, ... up to max_batch, and returns the largest B for which
@@ -113,6 +125,20 @@ class Decoder {
   bool step_fused(SequenceState* const* seqs, int n, bool allow_trees);
   void fused_body(int n, int T, bool with_heads);
   void candidates_to_host(SequenceState& s);
+  // Prompt lookup: a base tree (root-only, or tree_) with a chain of n looked-up tokens under
+  // the root; src[i] = the base tree's node for node i, or -d for the chain's node at depth d.
+  struct LookupTree {
+    TreeSpec tree;
+    std::vector<int> src;
+  };
+  const LookupTree& lookup_tree(bool heads_tree, int n) const {
+    return lookup_trees_[(heads_tree ? 1 : 0) * lookup_tokens_ + n - 1];
+  }
+  void find_lookup(SequenceState& s) const;
+  static void commit_history(SequenceState& s, int old_length, int32_t old_root);
+  int lookup_tokens_ = 0;
+  std::vector<LookupTree> lookup_trees_;  // [root-only, heads tree][n = 1..lookup_tokens_]
+  std::vector<const LookupTree*> seq_lookup_;
   std::vector<SequenceState*> head_seqs_;
 
   LlamaModel& model_;

@@ -24,7 +24,8 @@ void register_options(py::module_& m) {
       .def_readwrite("medusa_top_k", &EngineOptions::medusa_top_k)
       .def_readwrite("auto_tree_max_nodes", &EngineOptions::auto_tree_max_nodes)
       .def_readwrite("medusa_max_batch", &EngineOptions::medusa_max_batch)
-      .def_readwrite("medusa_expected_tokens_per_step", &EngineOptions::medusa_expected_tokens_per_step);
+      .def_readwrite("medusa_expected_tokens_per_step", &EngineOptions::medusa_expected_tokens_per_step)
+      .def_readwrite("prompt_lookup", &EngineOptions::prompt_lookup);
 
   py::class_<GenerationConfig>(m, "GenerationConfig")
       .def(py::init<>())
@@ -42,7 +43,8 @@ void register_options(py::module_& m) {
           })
       .def_readwrite("posterior_threshold", &GenerationConfig::posterior_threshold)
       .def_readwrite("posterior_alpha", &GenerationConfig::posterior_alpha)
-      .def_readwrite("temperature", &GenerationConfig::temperature);
+      .def_readwrite("temperature", &GenerationConfig::temperature)
+      .def_readwrite("prompt_lookup", &GenerationConfig::prompt_lookup);
 
   py::class_<GenerationStats>(m, "GenerationStats")
       .def_readonly("prompt_tokens", &GenerationStats::prompt_tokens)
@@ -57,6 +59,8 @@ void register_options(py::module_& m) {
       .def_readonly("tree_steps", &GenerationStats::tree_steps)
       .def_readonly("tokens_per_step", &GenerationStats::tokens_per_step)
       .def_readonly("accepted_per_head", &GenerationStats::accepted_per_head)
+      .def_readonly("lookup_steps", &GenerationStats::lookup_steps)
+      .def_readonly("lookup_tokens", &GenerationStats::lookup_tokens)
       .def_readonly("forward_seconds", &GenerationStats::forward_seconds)
       .def_readonly("other_seconds", &GenerationStats::other_seconds);
 
@@ -100,6 +104,7 @@ void register_options(py::module_& m) {
       .def_readonly("tree", &ModelInfo::tree)
       .def_readonly("tree_nodes", &ModelInfo::tree_nodes)
       .def_readonly("medusa_max_batch", &ModelInfo::medusa_max_batch)
+      .def_readonly("prompt_lookup", &ModelInfo::prompt_lookup)
       .def_readonly("calibration", &ModelInfo::calibration)
       .def_readonly("plain_step_seconds", &ModelInfo::plain_step_seconds);
 }

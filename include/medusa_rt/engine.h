@@ -69,6 +69,14 @@ struct EngineOptions {
   /// The tokens per step the heads are expected to reach, for the measurement above. 0 = the
   /// heads file's "expected_tokens_per_step" metadata if it has one, else 2.0.
   double medusa_expected_tokens_per_step = 0;
+  /// Prompt lookup: the longest chain of tokens looked up in the context that a step verifies
+  /// (0: off; at most 64; -1: the device's default, 4 on the CPU and 0 on CUDA, where it has not
+  /// been measured). When the context's last 2-4 tokens occurred earlier in it, the tokens that
+  /// followed there are verified as one more branch of the step's tree (or, without Medusa
+  /// heads, as a chain after the pending token): lossless like every draft, it costs that many
+  /// more rows on those steps only, and pays where the output repeats its context (rewriting,
+  /// summaries, code edits, lists). In steps of at most max(1, medusa_max_batch) sequences.
+  int prompt_lookup = -1;
 };
 
 /// One tree size measured by the "auto" tree calibration.
@@ -104,6 +112,7 @@ struct ModelInfo {
   std::string tree;                ///< name of the tree in use ("root" without heads)
   int medusa_max_batch = 0;        ///< batch size up to which steps verify trees (measured or given)
   int tree_nodes = 1;              ///< nodes of that tree, root included
+  int prompt_lookup = 0;           ///< the chain length in use (EngineOptions::prompt_lookup resolved)
   /// With tree "auto": the sizes measured (in increasing order; the search stops once no larger
   /// tree can win) and the plain decode step they were compared with.
   std::vector<TreeCalibration> calibration;
@@ -129,7 +138,8 @@ struct GenerationConfig {
   /// Do not stop at the model's EOS tokens.
   bool ignore_eos = false;
   /// Use Medusa tree decoding when the engine has heads and its medusa_max_batch is not 0
-  /// (trees measured not to pay on this machine); false = plain decoding.
+  /// (trees measured not to pay on this machine); false = plain decoding (no prompt lookup
+  /// either: nothing speculative).
   bool medusa = true;
   Acceptance acceptance = Acceptance::kGreedy;
   /// Typical acceptance: accept when p > min(posterior_threshold, posterior_alpha * exp(-entropy)),
@@ -137,6 +147,9 @@ struct GenerationConfig {
   float posterior_threshold = 0.09f;
   float posterior_alpha = 0.3f;
   float temperature = 1.0f;
+  /// Use the engine's prompt lookup (EngineOptions::prompt_lookup) for this request (unless
+  /// medusa is false).
+  bool prompt_lookup = true;
 };
 
 /// Why a generation ended.
@@ -168,6 +181,8 @@ struct GenerationStats {
   /// accepted_per_head[d]: steps in which head d's candidate was accepted (d + 1 or more
   /// speculative tokens accepted).
   std::vector<int> accepted_per_head;
+  int lookup_steps = 0;         ///< steps that verified tokens looked up in the context
+  int lookup_tokens = 0;        ///< looked-up tokens accepted (included in tokens_per_step)
   double forward_seconds = 0;   ///< time in model and head forwards (prefill included)
   double other_seconds = 0;     ///< total_seconds - forward_seconds
   double prefill_seconds = 0;   ///< time of the prompt's forward (including the first token)

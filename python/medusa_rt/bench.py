@@ -120,27 +120,37 @@ def bench_medusa(model: str, dtype: str, prompts: Sequence[str], new_tokens: int
                                                "heads_ms": 1e3 * c.heads_seconds,
                                                "predicted_tokens_per_second": c.tokens_per_second}
                                               for c in info.calibration],
-                              "plain_step_ms": 1e3 * info.plain_step_seconds}
-    tot = {"medusa": [0, 0.0, 0], "plain": [0, 0.0, 0]}  # decode tokens, decode seconds, steps
+                              "plain_step_ms": 1e3 * info.plain_step_seconds, "prompt_lookup": info.prompt_lookup}
+    # "medusa": the engine's default decoding (heads, and prompt lookup where the engine has it
+    # on); "heads_only": the heads alone; "plain": no speculation. Interleaved per prompt.
+    runs = {"medusa": dict(medusa=True), "plain": dict(medusa=False)}
+    if info.prompt_lookup:
+        runs["heads_only"] = dict(medusa=True, prompt_lookup=False)
+    tot = {key: [0, 0.0, 0, 0] for key in runs}  # decode tokens, decode seconds, steps, looked-up tokens
     same = 0
     with engine.session() as s:
         s.generate(ids[0], max_new_tokens=4, medusa=True)  # warm-up
         for p in ids:
-            m = s.generate(p, max_new_tokens=new_tokens, medusa=True)
-            q = s.generate(p, max_new_tokens=new_tokens, medusa=False)
-            same += int(m.tokens == q.tokens)
-            for key, r in (("medusa", m), ("plain", q)):
+            res = {key: s.generate(p, max_new_tokens=new_tokens, **kw) for key, kw in runs.items()}
+            same += int(all(r.tokens == res["plain"].tokens for r in res.values()))
+            for key, r in res.items():
                 st = r.stats
                 tot[key][0] += st.new_tokens - 1
                 tot[key][1] += st.decode_seconds
                 tot[key][2] += st.steps
-    for key, (n, secs, steps) in tot.items():
-        out[key] = {"tokens_per_second": n / max(secs, 1e-9), "tokens_per_step": n / max(steps, 1)}
+                tot[key][3] += st.lookup_tokens
+    for key, (n, secs, steps, looked) in tot.items():
+        out[key] = {"tokens_per_second": n / max(secs, 1e-9), "tokens_per_step": n / max(steps, 1),
+                    "lookup_tokens": looked}
     out["speedup"] = out["medusa"]["tokens_per_second"] / out["plain"]["tokens_per_second"]  # type: ignore[index]
+    if "heads_only" in out:
+        out["heads_only_speedup"] = out["heads_only"]["tokens_per_second"] / out["plain"]["tokens_per_second"]  # type: ignore[index]
     out["identical_outputs"] = f"{same}/{len(ids)}"
     log(f"medusa {dtype}: {out['medusa']['tokens_per_second']:.1f} tok/s vs plain "  # type: ignore[index]
         f"{out['plain']['tokens_per_second']:.1f} ({out['speedup']:.2f}x), "  # type: ignore[index]
-        f"{out['medusa']['tokens_per_step']:.2f} tokens/step, tree {info.tree}")  # type: ignore[index]
+        f"{out['medusa']['tokens_per_step']:.2f} tokens/step, tree {info.tree}, prompt lookup {info.prompt_lookup}"
+        + (f"; heads only {out['heads_only']['tokens_per_second']:.1f} tok/s ({out['heads_only_speedup']:.2f}x, "  # type: ignore[index]
+           f"{out['heads_only']['tokens_per_step']:.2f} tokens/step)" if "heads_only" in out else ""))  # type: ignore[index]
     return out
 
 
@@ -354,6 +364,8 @@ def run_suite(model: str = "smollm2-135m", *, new_tokens: int = 128, repeats: in
     for d in ("bf16", "fp32"):
         if "speedup" in med[d]:  # type: ignore[index]
             ratios[f"medusa_vs_plain_{d}"] = med[d]["speedup"]  # type: ignore[index]
+        if "heads_only_speedup" in med[d]:  # type: ignore[operator]
+            ratios[f"medusa_heads_only_vs_plain_{d}"] = med[d]["heads_only_speedup"]  # type: ignore[index]
     hf_res = report["peers"]["hf_transformers_fp32"]  # type: ignore[index]
     if "tokens_per_second" in hf_res:
         for d in dtypes:
@@ -385,7 +397,10 @@ def print_table(r: Dict, file=sys.stderr) -> None:
     for d, x in r["medusa"].items():
         if "speedup" in x:
             print(f"{d:<10} {x['tree']:>10} {x['medusa']['tokens_per_second']:>8.1f} {x['plain']['tokens_per_second']:>8.1f} "
-                  f"{x['speedup']:>7.2f}x {x['medusa']['tokens_per_step']:>9.2f}", file=file)
+                  f"{x['speedup']:>7.2f}x {x['medusa']['tokens_per_step']:>9.2f}"
+                  + (f"   (prompt lookup {x['prompt_lookup']}; heads only {x['heads_only']['tokens_per_second']:.1f} tok/s, "
+                     f"{x['heads_only_speedup']:.2f}x, {x['heads_only']['tokens_per_step']:.2f} tok/step)"
+                     if "heads_only" in x else ""), file=file)
         else:
             print(f"{d:<10} {x.get('skipped')}", file=file)
     v = r["verify_bf16"]

@@ -56,6 +56,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         num_threads=args.threads,
         medusa_heads=args.medusa_heads,
         tree=_tree_arg(args.tree),
+        prompt_lookup=args.prompt_lookup,
         progress=not args.quiet,
     )
     chat = args.chat if args.chat is not None else engine.tokenizer.chat_template is not None
@@ -72,6 +73,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     info = engine.info
     mode = (f"Medusa {info.medusa_heads} heads, tree {info.tree} ({info.tree_nodes} nodes), "
             f"{s.tokens_per_step:.2f} tokens/step" if s.medusa else "plain decoding")
+    if info.prompt_lookup:
+        mode += f"; prompt lookup: {s.lookup_tokens} tokens in {s.lookup_steps} steps"
     sys.stdout.write("\n")
     print(
         f"[{s.new_tokens} tokens in {s.seconds:.2f} s: {s.tokens_per_second:.1f} tokens/s "
@@ -183,7 +186,8 @@ def _cmd_eval_heads(args: argparse.Namespace) -> int:
     if args.limit:
         items = items[:args.limit]
     engine = Engine(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, medusa_heads=args.medusa_heads,
-                    tree=_tree_arg(args.tree) or "default", medusa_max_batch=1, progress=not args.quiet)
+                    tree=_tree_arg(args.tree) or "default", medusa_max_batch=1, prompt_lookup=args.prompt_lookup,
+                    progress=not args.quiet)
     ev = evaluate_heads(engine, items, max_new_tokens=args.max_new_tokens, check=args.check, progress=not args.quiet)
     print_evaluation(ev)
     if args.json:
@@ -211,8 +215,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from .engine import Engine
     from .train.evaluate import load_eval_prompts
 
+    # Without prompt lookup: the measurement checks the calibration's prediction (the heads alone).
     engine = Engine(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, tree="auto",
-                    auto_tree_max_nodes=args.max_nodes, progress=not args.quiet)
+                    auto_tree_max_nodes=args.max_nodes, prompt_lookup=0, progress=not args.quiet)
     info = engine.info
     print(f"plain decode step: {1e3 * info.plain_step_seconds:.1f} ms -> {1 / info.plain_step_seconds:.1f} tok/s")
     print(f"{'nodes':>5} {'exp. tok/step':>13} {'step ms':>8} {'heads ms':>8} {'predicted tok/s':>15}")
@@ -281,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--medusa-heads", help="Medusa heads file to use instead of the model's own")
     sp.add_argument("--tree", help="Medusa tree: a built-in name or a JSON list of paths")
     sp.add_argument("--no-medusa", action="store_true", help="plain decoding even when the model has heads")
+    sp.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                    help="also verify up to N tokens looked up in the context (0: off)")
     sp.add_argument("--acceptance", default="greedy", choices=["greedy", "typical"])
     chat = sp.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=None,
@@ -349,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-new-tokens", "-n", type=int, default=128)
     sp.add_argument("--limit", type=int, default=0, help="only the first N prompts")
     sp.add_argument("--check", action="store_true", help="also decode plainly and require identical answers")
+    sp.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                    help="also verify up to N tokens looked up in the context (0: off: the heads alone)")
     sp.add_argument("--json", help="write the full results (per prompt) to this file")
     sp.set_defaults(fn=_cmd_eval_heads)
 

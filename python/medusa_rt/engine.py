@@ -37,7 +37,9 @@ class GenerationStats:
 
     ``tokens_per_step`` counts the tokens committed per decode step, the bonus token included
     (1.0 for plain decoding; the first token comes from the prefill and is not counted).
-    ``accepted_per_head[d]`` is the number of steps in which head d's candidate was accepted.
+    ``accepted_per_head[d]`` is the number of steps in which d + 1 or more speculative tokens
+    were accepted. ``lookup_steps`` counts the steps that verified tokens looked up in the
+    context (prompt lookup), ``lookup_tokens`` the looked-up tokens accepted.
     ``forward_seconds`` is the time spent in model and head forwards, ``other_seconds`` the rest.
     """
 
@@ -53,6 +55,8 @@ class GenerationStats:
     tree_steps: int = 0
     tokens_per_step: float = 0.0
     accepted_per_head: List[int] = field(default_factory=list)
+    lookup_steps: int = 0
+    lookup_tokens: int = 0
     forward_seconds: float = 0.0
     other_seconds: float = 0.0
 
@@ -71,6 +75,8 @@ class GenerationStats:
             tree_steps=s.tree_steps,
             tokens_per_step=s.tokens_per_step,
             accepted_per_head=list(s.accepted_per_head),
+            lookup_steps=s.lookup_steps,
+            lookup_tokens=s.lookup_tokens,
             forward_seconds=s.forward_seconds,
             other_seconds=s.other_seconds,
         )
@@ -126,6 +132,14 @@ class Engine:
             ``medusa_expected_tokens_per_step`` plain steps here (``info.medusa_max_batch``).
         medusa_expected_tokens_per_step: for that measurement; None = the heads file's own
             figure if it has one, else 2.0.
+        prompt_lookup: the longest chain of tokens looked up in the context that a step verifies
+            (0: off, at most 64; None: the device's default, 4 on the CPU, 0 on CUDA where it
+            has not been measured). Where the context's last 2-4 tokens occurred earlier in it, the
+            tokens that followed there are verified too, as one more branch of the step's tree
+            (without heads: after the pending token). Lossless like every draft; it costs that
+            many more rows on those steps only and pays where the output repeats its context
+            (rewriting, summaries, code edits). Steps with a looked-up chain run on the host
+            path. ``info.prompt_lookup``; ``GenerationStats.lookup_steps`` / ``lookup_tokens``.
         progress: show progress when a named model must be pulled.
 
     Raises:
@@ -149,6 +163,7 @@ class Engine:
         auto_tree_max_nodes: int = 64,
         medusa_max_batch: Optional[int] = None,
         medusa_expected_tokens_per_step: Optional[float] = None,
+        prompt_lookup: Optional[int] = None,
         progress: bool = True,
     ) -> None:
         options = _core.EngineOptions()
@@ -173,6 +188,7 @@ class Engine:
         options.max_seq_len = _check_int("max_seq_len", max_seq_len)
         options.num_threads = _check_int("num_threads", num_threads)
         options.prefill_chunk = _check_int("prefill_chunk", prefill_chunk)
+        options.prompt_lookup = -1 if prompt_lookup is None else _check_int("prompt_lookup", prompt_lookup)
 
         path = resolve_model(model, progress=progress)
         try:
@@ -274,6 +290,7 @@ class Session:
         posterior_threshold: float = 0.09,
         posterior_alpha: float = 0.3,
         temperature: float = 1.0,
+        prompt_lookup: bool = True,
     ) -> GenerationResult:
         """Generates a continuation of ``prompt`` greedily, from an empty context.
 
@@ -285,11 +302,13 @@ class Session:
             chat: wrap a text prompt in the model's chat template (one user turn).
             ignore_eos: keep generating past EOS tokens.
             medusa: Medusa tree decoding: None = when the engine has heads, True = require
-                heads, False = plain decoding.
+                heads, False = plain decoding (no prompt lookup either).
             acceptance: ``"greedy"`` (output identical to plain greedy decoding) or
                 ``"typical"`` (Medusa's typical acceptance: accept a speculative token when its
                 probability exceeds min(posterior_threshold, posterior_alpha * exp(-entropy)),
                 probabilities from softmax(logits / temperature)).
+            prompt_lookup: use the engine's prompt lookup (``Engine(prompt_lookup=N)``) for
+                this request (with or without heads; not with ``medusa=False``).
 
         Raises:
             InvalidArgumentError: bad prompt or options (empty prompt, token id out of range,
@@ -297,7 +316,7 @@ class Session:
             CapacityError: the prompt does not fit in max_seq_len.
         """
         ids, config = self._prepare(prompt, max_new_tokens, stop, chat, ignore_eos, medusa, acceptance,
-                                    posterior_threshold, posterior_alpha, temperature)
+                                    posterior_threshold, posterior_alpha, temperature, prompt_lookup)
         return self._result(self._core().generate(ids, config))
 
     def stream(
@@ -313,6 +332,7 @@ class Session:
         posterior_threshold: float = 0.09,
         posterior_alpha: float = 0.3,
         temperature: float = 1.0,
+        prompt_lookup: bool = True,
     ) -> Iterator[str]:
         """Like :meth:`generate`, but yields text pieces as tokens are decoded.
 
@@ -320,7 +340,7 @@ class Session:
         generation. Afterwards :attr:`last_result` holds the full :class:`GenerationResult`.
         """
         ids, config = self._prepare(prompt, max_new_tokens, stop, chat, ignore_eos, medusa, acceptance,
-                                    posterior_threshold, posterior_alpha, temperature)
+                                    posterior_threshold, posterior_alpha, temperature, prompt_lookup)
         core = self._core()
         # A short queue: the engine runs at most a block or two ahead of the consumer, and a
         # consumer that stops (closes the iterator) cancels the generation at its next block.
@@ -424,11 +444,12 @@ def _prepare_request(
     posterior_threshold: float = 0.09,
     posterior_alpha: float = 0.3,
     temperature: float = 1.0,
+    prompt_lookup: bool = True,
 ) -> "tuple[List[int], _core.GenerationConfig]":
     """Token ids and the engine's GenerationConfig for one request (see Session.generate)."""
     ids = _encode_prompt(engine, prompt, chat)
     config = _make_config(engine, max_new_tokens, stop, ignore_eos, medusa, acceptance, posterior_threshold,
-                          posterior_alpha, temperature)
+                          posterior_alpha, temperature, prompt_lookup)
     return ids, config
 
 
@@ -458,6 +479,7 @@ def _make_config(
     posterior_threshold: float = 0.09,
     posterior_alpha: float = 0.3,
     temperature: float = 1.0,
+    prompt_lookup: bool = True,
 ) -> "_core.GenerationConfig":
     tok = engine.tokenizer
     config = _core.GenerationConfig()
@@ -486,6 +508,7 @@ def _make_config(
     config.posterior_threshold = _check_float("posterior_threshold", posterior_threshold)
     config.posterior_alpha = _check_float("posterior_alpha", posterior_alpha)
     config.temperature = _check_float("temperature", temperature)
+    config.prompt_lookup = bool(prompt_lookup)
     return config
 
 

@@ -43,7 +43,9 @@ def evaluate_heads(engine, items: Sequence[Tuple[str, str]], *, max_new_tokens: 
                    progress: bool = True) -> Dict[str, object]:
     """Greedy Medusa on every prompt. Returns per-category and overall tokens per step: ``tokens_per_step``
     = decode tokens / decode steps (token-weighted), ``mean_prompt_tokens_per_step`` = the mean of the
-    prompts' own ratios; with ``check``, ``mismatches`` counts answers that differ from plain decoding."""
+    prompts' own ratios; with ``check``, ``mismatches`` counts answers that differ from plain decoding.
+    An engine with prompt lookup (``Engine(prompt_lookup=N)``) uses it: the looked-up tokens
+    accepted are counted per prompt (``lookup_tokens``) and included in the tokens per step."""
     if not engine.info.medusa_heads:
         raise InvalidArgumentError(f"the model at {engine.model_dir} has no Medusa heads to evaluate")
     from tqdm.auto import tqdm
@@ -57,9 +59,11 @@ def evaluate_heads(engine, items: Sequence[Tuple[str, str]], *, max_new_tokens: 
         s = r.stats
         decode_tokens = s.new_tokens - 1 if s.new_tokens > 0 else 0  # the first token comes from the prefill
         row = {"category": cat, "prompt": prompt, "new_tokens": s.new_tokens, "steps": s.steps,
-               "tokens_per_step": s.tokens_per_step, "accepted_per_head": list(s.accepted_per_head)}
+               "tokens_per_step": s.tokens_per_step, "accepted_per_head": list(s.accepted_per_head),
+               "lookup_tokens": s.lookup_tokens}
         if check:
-            plain = engine.generate(prompt, chat=True, max_new_tokens=max_new_tokens, medusa=False)
+            plain = engine.generate(prompt, chat=True, max_new_tokens=max_new_tokens, medusa=False,
+                                    prompt_lookup=False)
             row["same_as_plain"] = plain.tokens == r.tokens
             mismatches += int(not row["same_as_plain"])
         rows.append(row)
@@ -80,6 +84,7 @@ def evaluate_heads(engine, items: Sequence[Tuple[str, str]], *, max_new_tokens: 
     out: Dict[str, object] = {
         "tree_nodes": engine.info.tree_nodes,
         "heads": engine.info.medusa_heads,
+        "prompt_lookup": engine.info.prompt_lookup,
         "max_new_tokens": max_new_tokens,
         "categories": {k: summary(c) for k, c in sorted(cats.items())},
         "overall": summary(total),
