@@ -334,6 +334,10 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
     tree.check_fits(heads_meta.num_heads, options.medusa_top_k);
   }
 
+  if (prompt_lookup > 0 && tree.num_nodes() - 1 + prompt_lookup > 1023) {
+    throw InvalidArgumentError("a tree of " + std::to_string(tree.num_nodes()) + " nodes plus a prompt_lookup chain of " +
+                               std::to_string(prompt_lookup) + " exceeds 1024 nodes; use a smaller tree or prompt_lookup");
+  }
   e.backend = gpu >= 0 ? make_cuda_backend(gpu) : make_cpu_backend(threads);
   const size_t heads_bytes = heads_file.empty() ? 0 : MappedFile(heads_file).size();
   ModelLimits lim;
