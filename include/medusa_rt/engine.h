@@ -72,10 +72,10 @@ struct EngineOptions {
   /// Prompt lookup: the longest chain of tokens looked up in the context that a step verifies
   /// (0: off; at most 64; -1: the device's default, 4 on the CPU and 0 on CUDA, where it has not
   /// been measured). When the context's last 2-4 tokens occurred earlier in it, the tokens that
-  /// followed there are verified as one more branch of the step's tree (or, without Medusa
-  /// heads, as a chain after the pending token): lossless like every draft, it costs that many
-  /// more rows on those steps only, and pays where the output repeats its context (rewriting,
-  /// summaries, code edits, lists). In steps of at most max(1, medusa_max_batch) sequences.
+  /// followed there are verified as a chain under the pending token, in place of the tree's
+  /// last nodes (a step then carries as many rows as without, at least 1 + the chain): lossless
+  /// like every draft, and it pays where the output repeats its context (rewriting, summaries,
+  /// code edits, lists). In steps of at most max(1, medusa_max_batch) sequences.
   int prompt_lookup = -1;
 };
 

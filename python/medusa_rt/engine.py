@@ -135,11 +135,11 @@ class Engine:
         prompt_lookup: the longest chain of tokens looked up in the context that a step verifies
             (0: off, at most 64; None: the device's default, 4 on the CPU, 0 on CUDA where it
             has not been measured). Where the context's last 2-4 tokens occurred earlier in it, the
-            tokens that followed there are verified too, as one more branch of the step's tree
-            (without heads: after the pending token). Lossless like every draft; it costs that
-            many more rows on those steps only and pays where the output repeats its context
-            (rewriting, summaries, code edits). Steps with a looked-up chain run on the host
-            path. ``info.prompt_lookup``; ``GenerationStats.lookup_steps`` / ``lookup_tokens``.
+            tokens that followed there are verified too, as a chain under the pending token in
+            place of the tree's last nodes (such a step carries as many rows as one without, at
+            least 1 + the chain). Lossless like every draft; it pays where the output repeats its
+            context (rewriting, summaries, code edits). Steps with a looked-up chain run on the
+            host path. ``info.prompt_lookup``; ``GenerationStats.lookup_steps`` / ``lookup_tokens``.
         progress: show progress when a named model must be pulled.
 
     Raises:
