@@ -286,8 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--medusa-heads", help="Medusa heads file to use instead of the model's own")
     sp.add_argument("--tree", help="Medusa tree: a built-in name or a JSON list of paths")
     sp.add_argument("--no-medusa", action="store_true", help="plain decoding even when the model has heads")
-    sp.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
-                    help="also verify up to N tokens looked up in the context (0: off)")
+    sp.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
+                    help="also verify up to N tokens looked up in the context (0: off; default: the "
+                         "device's, 4 on the CPU)")
     sp.add_argument("--acceptance", default="greedy", choices=["greedy", "typical"])
     chat = sp.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=None,
