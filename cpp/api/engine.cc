@@ -340,7 +340,8 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
   lim.slots = options.max_batch_size;
   lim.max_seq = max_seq;
   // Rows of one forward: a tree per sequence, or a prefill chunk.
-  lim.max_rows = std::max(prefill_chunk, options.max_batch_size * (tree.num_nodes() + prompt_lookup));
+  // (A step with a prompt-lookup chain cuts the tree by the chain: at least 1 + chain rows.)
+  lim.max_rows = std::max(prefill_chunk, options.max_batch_size * std::max(tree.num_nodes(), 1 + prompt_lookup));
   lim.max_logit_rows = lim.max_rows;
   lim.max_tree_depth = std::max(tree.max_depth(), prompt_lookup);
 

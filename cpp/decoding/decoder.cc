@@ -58,7 +58,7 @@ Decoder::Decoder(LlamaModel& model, MedusaHeads* heads, TreeSpec tree, int max_b
       max_batch_(max_batch),
       vocab_(model.config().vocab_size),
       buffers_(model.backend()) {
-  if (lookup_tokens < 0 || max_batch * (tree_.num_nodes() + lookup_tokens) > model.limits().max_rows ||
+  if (lookup_tokens < 0 || max_batch * std::max(tree_.num_nodes(), 1 + lookup_tokens) > model.limits().max_rows ||
       std::max(tree_.max_depth(), lookup_tokens) > model.limits().max_tree_depth) {
     throw Error("internal: the model's limits leave no room for the tree and the lookup chain");
   }
@@ -104,7 +104,7 @@ Decoder::Decoder(LlamaModel& model, MedusaHeads* heads, TreeSpec tree, int max_b
   head_seqs_.reserve(max_batch);
   row_base_.reserve(max_batch);
   num_nodes_.reserve(max_batch);
-  const int max_nodes = tree_.num_nodes() + lookup_tokens_;  // per sequence, a lookup chain included
+  const int max_nodes = std::max(tree_.num_nodes(), 1 + lookup_tokens_);  // per sequence, a lookup chain included
   const int max_depth = std::max(tree_.max_depth(), lookup_tokens_);
   path_.reserve(max_depth + 1);
   lse_.reserve(max_nodes);

@@ -72,7 +72,8 @@ class Decoder {
  public:
   // heads may be null (plain decoding only). tree: the engine's tree (root-only without heads).
   // lookup_tokens: the longest chain of context-lookup candidates a step verifies (0: none;
-  // the model's limits must leave room for tree + chain rows and depth).
+  // the model's limits must leave room for max(tree nodes, 1 + chain) rows per sequence and the
+  // chain's depth).
   Decoder(LlamaModel& model, MedusaHeads* heads, TreeSpec tree, int max_batch, int lookup_tokens = 0);
   ~Decoder();
 
@@ -89,8 +90,8 @@ class Decoder {
   // options. With allow_trees false every sequence takes a plain step (its heads still run, so
   // it can verify trees again in a later step): the batch-size speculation policy.
   // allow_lookup: sequences with options.lookup whose context's last 2-4 tokens occurred before
-  // also verify the tokens that followed there, as one more branch of the root (prompt lookup;
-  // such steps run on the host path).
+  // also verify the tokens that followed there, as a chain under the root in place of the tree's
+  // last nodes (prompt lookup; such steps run on the host path).
   void step(SequenceState* const* seqs, int n, bool allow_trees = true, bool allow_lookup = false);
 
   // Measures the forward cost of batches of B sequences, plain (B rows) and with the tree
@@ -125,8 +126,8 @@ class Decoder {
   bool step_fused(SequenceState* const* seqs, int n, bool allow_trees);
   void fused_body(int n, int T, bool with_heads);
   void candidates_to_host(SequenceState& s);
-  // Prompt lookup: a base tree (root-only, or tree_) with a chain of n looked-up tokens under
-  // the root; src[i] = the base tree's node for node i, or -d for the chain's node at depth d.
+  // Prompt lookup: a tree (root-only, or tree_) cut by n nodes, with a chain of n looked-up tokens
+  // under the root; src[i] = the tree's node for node i, or -d for the chain's node at depth d.
   struct LookupTree {
     TreeSpec tree;
     std::vector<int> src;

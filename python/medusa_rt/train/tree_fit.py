@@ -66,34 +66,35 @@ def fit_tree_empirical(ranks: np.ndarray, num_nodes: int, *, max_depth: Optional
     children = int(ranks.max()) + 1 if max_children is None else int(max_children)
     if not 1 <= depth <= ranks.shape[1] or children < 1:
         raise InvalidArgumentError(f"max_depth must be in 1..{ranks.shape[1]} and max_children >= 1")
-    counts: Counter = Counter()
-    for row in ranks[:, :depth].tolist():
-        path: Tuple[int, ...] = ()
-        for r in row:
-            if r < 0 or r >= children:
-                break
-            path += (r,)
-            counts[path] += 1
+    counts = _prefix_counts(ranks[:, :depth], children)
     # Most frequent first; a parent is at least as frequent as its child and sorts before it on a tie.
     best = sorted(counts.items(), key=lambda kv: (-kv[1], len(kv[0]), kv[0]))[:num_nodes - 1]
     n = ranks.shape[0]
     return [list(p) for p, _ in best], [c / n for _, c in best]
 
 
+def _prefix_counts(ranks: np.ndarray, children: int) -> Counter:
+    """For every path of ranks: the number of rows whose rank vector starts with it (a rank < 0 or
+    >= children ends a row's path)."""
+    counts: Counter = Counter()
+    for row in ranks.tolist():
+        path: Tuple[int, ...] = ()
+        for r in row:
+            if r < 0 or r >= children:
+                break
+            path += (r,)
+            counts[path] += 1
+    return counts
+
+
 def measured_tokens_per_step(ranks: np.ndarray, paths: Sequence[Sequence[int]]) -> float:
     """1 + the mean accepted length of the tree ``paths`` over the rows of ``ranks`` (as
     :func:`.heads_np.rank_matrix` returns them): each row accepts the longest prefix of its rank
-    vector that is a path of the tree. The joint counterpart of :func:`expected_tokens_per_step`
-    (an estimate per position: decoding starts steps more often at positions the heads find hard,
-    so the tokens per step of real decoding come out lower)."""
-    tree = {tuple(int(r) for r in p) for p in paths}
+    vector that is a path of the tree, i.e. as many tokens as the tree has paths its rank vector
+    starts with. The joint counterpart of :func:`expected_tokens_per_step` (an estimate per
+    position: decoding starts steps more often at positions the heads find hard, so the tokens per
+    step of real decoding come out lower)."""
     ranks = np.asarray(ranks)
-    total = 0
-    for row in ranks.tolist():
-        path: tuple = ()
-        for r in row:
-            if r < 0 or path + (r,) not in tree:
-                break
-            path += (r,)
-        total += len(path)
-    return 1.0 + total / max(ranks.shape[0], 1)
+    counts = _prefix_counts(ranks, int(ranks.max()) + 1 if ranks.size else 0)
+    tree = {tuple(int(r) for r in p) for p in paths}
+    return 1.0 + sum(counts[p] for p in tree) / max(ranks.shape[0], 1)
