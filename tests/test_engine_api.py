@@ -205,6 +205,25 @@ def test_portable_kernels_agree(model_dir):
     assert outs["generic"][0][1:] == outs[None][0][1:]
 
 
+def test_huge_page_advice_changes_nothing_but_speed(model_dir, monkeypatch):
+    """CPU memory comes from 2 MB slabs advised as huge pages unless MEDUSA_RT_HUGEPAGES=0 (read
+    when an engine is made): the same bits either way, and engines made and dropped in turn
+    (their slabs freed) keep working."""
+    results = []
+    for value in ("0", "1", "0", "1"):
+        monkeypatch.setenv("MEDUSA_RT_HUGEPAGES", value)
+        e = medusa_rt.Engine(model_dir, dtype="bf16", max_seq_len=64, max_batch_size=2)
+        s = e.session()
+        logits = s.forward(PROMPT, all_logits=True)
+        s.reset()
+        tokens = s.generate(PROMPT, max_new_tokens=12, ignore_eos=True).tokens
+        results.append((logits, tokens))
+        del s, e
+    for logits, tokens in results[1:]:
+        np.testing.assert_array_equal(logits, results[0][0])
+        assert tokens == results[0][1]
+
+
 def test_cli_generate_and_errors(model_dir):
     cli = [sys.executable, "-m", "medusa_rt.cli"]
     p = subprocess.run(cli + ["generate", "--model", str(model_dir), "-n", "8", "--dtype", "fp32", "hello"],

@@ -15,6 +15,7 @@
 #include "decoding/decoder.h"
 #include "decoding/stop_criteria.h"
 #include "api/testing.h"
+#include "cpu/host_memory.h"
 #include "cpu/kernels.h"
 #include "model/backend.h"
 #include "model/llama.h"
@@ -842,7 +843,12 @@ std::vector<double> time_tree_step(Engine& engine, int nodes, int reps, int cont
 double stream_bandwidth(size_t bytes, int threads, int reps) {
   if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   const size_t n = std::max<size_t>(bytes / sizeof(uint64_t), 1 << 20) / (64 * threads) * (64 * threads);
-  std::vector<uint64_t> buf(n, 1);  // written once: the pages exist before timing
+  // The weights' kind of memory (huge-page slabs where the system has them), written once: the
+  // pages exist before timing. mem frees it.
+  cpu::HostMemory mem;
+  uint64_t* buf = static_cast<uint64_t*>(mem.allocate(n * sizeof(uint64_t)));
+  if (!buf) throw CapacityError("stream_bandwidth: out of memory for a " + std::to_string(n >> 17) + " MiB buffer");
+  std::fill(buf, buf + n, uint64_t(1));
   std::vector<uint64_t> sums(threads);
   double best = 1e30;
   for (int r = 0; r < reps; ++r) {
@@ -851,7 +857,7 @@ double stream_bandwidth(size_t bytes, int threads, int reps) {
     for (int t = 0; t < threads; ++t) {
       pool.emplace_back([&, t] {
         const size_t chunk = n / threads;
-        sums[t] = cpu::kernels().stream_read(buf.data() + chunk * t, chunk * sizeof(uint64_t));
+        sums[t] = cpu::kernels().stream_read(buf + chunk * t, chunk * sizeof(uint64_t));
       });
     }
     for (auto& th : pool) th.join();

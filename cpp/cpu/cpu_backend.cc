@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "core/thread_pool.h"
+#include "cpu/host_memory.h"
 #include "cpu/kernels.h"
 #include "cpu/packing.h"
 #include "medusa_rt/errors.h"
@@ -54,14 +55,13 @@ class CpuBackend final : public Backend {
   int num_threads() const override { return pool_.num_threads(); }
 
   void* allocate(size_t bytes, const char* what) override {
-    void* p = nullptr;
-    size_t rounded = (std::max<size_t>(bytes, 64) + 63) & ~size_t(63);
-    if (posix_memalign(&p, 64, rounded) != 0 || !p) {
+    void* p = memory_.allocate(bytes);
+    if (!p) {
       throw CapacityError(std::string("out of memory allocating ") + std::to_string(bytes >> 20) + " MiB for " + what);
     }
     return p;
   }
-  void deallocate(void* p) override { std::free(p); }
+  void deallocate(void* p) override { memory_.deallocate(p); }
   void copy_to_device(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
   void copy_to_host(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
   void fill_zero(void* dst, size_t bytes) override { std::memset(dst, 0, bytes); }
@@ -391,6 +391,7 @@ class CpuBackend final : public Backend {
   // Columns of the lm_head one argmax chunk holds (whole panels; 2 KB per row).
   static constexpr int kArgmaxCols = 512;
 
+  cpu::HostMemory memory_;  // declared first: destroyed after everything that may hold its blocks
   ThreadPool pool_;
   const cpu::Kernels& k_;
   std::vector<float> scratch_;

@@ -58,6 +58,19 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def huge_pages() -> str:
+    """How the CPU backend's memory is paged here: the system's transparent-huge-page mode
+    (the backend advises its slabs as huge pages, MADV_HUGEPAGE, unless MEDUSA_RT_HUGEPAGES=0)."""
+    if os.environ.get("MEDUSA_RT_HUGEPAGES") == "0":
+        return "off (MEDUSA_RT_HUGEPAGES=0)"
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "unknown (no transparent huge pages)"
+    chosen = mode[mode.find("[") + 1:mode.find("]")] if "[" in mode else mode.strip()
+    return "on" if chosen in ("always", "madvise") else f"off (transparent_hugepage: {chosen})"
+
+
 def _chat_ids(engine: Engine, texts: Sequence[str]) -> List[List[int]]:
     tok = engine.tokenizer
     return [tok.encode(tok.apply_chat_template(t), add_special_tokens=False) for t in texts]
@@ -345,7 +358,7 @@ def run_suite(model: str = "smollm2-135m", *, new_tokens: int = 128, repeats: in
         "model": model,
         "new_tokens": new_tokens,
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads,
-                    "stream_read_GBps": bw / 1e9},
+                    "stream_read_GBps": bw / 1e9, "huge_pages": huge_pages()},
     }
     report["decode"] = {d: bench_decode(model, d, new_tokens, repeats, bw, seq) for d in dtypes}
     prompts = [p for _, p in load_eval_prompts()][:: max(1, 64 // max(1, medusa_prompts))][:medusa_prompts]
@@ -387,7 +400,8 @@ def run_suite(model: str = "smollm2-135m", *, new_tokens: int = 128, repeats: in
 
 def print_table(r: Dict, file=sys.stderr) -> None:
     m = r["machine"]
-    print(f"\nmachine: {m['cpu']}, {m['cores']} cores ({m['threads']} threads), stream read {m['stream_read_GBps']:.1f} GB/s",
+    print(f"\nmachine: {m['cpu']}, {m['cores']} cores ({m['threads']} threads), stream read {m['stream_read_GBps']:.1f} GB/s, "
+          f"huge pages {m.get('huge_pages', 'unknown')}",
           file=file)
     print(f"{'decode':<10} {'tok/s':>8} {'bound':>8} {'of bound':>9}", file=file)
     for d, x in r["decode"].items():
