@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import pytest
 
@@ -58,8 +59,28 @@ def test_bench_verify_interleaves_rounds_after_a_context(tmp_path):
     assert [x["nodes"] for x in rows] == TREE_SIZES and rows[0]["x_decode_step"] == 1.0
     assert all(x["forward_ms"] > 0 and x["x_decode_step"] > 0 for x in rows) and rows[0]["heads_ms"] == 0
     assert all(x["heads_ms"] > 0 for x in rows[1:])
+    # The compute floor: the matrix products' flops per tree token at the given peak, against the
+    # measured decode step (linear in the tree size).
+    r = bench_verify(str(base), "bf16", seq=128, rounds=1, fma_peak=1e9)
+    floors = [x["compute_floor_x_decode_step"] for x in r["rows"]]
+    assert r["fma_peak_GFLOPs"] == 1.0 and floors[0] > 0
+    assert floors == pytest.approx([floors[0] * n for n in TREE_SIZES])
     # A timed step must fit the cache after its context.
     eng = Engine(base, dtype="bf16", max_seq_len=128, tree="mc_sim_7b_63", medusa_max_batch=0)
     with pytest.raises(InvalidArgumentError, match="max_seq_len"):
         _core._testing.time_tree_step(eng._engine, 8, 1, 121)
     assert len(_core._testing.time_tree_step(eng._engine, 8, 1, 120)) == 2
+
+
+def test_fma_peak_probe_each_kernel_set():
+    """The arithmetic-peak probe runs on every kernel set (MEDUSA_RT_ISA caps the choice per
+    process): one thread and all threads (rates summed over threads) give plausible flop/s."""
+    import subprocess
+    import sys
+
+    code = "from medusa_rt import _core; print(_core._testing.fma_peak(1, 2), _core._testing.fma_peak(0, 2))"
+    for isa in ("generic", "avx2"):
+        env = dict(os.environ, MEDUSA_RT_ISA=isa)
+        one, all_ = map(float, subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                              check=True).stdout.split())
+        assert 1e8 < one < 1e13 and 0.5 * one < all_ < 1e14

@@ -867,5 +867,21 @@ double stream_bandwidth(size_t bytes, int threads, int reps) {
   return double(n) * sizeof(uint64_t) / best;
 }
 
+double fma_peak(int threads, int reps) {
+  if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  constexpr int64_t kIters = 10'000'000;  // 1.92 GFLOP per thread: tens of ms at tens of GFLOP/s
+  std::vector<float> sink(threads);
+  double best = 1e30;
+  for (int r = 0; r < std::max(1, reps); ++r) {
+    std::vector<std::thread> pool;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int t = 0; t < threads; ++t) pool.emplace_back([&, t] { sink[t] = cpu::kernels().fma_burn(kIters); });
+    for (auto& th : pool) th.join();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  if (sink[0] == 42.f) return 0;  // keeps the chains observable
+  return 192.0 * double(kIters) * threads / best;
+}
+
 }  // namespace testing
 }  // namespace medusa_rt

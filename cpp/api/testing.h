@@ -29,6 +29,10 @@ std::vector<double> time_tree_step(Engine& e, int nodes, int reps, int context =
 // Streaming read bandwidth of this machine in bytes/s: `threads` threads (0 = all cores) sum a
 // buffer of `bytes` (best of reps). The memory-bandwidth bound of decoding divides it.
 double stream_bandwidth(size_t bytes, int threads, int reps);
+// Arithmetic peak of this machine in fp32 flop/s: `threads` threads (0 = all cores) run
+// independent FMA chains at once, no memory traffic (best of reps, summed over threads). A verify
+// step of T tree tokens cannot take less than T * 2 * matmul weights / this.
+double fma_peak(int threads, int reps);
 
 // Runs single Backend operations on host data, to check a backend's kernels against another
 // backend or an independent reference. Matrices are given as fp32 [rows, cols] and rounded to

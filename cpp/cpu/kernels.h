@@ -51,6 +51,10 @@ struct Kernels {
   // the GEMM reads its weight panels) and returns an xor of them: the streaming-bandwidth probe
   // of the benchmarks.
   uint64_t (*stream_read)(const void* p, size_t bytes);
+  // Runs `iters` rounds of 12 independent 8-lane fp32 FMA chains (192 flops per round, no memory
+  // traffic) and returns a value of them: the arithmetic-peak probe of the benchmarks (the
+  // compute floor of a verify step). 256-bit FMAs in the AVX2 and AVX-512 sets alike.
+  float (*fma_burn)(int64_t iters);
 };
 
 const Kernels& kernels();

@@ -350,10 +350,23 @@ uint64_t stream_read_avx2(const void* p, size_t bytes) {
   return out[0] ^ out[1] ^ out[2] ^ out[3];
 }
 
+float fma_burn_avx2(int64_t iters) {
+  __m256 a[12];
+  for (int i = 0; i < 12; ++i) a[i] = _mm256_set1_ps(1e-3f * float(i));
+  const __m256 m = _mm256_set1_ps(0.999f), c = _mm256_set1_ps(1e-4f);
+  for (int64_t it = 0; it < iters; ++it) {
+#pragma GCC unroll 12
+    for (int i = 0; i < 12; ++i) a[i] = _mm256_fmadd_ps(a[i], m, c);
+  }
+  for (int i = 1; i < 12; ++i) a[0] = _mm256_add_ps(a[0], a[i]);
+  return hsum(a[0]);
+}
+
 }  // namespace
 
 const Kernels* avx2_kernels_impl() {
-  static const Kernels k{"avx2", gemm_avx2, attend_avx2, silu_mul_avx2, add_silu_avx2, stream_read_avx2};
+  static const Kernels k{"avx2", gemm_avx2, attend_avx2, silu_mul_avx2, add_silu_avx2, stream_read_avx2,
+                         fma_burn_avx2};
   return &k;
 }
 

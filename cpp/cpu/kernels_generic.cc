@@ -81,11 +81,28 @@ uint64_t stream_read_generic(const void* p, size_t bytes) {
   return a[0] ^ a[1] ^ a[2] ^ a[3] ^ a[4] ^ a[5] ^ a[6] ^ a[7];
 }
 
+float fma_burn_generic(int64_t iters) {
+  float a[12][8];
+  for (int i = 0; i < 12; ++i) {
+    for (int l = 0; l < 8; ++l) a[i][l] = 1e-3f * float(i);
+  }
+  for (int64_t it = 0; it < iters; ++it) {
+    for (int i = 0; i < 12; ++i) {
+      for (int l = 0; l < 8; ++l) a[i][l] = a[i][l] * 0.999f + 1e-4f;
+    }
+  }
+  float s = 0;
+  for (int i = 0; i < 12; ++i) {
+    for (int l = 0; l < 8; ++l) s += a[i][l];
+  }
+  return s;
+}
+
 }  // namespace
 
 const Kernels& generic_kernels() {
   static const Kernels k{"generic", gemm_generic, attend_generic, silu_mul_generic, add_silu_generic,
-                          stream_read_generic};
+                          stream_read_generic, fma_burn_generic};
   return k;
 }
 

@@ -2,7 +2,8 @@
 
 Sections (SmolLM2-135M by default, greedy, 128 new tokens):
 
-- machine: CPU, cores, streaming read bandwidth (all cores, measured here);
+- machine: CPU, cores, streaming read bandwidth and fp32 FMA peak (all cores, measured here), and
+  whether the backend's memory is on transparent huge pages;
 - decode: engine autoregressive decode tokens/s with fp32, bf16 and fp16 weights, next to the
   memory-bandwidth bound (weight bytes per token / streaming bandwidth measured on a buffer of
   that size);
@@ -10,7 +11,8 @@ Sections (SmolLM2-135M by default, greedy, 128 new tokens):
   against plain decoding of the same prompts (held-out evaluation prompts; greedy, so both produce
   the same tokens): tokens/s, tokens per step, speedup;
 - verify: one verify step's latency against tree size (first nodes of mc_sim_7b_63) next to a
-  plain decode step, both after 256 cached tokens (median ratios over interleaved rounds);
+  plain decode step, both after 256 cached tokens (median ratios over interleaved rounds), and
+  each size's compute floor (its matrix products' flops at the FMA peak measured just before);
 - prefill: prompt tokens/s (512-token prompt, or shorter within the model's context);
 - peers: HF transformers fp32 decode (needs torch + transformers), llama.cpp through
   ``llama-cpp-python`` when it is installed (else reported as skipped) on F32 and BF16 GGUFs of
@@ -167,12 +169,16 @@ def bench_medusa(model: str, dtype: str, prompts: Sequence[str], new_tokens: int
     return out
 
 
-def bench_verify(model: str, dtype: str, seq: int = 1024, rounds: int = 5, context: int = VERIFY_CONTEXT) -> Dict:
+def bench_verify(model: str, dtype: str, seq: int = 1024, rounds: int = 5, context: int = VERIFY_CONTEXT,
+                 fma_peak: Optional[float] = None) -> Dict:
     """Verify-step cost against tree size, after ``context`` cached tokens.
 
     Each round times every size once; a size's cost is the median over rounds of its ratio to
     the same round's decode step (timings on a shared machine drift and jump between runs, which
-    a best-of per size taken at different moments turns into noise in the ratios).
+    a best-of per size taken at different moments turns into noise in the ratios). With
+    ``fma_peak`` (flop/s of all threads), each size also gets its compute floor: the matrix
+    products' arithmetic (2 flops per weight per tree token) at that peak, as a multiple of the
+    measured decode step; no kernel can take a step below max(1, floor).
     """
     engine = Engine(model, dtype=dtype, max_seq_len=seq, tree="mc_sim_7b_63", medusa_max_batch=0, progress=False)
     context = min(context, seq - TREE_SIZES[-1])
@@ -181,15 +187,22 @@ def bench_verify(model: str, dtype: str, seq: int = 1024, rounds: int = 5, conte
         for n in TREE_SIZES:
             samples[n].append(_core._testing.time_tree_step(engine._engine, n, 1, context))
     plain = [f for f, _ in samples[1]]
+    flops_per_token = 2 * _model_weight_bytes(json.loads((Path(engine.model_dir) / "config.json").read_text()), 1)
     rows = []
     for n in TREE_SIZES:
         fwd = statistics.median(f for f, _ in samples[n])
         heads = statistics.median(h for _, h in samples[n])
         ratio = statistics.median((f + h) / p for (f, h), p in zip(samples[n], plain))
-        rows.append({"nodes": n, "forward_ms": 1e3 * fwd, "heads_ms": 1e3 * heads, "step_ms": 1e3 * (fwd + heads),
-                     "x_decode_step": ratio})
+        row = {"nodes": n, "forward_ms": 1e3 * fwd, "heads_ms": 1e3 * heads, "step_ms": 1e3 * (fwd + heads),
+               "x_decode_step": ratio}
+        if fma_peak:
+            row["compute_floor_x_decode_step"] = n * flops_per_token / fma_peak / statistics.median(plain)
+        rows.append(row)
     log("verify: " + ", ".join(f"{r['nodes']}: {r['x_decode_step']:.2f}x" for r in rows))
-    return {"tree": "mc_sim_7b_63 (first nodes)", "context": context, "rounds": rounds, "rows": rows}
+    out = {"tree": "mc_sim_7b_63 (first nodes)", "context": context, "rounds": rounds, "rows": rows}
+    if fma_peak:
+        out["fma_peak_GFLOPs"] = fma_peak / 1e9
+    return out
 
 
 def bench_prefill(model: str, dtype: str, tokens: int = 512) -> Dict:
@@ -353,19 +366,23 @@ def run_suite(model: str = "smollm2-135m", *, new_tokens: int = 128, repeats: in
     seq = min(1024, int(json.loads((Path(model_dir) / "config.json").read_text())["max_position_embeddings"]))
     bw = _core._testing.stream_bandwidth(1 << 29, threads, 3)
     log(f"streaming read bandwidth: {bw / 1e9:.1f} GB/s ({threads} threads)")
+    peak = _core._testing.fma_peak(threads, 5)
+    log(f"fp32 FMA peak: {peak / 1e9:.0f} GFLOP/s ({threads} threads)")
     report: Dict[str, object] = {
         "benchmark": "medusa-rt bench",
         "model": model,
         "new_tokens": new_tokens,
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads,
-                    "stream_read_GBps": bw / 1e9, "huge_pages": huge_pages()},
+                    "stream_read_GBps": bw / 1e9, "fma_peak_GFLOPs": peak / 1e9,
+                    "huge_pages": huge_pages()},
     }
     report["decode"] = {d: bench_decode(model, d, new_tokens, repeats, bw, seq) for d in dtypes}
     prompts = [p for _, p in load_eval_prompts()][:: max(1, 64 // max(1, medusa_prompts))][:medusa_prompts]
     no_heads = {"skipped": f"{model} has no Medusa heads"}
     report["medusa"] = {d: bench_medusa(model, d, prompts, new_tokens, tree, seq) if heads else no_heads
                         for d in ("bf16", "fp32")}
-    report["verify_bf16"] = bench_verify(model, "bf16", seq) if heads else no_heads
+    report["verify_bf16"] = bench_verify(model, "bf16", seq, fma_peak=_core._testing.fma_peak(threads, 5)) if heads \
+        else no_heads
     report["prefill"] = {d: bench_prefill(model, d, min(512, seq - 16)) for d in ("bf16", "fp32")}
     report["peers"] = {"hf_transformers_fp32": bench_hf(Path(model_dir), new_tokens, repeats) if hf
                        else {"skipped": "--no-hf"},
@@ -401,7 +418,7 @@ def run_suite(model: str = "smollm2-135m", *, new_tokens: int = 128, repeats: in
 def print_table(r: Dict, file=sys.stderr) -> None:
     m = r["machine"]
     print(f"\nmachine: {m['cpu']}, {m['cores']} cores ({m['threads']} threads), stream read {m['stream_read_GBps']:.1f} GB/s, "
-          f"huge pages {m.get('huge_pages', 'unknown')}",
+          f"fp32 FMA peak {m.get('fma_peak_GFLOPs', 0):.0f} GFLOP/s, huge pages {m.get('huge_pages', 'unknown')}",
           file=file)
     print(f"{'decode':<10} {'tok/s':>8} {'bound':>8} {'of bound':>9}", file=file)
     for d, x in r["decode"].items():
@@ -421,6 +438,9 @@ def print_table(r: Dict, file=sys.stderr) -> None:
     if "rows" in v:
         print(f"verify step (bf16, after {v['context']} cached tokens), x decode step: " + "  ".join(f"{row['nodes']}: {row['x_decode_step']:.2f}"
                                                             for row in v["rows"]), file=file)
+        if "fma_peak_GFLOPs" in v:
+            print(f"  compute floor at {v['fma_peak_GFLOPs']:.0f} GFLOP/s (fp32 FMA peak measured before it), x decode step: "
+                  + "  ".join(f"{row['nodes']}: {row['compute_floor_x_decode_step']:.2f}" for row in v["rows"]), file=file)
     print("prefill tok/s: " + ", ".join(f"{d} {x['tokens_per_second']:.0f}" for d, x in r["prefill"].items()), file=file)
     for name, x in r["peers"].items():
         if "skipped" in x:
