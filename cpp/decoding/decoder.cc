@@ -201,6 +201,9 @@ void Decoder::append(SequenceState& s, const int32_t* tokens, int n, bool with_h
   const int chunk = model_.limits().max_rows;
   const int start = s.length;
   if (lookup_tokens_ > 0) {
+    // Once per sequence: room for the whole context, so that steps append without allocating.
+    if (s.history.capacity() < size_t(model_.limits().max_seq)) s.history.reserve(model_.limits().max_seq);
+    if (s.lookup.capacity() < size_t(lookup_tokens_)) s.lookup.reserve(lookup_tokens_);
     s.history.resize(start);
     s.history.insert(s.history.end(), tokens, tokens + n);
   }
