@@ -113,13 +113,18 @@ def bench_decode(model: str, dtype: str, new_tokens: int, repeats: int, bandwidt
             "fraction_of_bound": tps / bound, "bound_at_512MiB_probe_tokens_per_second": bandwidth / per_token}
 
 
-def _model_weight_bytes(cfg: Dict, elem: int) -> int:
-    """Bytes of every weight matrix of the model (embedding included, lm_head if untied)."""
+def _matmul_weights(cfg: Dict) -> int:
+    """Weights of the matrix products one token goes through (every layer's, and the lm_head)."""
     h, f, L, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
     q = cfg["num_attention_heads"] * cfg["head_dim"]
     kv = cfg["num_key_value_heads"] * cfg["head_dim"]
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * f
-    return elem * (L * per_layer + v * h * (1 if cfg.get("tie_word_embeddings") else 2))
+    return L * (h * (q + 2 * kv) + q * h + 3 * h * f) + v * h
+
+
+def _model_weight_bytes(cfg: Dict, elem: int) -> int:
+    """Bytes of every weight matrix of the model (embedding included, lm_head if untied)."""
+    untied_embedding = 0 if cfg.get("tie_word_embeddings") else cfg["vocab_size"] * cfg["hidden_size"]
+    return elem * (_matmul_weights(cfg) + untied_embedding)
 
 
 def bench_medusa(model: str, dtype: str, prompts: Sequence[str], new_tokens: int, tree: Optional[str],
@@ -187,7 +192,7 @@ def bench_verify(model: str, dtype: str, seq: int = 1024, rounds: int = 5, conte
         for n in TREE_SIZES:
             samples[n].append(_core._testing.time_tree_step(engine._engine, n, 1, context))
     plain = [f for f, _ in samples[1]]
-    flops_per_token = 2 * _model_weight_bytes(json.loads((Path(engine.model_dir) / "config.json").read_text()), 1)
+    flops_per_token = 2 * _matmul_weights(json.loads((Path(engine.model_dir) / "config.json").read_text()))
     rows = []
     for n in TREE_SIZES:
         fwd = statistics.median(f for f, _ in samples[n])
