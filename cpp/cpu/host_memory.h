@@ -24,7 +24,6 @@ class HostMemory {
   void* allocate(size_t bytes);
   // Frees a block from allocate(); a slab goes back to the system with its last block.
   void deallocate(void* p);
-  bool huge_pages() const { return huge_pages_; }
 
  private:
   struct Slab {
