@@ -266,7 +266,6 @@ void Decoder::candidates_to_host(SequenceState& s) {
 }
 
 void Decoder::find_lookup(SequenceState& s) const {
-  s.lookup.clear();
   if (s.history.size() < size_t(s.length)) return;  // not appended through this decoder
   const int len = s.length + 1;                     // the cached tokens, then the root
   auto at = [&](int i) { return i < s.length ? s.history[i] : s.root; };
@@ -281,9 +280,9 @@ void Decoder::find_lookup(SequenceState& s) const {
   }
 }
 
-void Decoder::commit_history(SequenceState& s, int old_length, int32_t old_root) {
-  s.history.resize(old_length);
-  s.history.push_back(old_root);
+void Decoder::commit_history(SequenceState& s) {
+  s.history.resize(s.length);
+  s.history.push_back(s.root);
   s.history.insert(s.history.end(), s.new_tokens.begin(), s.new_tokens.end() - 1);
 }
 
@@ -361,7 +360,7 @@ bool Decoder::step_fused(SequenceState* const* seqs, int n, bool allow_trees) {
     const int32_t* out = out_host_.data() + size_t(i) * (D + 2);
     const int a = out[0];
     s.new_tokens.assign(out + 1, out + 2 + a);
-    if (lookup_tokens_ > 0) commit_history(s, s.length, s.root);
+    if (lookup_tokens_ > 0) commit_history(s);
     s.lookup_step = false;
     s.lookup_accepted = 0;
     s.root = s.new_tokens.back();
@@ -550,7 +549,7 @@ void Decoder::step(SequenceState* const* seqs, int n, bool allow_trees, bool all
     if (lt) {
       for (int u : path) s.lookup_accepted += lt->src[u] < 0;
     }
-    if (lookup_tokens_ > 0) commit_history(s, s.length, s.root);
+    if (lookup_tokens_ > 0) commit_history(s);
     if (s.record) {
       SequenceState::StepRecord rec;
       rec.tokens.assign(toks, toks + T);

@@ -135,8 +135,11 @@ class Decoder {
   const LookupTree& lookup_tree(bool heads_tree, int n) const {
     return lookup_trees_[(heads_tree ? 1 : 0) * lookup_tokens_ + n - 1];
   }
+  // s.lookup (empty on entry): the chain after the latest earlier occurrence of the context's end.
   void find_lookup(SequenceState& s) const;
-  static void commit_history(SequenceState& s, int old_length, int32_t old_root);
+  // Appends the step's committed tokens (the old root, then new_tokens but the new root) to s.history;
+  // called before s.length and s.root advance.
+  static void commit_history(SequenceState& s);
   int lookup_tokens_ = 0;
   std::vector<LookupTree> lookup_trees_;  // [root-only, heads tree][n = 1..lookup_tokens_]
   std::vector<const LookupTree*> seq_lookup_;

@@ -62,8 +62,7 @@ def evaluate_heads(engine, items: Sequence[Tuple[str, str]], *, max_new_tokens: 
                "tokens_per_step": s.tokens_per_step, "accepted_per_head": list(s.accepted_per_head),
                "lookup_tokens": s.lookup_tokens}
         if check:
-            plain = engine.generate(prompt, chat=True, max_new_tokens=max_new_tokens, medusa=False,
-                                    prompt_lookup=False)
+            plain = engine.generate(prompt, chat=True, max_new_tokens=max_new_tokens, medusa=False)
             row["same_as_plain"] = plain.tokens == r.tokens
             mismatches += int(not row["same_as_plain"])
         rows.append(row)
