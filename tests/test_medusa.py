@@ -440,8 +440,10 @@ def test_root_input_file_errors(setup, tmp_path):
         medusa_rt.Engine(d, medusa_heads=rewrite(version="1"), medusa_max_batch=16)
     with pytest.raises(ModelFormatError, match=r"medusa\.1\.path\.1\.weight"):
         medusa_rt.Engine(d, medusa_heads=rewrite(version="3"), medusa_max_batch=16)
-    with pytest.raises(medusa_rt.errors.UnsupportedModelError, match="format_version 4"):
+    with pytest.raises(ModelFormatError, match="metadata 'draft_layer' missing"):
         medusa_rt.Engine(d, medusa_heads=rewrite(version="4"), medusa_max_batch=16)
+    with pytest.raises(medusa_rt.errors.UnsupportedModelError, match="format_version 5"):
+        medusa_rt.Engine(d, medusa_heads=rewrite(version="5"), medusa_max_batch=16)
 
 
 def _path_heads(setup, scale=0.5, seed=5):
@@ -495,3 +497,142 @@ def test_heads_with_a_path_input(setup, tmp_path):
     batch = _batch_fused_and_host(d, tree)
     alone = [engine.generate(p, max_new_tokens=30, ignore_eos=True) for p in _unseen(3)]
     assert [r.tokens for r in alone] == [t for t, _ in batch]
+
+
+def _draft_heads(setup, width=64, scale=0.3, seed=7):
+    """Path-input heads plus a random draft layer (published names, float32 arrays)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {k: v.float().numpy() for k, v in _path_heads(setup).items()}
+    H = 96
+    for name, shape in (("root", (H, H)), ("qkv", (3 * H, H)), ("o", (H, H)), ("gate_up", (2 * width, H)),
+                        ("down", (H, width))):
+        state[f"draft.{name}.weight"] = (torch.randn(*shape, generator=g) * scale).numpy()
+    for name in ("norm1", "norm2"):
+        state[f"draft.{name}.weight"] = (1 + 0.2 * torch.randn(H, generator=g)).numpy()
+    return state
+
+
+def test_heads_with_a_draft_layer(setup, tmp_path):
+    """Heads with a draft layer (format_version 4): the engine's candidates at every step are an
+    independent NumPy evaluation of the draft layer over the committed positions since the
+    prompt's last token (hidden states from the engine, roots = the tokens that follow) and then
+    the heads on its last row; lossless; the fused and the host step agree, alone and batched,
+    with prompt lookup too; a session's second prompt restarts the draft cache."""
+    import json
+
+    import numpy as np
+
+    from medusa_rt.export.medusa_heads import write_heads_file
+    from medusa_rt.export.safetensors_io import SafetensorsFile
+    from medusa_rt.train.heads_np import RuntimeHeads, load_embedding, load_lm_head
+
+    d = setup["base"]
+    cfg = json.loads((d / "config.json").read_text())
+    heads_file = tmp_path / "draft.safetensors"
+    write_heads_file(_draft_heads(setup), heads_file, hidden=96, vocab=cfg["vocab_size"], dtype="float32")
+    with SafetensorsFile(heads_file) as f:
+        assert f.metadata["format_version"] == "4" and f.metadata["draft_layer"] == "true"
+    tree = [[0], [1], [0, 0], [1, 0], [0, 0, 0]]
+    nodes = [()] + sorted(map(tuple, tree), key=lambda p: (len(p), p))
+    engine = medusa_rt.Engine(d, dtype="fp32", max_seq_len=256, tree=tree, medusa_heads=heads_file,
+                              medusa_max_batch=16, prompt_lookup=0)
+    heads = RuntimeHeads.load(heads_file, config=cfg)
+    assert heads.draft is not None and heads.paths is not None
+    lm, emb = load_lm_head(d), load_embedding(d)
+    checked = differs = 0
+    for p in _unseen(3):
+        tokens, steps = _record_steps(engine, p, 30)
+        assert tokens == engine.generate(p, max_new_tokens=30, ignore_eos=True, medusa=False).tokens
+        seq = p + tokens
+        with engine.session() as s:
+            hidden = s.hidden_states(seq)
+        P = len(p)
+        for pos, tree_tokens in steps:  # pos: the root's index in seq; rows P-1 .. pos-1 are committed
+            z = heads.draft.states(hidden[P - 1:pos], emb[seq[P:pos + 1]])[-1:]
+            tok = dict(zip(nodes, tree_tokens))
+            for parent in (n for n in nodes if len(n) < 3):
+                children = [c for c in nodes if len(c) == len(parent) + 1 and c[:-1] == parent]
+                if not children:
+                    continue
+                depth = len(parent)
+                path_emb = [emb[[tok[parent[:j]]]] for j in range(1, depth + 1)]
+                pad = [np.zeros_like(emb[[seq[pos]]])] * (3 - depth)
+                want = heads.top_k(z, lm, 2, emb[[seq[pos]]], path_emb + pad)[depth, 0]
+                for c in children:
+                    assert tok[c] == int(want[c[-1]]), (pos, parent, c)
+                    checked += 1
+                # The heads on the hidden state itself (no draft layer) would draft otherwise.
+                on_h = heads.top_k(hidden[pos - 1:pos], lm, 2, emb[[seq[pos]]], path_emb + pad)[depth, 0]
+                differs += on_h.tolist() != want.tolist()
+    assert checked > 50 and differs > 10  # the check above has teeth
+    # Fused and host steps, batched, with and without prompt lookup, give the same tokens and
+    # acceptance; every result equals plain decoding.
+    import os
+
+    prompts = _unseen(3)
+    runs = {}
+    for fused in ("1", "0"):
+        for lookup in (0, 3):
+            os.environ["MEDUSA_RT_FUSED_STEP"] = fused
+            try:
+                e = medusa_rt.Engine(d, dtype="fp32", max_seq_len=256, max_batch_size=3, tree=tree,
+                                     medusa_heads=heads_file, medusa_max_batch=16, prompt_lookup=lookup)
+                runs[fused, lookup] = [(r.tokens, r.stats.accepted_per_head) for r in
+                                       e.generate_batch(prompts, max_new_tokens=30, ignore_eos=True)]
+            finally:
+                del os.environ["MEDUSA_RT_FUSED_STEP"]
+    assert runs["1", 0] == runs["0", 0]
+    plain_tokens = [engine.generate(p, max_new_tokens=30, ignore_eos=True, medusa=False).tokens for p in prompts]
+    for key, res in runs.items():
+        assert [t for t, _ in res] == plain_tokens, key
+    assert [r[1] for r in runs["1", 0]] == [engine.generate(p, max_new_tokens=30, ignore_eos=True)
+                                            .stats.accepted_per_head for p in prompts]
+    # A second prompt in one session: the draft cache starts again at its last token, so the
+    # acceptance equals a fresh session's.
+    with engine.session() as s:
+        s.generate(prompts[0], max_new_tokens=20, ignore_eos=True)
+        again = s.generate(prompts[1], max_new_tokens=30, ignore_eos=True)
+    fresh = engine.generate(prompts[1], max_new_tokens=30, ignore_eos=True)
+    assert again.stats.accepted_per_head == fresh.stats.accepted_per_head
+
+
+def test_draft_layer_file_errors(setup, tmp_path):
+    """A format-4 heads file with a draft tensor missing, a mis-shaped one, or draft tensors in an
+    older format: typed errors naming the problem."""
+    import json
+
+    from medusa_rt.export.medusa_heads import write_heads_file
+    from medusa_rt.export.safetensors_io import SafetensorsFile, TensorToWrite, write_safetensors
+
+    d = setup["base"]
+    vocab = json.loads((d / "config.json").read_text())["vocab_size"]
+    good = tmp_path / "good.safetensors"
+    write_heads_file(_draft_heads(setup), good, hidden=96, vocab=vocab, dtype="float32")
+
+    def rewrite(drop=None, meta_update=None, reshape=None):
+        with SafetensorsFile(good) as f:
+            meta = dict(f.metadata)
+            items = []
+            for n in f.keys():
+                if n == drop:
+                    continue
+                a = f.get(n).copy()
+                if n == reshape:
+                    a = a[:-1]
+                items.append(TensorToWrite(n, f.dtype(n), tuple(a.shape), lambda a=a: a))
+        meta.update(meta_update or {})
+        out = tmp_path / "bad.safetensors"
+        write_safetensors(out, items, metadata=meta)
+        return out
+
+    with pytest.raises(ModelFormatError, match=r"medusa\.draft\.o\.weight"):
+        medusa_rt.Engine(d, medusa_heads=rewrite(drop="medusa.draft.o.weight"), medusa_max_batch=16)
+    with pytest.raises(ModelFormatError, match=r"medusa\.draft\.qkv\.weight"):
+        medusa_rt.Engine(d, medusa_heads=rewrite(reshape="medusa.draft.qkv.weight"), medusa_max_batch=16)
+    with pytest.raises(ModelFormatError, match="tensors need format_version 4"):
+        medusa_rt.Engine(d, medusa_heads=rewrite(meta_update={"format_version": "3"}), medusa_max_batch=16)
+    with pytest.raises(ModelFormatError, match="draft_layer 'true'"):
+        medusa_rt.Engine(d, medusa_heads=rewrite(meta_update={"draft_layer": "false"}), medusa_max_batch=16)
+    with pytest.raises(ModelFormatError, match="draft layer needs"):
+        write_heads_file({k: v for k, v in _draft_heads(setup).items() if k != "draft.down.weight"},
+                         tmp_path / "x.safetensors", hidden=96, vocab=vocab, dtype="float32")

@@ -400,17 +400,52 @@ def test_train_heads_with_a_path_input(tiny):
 TRAINED_TREE = [[0], [0, 0], [1]]  # the tree _train_and_export records in its heads files
 
 
-def _train_and_export(tr, feats, eng, out, roots=None):
+def _train_and_export(tr, feats, eng, out, roots=None, record=None):
     """Trains on all rows, checks the loss fell, writes the heads file; returns (metrics after
     training, the file's NumPy heads)."""
     from medusa_rt.train.heads_np import RuntimeHeads
     from medusa_rt.train.pipeline import write_trained_heads
 
-    before = tr.evaluate(feats.hidden, feats.labels, roots=roots)
-    tr.fit(feats.hidden, feats.labels, roots)
-    after = tr.evaluate(feats.hidden, feats.labels, roots=roots)
+    before = tr.evaluate(feats.hidden, feats.labels, roots=roots, record=record)
+    tr.fit(feats.hidden, feats.labels, roots, record)
+    after = tr.evaluate(feats.hidden, feats.labels, roots=roots, record=record)
     assert np.mean(after["loss"]) < np.mean(before["loss"])
     report = {"expected_tokens_per_step": 1.5, "accuracy_table": after["table"], "tree": TRAINED_TREE,
               "prompts": 6, "answer_tokens": 0, "rows": {}, "config": {}, "held_out": {}}
     write_trained_heads(tr.model.layout_tensors(), out, eng, "fp32", report)
-    return after, RuntimeHeads.load(out)
+    return after, RuntimeHeads.load(out, config=json.loads((eng.model_dir / "config.json").read_text()))
+
+
+def test_train_heads_with_a_draft_layer(tiny):
+    """Heads with a draft layer (a causal attention + MLP layer over the answer so far) train on
+    whole answers, export as heads format 4, give the same accuracy table in NumPy (whole answers
+    through the draft layer) as in torch, and decode losslessly through the engine."""
+    from medusa_rt.train.heads_np import accuracy_table
+    from medusa_rt.train.trainer import DraftShape, TrainConfig, Trainer
+
+    tmp, base = tiny
+    eng, lm, emb, seqs, recs, feats = _random_answers(tiny, seed=7, num_heads=3, name="draft_feats.npz")
+    with pytest.raises(InvalidArgumentError, match="draft_layer needs root_input"):
+        TrainConfig(draft_layer=True).validate()
+    cfg = TrainConfig(num_heads=3, epochs=30, batch_size=64, lr=3e-3, root_input=True, path_input=True,
+                      draft_layer=True, draft_intermediate=48)
+    with pytest.raises(InvalidArgumentError, match="attention shape"):
+        Trainer(cfg, lm, tmp / "draft_work", progress=False, embedding=emb)
+    shape = DraftShape.from_config(json.loads((base / "config.json").read_text()))
+    tr = Trainer(cfg, lm, tmp / "draft_work", progress=False, embedding=emb, draft_shape=shape)
+    with pytest.raises(InvalidArgumentError, match="answer id"):
+        tr.fit(feats.hidden, feats.labels, feats.roots)
+    out = tmp / "draft_heads.safetensors"
+    after, heads = _train_and_export(tr, feats, eng, out, feats.roots, feats.record)
+    assert heads.metadata["format_version"] == "4" and heads.draft is not None and heads.paths is not None
+    assert np.abs(heads.draft.o).max() > 0 and heads.draft.gate_up.shape == (96, 96)  # trained, 2 x 48 rows
+    with pytest.raises(InvalidArgumentError, match="record"):
+        accuracy_table(heads, feats.hidden, feats.labels, lm, 10, roots=feats.roots, embedding=emb)
+    table = accuracy_table(heads, feats.hidden, feats.labels, lm, 10, roots=feats.roots, embedding=emb,
+                           record=feats.record)
+    assert np.allclose(table, after["table"], atol=0.02)
+    tree = [[0], [1], [0, 0], [1, 0], [0, 0, 0]]
+    e2 = Engine(base, dtype="fp32", medusa_heads=out, medusa_max_batch=1, tree=tree)
+    for s in seqs[:2]:
+        r = e2.generate(s[:8], max_new_tokens=24)
+        assert r.tokens == e2.generate(s[:8], max_new_tokens=24, medusa=False).tokens

@@ -347,7 +347,8 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
   lim.max_tree_depth = std::max(tree.max_depth(), prompt_lookup);
 
   const size_t wbytes = LlamaModel::weight_bytes_for(c, dtype) + heads_bytes;
-  const size_t kvbytes = LlamaModel::kv_bytes_for(c, lim);
+  const size_t kvbytes = LlamaModel::kv_bytes_for(c, lim) +
+                         (heads_meta.draft_layer ? MedusaHeads::draft_cache_bytes(c, lim.slots, lim.max_seq) : 0);
   const size_t wsbytes = LlamaModel::workspace_bytes_for(c, lim);
   const size_t need = wbytes + kvbytes + wsbytes;
   const size_t avail = e.backend->available_memory();
@@ -462,7 +463,9 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
   info.eos_token_ids = c.eos_token_ids;
   info.bos_token_id = c.bos_token_id;
   info.weight_bytes = e.model->weight_bytes() + (e.heads ? e.heads->weight_bytes() : 0);
-  info.kv_cache_bytes = e.model->kv_bytes();
+  info.kv_cache_bytes = e.model->kv_bytes() + (e.heads && e.heads->draft_layer()
+                                                    ? MedusaHeads::draft_cache_bytes(c, lim.slots, lim.max_seq)
+                                                    : 0);
   info.medusa_heads = e.heads ? e.heads->num_heads() : 0;
   info.medusa_shared_lm_head = e.heads && e.heads->shared_lm_head();
   info.tree = e.decoder->tree().name();

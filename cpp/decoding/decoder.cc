@@ -10,6 +10,7 @@
 
 #include "decoding/acceptance.h"
 #include "medusa_rt/errors.h"
+#include "model/step_ops.h"
 
 namespace medusa_rt {
 namespace {
@@ -156,6 +157,20 @@ Decoder::Decoder(LlamaModel& model, MedusaHeads* heads, TreeSpec tree, int max_b
   d_parents_ = upload(parents, "tree");
   d_anc_off_ = upload(anc_off, "tree");
   d_anc_ = upload(anc, "tree");
+  if (heads_ && heads_->draft_layer()) {
+    const int E = max_depth + 1;  // draft rows per sequence: the committed nodes of a step
+    draft_ = heads_->draft_state(slots, model.limits().max_seq, max_batch * E);
+    d_draft_len_ = ibuf(slots, "Medusa draft cache lengths");
+    std::vector<int32_t> last_tree(max_batch), last_plain(max_batch);
+    for (int b = 0; b < max_batch; ++b) {
+      last_tree[b] = b * (D + 1) + D;
+      last_plain[b] = b;
+    }
+    d_draft_last_tree_ = upload(last_tree, "Medusa draft rows");
+    d_draft_last_plain_ = upload(last_plain, "Medusa draft rows");
+    for (auto* v : {&dr_rows_, &dr_tokens_, &dr_pos_, &dr_prefix_, &dr_slots_}) v->reserve(size_t(max_batch) * E);
+    draft_commit_.reserve(max_depth + 1);
+  }
   static std::atomic<uint64_t> next_graph_ns{1};
   graph_ns_ = next_graph_ns++ << 40;
   const char* f = std::getenv("MEDUSA_RT_FUSED_STEP");
@@ -164,12 +179,45 @@ Decoder::Decoder(LlamaModel& model, MedusaHeads* heads, TreeSpec tree, int max_b
 
 Decoder::~Decoder() = default;
 
-void Decoder::run_heads(SequenceState* const* seqs, const int32_t* hidden_rows, int n) {
+int Decoder::queue_draft(SequenceState& s, const int32_t* rows, int a, const int32_t* next) {
+  const step_ops::DraftSpan sp = step_ops::draft_span(s.draft_len, a);
+  for (int j = sp.first; j <= a; ++j) {
+    const int pos = sp.start + j - sp.first;
+    dr_rows_.push_back(rows[j]);
+    dr_tokens_.push_back(next[j]);
+    dr_pos_.push_back(pos);
+    dr_prefix_.push_back(pos + 1);
+    dr_slots_.push_back(s.slot);
+  }
+  s.draft_len = sp.start + a + 1 - sp.first;
+  return static_cast<int>(dr_rows_.size()) - 1;
+}
+
+int Decoder::stage_draft() {
+  Backend& be = model_.backend();
+  const int R = static_cast<int>(dr_rows_.size());
+  const size_t bytes = sizeof(int32_t) * R;
+  be.copy_to_device(draft_.rows, dr_rows_.data(), bytes);
+  be.copy_to_device(draft_.tokens, dr_tokens_.data(), bytes);
+  be.copy_to_device(draft_.positions, dr_pos_.data(), bytes);
+  be.copy_to_device(draft_.prefix, dr_prefix_.data(), bytes);
+  be.copy_to_device(draft_.slots, dr_slots_.data(), bytes);
+  for (auto* v : {&dr_rows_, &dr_tokens_, &dr_pos_, &dr_prefix_, &dr_slots_}) v->clear();
+  return R;
+}
+
+void Decoder::run_draft() {
+  const auto t0 = Clock::now();
+  heads_->draft_forward(model_.hidden(), stage_draft(), draft_);
+  forward_seconds_ += std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+void Decoder::run_heads(SequenceState* const* seqs, const int32_t* hidden_rows, int n, const float* source) {
   const auto t0 = Clock::now();
   Backend& be = model_.backend();
   const int H = model_.config().hidden_size;
   be.copy_to_device(d_index_, hidden_rows, sizeof(int32_t) * n);
-  be.gather_rows(model_.hidden(), H, d_index_, n, d_head_in_);
+  be.gather_rows(source, H, d_index_, n, d_head_in_);
   if (heads_->root_input()) {
     head_roots_.clear();
     for (int r = 0; r < n; ++r) head_roots_.push_back(seqs[r]->root);
@@ -248,10 +296,17 @@ void Decoder::append(SequenceState& s, const int32_t* tokens, int n, bool with_h
       if (!greedy) be.argmax(model_.logits() + size_t(nl - 1) * vocab_, 1, vocab_, d_argmax_);
       be.copy_to_host(&s.root, greedy ? d_argmax_ + (nl - 1) : d_argmax_, sizeof(int32_t));
       s.has_candidates = false;
+      s.draft_len = -1;  // a new prompt: the draft cache starts at its last token
       if (with_heads && heads_) {
-        const int32_t row = nl - 1;
+        int32_t row = nl - 1;
+        const float* source = model_.hidden();
+        if (heads_->draft_layer()) {
+          row = queue_draft(s, &row, 0, &s.root);
+          run_draft();
+          source = draft_.x;
+        }
         SequenceState* one = &s;
-        run_heads(&one, &row, 1);
+        run_heads(&one, &row, 1, source);
       }
     }
   }
@@ -319,6 +374,7 @@ bool Decoder::step_fused(SequenceState* const* seqs, int n, bool allow_trees) {
     if (!s.device_synced) {
       be.copy_to_device(d_len_ + s.slot, &s.length, sizeof(int32_t));
       be.copy_to_device(d_root_ + s.slot, &s.root, sizeof(int32_t));
+      if (d_draft_len_) be.copy_to_device(d_draft_len_ + s.slot, &s.draft_len, sizeof(int32_t));
       s.device_synced = true;
     }
     if (T > 1) {
@@ -370,6 +426,15 @@ bool Decoder::step_fused(SequenceState* const* seqs, int n, bool allow_trees) {
     s.has_candidates = with_heads;
     s.candidates_on_host = false;
     s.candidates_on_device = with_heads;
+    if (d_draft_len_) {  // mirror the device's update (step_ops::accept_sequence)
+      if (with_heads) {
+        const step_ops::DraftSpan sp = step_ops::draft_span(s.draft_len, a);
+        s.draft_len = sp.start + a + 1 - sp.first;
+      } else {
+        s.draft_len = -1;
+        s.device_synced = false;  // the device's draft_len is stale now
+      }
+    }
   }
   return true;
 }
@@ -414,11 +479,25 @@ void Decoder::fused_body(int n, int T, bool with_heads) {
   aa.copy_src = d.copy_src;
   aa.copy_dst = d.copy_dst;
   aa.hidden_rows = d_index_;
+  const bool draft = with_heads && d_draft_len_;
+  if (draft) {
+    aa.draft_len = d_draft_len_;
+    aa.draft_rows = draft_.rows;
+    aa.draft_tokens = draft_.tokens;
+    aa.draft_positions = draft_.positions;
+    aa.draft_prefix = draft_.prefix;
+    aa.draft_slots = draft_.slots;
+  }
   be.accept_greedy(aa);
   model_.copy_kv_device(n * aa.max_depth);
   if (with_heads) {
     const int H = model_.config().hidden_size;
-    be.gather_rows(model_.hidden(), H, d_index_, n, d_head_in_);
+    if (draft) {  // the draft layer over every sequence's committed nodes, the heads on the last
+      heads_->draft_forward(model_.hidden(), n * (aa.max_depth + 1), draft_);
+      be.gather_rows(draft_.x, H, aa.max_depth ? d_draft_last_tree_ : d_draft_last_plain_, n, d_head_in_);
+    } else {
+      be.gather_rows(model_.hidden(), H, d_index_, n, d_head_in_);
+    }
     if (heads_->root_input()) {  // row r's root: the new root of its slot
       be.copy_on_device(d_head_roots_, d_bslots_, sizeof(int32_t) * n);
       be.map_ids(d_head_roots_, size_t(n), d_root_);
@@ -564,13 +643,29 @@ void Decoder::step(SequenceState* const* seqs, int n, bool allow_trees, bool all
     s.has_candidates = false;
     if (s.options.medusa && heads_) {
       head_seqs_.push_back(&s);
-      hidden_rows_.push_back(base + last);
+      if (heads_->draft_layer()) {  // the draft layer reads every committed node: root, then the path
+        draft_commit_.assign(1, base);
+        for (int u : path) draft_commit_.push_back(base + u);
+        hidden_rows_.push_back(queue_draft(s, draft_commit_.data(), a, s.new_tokens.data()));
+      } else {
+        hidden_rows_.push_back(base + last);
+      }
+    } else {
+      s.draft_len = -1;
     }
   }
   model_.copy_kv(copy_slots_.data(), copy_src_.data(), copy_dst_.data(), static_cast<int>(copy_slots_.size()));
 
-  // 4. Candidates for the next step from the heads at each last accepted node.
-  if (!head_seqs_.empty()) run_heads(head_seqs_.data(), hidden_rows_.data(), static_cast<int>(head_seqs_.size()));
+  // 4. Candidates for the next step from the heads at each last accepted node (through the draft
+  // layer over the committed nodes, where the heads have one).
+  if (!head_seqs_.empty()) {
+    const float* source = model_.hidden();
+    if (heads_->draft_layer()) {
+      run_draft();
+      source = draft_.x;
+    }
+    run_heads(head_seqs_.data(), hidden_rows_.data(), static_cast<int>(head_seqs_.size()), source);
+  }
 }
 
 }  // namespace medusa_rt
@@ -623,10 +718,26 @@ double Decoder::time_heads(int rows, int reps, const TreeSpec* tree) {
   }
   be.fill_zero(d_head_in_, sizeof(float) * size_t(rows) * model_.config().hidden_size);
   be.fill_zero(d_head_roots_, sizeof(int32_t) * size_t(rows));
+  // A draft layer runs first on a tree step's committed nodes: up to depth + 1 per sequence (as
+  // the fused step runs it; written at draft positions 0..depth of slots 0..rows-1).
+  const int draft_queued = heads_->draft_layer() ? std::min(rows * (plan.depth + 1), draft_.max_rows) : 0;
+  for (int r = 0; r < draft_queued; ++r) {
+    const int pos = r % (plan.depth + 1);
+    dr_rows_.push_back(0);
+    dr_tokens_.push_back(0);
+    dr_pos_.push_back(pos);
+    dr_prefix_.push_back(pos + 1);
+    dr_slots_.push_back(r / (plan.depth + 1));
+  }
+  const int draft_rows = draft_queued ? stage_draft() : 0;
   be.synchronize();
   double best = 1e30;
   for (int rep = 0; rep < reps; ++rep) {
     const auto t0 = Clock::now();
+    if (draft_rows) {
+      heads_->draft_forward(model_.hidden(), draft_rows, draft_);
+      be.gather_rows(draft_.x, model_.config().hidden_size, d_draft_last_plain_, rows, d_head_in_);
+    }
     heads_->candidates(d_head_in_, d_head_roots_, rows, plan, out);
     be.synchronize();
     best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());

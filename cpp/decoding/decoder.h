@@ -50,6 +50,9 @@ struct SequenceState {
   bool device_synced = false;         // the device's length and root for this slot equal ours
   bool candidates_on_host = true;     // `candidates` is current
   bool candidates_on_device = false;  // the device's candidates for this slot are current
+  // Heads with a draft layer: positions of the slot's draft cache in use (-1: none usable, the
+  // next commit with heads starts it afresh). Mirrored on the device with length and root.
+  int draft_len = -1;
   bool step_done = false;    // engine scheduler: the step this sequence was queued for ran
   bool step_failed = false;  // ... and threw
 
@@ -117,7 +120,16 @@ class Decoder {
   bool verifies_tree(const SequenceState& s, bool allow_trees) const {
     return allow_trees && s.options.medusa && heads_ && s.has_candidates;
   }
-  void run_heads(SequenceState* const* seqs, const int32_t* hidden_rows, int n);
+  // The heads for n sequences on rows hidden_rows of `source` ([rows, H] backend memory: the
+  // model's hidden states, or the draft layer's output).
+  void run_heads(SequenceState* const* seqs, const int32_t* hidden_rows, int n, const float* source);
+  // Heads with a draft layer: queues sequence s's committed nodes of this commit (hidden rows
+  // rows[0..a] of the forward, the root node first; next[j] the token after node j) into the host
+  // draft rows (step_ops::draft_span decides which) and returns the draft row of the last.
+  // Updates s.draft_len. run_draft() then runs the queued rows.
+  int queue_draft(SequenceState& s, const int32_t* rows, int a, const int32_t* next);
+  void run_draft();
+  int stage_draft();  // copies the queued draft rows to the device (and empties the queue); returns their count
   // The step with row building, acceptance, KV compaction and the next candidates on the
   // device (recorded as one graph per (batch, tree size) where the backend can), one copy of
   // the accepted tokens to the host at the end. Returns false (and does nothing) when this
@@ -156,6 +168,12 @@ class Decoder {
   int32_t* d_index_ = nullptr;
   float* d_head_in_ = nullptr;
   int32_t* d_head_roots_ = nullptr;  // [max_batch] the root token of each head input row
+  // Heads with a draft layer: the draft KV cache and workspace, per slot draft_len on the device,
+  // the last committed node's draft row per sequence of a fused step ([max_batch], for trees
+  // and for plain steps), and the host step's draft rows.
+  DraftState draft_;
+  int32_t *d_draft_len_ = nullptr, *d_draft_last_tree_ = nullptr, *d_draft_last_plain_ = nullptr;
+  std::vector<int32_t> dr_rows_, dr_tokens_, dr_pos_, dr_prefix_, dr_slots_, draft_commit_;
   HeadsPlan plan_;                   // how the heads draft this decoder's tree
   int cand_stride_ = 0;              // candidates per sequence (plan_.blocks * plan_.width)
   int32_t* d_candidates_ = nullptr;

@@ -78,6 +78,13 @@ struct AcceptArgs {
   // itself): copy_slots / copy_src / copy_dst [n * max_depth]. hidden_rows[s] = row of the last
   // accepted node (the heads' input).
   int32_t *out = nullptr, *copy_slots = nullptr, *copy_src = nullptr, *copy_dst = nullptr, *hidden_rows = nullptr;
+  // Heads with a draft layer (null otherwise): draft_len[slot] = positions the slot's draft cache
+  // holds (-1: none usable), updated; and the draft layer's rows (DraftState's row metadata),
+  // max_depth + 1 per sequence: the committed nodes (the root node, then the accepted ones; all of
+  // them, or with draft_len -1 only the last, at position 0), padded with the last.
+  int32_t* draft_len = nullptr;
+  int32_t *draft_rows = nullptr, *draft_tokens = nullptr, *draft_positions = nullptr, *draft_prefix = nullptr,
+          *draft_slots = nullptr;
 };
 
 class Backend {

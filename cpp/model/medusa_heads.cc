@@ -1,8 +1,8 @@
 #include "model/medusa_heads.h"
 
-#include <cstring>
-
+#include <cmath>
 #include <cstdlib>
+#include <cstring>
 
 #include "core/json.h"
 #include "core/safetensors.h"
@@ -55,12 +55,29 @@ MedusaHeadsMeta read_meta_of(const SafetensorsFile& f, const ModelConfig& base) 
     throw ModelFormatError(file + ": metadata format is '" + meta(f, "format") + "', expected 'medusa_rt_heads'");
   }
   const std::string& version = meta(f, "format_version");
-  if (version != "1" && version != "2" && version != "3") {
-    throw UnsupportedModelError(file + ": heads format_version " + version + " is not supported (1, 2 and 3 are)");
+  if (version != "1" && version != "2" && version != "3" && version != "4") {
+    throw UnsupportedModelError(file + ": heads format_version " + version + " is not supported (1 to 4 are)");
   }
   MedusaHeadsMeta m;
   m.root_input = version != "1";
   m.path_input = version == "3";
+  if (version == "4") {  // the inputs are named
+    auto flag = [&](const std::string& key) {
+      const std::string& v = meta(f, key);
+      if (v != "true" && v != "false") throw ModelFormatError(file + ": metadata " + key + " must be 'true' or 'false'");
+      return v == "true";
+    };
+    m.draft_layer = flag("draft_layer");
+    m.path_input = flag("path_input");
+    if (!flag("root_input") || !m.draft_layer) {
+      throw ModelFormatError(file + ": heads format_version 4 needs root_input and draft_layer 'true'");
+    }
+    if (base.num_heads * base.head_dim != base.hidden_size) {
+      throw UnsupportedModelError(file + ": the draft layer needs the base model's num_heads x head_dim (" +
+                                  std::to_string(base.num_heads) + " x " + std::to_string(base.head_dim) +
+                                  ") to equal its hidden_size (" + std::to_string(base.hidden_size) + ")");
+    }
+  }
   m.num_heads = meta_int(f, "num_heads");
   m.num_layers = meta_int(f, "num_layers");
   const std::string shared = meta(f, "shared_lm_head");
@@ -168,6 +185,37 @@ MedusaHeads::MedusaHeads(const std::string& file, const ModelConfig& base, DType
       check_shape(w, {vocab_, hidden_}, source);
       h.proj = arena_.matrix({&w}, hidden_, dtype);
     }
+  }
+  if (meta_.draft_layer) {
+    const int H = hidden_;
+    auto mat = [&](const std::string& name, int rows, int cols) {
+      const TensorView& w = f.get("medusa.draft." + name + ".weight");
+      check_shape(w, {rows, cols}, source);
+      return arena_.matrix({&w}, cols, dtype);
+    };
+    auto vec = [&](const std::string& name) {
+      const TensorView& w = f.get("medusa.draft." + name + ".weight");
+      check_shape(w, {H}, source);
+      return arena_.vector({&w});
+    };
+    const TensorView& gu = f.get("medusa.draft.gate_up.weight");
+    if (gu.shape.size() != 2 || gu.shape[0] < 2 || gu.shape[0] % 2 != 0 || gu.shape[0] > (int64_t(1) << 20)) {
+      throw ModelFormatError(file + ": medusa.draft.gate_up.weight must be [2 x intermediate, hidden_size]");
+    }
+    draft_.intermediate = static_cast<int>(gu.shape[0] / 2);
+    draft_.root = mat("root", H, H);
+    draft_.qkv = mat("qkv", 3 * H, H);
+    draft_.o = mat("o", H, H);
+    draft_.gate_up = mat("gate_up", 2 * draft_.intermediate, H);
+    draft_.down = mat("down", H, draft_.intermediate);
+    draft_.norm1 = vec("norm1");
+    draft_.norm2 = vec("norm2");
+    draft_.heads = base.num_heads;
+    draft_.head_dim = base.head_dim;
+    draft_.eps = static_cast<float>(base.rms_norm_eps);
+    draft_.theta = base.rope.theta;
+  } else if (f.tensors().count("medusa.draft.qkv.weight")) {
+    throw ModelFormatError(file + ": medusa.draft.* tensors need format_version 4 (heads with a draft layer)");
   }
   proj_vocab_ = vocab_;
   auto dv = f.tensors().find("medusa.draft_vocab");
@@ -315,6 +363,82 @@ void MedusaHeads::candidates(const float* hidden, const int32_t* roots, int rows
   if (shared_) be_.linear(x_, num_heads_ * rows, draft_ids_ ? draft_proj_ : base_lm_head_, nullptr, logits_);
   be_.topk(logits_, num_heads_ * rows, proj_vocab_, top_k_, out);
   if (draft_ids_) be_.map_ids(out, size_t(num_heads_) * rows * top_k_, draft_ids_);
+}
+
+DraftState MedusaHeads::draft_state(int slots, int max_seq, int max_rows) const {
+  if (!meta_.draft_layer) throw Error("internal: draft_state() of heads without a draft layer");
+  DraftState st;
+  st.layout = KVLayout{slots, draft_.heads, max_seq, draft_.head_dim};
+  st.max_rows = max_rows;
+  st.arena = std::make_unique<WeightArena>(be_);
+  WeightArena& a = *st.arena;
+  auto fbuf = [&](size_t n, const char* what) { return static_cast<float*>(a.buffer(sizeof(float) * n, what)); };
+  auto ibuf = [&](const char* what) {
+    return static_cast<int32_t*>(a.buffer(sizeof(int32_t) * size_t(max_rows), what));
+  };
+  const size_t cache = st.layout.layer_elems();
+  st.k_cache = fbuf(cache, "Medusa draft KV cache");
+  st.v_cache = fbuf(cache, "Medusa draft KV cache");
+  for (int32_t** p : {&st.rows, &st.tokens, &st.positions, &st.prefix, &st.slots}) *p = ibuf("Medusa draft rows");
+  const size_t R = max_rows, H = hidden_;
+  st.x = fbuf(R * H, "Medusa draft workspace");
+  st.t = fbuf(R * H, "Medusa draft workspace");
+  st.n = fbuf(R * H, "Medusa draft workspace");
+  st.att = fbuf(R * H, "Medusa draft workspace");
+  st.qkv = fbuf(R * 3 * H, "Medusa draft workspace");
+  st.gu = fbuf(R * 2 * draft_.intermediate, "Medusa draft workspace");
+  st.act = fbuf(R * draft_.intermediate, "Medusa draft workspace");
+  // Plain RoPE with the base model's theta, as the engine's model builds it (fp32).
+  const int half = draft_.head_dim / 2;
+  std::vector<float> inv(half), c(size_t(max_seq) * half), s(size_t(max_seq) * half);
+  const float theta = static_cast<float>(draft_.theta);
+  for (int i = 0; i < half; ++i) {
+    inv[i] = 1.0f / std::pow(theta, static_cast<float>(2 * i) / static_cast<float>(draft_.head_dim));
+  }
+  for (int p = 0; p < max_seq; ++p) {
+    for (int i = 0; i < half; ++i) {
+      const float ang = static_cast<float>(p) * inv[i];
+      c[size_t(p) * half + i] = std::cos(ang);
+      s[size_t(p) * half + i] = std::sin(ang);
+    }
+  }
+  st.cos = fbuf(c.size(), "Medusa draft RoPE tables");
+  st.sin = fbuf(s.size(), "Medusa draft RoPE tables");
+  be_.copy_to_device(st.cos, c.data(), sizeof(float) * c.size());
+  be_.copy_to_device(st.sin, s.data(), sizeof(float) * s.size());
+  be_.fill_zero(st.k_cache, sizeof(float) * cache);
+  be_.fill_zero(st.v_cache, sizeof(float) * cache);
+  be_.reserve_rows(max_rows);
+  return st;
+}
+
+void MedusaHeads::draft_forward(const float* hidden, int rows, DraftState& st) {
+  if (!meta_.draft_layer || rows <= 0 || rows > st.max_rows) throw Error("internal: bad draft layer call");
+  const int H = hidden_, nh = draft_.heads, hd = draft_.head_dim, I = draft_.intermediate;
+  const size_t n = size_t(rows) * H;
+  RowsMeta meta;
+  meta.rows = rows;
+  meta.tokens = st.tokens;
+  meta.positions = st.positions;
+  meta.slots = st.slots;
+  meta.cache_index = st.positions;
+  meta.prefix_len = st.prefix;
+  be_.gather_rows(hidden, H, st.rows, rows, st.x);  // u = h + R e(root)
+  be_.embed(base_embed_, st.tokens, rows, st.t);
+  be_.linear(st.t, rows, draft_.root, nullptr, st.n);
+  be_.add(st.x, st.n, n);
+  be_.rmsnorm(st.x, draft_.norm1, rows, H, draft_.eps, st.n);  // u += O attn(norm1(u))
+  be_.linear(st.n, rows, draft_.qkv, nullptr, st.qkv);
+  be_.rope(st.qkv, rows, 3 * H, 0, nh, hd, st.positions, st.cos, st.sin);
+  be_.rope(st.qkv, rows, 3 * H, H, nh, hd, st.positions, st.cos, st.sin);
+  be_.kv_store(st.qkv, 3 * H, H, 2 * H, meta, st.layout, st.k_cache, st.v_cache);
+  be_.attention(st.qkv, 3 * H, nh, meta, st.layout, st.k_cache, st.v_cache, st.att);
+  be_.linear(st.att, rows, draft_.o, nullptr, st.t);
+  be_.add_rmsnorm(st.x, st.t, draft_.norm2, rows, H, draft_.eps, st.n);  // u += D (silu(G) * U)(norm2(u))
+  be_.linear(st.n, rows, draft_.gate_up, nullptr, st.gu);
+  be_.silu_mul(st.gu, rows, I, st.act);
+  be_.linear(st.act, rows, draft_.down, nullptr, st.t);
+  be_.add(st.x, st.t, n);
 }
 
 void MedusaHeads::run_blocks(int k, float* x, int rows, float* tmp) {

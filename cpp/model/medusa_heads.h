@@ -12,7 +12,17 @@
 // medusa.{k}.{l}.bias [H], medusa.{k}.lm_head.weight [V, H] (absent with a shared lm_head);
 // medusa.{k}.root.weight [H, H] (format_version 2 and 3, every head); medusa.{k}.path.{j}.weight
 // [H, H] for j = 1..k (format_version 3 only);
-// header metadata: format = "medusa_rt_heads", format_version = "1", "2" or "3", num_heads, num_layers,
+// Heads with a draft layer (format_version 4, Hydra++ / EAGLE-style) read, in place of h, the output z
+// of one causal transformer layer over the sequence's committed positions since its prompt's last
+// token (position 0): u = h + R e(root), u += O attn(RoPE(Q, K), V)(norm1(u)), z = u +
+// D (silu(G) * U)(norm2(u)), with the base model's head count, head size, RoPE base (plain RoPE)
+// and RMSNorm epsilon. Its keys and values at a position depend only on that position's h and root
+// token, so a per-slot draft KV cache (DraftState) holds them for the committed positions.
+// Tensors medusa.draft.{root,o}.weight [H, H], medusa.draft.qkv.weight [3H, H],
+// medusa.draft.gate_up.weight [2I, H], medusa.draft.down.weight [H, I], medusa.draft.norm{1,2}.weight [H];
+// metadata root_input = "true", path_input = "true"/"false", draft_layer = "true".
+//
+// header metadata: format = "medusa_rt_heads", format_version = "1", "2", "3" or "4", num_heads, num_layers,
 // shared_lm_head ("true"/"false"), hidden_size, vocab_size, and optionally default_tree
 // (a built-in tree name or a JSON list of paths), expected_tokens_per_step, accuracy_table
 // (JSON [head][rank] of probabilities, measured on held-out data). Optional tensor
@@ -39,7 +49,8 @@ struct MedusaHeadsMeta {
   int num_layers = 0;
   bool shared_lm_head = false;
   bool root_input = false;  // format_version >= 2: the heads also read the root token's embedding
-  bool path_input = false;  // format_version 3: ... and their tree path's tokens
+  bool path_input = false;  // format_version 3 (or 4 with path_input): ... and their tree path's tokens
+  bool draft_layer = false; // format_version 4: the heads read the draft layer's output
   bool has_default_tree = false;
   TreeSpec default_tree;
   double expected_tokens_per_step = 0;  // from the file's metadata, 0 if absent
@@ -73,6 +84,21 @@ struct HeadsPlan {
   std::unique_ptr<WeightArena> arena;      // owns the buffers above
 };
 
+// The draft layer's KV cache and workspace (MedusaHeads::draft_state), for up to max_rows rows per
+// draft_forward(). The caller fills the row metadata (backend memory, [max_rows] each): rows (the
+// row of each committed position among the hidden states passed), tokens (its root: the token
+// that follows it), positions (its draft cache index and RoPE position), prefix (positions + 1),
+// slots. Rows of one call may repeat a row (same slot, position, inputs): it writes the same entry.
+struct DraftState {
+  KVLayout layout;
+  int max_rows = 0;
+  float *k_cache = nullptr, *v_cache = nullptr;
+  int32_t *rows = nullptr, *tokens = nullptr, *positions = nullptr, *prefix = nullptr, *slots = nullptr;
+  float *x = nullptr, *t = nullptr, *n = nullptr, *qkv = nullptr, *att = nullptr, *gu = nullptr, *act = nullptr;
+  float *cos = nullptr, *sin = nullptr;  // RoPE tables [layout.max_seq][head_dim / 2]
+  std::unique_ptr<WeightArena> arena;  // owns the buffers above
+};
+
 class MedusaHeads {
  public:
   // Reads and checks only the metadata (cheap): ModelFormatError / UnsupportedModelError.
@@ -88,6 +114,7 @@ class MedusaHeads {
   bool shared_lm_head() const { return meta_.shared_lm_head; }
   bool root_input() const { return meta_.root_input; }
   bool path_input() const { return meta_.path_input; }
+  bool draft_layer() const { return meta_.draft_layer; }
   int top_k() const { return top_k_; }
   size_t weight_bytes() const { return arena_.weight_bytes(); }
   int draft_vocab_size() const { return draft_ids_ ? proj_vocab_ : 0; }  ///< 0: the full vocabulary
@@ -101,6 +128,18 @@ class MedusaHeads {
   // the heads the plan's tree reads (a tree of depth d reads no head past d - 1) and writes the
   // candidates as the plan lays them out (backend memory, [plan.blocks][rows][plan.width]).
   void candidates(const float* hidden, const int32_t* roots, int rows, const HeadsPlan& plan, int32_t* out);
+
+  // Bytes of a draft layer's KV cache for `slots` sequences of max_seq positions.
+  static size_t draft_cache_bytes(const ModelConfig& base, int slots, int max_seq) {
+    return 2 * sizeof(float) * size_t(slots) * size_t(max_seq) * size_t(base.num_heads) * base.head_dim;
+  }
+  // Draft layer only: a draft KV cache for `slots` sequences of up to max_seq positions and the
+  // workspace for max_rows rows per call (allocates).
+  DraftState draft_state(int slots, int max_seq, int max_rows) const;
+  // Draft layer only: for `rows` committed positions described by st's row metadata (hidden: the
+  // base model's final hidden states the metadata's rows index), writes their keys and values
+  // into st's cache and their states z into st.x [rows, H] (what candidates() then reads).
+  void draft_forward(const float* hidden, int rows, DraftState& st);
 
  private:
   void run_blocks(int k, float* x, int rows, float* tmp);
@@ -118,6 +157,13 @@ class MedusaHeads {
   int hidden_ = 0, vocab_ = 0, max_rows_ = 0, top_k_ = 0;
   Matrix base_lm_head_, base_embed_;
   std::vector<Head> heads_;
+  struct Draft {
+    Matrix root, qkv, o, gate_up, down;
+    const float *norm1 = nullptr, *norm2 = nullptr;
+    int intermediate = 0, heads = 0, head_dim = 0;
+    float eps = 0;
+    double theta = 0;
+  } draft_;
   float *x_ = nullptr, *tmp_ = nullptr, *logits_ = nullptr, *root_emb_ = nullptr;
   Matrix draft_proj_;                // rows of the base lm_head for the draft vocabulary
   int32_t* draft_ids_ = nullptr;     // backend memory: draft index -> token id

@@ -36,6 +36,16 @@ MRT_HOST_DEVICE inline void tree_row(const TreeRowsArgs& a, int s, int i) {
   if (r == 0) a.extra_offsets[a.n * a.T] = a.n * per_seq;
 }
 
+// The draft cache's part of a step (heads with a draft layer): committed node j = 0..a (the root
+// node, then the a accepted ones) of a slot whose draft cache holds `held` positions goes to
+// position start + j - first for j >= first; nodes before `first` are not written. With held -1
+// (nothing usable: the heads did not run at an earlier commit) only the last node is, at 0, as
+// after a prompt. The cache then holds start + a + 1 - first positions.
+struct DraftSpan {
+  int first, start;
+};
+MRT_HOST_DEVICE inline DraftSpan draft_span(int held, int a) { return held < 0 ? DraftSpan{a, 0} : DraftSpan{0, held}; }
+
 // Greedy acceptance of sequence s (accept_greedy() in decoding/acceptance.h, the same rule),
 // the compaction list, the output block and the new length and root.
 MRT_HOST_DEVICE inline void accept_sequence(const AcceptArgs& a, int s) {
@@ -48,6 +58,8 @@ MRT_HOST_DEVICE inline void accept_sequence(const AcceptArgs& a, int s) {
     a.copy_src[s * D + j] = 0;
     a.copy_dst[s * D + j] = 0;
   }
+  const int E = D + 1;  // draft rows per sequence
+  if (a.draft_len) a.draft_rows[s * E] = base;
   int cur = 0, accepted = 0;
   while (true) {
     int next = -1;
@@ -63,10 +75,24 @@ MRT_HOST_DEVICE inline void accept_sequence(const AcceptArgs& a, int s) {
     a.copy_dst[s * D + accepted] = len + accepted + 1;
     ++accepted;
     cur = next;
+    if (a.draft_len) a.draft_rows[s * E + accepted] = base + next;
   }
   const int32_t bonus = a.argmax[base + cur];
   out[0] = accepted;
   out[1 + accepted] = bonus;
+  if (a.draft_len) {  // node j's root is the token after it: out[1 + j]
+    const DraftSpan sp = draft_span(a.draft_len[slot], accepted);
+    for (int j = 0; j < E; ++j) {  // ascending: entry jj <= accepted is read before it could change
+      const int jj = j < sp.first ? sp.first : j > accepted ? accepted : j;
+      const int r = s * E + j;
+      a.draft_rows[r] = a.draft_rows[s * E + jj];
+      a.draft_tokens[r] = out[1 + jj];
+      a.draft_positions[r] = sp.start + jj - sp.first;
+      a.draft_prefix[r] = sp.start + jj - sp.first + 1;
+      a.draft_slots[r] = slot;
+    }
+    a.draft_len[slot] = sp.start + accepted + 1 - sp.first;
+  }
   a.hidden_rows[s] = base + cur;
   a.lengths[slot] = len + accepted + 1;
   a.roots[slot] = bonus;

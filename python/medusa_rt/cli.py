@@ -102,7 +102,8 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
     cfg = TrainConfig(num_heads=args.heads, num_layers=args.layers, shared_lm_head=args.layout == "shared",
                       epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                       threads=args.threads, draft_coverage=args.draft_coverage, distill=args.distill,
-                      root_input=args.root_input, path_input=args.path_input and args.root_input)
+                      root_input=args.root_input, path_input=args.path_input and args.root_input,
+                      draft_layer=args.draft_layer, draft_intermediate=args.draft_intermediate)
     report = train_heads(args.model, args.work_dir, args.out, num_prompts=args.prompts,
                          max_new_tokens=args.max_new_tokens, dtype=args.dtype, batch=args.batch,
                          tree_nodes=args.tree_nodes, config=cfg, overwrite=args.overwrite, progress=not args.quiet)
@@ -169,13 +170,13 @@ def _measure_ranks(args: argparse.Namespace) -> "numpy.ndarray":
     engine = Engine(args.model, dtype=args.dtype, medusa_heads=args.medusa_heads, medusa_max_batch=0,
                     progress=not args.quiet)
     heads_path = Path(args.medusa_heads) if args.medusa_heads else engine.model_dir / "medusa_heads.safetensors"
-    heads = RuntimeHeads.load(heads_path, args.dtype)
+    heads = RuntimeHeads.load(heads_path, args.dtype, config=json.loads((engine.model_dir / "config.json").read_text()))
     feats = data.extract_hidden_states(engine, records, heads.num_heads, Path(args.answers).with_suffix(".features.npz"),
                                        progress=not args.quiet)
     lm_head = load_lm_head(engine.model_dir, args.dtype)
     embedding = load_embedding(engine.model_dir, args.dtype) if heads.roots is not None else None
     return rank_matrix(heads, feats.hidden, feats.labels, lm_head, args.top_k, roots=feats.roots,
-                       embedding=embedding)
+                       embedding=embedding, record=feats.record)
 
 
 def _cmd_eval_heads(args: argparse.Namespace) -> int:
@@ -331,6 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="heads also read the tokens of the tree path they extend (Hydra-style, on top of the "
                          "root input; heads format_version 3: every tree node with children gets its own "
                          "candidates; --no-path-input: format 2; --no-root-input turns both off)")
+    sp.add_argument("--draft-layer", action="store_true",
+                    help="a context-attending draft layer before the heads (one causal attention + MLP layer over "
+                         "the answer so far; heads format_version 4, needs the root input; training takes whole "
+                         "answers per step, --batch-size rows on average)")
+    sp.add_argument("--draft-intermediate", type=int, default=1536, help="the draft layer's MLP width")
     sp.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     sp.set_defaults(fn=_cmd_train_heads)
 

@@ -46,6 +46,13 @@ _ROOT_KEY = re.compile(r"^(\d+)\.root\.weight$")
 # Heads with a path input (train-heads --path-input): P_kj for the path's token at depth j = 1..k.
 _PATH_KEY = re.compile(r"^(\d+)\.path\.(\d+)\.weight$")
 
+# Heads with a draft layer (train-heads --draft-layer): draft.{name}.weight, shapes given hidden H
+# and the MLP width I (read from gate_up).
+_DRAFT_KEY = re.compile(r"^draft\.(root|qkv|o|gate_up|down|norm1|norm2)\.weight$")
+_DRAFT_SHAPES = {"root": lambda H, I: (H, H), "qkv": lambda H, I: (3 * H, H), "o": lambda H, I: (H, H),
+                 "gate_up": lambda H, I: (2 * I, H), "down": lambda H, I: (H, I), "norm1": lambda H, I: (H,),
+                 "norm2": lambda H, I: (H,)}
+
 TreeArg = Union[None, str, Sequence[Sequence[int]]]
 
 
@@ -122,7 +129,7 @@ def load_head_tensors(src: Union[str, os.PathLike]) -> Dict[str, np.ndarray]:
     out = {}
     for k, v in raw.items():
         k2 = k[len("medusa_head."):] if k.startswith("medusa_head.") else k
-        if _KEY.match(k2) or _ROOT_KEY.match(k2) or _PATH_KEY.match(k2):
+        if _KEY.match(k2) or _ROOT_KEY.match(k2) or _PATH_KEY.match(k2) or _DRAFT_KEY.match(k2):
             out[k2] = v
     if not out:
         raise ModelFormatError(f"{files[0]}: no Medusa head tensors ({{h}}.{{l}}.linear.weight ...) found")
@@ -228,7 +235,8 @@ def write_heads_file(
 ) -> int:
     """Writes heads given by name in the published layouts (``{h}.{l}.linear.weight`` / ``.bias``,
     optional ``{h}.{L}.weight``; ``{h}.root.weight`` for heads with a root input, written as
-    format_version 2; with ``{h}.path.{j}.weight`` (j = 1..h) for a path input, format_version 3)
+    format_version 2; with ``{h}.path.{j}.weight`` (j = 1..h) for a path input, format_version 3;
+    with ``draft.{root,qkv,o,gate_up,down,norm1,norm2}.weight`` a draft layer, format_version 4)
     as a runtime heads file at ``out`` (atomically), checking shapes
     against ``hidden`` / ``vocab``. ``draft_vocab`` (increasing token ids; shared lm_head only) is
     the sub-vocabulary the heads rank. Returns the file's size in bytes."""
@@ -238,9 +246,16 @@ def write_heads_file(
     if default_tree is not None:
         tree_meta = default_tree if isinstance(default_tree, str) else json.dumps(
             [[int(r) for r in p] for p in default_tree])
-    num_heads, num_layers, shared, root_input, path_input = _structure(tensors, where)
+    draft = {k[len("draft."):-len(".weight")]: v for k, v in tensors.items() if k.startswith("draft.")}
+    num_heads, num_layers, shared, root_input, path_input = _structure(
+        {k: v for k, v in tensors.items() if not k.startswith("draft.")}, where)
     if num_layers < 1:
         raise ModelFormatError(f"{where}: Medusa heads without residual blocks are not supported")
+    if draft:
+        if set(draft) != set(_DRAFT_SHAPES) or not root_input:
+            raise ModelFormatError(f"{where}: a draft layer needs draft.{{{','.join(_DRAFT_SHAPES)}}}.weight and "
+                                   f"heads with a root input; got draft.{sorted(draft)}")
+        width = int(np.shape(draft["gate_up"])[0]) // 2
 
     def check(name: str, shape: Tuple[int, ...]) -> np.ndarray:
         arr = tensors[name]
@@ -271,6 +286,10 @@ def write_heads_file(
         if not shared:
             add(f"medusa.{h}.lm_head.weight", check(f"{h}.{num_layers}.weight", (vocab, hidden)), dtype)
 
+    for name, shape in _DRAFT_SHAPES.items() if draft else ():
+        add(f"medusa.draft.{name}.weight", check(f"draft.{name}.weight", shape(hidden, width)),
+            "float32" if name.startswith("norm") else dtype)
+
     if draft_vocab is not None:
         ids = np.asarray(draft_vocab, dtype=np.int64)
         if not shared or ids.ndim != 1 or ids.size < 1 or ids.min() < 0 or ids.max() >= vocab or \
@@ -282,7 +301,7 @@ def write_heads_file(
 
     metadata = {
         "format": "medusa_rt_heads",
-        "format_version": "3" if path_input else "2" if root_input else "1",
+        "format_version": "4" if draft else "3" if path_input else "2" if root_input else "1",
         "num_heads": str(num_heads),
         "num_layers": str(num_layers),
         "shared_lm_head": "true" if shared else "false",
@@ -291,6 +310,8 @@ def write_heads_file(
         "default_tree": tree_meta,
         "source": source,
     }
+    if draft:  # format 4: the inputs are named, the draft layer's attention is the base model's shape
+        metadata.update(root_input="true", path_input="true" if path_input else "false", draft_layer="true")
     metadata.update(extra_metadata or {})
     tmp = out.with_name(out.name + ".tmp")
     try:
@@ -303,7 +324,8 @@ def write_heads_file(
         import sys
 
         print(f"[medusa_rt] wrote {num_heads} Medusa heads ({num_layers} block(s) each, "
-              f"{'shared' if shared else 'own'} lm_head{', path input' if path_input else ', root input' if root_input else ''}) "
+              f"{'shared' if shared else 'own'} lm_head{', path input' if path_input else ', root input' if root_input else ''}"
+              f"{', draft layer' if draft else ''}) "
               f"to {out}",
               file=sys.stderr)
     return size

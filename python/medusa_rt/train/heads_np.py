@@ -4,6 +4,8 @@
 head's own projection or the base model's lm_head. Heads with a root input start from
 ``x = h + R_k e`` instead, e the input embedding of the token the base model emits at the row;
 heads with a path input also add ``P_kj e_j`` for the tokens at depths j = 1..k of their path.
+Heads with a draft layer (format_version 4) read its output over the answer so far in place of h
+(:class:`DraftLayerNp`, the definition in ``medusa_rt.train.trainer``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -66,6 +68,72 @@ def _load_model_tensor(model_dir: Union[str, os.PathLike], dtype: str, lm_head: 
     raise ModelFormatError(f"{root}: tensor {name} not found in the model's safetensors files")
 
 
+def draft_shape(config: Dict[str, object]) -> Tuple[int, int, float, float]:
+    """(heads, head size, RoPE base, RMSNorm epsilon) of a draft layer for the base model whose
+    config.json is ``config``: the model's own attention shape, plain RoPE."""
+    heads = int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+    rope = config.get("rope")
+    theta = float(rope.get("theta", 10000.0)) if isinstance(rope, dict) else float(config.get("rope_theta", 10000.0))
+    return heads, head_dim, theta, float(config.get("rms_norm_eps", 1e-5))
+
+
+def _rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=-1, keepdims=True) + eps).astype(np.float32) * w
+
+
+@dataclass
+class DraftLayerNp:
+    """The draft layer of format-4 heads: ``u = h + R e(root)``, ``u += O attn(RoPE(Q, K), V)(norm1(u))``
+    causally over one answer from its row 0 (RoPE position = row), ``z = u + D (silu(G) * U)(norm2(u))``;
+    the base model's head count, head size, RoPE base and RMSNorm epsilon."""
+
+    root: np.ndarray
+    qkv: np.ndarray
+    o: np.ndarray
+    gate_up: np.ndarray
+    down: np.ndarray
+    norm1: np.ndarray
+    norm2: np.ndarray
+    heads: int
+    head_dim: int
+    theta: float
+    eps: float
+
+    def states(self, hidden: np.ndarray, root_emb: np.ndarray) -> np.ndarray:
+        """``[T, H]`` states of one answer's rows ``hidden`` ``[T, H]`` with their roots' embeddings."""
+        T, H = hidden.shape
+        nh, hd, half = self.heads, self.head_dim, self.head_dim // 2
+        x = np.asarray(hidden, np.float32) + root_emb @ self.root.T
+        qkv = (_rmsnorm(x, self.norm1, self.eps) @ self.qkv.T).reshape(T, 3, nh, hd)
+        inv = (1.0 / self.theta ** (np.arange(0, hd, 2, dtype=np.float32) / hd)).astype(np.float32)
+        ang = np.arange(T, dtype=np.float32)[:, None] * inv[None]
+        c, s_ = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+
+        def rope(v: np.ndarray) -> np.ndarray:
+            a, b = v[..., :half], v[..., half:]
+            return np.concatenate([a * c - b * s_, b * c + a * s_], -1)
+
+        q, k, v = rope(qkv[:, 0]), rope(qkv[:, 1]), qkv[:, 2]
+        scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd)
+        scores = np.where(np.tril(np.ones((T, T), bool))[None], scores, -np.inf)
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        x = x + np.einsum("hqk,khd->qhd", p, v).reshape(T, H) @ self.o.T
+        gu = _rmsnorm(x, self.norm2, self.eps) @ self.gate_up.T
+        g, u = np.split(gu, 2, axis=-1)
+        return x + (g / (1.0 + np.exp(-g)) * u) @ self.down.T
+
+    def states_by_answer(self, hidden: np.ndarray, root_emb: np.ndarray, record: np.ndarray) -> np.ndarray:
+        """:meth:`states` of every answer (rows of an answer consecutive, ``record`` its id per row)."""
+        out = np.empty(hidden.shape, dtype=np.float32)
+        record = np.asarray(record)
+        starts = np.flatnonzero(np.r_[True, record[1:] != record[:-1]]) if record.size else np.zeros(0, int)
+        for a, b in zip(starts, np.r_[starts[1:], record.size]):
+            out[a:b] = self.states(hidden[a:b], root_emb[a:b])
+        return out
+
+
 @dataclass
 class RuntimeHeads:
     blocks: List[List[tuple]]            # [head][layer] -> (weight [H, H], bias [H])
@@ -74,13 +142,17 @@ class RuntimeHeads:
     draft_vocab: Optional[np.ndarray] = None  # token ids the heads rank (None: all)
     roots: Optional[List[np.ndarray]] = None  # per-head R_k [H, H] (format_version >= 2), else None
     paths: Optional[List[List[np.ndarray]]] = None  # [head k][j - 1] P_kj [H, H] (format_version 3)
+    draft: Optional[DraftLayerNp] = None  # format_version 4
 
     @property
     def num_heads(self) -> int:
         return len(self.blocks)
 
     @staticmethod
-    def load(path: Union[str, os.PathLike], dtype: str = "fp32") -> "RuntimeHeads":
+    def load(path: Union[str, os.PathLike], dtype: str = "fp32",
+             config: Optional[Dict[str, object]] = None) -> "RuntimeHeads":
+        """Heads of a runtime heads file with matrices rounded to ``dtype``; ``config`` (the base
+        model's config.json) is needed for heads with a draft layer (its attention shape)."""
         with SafetensorsFile(path) as f:
             meta = dict(f.metadata)
             if meta.get("format") != "medusa_rt_heads":
@@ -92,11 +164,22 @@ class RuntimeHeads:
             proj = None if shared else [round_to(_f32(f, f"medusa.{k}.lm_head.weight"), dtype) for k in range(K)]
             draft = np.array(f.get("medusa.draft_vocab"), dtype=np.int64) if "medusa.draft_vocab" in f else None
             version = meta.get("format_version")
+            has_path = version == "3" or (version == "4" and meta.get("path_input") == "true")
             roots = [round_to(_f32(f, f"medusa.{k}.root.weight"), dtype) for k in range(K)] \
-                if version in ("2", "3") else None
+                if version in ("2", "3", "4") else None
             paths = [[round_to(_f32(f, f"medusa.{k}.path.{j}.weight"), dtype) for j in range(1, k + 1)]
-                     for k in range(K)] if version == "3" else None
-        return RuntimeHeads(blocks, proj, meta, draft, roots, paths)
+                     for k in range(K)] if has_path else None
+            layer = None
+            if version == "4":
+                if config is None:
+                    raise InvalidArgumentError(f"{path}: heads with a draft layer need the base model's config")
+                nh, hd, theta, eps = draft_shape(config)
+                w = {n: round_to(_f32(f, f"medusa.draft.{n}.weight"), dtype)
+                     for n in ("root", "qkv", "o", "gate_up", "down")}
+                layer = DraftLayerNp(**w, norm1=_f32(f, "medusa.draft.norm1.weight"),
+                                     norm2=_f32(f, "medusa.draft.norm2.weight"), heads=nh, head_dim=hd,
+                                     theta=theta, eps=eps)
+        return RuntimeHeads(blocks, proj, meta, draft, roots, paths, layer)
 
     def head_states(self, k: int, hidden: np.ndarray, root_emb: Optional[np.ndarray] = None,
                     path_emb: Optional[List[np.ndarray]] = None) -> np.ndarray:
@@ -137,16 +220,22 @@ class RuntimeHeads:
 
 def rank_matrix(heads: RuntimeHeads, hidden: np.ndarray, labels: np.ndarray, lm_head: np.ndarray,
                 k_top: int = 10, chunk: int = 1024, roots: Optional[np.ndarray] = None,
-                embedding: Optional[np.ndarray] = None) -> np.ndarray:
+                embedding: Optional[np.ndarray] = None, record: Optional[np.ndarray] = None) -> np.ndarray:
     """``ranks[row, k]``: the rank of the row's label among head k's candidates (0 = best), ``k_top``
     when it is not among the first ``k_top`` (or outside the draft vocabulary), -1 where the row has
     no label for head k (past the answer's end). Heads with a root input need the rows' ``roots``
     (token ids) and the base model's ``embedding`` table. Path-input heads read the true path (the
     labels of the heads before them): a rank given that the path so far is right, which is what
-    the acceptance of a tree path needs (see :func:`.tree_fit.fit_tree_empirical`)."""
+    the acceptance of a tree path needs (see :func:`.tree_fit.fit_tree_empirical`). Heads with a
+    draft layer read whole answers: ``record`` is each row's answer id (rows of an answer consecutive
+    from its row 0)."""
     K = heads.num_heads
     if heads.roots is not None and (roots is None or embedding is None):
         raise InvalidArgumentError("these heads have a root input: pass the rows' root tokens and the embedding table")
+    if heads.draft is not None:
+        if record is None:
+            raise InvalidArgumentError("these heads have a draft layer: pass the rows' answer ids (record)")
+        hidden = heads.draft.states_by_answer(hidden, embedding[roots], record)
     ranks = np.empty((hidden.shape[0], K), dtype=np.int64)
     for i in range(0, hidden.shape[0], chunk):
         emb = embedding[roots[i:i + chunk]] if heads.roots is not None else None
@@ -176,7 +265,8 @@ def table_from_ranks(ranks: np.ndarray, k_top: int = 10) -> np.ndarray:
 
 def accuracy_table(heads: RuntimeHeads, hidden: np.ndarray, labels: np.ndarray, lm_head: np.ndarray,
                    k_top: int = 10, chunk: int = 1024, roots: Optional[np.ndarray] = None,
-                   embedding: Optional[np.ndarray] = None) -> np.ndarray:
+                   embedding: Optional[np.ndarray] = None, record: Optional[np.ndarray] = None) -> np.ndarray:
     """``table[k][r]``: the fraction of rows (with a label for head k) whose label is head k's
     rank-r candidate (:func:`rank_matrix` summed per head; the same inputs)."""
-    return table_from_ranks(rank_matrix(heads, hidden, labels, lm_head, k_top, chunk, roots, embedding), k_top)
+    return table_from_ranks(rank_matrix(heads, hidden, labels, lm_head, k_top, chunk, roots, embedding, record),
+                            k_top)

@@ -50,7 +50,7 @@ def train_heads(
     vocabulary: cheaper training and heads, same output). Returns the report (also written to
     ``work_dir/report.json``)."""
     from ..engine import Engine
-    from .trainer import TrainConfig, Trainer
+    from .trainer import DraftShape, TrainConfig, Trainer
 
     cfg = config if config is not None else TrainConfig()
     cfg.validate()
@@ -90,13 +90,17 @@ def train_heads(
     lm_head = load_lm_head(engine.model_dir, dtype)
     draft = data.draft_vocabulary([records[i] for i in train_rec], cfg.draft_coverage) if cfg.shared_lm_head else None
     embedding = load_embedding(engine.model_dir, dtype) if cfg.root_input else None
-    trainer = Trainer(cfg, lm_head, work, progress=progress, draft_vocab=draft, embedding=embedding)
+    shape = DraftShape.from_config(json.loads((Path(engine.model_dir) / "config.json").read_text())) \
+        if cfg.draft_layer else None
+    trainer = Trainer(cfg, lm_head, work, progress=progress, draft_vocab=draft, embedding=embedding,
+                      draft_shape=shape)
     if trainer.try_resume():
         _say(progress, f"resuming from {trainer.checkpoint_path} at step {trainer.step}")
-    trainer.fit(feats.hidden[~is_val], feats.labels[~is_val], feats.roots[~is_val])
+    trainer.fit(feats.hidden[~is_val], feats.labels[~is_val], feats.roots[~is_val], feats.record[~is_val])
     t_train = time.time() - t0
     # 4. Held-out accuracy, tree, heads file.
-    metrics = trainer.evaluate(feats.hidden[is_val], feats.labels[is_val], top_k, roots=feats.roots[is_val])
+    metrics = trainer.evaluate(feats.hidden[is_val], feats.labels[is_val], top_k, roots=feats.roots[is_val],
+                               record=feats.record[is_val])
     table = metrics["table"]
     tree = tree_fit.fit_tree(table, tree_nodes)
     expected = tree_fit.expected_tokens_per_step(table, tree)

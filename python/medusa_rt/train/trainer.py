@@ -17,6 +17,15 @@ of the path being drafted, which matter only while that path is the true one):
 ``x = h + R_k e(root) + sum_j P_kj e(path_j)``, P_kj trained from zero. The tree then holds, for
 every node with children, its own candidates (heads format_version 3).
 
+With ``draft_layer`` (which needs ``root_input``) the heads read the hidden states through a
+context-attending draft layer first (Hydra++ / EAGLE-style; heads format_version 4): a causal
+transformer layer over the answer so far, ``u_t = h_t + R e(root_t)``, then attention (the base
+model's head count, head size and RoPE) and a SwiGLU MLP, each pre-normed and residual, give
+``z_t``, which the heads read in place of ``h_t``. Its keys and values at a position need only that
+position's hidden state and root token, so at inference a per-sequence cache of the committed
+positions serves it (the draft KV cache). Positions count from the prompt's last token (row 0 of
+an answer), as in the engine. Training then takes whole answers per step.
+
 With ``distill`` > 0 the targets are (partly) soft: head k at position t also learns the base
 model's own distribution for token t + 2 + k, i.e. the lm_head applied to the stored hidden state
 of position t + 1 + k (self-distillation, over the draft vocabulary when there is one).
@@ -35,6 +44,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..errors import InvalidArgumentError
+from .heads_np import draft_shape
 
 try:
     import torch
@@ -63,6 +73,8 @@ class TrainConfig:
     distill: float = 0.0        # weight of the base model's distribution as soft target (0: hard labels)
     root_input: bool = False    # heads also read the embedding of the root token (format_version 2)
     path_input: bool = False    # ... and of their tree path's tokens (format_version 3; needs root_input)
+    draft_layer: bool = False   # a context-attending draft layer before the heads (format_version 4)
+    draft_intermediate: int = 1536  # the draft layer's MLP width
 
     def validate(self) -> None:
         if self.num_heads < 1 or self.num_layers < 1:
@@ -77,6 +89,92 @@ class TrainConfig:
             raise InvalidArgumentError("distill must be in [0, 1]")
         if self.path_input and not self.root_input:
             raise InvalidArgumentError("path_input needs root_input (the path starts at the root)")
+        if self.draft_layer and not self.root_input:
+            raise InvalidArgumentError("draft_layer needs root_input (its keys read each position's root token)")
+        if self.draft_intermediate < 1:
+            raise InvalidArgumentError("draft_intermediate must be >= 1")
+
+
+@dataclass
+class DraftShape:
+    """What the draft layer takes from the base model: its attention head count and size, RoPE base
+    and RMSNorm epsilon (config.json of a runtime model directory)."""
+
+    heads: int
+    head_dim: int
+    rope_theta: float
+    eps: float
+
+    @staticmethod
+    def from_config(cfg: Dict[str, object]) -> "DraftShape":
+        return DraftShape(*draft_shape(cfg))
+
+
+def rope_tables(positions: int, head_dim: int, theta: float) -> tuple:
+    """cos, sin ``[positions, head_dim / 2]`` (the engine's rotate-half RoPE, fp32)."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    ang = torch.arange(positions, dtype=torch.float64)[:, None] * inv[None]
+    return ang.cos().float(), ang.sin().float()
+
+
+class DraftLayer(torch.nn.Module):
+    """The context-attending draft layer (see the module docstring): ``u = h + R e(root)``,
+    ``u += O attn(RoPE(Q, K), V)(norm1(u))`` causally over the answer, ``u += D (silu(G) * U)(norm2(u))``.
+    R, O and D start at zero, so before training it passes the hidden states through."""
+
+    def __init__(self, hidden: int, shape: DraftShape, intermediate: int) -> None:
+        super().__init__()
+        if shape.heads * shape.head_dim != hidden:
+            raise InvalidArgumentError(f"the draft layer needs heads x head_dim == hidden_size "
+                                       f"({shape.heads} x {shape.head_dim} != {hidden})")
+        self.shape, self.intermediate = shape, intermediate
+        lin = lambda i, o: torch.nn.Linear(i, o, bias=False)  # noqa: E731
+        self.root, self.qkv, self.o = lin(hidden, hidden), lin(hidden, 3 * hidden), lin(hidden, hidden)
+        self.gate_up, self.down = lin(hidden, 2 * intermediate), lin(intermediate, hidden)
+        self.norm1 = torch.nn.Parameter(torch.ones(hidden))
+        self.norm2 = torch.nn.Parameter(torch.ones(hidden))
+        for m in (self.root, self.o, self.down):
+            torch.nn.init.zeros_(m.weight)
+
+    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.shape.eps) * w
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        c, s = cos[None, :, None, :], sin[None, :, None, :]
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+
+    def forward(self, h: torch.Tensor, root_emb: torch.Tensor) -> torch.Tensor:
+        """``h`` ``[B, T, H]`` hidden states of B answers from their row 0 (padding after an answer's
+        end does not reach its rows: attention is causal), ``root_emb`` ``[B, T, H]`` the embeddings of
+        the rows' root tokens. Returns the states the heads read, ``[B, T, H]``."""
+        B, T, H = h.shape
+        nh, hd = self.shape.heads, self.shape.head_dim
+        cos, sin = rope_tables(T, hd, self.shape.rope_theta)
+        x = h + self.root(root_emb)
+        q, k, v = self.qkv(self._norm(x, self.norm1)).view(B, T, 3, nh, hd).unbind(2)
+        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        x = x + self.o(a.transpose(1, 2).reshape(B, T, H))
+        g, u = self.gate_up(self._norm(x, self.norm2)).chunk(2, -1)
+        return x + self.down(F.silu(g) * u)
+
+    def layout_tensors(self) -> Dict[str, np.ndarray]:
+        """By published name (``draft.{root,qkv,o,gate_up,down,norm1,norm2}.weight``)."""
+        t = {f"draft.{n}.weight": getattr(self, n).weight for n in ("root", "qkv", "o", "gate_up", "down")}
+        t.update({"draft.norm1.weight": self.norm1, "draft.norm2.weight": self.norm2})
+        return {k: v.detach().float().numpy().copy() for k, v in t.items()}
+
+
+def answer_spans(record: np.ndarray) -> np.ndarray:
+    """``[answers, 2]`` (start, end) of the runs of equal ``record`` ids (an answer's rows are
+    consecutive positions)."""
+    record = np.asarray(record)
+    if record.size == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, record[1:] != record[:-1]])
+    return np.stack([starts, np.r_[starts[1:], record.size]], 1)
 
 
 class MedusaHeads(torch.nn.Module):
@@ -85,8 +183,12 @@ class MedusaHeads(torch.nn.Module):
     path input."""
 
     def __init__(self, lm_head: torch.Tensor, num_heads: int, num_layers: int, shared: bool,
-                 embedding: Optional[torch.Tensor] = None, path_input: bool = False) -> None:
+                 embedding: Optional[torch.Tensor] = None, path_input: bool = False,
+                 draft: Optional[DraftLayer] = None) -> None:
         super().__init__()
+        if draft is not None and embedding is None:
+            raise InvalidArgumentError("a draft layer needs the embedding table (root input)")
+        self.draft = draft
         vocab, hidden = lm_head.shape
         self.blocks = torch.nn.ModuleList(
             torch.nn.ModuleList(torch.nn.Linear(hidden, hidden) for _ in range(num_layers)) for _ in range(num_heads))
@@ -120,6 +222,11 @@ class MedusaHeads(torch.nn.Module):
         """Embeddings of token ids, zero rows for -1 (a path past the answer's end)."""
         return self.embedding[tokens.clamp(min=0)] * (tokens >= 0).unsqueeze(-1).to(self.embedding.dtype)
 
+    def contextualize(self, h: torch.Tensor, roots: torch.Tensor) -> torch.Tensor:
+        """The draft layer over B padded answers (``h`` ``[B, T, H]``, ``roots`` ``[B, T]``, padding
+        roots any valid id); ``h`` itself without a draft layer."""
+        return h if self.draft is None else self.draft(h, self.embedding[roots])
+
     def states(self, h: torch.Tensor, roots: Optional[torch.Tensor] = None,
                path: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
         if self.root is not None and roots is None:
@@ -141,7 +248,8 @@ class MedusaHeads(torch.nn.Module):
 
     def forward(self, h: torch.Tensor, roots: Optional[torch.Tensor] = None,
                 path: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits ``[K, rows, vocab]``; ``roots`` ``[rows]`` token ids (root input only); ``path``
+        """Logits ``[K, rows, vocab]`` of the heads on ``h`` (with a draft layer: its output, see
+        :meth:`contextualize`); ``roots`` ``[rows]`` token ids (root input only); ``path``
         ``[rows, >= K - 1]`` the tokens at depths 1.. of the path (path input only: in training the
         true continuation, i.e. the rows' labels, -1 past the end)."""
         z = self.states(h, roots, path)
@@ -151,8 +259,9 @@ class MedusaHeads(torch.nn.Module):
 
     def layout_tensors(self) -> Dict[str, np.ndarray]:
         """The heads by their published names (``{h}.{l}.linear.*``, ``{h}.{L}.weight``, and
-        ``{h}.root.weight`` for a root input, ``{h}.path.{j}.weight`` for a path input)."""
-        t: Dict[str, np.ndarray] = {}
+        ``{h}.root.weight`` for a root input, ``{h}.path.{j}.weight`` for a path input, ``draft.*`` for a
+        draft layer)."""
+        t: Dict[str, np.ndarray] = {} if self.draft is None else self.draft.layout_tensors()
         for k, head in enumerate(self.blocks):
             if self.root is not None:
                 t[f"{k}.root.weight"] = self.root[k].weight.detach().float().numpy().copy()
@@ -256,14 +365,18 @@ class Trainer:
     """Trains heads on feature rows with checkpoints in ``work_dir`` (resumable)."""
 
     def __init__(self, cfg: TrainConfig, lm_head: np.ndarray, work_dir: Path, progress: bool = True,
-                 draft_vocab: Optional[np.ndarray] = None, embedding: Optional[np.ndarray] = None) -> None:
+                 draft_vocab: Optional[np.ndarray] = None, embedding: Optional[np.ndarray] = None,
+                 draft_shape: Optional[DraftShape] = None) -> None:
         """``draft_vocab`` (shared lm_head only): token ids the heads are trained to rank among
         (the softmax runs over those rows of the lm_head: the same ranking the engine does with
         a draft vocabulary, at a fraction of the cost). ``embedding``: the base model's token
-        embedding table, needed with ``cfg.root_input``."""
+        embedding table, needed with ``cfg.root_input``. ``draft_shape``: the base model's
+        attention shape (:meth:`DraftShape.from_config`), needed with ``cfg.draft_layer``."""
         cfg.validate()
         if cfg.root_input and embedding is None:
             raise InvalidArgumentError("root_input heads need the base model's embedding table")
+        if cfg.draft_layer and draft_shape is None:
+            raise InvalidArgumentError("draft_layer training needs the base model's attention shape (draft_shape)")
         self.cfg, self.work_dir, self.progress = cfg, Path(work_dir), progress
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
@@ -278,8 +391,9 @@ class Trainer:
             self.label_map[self.draft_vocab] = np.arange(self.draft_vocab.size)
             proj = np.ascontiguousarray(proj[self.draft_vocab])
         emb = torch.from_numpy(np.array(embedding, dtype=np.float32)) if cfg.root_input else None
+        draft = DraftLayer(proj.shape[1], draft_shape, cfg.draft_intermediate) if cfg.draft_layer else None
         self.model = MedusaHeads(torch.from_numpy(proj), cfg.num_heads, cfg.num_layers, cfg.shared_lm_head, emb,
-                                 cfg.path_input)
+                                 cfg.path_input, draft)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
@@ -305,7 +419,7 @@ class Trainer:
         mine = asdict(self.cfg)
         theirs = ck["config"]
         keys = ("num_heads", "num_layers", "shared_lm_head", "epochs", "lr", "batch_size", "decay", "warmup", "seed",
-                "draft_coverage", "distill", "root_input", "path_input")
+                "draft_coverage", "distill", "root_input", "path_input", "draft_layer", "draft_intermediate")
         diff = [k for k in keys if mine[k] != theirs.get(k, TrainConfig.__dataclass_fields__[k].default)]
         mine_vocab = None if self.draft_vocab is None else self.draft_vocab.tolist()
         if ck.get("draft_vocab") != mine_vocab:
@@ -332,18 +446,54 @@ class Trainer:
         teacher = torch.softmax(h @ self.model.lm_head.T, -1).view(K, idx.size, -1)
         return teacher, torch.from_numpy(raw_labels >= 0)
 
-    def fit(self, hidden: np.ndarray, labels: np.ndarray, roots: Optional[np.ndarray] = None) -> None:
+    def _context(self, hidden: np.ndarray, roots: np.ndarray, spans: np.ndarray) -> torch.Tensor:
+        """The draft layer's output for the answers ``spans`` (rows [start, end) each), as rows in
+        the order of the spans' rows."""
+        lens = spans[:, 1] - spans[:, 0]
+        T = int(lens.max())
+        h = np.zeros((len(spans), T, hidden.shape[1]), dtype=np.float32)
+        r = np.zeros((len(spans), T), dtype=np.int64)
+        for i, (a, b) in enumerate(spans):
+            h[i, :b - a] = hidden[a:b]
+            r[i, :b - a] = roots[a:b]
+        mask = torch.from_numpy(np.arange(T)[None, :] < lens[:, None])
+        return self.model.contextualize(torch.from_numpy(h), torch.from_numpy(r))[mask]
+
+    @torch.no_grad()
+    def draft_states(self, hidden: np.ndarray, roots: np.ndarray, record: np.ndarray,
+                     answers_per_batch: int = 16) -> np.ndarray:
+        """What the heads read for every row: the draft layer's output over each answer (rows of an
+        answer consecutive, ``record`` its id per row); ``hidden`` itself without a draft layer."""
+        if self.model.draft is None:
+            return hidden
+        self.model.eval()
+        spans = answer_spans(record)
+        out = np.empty((hidden.shape[0], hidden.shape[1]), dtype=np.float32)
+        for i in range(0, len(spans), answers_per_batch):
+            sp = spans[i:i + answers_per_batch]
+            out[sp[0, 0]:sp[-1, 1]] = self._context(hidden, roots, sp).numpy()
+        return out
+
+    def fit(self, hidden: np.ndarray, labels: np.ndarray, roots: Optional[np.ndarray] = None,
+            record: Optional[np.ndarray] = None) -> None:
         """Trains on all rows for cfg.epochs (continuing from self.step). The rows of an answer must
         be consecutive positions (as :func:`.data.extract_hidden_states` stores them) when
         cfg.distill > 0: the teacher of head k at a row is the row 1 + k further on. ``roots``
-        (the rows' root tokens) is needed with cfg.root_input."""
+        (the rows' root tokens) is needed with cfg.root_input. With cfg.draft_layer each step takes
+        whole answers (``record``: the answer id of each row, rows of an answer consecutive from its
+        row 0), about cfg.batch_size rows."""
         cfg = self.cfg
         if cfg.root_input and roots is None:
             raise InvalidArgumentError("root_input training needs the rows' root tokens")
+        if cfg.draft_layer and (record is None or len(record) != hidden.shape[0]):
+            raise InvalidArgumentError("draft_layer training needs each row's answer id (record)")
         n = hidden.shape[0]
         if n == 0:
             raise InvalidArgumentError("no training rows")
-        per_epoch = max(1, math.ceil(n / cfg.batch_size))
+        spans = answer_spans(record) if cfg.draft_layer else None
+        units = n if spans is None else len(spans)  # what an epoch permutes: rows, or answers
+        per_step = cfg.batch_size if spans is None else max(1, round(cfg.batch_size * len(spans) / n))
+        per_epoch = max(1, math.ceil(units / per_step))
         total = max(1, int(round(cfg.epochs * per_epoch)))
         t0 = time.time()
         start = self.step
@@ -352,12 +502,18 @@ class Trainer:
         self.model.train()
         while self.step < total:
             epoch, i = divmod(self.step, per_epoch)
-            perm = np.random.default_rng(cfg.seed + epoch).permutation(n)
-            idx = np.sort(perm[i * cfg.batch_size:(i + 1) * cfg.batch_size])
-            h = torch.from_numpy(hidden[idx].astype(np.float32))
-            y = torch.from_numpy(_map_labels(labels[idx], self.label_map))
+            perm = np.random.default_rng(cfg.seed + epoch).permutation(units)
+            chosen = np.sort(perm[i * per_step:(i + 1) * per_step])
             for g in self.opt.param_groups:
                 g["lr"] = lr_at(self.step, total, cfg)
+            if spans is None:
+                idx = chosen
+                h = torch.from_numpy(hidden[idx].astype(np.float32))
+            else:
+                sp = spans[chosen]
+                idx = np.concatenate([np.arange(a, b) for a, b in sp])
+                h = self._context(hidden, roots, sp)
+            y = torch.from_numpy(_map_labels(labels[idx], self.label_map))
             logits = self.model(h, _rows(roots, idx) if cfg.root_input else None, _path(self.model, labels[idx]))
             teacher = valid = None
             if cfg.distill > 0:
@@ -392,8 +548,13 @@ class Trainer:
         self.model.eval()
 
     def evaluate(self, hidden: np.ndarray, labels: np.ndarray, top_k: int = 10,
-                 roots: Optional[np.ndarray] = None) -> Dict[str, object]:
-        """Held-out metrics (see :func:`evaluate`), over the draft vocabulary if there is one."""
+                 roots: Optional[np.ndarray] = None, record: Optional[np.ndarray] = None) -> Dict[str, object]:
+        """Held-out metrics (see :func:`evaluate`), over the draft vocabulary if there is one; with a
+        draft layer the rows are whole answers (``record`` as in :meth:`fit`)."""
+        if self.cfg.draft_layer:
+            if record is None or len(record) != hidden.shape[0]:
+                raise InvalidArgumentError("heads with a draft layer are evaluated on whole answers: pass record")
+            hidden = self.draft_states(hidden, roots, record)
         self.model.eval()
         return evaluate(self.model, hidden, labels, top_k, label_map=self.label_map,
                         roots=roots if self.cfg.root_input else None)
