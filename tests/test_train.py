@@ -449,3 +449,18 @@ def test_train_heads_with_a_draft_layer(tiny):
     for s in seqs[:2]:
         r = e2.generate(s[:8], max_new_tokens=24)
         assert r.tokens == e2.generate(s[:8], max_new_tokens=24, medusa=False).tokens
+
+
+def test_head_loss_without_labels_still_backpropagates():
+    """A batch with no label for some or all heads (whole answers shorter than the heads reach,
+    as draft-layer training takes them) gives a zero loss that backpropagates (zero gradients)."""
+    from medusa_rt.train.trainer import head_loss
+
+    logits = torch.randn(2, 3, 5, requires_grad=True)
+    loss, per = head_loss(logits, torch.full((3, 2), -1), 0.8)
+    loss.backward()
+    assert float(loss) == 0 and per == [0.0, 0.0] and not logits.grad.any()
+    logits.grad = None
+    loss, per = head_loss(logits, torch.tensor([[1, -1], [2, -1], [-1, -1]]), 0.8)
+    loss.backward()
+    assert per[0] > 0 and per[1] == 0 and logits.grad[0].any() and not logits.grad[1].any()

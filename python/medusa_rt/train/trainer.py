@@ -293,7 +293,9 @@ def head_loss(logits: torch.Tensor, labels: torch.Tensor, decay: float, teacher:
     per = []
     for k in range(logits.shape[0]):
         y = labels[:, k]
-        hard = F.cross_entropy(logits[k], y, ignore_index=-1) if (y >= 0).any() else logits.new_zeros(())
+        # No label for this head in the batch (e.g. whole answers shorter than k + 2 tokens): a zero
+        # that keeps the graph, so that a batch without any label still backpropagates (nothing).
+        hard = F.cross_entropy(logits[k], y, ignore_index=-1) if (y >= 0).any() else logits[k].sum() * 0.0
         if teacher is not None and distill > 0 and valid is not None and bool(valid[:, k].any()):
             m = valid[:, k]
             soft = F.cross_entropy(logits[k][m], teacher[k][m])
