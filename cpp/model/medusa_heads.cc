@@ -214,8 +214,13 @@ MedusaHeads::MedusaHeads(const std::string& file, const ModelConfig& base, DType
     draft_.head_dim = base.head_dim;
     draft_.eps = static_cast<float>(base.rms_norm_eps);
     draft_.theta = base.rope.theta;
-  } else if (f.tensors().count("medusa.draft.qkv.weight")) {
-    throw ModelFormatError(file + ": medusa.draft.* tensors need format_version 4 (heads with a draft layer)");
+  } else {
+    for (const auto& t : f.tensors()) {
+      if (t.first.rfind("medusa.draft.", 0) == 0) {
+        throw ModelFormatError(file + ": " + t.first + " and the other medusa.draft.* tensors need format_version 4 "
+                               "(heads with a draft layer)");
+      }
+    }
   }
   proj_vocab_ = vocab_;
   auto dv = f.tensors().find("medusa.draft_vocab");

@@ -78,6 +78,16 @@ def draft_shape(config: Dict[str, object]) -> Tuple[int, int, float, float]:
     return heads, head_dim, theta, float(config.get("rms_norm_eps", 1e-5))
 
 
+def answer_spans(record: np.ndarray) -> np.ndarray:
+    """``[answers, 2]`` (start, end) of the runs of equal ``record`` ids (an answer's rows are
+    consecutive positions)."""
+    record = np.asarray(record)
+    if record.size == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, record[1:] != record[:-1]])
+    return np.stack([starts, np.r_[starts[1:], record.size]], 1)
+
+
 def _rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=-1, keepdims=True) + eps).astype(np.float32) * w
 
@@ -127,9 +137,7 @@ class DraftLayerNp:
     def states_by_answer(self, hidden: np.ndarray, root_emb: np.ndarray, record: np.ndarray) -> np.ndarray:
         """:meth:`states` of every answer (rows of an answer consecutive, ``record`` its id per row)."""
         out = np.empty(hidden.shape, dtype=np.float32)
-        record = np.asarray(record)
-        starts = np.flatnonzero(np.r_[True, record[1:] != record[:-1]]) if record.size else np.zeros(0, int)
-        for a, b in zip(starts, np.r_[starts[1:], record.size]):
+        for a, b in answer_spans(record):
             out[a:b] = self.states(hidden[a:b], root_emb[a:b])
         return out
 

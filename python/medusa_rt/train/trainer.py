@@ -44,7 +44,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..errors import InvalidArgumentError
-from .heads_np import draft_shape
+from .heads_np import answer_spans, draft_shape
 
 try:
     import torch
@@ -165,16 +165,6 @@ class DraftLayer(torch.nn.Module):
         t = {f"draft.{n}.weight": getattr(self, n).weight for n in ("root", "qkv", "o", "gate_up", "down")}
         t.update({"draft.norm1.weight": self.norm1, "draft.norm2.weight": self.norm2})
         return {k: v.detach().float().numpy().copy() for k, v in t.items()}
-
-
-def answer_spans(record: np.ndarray) -> np.ndarray:
-    """``[answers, 2]`` (start, end) of the runs of equal ``record`` ids (an answer's rows are
-    consecutive positions)."""
-    record = np.asarray(record)
-    if record.size == 0:
-        return np.zeros((0, 2), dtype=np.int64)
-    starts = np.flatnonzero(np.r_[True, record[1:] != record[:-1]])
-    return np.stack([starts, np.r_[starts[1:], record.size]], 1)
 
 
 class MedusaHeads(torch.nn.Module):
