@@ -48,14 +48,13 @@ size_t LlamaModel::workspace_bytes_for(const ModelConfig& c, const ModelLimits& 
          4 * size_t(lim.max_seq) * hd /* rope */ + 4 * size_t(lim.max_rows) * (9 + lim.max_tree_depth);
 }
 
-void LlamaModel::build_rope_tables() {
+void rope_tables(const RopeConfig& r, int head_dim, int positions, std::vector<float>& c, std::vector<float>& s) {
   // Mirrors transformers' rope initialisation in fp32: inv_freq = 1 / theta^(2i/d), scaled per
   // rope type, angle = float(pos) * inv_freq.
-  const int d = cfg_.head_dim, half = d / 2;
+  const int d = head_dim, half = d / 2;
   std::vector<float> inv(half);
-  const float theta = static_cast<float>(cfg_.rope.theta);
+  const float theta = static_cast<float>(r.theta);
   for (int i = 0; i < half; ++i) inv[i] = 1.0f / std::pow(theta, static_cast<float>(2 * i) / static_cast<float>(d));
-  const RopeConfig& r = cfg_.rope;
   if (r.type == RopeConfig::Type::kLinear) {
     for (float& f : inv) f /= static_cast<float>(r.factor);
   } else if (r.type == RopeConfig::Type::kLlama3) {
@@ -72,14 +71,20 @@ void LlamaModel::build_rope_tables() {
       f = scaled;
     }
   }
-  std::vector<float> c(size_t(lim_.max_seq) * half), s(size_t(lim_.max_seq) * half);
-  for (int p = 0; p < lim_.max_seq; ++p) {
+  c.assign(size_t(positions) * half, 0.0f);
+  s.assign(size_t(positions) * half, 0.0f);
+  for (int p = 0; p < positions; ++p) {
     for (int i = 0; i < half; ++i) {
       const float a = static_cast<float>(p) * inv[i];
       c[size_t(p) * half + i] = std::cos(a);
       s[size_t(p) * half + i] = std::sin(a);
     }
   }
+}
+
+void LlamaModel::build_rope_tables() {
+  std::vector<float> c, s;
+  rope_tables(cfg_.rope, cfg_.head_dim, lim_.max_seq, c, s);
   rope_cos_ = alloc<float>(c.size(), "rope tables");
   rope_sin_ = alloc<float>(s.size(), "rope tables");
   be_.copy_to_device(rope_cos_, c.data(), c.size() * sizeof(float));

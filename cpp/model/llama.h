@@ -32,6 +32,11 @@ struct ModelLimits {
   int max_tree_depth = 0;  // deepest tree a forward carries (rows see at most depth + 1 tree keys)
 };
 
+// RoPE tables cos, sin [positions][head_dim / 2] (fp32, host) for a rope configuration, as
+// transformers initialises them (scaled per rope type).
+void rope_tables(const RopeConfig& rope, int head_dim, int positions, std::vector<float>& cos,
+                 std::vector<float>& sin);
+
 class LlamaModel {
  public:
   // Bytes this model will allocate for the given options (for the memory check before loading).

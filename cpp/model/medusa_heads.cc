@@ -1,12 +1,12 @@
 #include "model/medusa_heads.h"
 
-#include <cmath>
 #include <cstdlib>
 #include <cstring>
 
 #include "core/json.h"
 #include "core/safetensors.h"
 #include "medusa_rt/errors.h"
+#include "model/llama.h"
 
 namespace medusa_rt {
 namespace {
@@ -393,20 +393,11 @@ DraftState MedusaHeads::draft_state(int slots, int max_seq, int max_rows) const 
   st.qkv = fbuf(R * 3 * H, "Medusa draft workspace");
   st.gu = fbuf(R * 2 * draft_.intermediate, "Medusa draft workspace");
   st.act = fbuf(R * draft_.intermediate, "Medusa draft workspace");
-  // Plain RoPE with the base model's theta, as the engine's model builds it (fp32).
-  const int half = draft_.head_dim / 2;
-  std::vector<float> inv(half), c(size_t(max_seq) * half), s(size_t(max_seq) * half);
-  const float theta = static_cast<float>(draft_.theta);
-  for (int i = 0; i < half; ++i) {
-    inv[i] = 1.0f / std::pow(theta, static_cast<float>(2 * i) / static_cast<float>(draft_.head_dim));
-  }
-  for (int p = 0; p < max_seq; ++p) {
-    for (int i = 0; i < half; ++i) {
-      const float ang = static_cast<float>(p) * inv[i];
-      c[size_t(p) * half + i] = std::cos(ang);
-      s[size_t(p) * half + i] = std::sin(ang);
-    }
-  }
+  // Plain RoPE with the base model's theta (its scaling, if any, does not apply).
+  RopeConfig plain;
+  plain.theta = draft_.theta;
+  std::vector<float> c, s;
+  rope_tables(plain, draft_.head_dim, max_seq, c, s);
   st.cos = fbuf(c.size(), "Medusa draft RoPE tables");
   st.sin = fbuf(s.size(), "Medusa draft RoPE tables");
   be_.copy_to_device(st.cos, c.data(), sizeof(float) * c.size());
