@@ -231,6 +231,11 @@ def test_typical_acceptance(engine, setup):
             s.generate(p, acceptance="typical", posterior_threshold=0.0)
         with pytest.raises(InvalidArgumentError, match="acceptance must be"):
             s.generate(p, acceptance="sampling")
+        # Options greedy acceptance does not use are still checked, not dropped silently.
+        for bad in (dict(temperature=-1.0), dict(temperature=float("nan")), dict(temperature=0.0),
+                    dict(posterior_alpha=1.5), dict(posterior_threshold=-0.1)):
+            with pytest.raises(InvalidArgumentError, match=next(iter(bad))):
+                s.generate(p, max_new_tokens=2, **bad)
 
 
 def test_medusa_flags(tmp_path, setup):
