@@ -231,11 +231,13 @@ def test_typical_acceptance(engine, setup):
             s.generate(p, acceptance="typical", posterior_threshold=0.0)
         with pytest.raises(InvalidArgumentError, match="acceptance must be"):
             s.generate(p, acceptance="sampling")
-        # Options greedy acceptance does not use are still checked, not dropped silently.
-        for bad in (dict(temperature=-1.0), dict(temperature=float("nan")), dict(temperature=0.0),
-                    dict(posterior_alpha=1.5), dict(posterior_threshold=-0.1)):
+        # Options greedy acceptance does not use are still checked, not dropped silently
+        # (temperature 0 means greedy: fine with greedy acceptance, not with typical).
+        for bad in (dict(temperature=-1.0), dict(temperature=float("nan")), dict(posterior_alpha=1.5),
+                    dict(posterior_threshold=-0.1), dict(temperature=0.0, acceptance="typical")):
             with pytest.raises(InvalidArgumentError, match=next(iter(bad))):
                 s.generate(p, max_new_tokens=2, **bad)
+        assert s.generate(p, max_new_tokens=8, ignore_eos=True, temperature=0.0).tokens == plain.tokens[:8]
 
 
 def test_medusa_flags(tmp_path, setup):

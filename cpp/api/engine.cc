@@ -595,15 +595,18 @@ void validate_request(const Engine::Impl& e, const std::vector<int32_t>& prompt,
     throw InvalidArgumentError("max_new_tokens must be >= 0, got " + std::to_string(config.max_new_tokens));
   }
   // Checked whatever the acceptance mode: greedy ignores them, but a bad value is a caller's
-  // mistake to report, not to drop silently.
+  // mistake to report, not to drop silently. Temperature 0 is greedy's own (and only greedy's).
   if (!(config.posterior_threshold > 0.f && config.posterior_threshold <= 1.f)) {
     throw InvalidArgumentError("posterior_threshold must be in (0, 1], got " + std::to_string(config.posterior_threshold));
   }
   if (!(config.posterior_alpha > 0.f && config.posterior_alpha <= 1.f)) {
     throw InvalidArgumentError("posterior_alpha must be in (0, 1], got " + std::to_string(config.posterior_alpha));
   }
-  if (!(config.temperature > 0.f && std::isfinite(config.temperature))) {
-    throw InvalidArgumentError("temperature must be a finite number > 0, got " + std::to_string(config.temperature));
+  if (!(config.temperature >= 0.f && std::isfinite(config.temperature))) {
+    throw InvalidArgumentError("temperature must be a finite number >= 0, got " + std::to_string(config.temperature));
+  }
+  if (config.acceptance == Acceptance::kTypical && !(config.temperature > 0.f)) {
+    throw InvalidArgumentError("temperature must be > 0 for typical acceptance, got " + std::to_string(config.temperature));
   }
   e.validate_tokens(prompt, "prompt");
   e.validate_tokens(config.stop_token_ids, "stop");

@@ -144,7 +144,7 @@ struct GenerationConfig {
   Acceptance acceptance = Acceptance::kGreedy;
   /// Typical acceptance: accept when p > min(posterior_threshold, posterior_alpha * exp(-entropy)),
   /// p from softmax(logits / temperature). Greedy acceptance does not use them, but they are
-  /// checked in every mode: thresholds in (0, 1], temperature finite and > 0.
+  /// checked in every mode: thresholds in (0, 1], temperature finite and >= 0 (> 0 for typical).
   float posterior_threshold = 0.09f;
   float posterior_alpha = 0.3f;
   float temperature = 1.0f;
