@@ -306,13 +306,15 @@ class Session:
             acceptance: ``"greedy"`` (output identical to plain greedy decoding) or
                 ``"typical"`` (Medusa's typical acceptance: accept a speculative token when its
                 probability exceeds min(posterior_threshold, posterior_alpha * exp(-entropy)),
-                probabilities from softmax(logits / temperature)).
+                probabilities from softmax(logits / temperature)). The typical parameters are
+                checked whatever the mode: thresholds in (0, 1], temperature finite and >= 0
+                (> 0 for typical; 0 means greedy).
             prompt_lookup: use the engine's prompt lookup (``Engine(prompt_lookup=N)``) for
                 this request (with or without heads; not with ``medusa=False``).
 
         Raises:
             InvalidArgumentError: bad prompt or options (empty prompt, token id out of range,
-                negative max_new_tokens, ...).
+                negative max_new_tokens, negative or NaN temperature, ...).
             CapacityError: the prompt does not fit in max_seq_len.
         """
         ids, config = self._prepare(prompt, max_new_tokens, stop, chat, ignore_eos, medusa, acceptance,
