@@ -370,7 +370,7 @@ def _lossless_steps(engine, n=40):
             yield hidden[pos - 1:pos], seq[pos], tree_tokens
 
 
-def _batch_fused_and_host(d, tree):
+def _batch_fused_and_host(d, tree, heads_file=None):
     """Greedy Medusa on 3 unseen prompts in one batch, with the fused step and with the host step:
     asserts both give the same tokens and acceptance; returns [(tokens, accepted per head)]."""
     import os
@@ -379,7 +379,8 @@ def _batch_fused_and_host(d, tree):
     for fused in ("1", "0"):
         os.environ["MEDUSA_RT_FUSED_STEP"] = fused
         try:
-            e = medusa_rt.Engine(d, dtype="fp32", max_seq_len=256, max_batch_size=3, tree=tree, medusa_max_batch=16)
+            e = medusa_rt.Engine(d, dtype="fp32", max_seq_len=256, max_batch_size=3, tree=tree, medusa_max_batch=16,
+                                 medusa_heads=heads_file)
             stats[fused] = [(r.tokens, r.stats.accepted_per_head)
                             for r in e.generate_batch(_unseen(3), max_new_tokens=30, ignore_eos=True)]
         finally:
@@ -449,8 +450,8 @@ def test_root_input_file_errors(setup, tmp_path):
         medusa_rt.Engine(d, medusa_heads=rewrite(version="3"), medusa_max_batch=16)
     with pytest.raises(ModelFormatError, match="metadata 'draft_layer' missing"):
         medusa_rt.Engine(d, medusa_heads=rewrite(version="4"), medusa_max_batch=16)
-    with pytest.raises(medusa_rt.errors.UnsupportedModelError, match="format_version 5"):
-        medusa_rt.Engine(d, medusa_heads=rewrite(version="5"), medusa_max_batch=16)
+    with pytest.raises(medusa_rt.errors.UnsupportedModelError, match="format_version 6"):
+        medusa_rt.Engine(d, medusa_heads=rewrite(version="6"), medusa_max_batch=16)
 
 
 def _path_heads(setup, scale=0.5, seed=5):
@@ -506,6 +507,121 @@ def test_heads_with_a_path_input(setup, tmp_path):
     assert [r.tokens for r in alone] == [t for t, _ in batch]
 
 
+def _drafted_parents(nodes, tree_tokens, emb, max_depth=3):
+    """The tree's nodes with children (above max_depth) as (depth, [(child, its token)], path
+    input): the embeddings of the node's path as the engine drafted it, zero rows for the heads
+    past its depth (their candidates are not compared)."""
+    import numpy as np
+
+    tok = dict(zip(nodes, tree_tokens))
+    for parent in (n for n in nodes if len(n) < max_depth):
+        children = [c for c in nodes if len(c) == len(parent) + 1 and c[:-1] == parent]
+        if children:
+            depth = len(parent)
+            path = [emb[[tok[parent[:j]]]] for j in range(1, depth + 1)]
+            yield depth, [(c, tok[c]) for c in children], path + [np.zeros_like(emb[:1])] * (max_depth - depth)
+
+
+def _fused_heads(setup, scale=0.1, seed=9):
+    """Path-input heads plus a random fusion weight F_0 for feature layer 1 (published names)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {k: v.float().numpy() for k, v in _path_heads(setup).items()}
+    state["fuse.0.weight"] = (torch.randn(96, 96, generator=g) * scale).numpy()
+    return state
+
+
+def test_heads_with_feature_layers(setup, tmp_path):
+    """Heads that also read a base-model layer's output (format_version 5): the engine's
+    candidates are an independent NumPy evaluation of the path-input heads on h + F rmsnorm(x_1),
+    x_1 the residual stream after decoder layer 1 at the root's position; lossless; the fused and
+    the host step agree."""
+    import json
+
+    import numpy as np
+
+    from medusa_rt.export.medusa_heads import write_heads_file
+    from medusa_rt.export.safetensors_io import SafetensorsFile
+    from medusa_rt.train.heads_np import RuntimeHeads, load_embedding, load_lm_head
+
+    d = setup["base"]
+    cfg = json.loads((d / "config.json").read_text())
+    heads_file = tmp_path / "fused.safetensors"
+    with pytest.raises(ModelFormatError, match="feature layers need fuse"):
+        write_heads_file(_fused_heads(setup), heads_file, hidden=96, vocab=cfg["vocab_size"], dtype="float32")
+    write_heads_file(_fused_heads(setup), heads_file, hidden=96, vocab=cfg["vocab_size"], dtype="float32",
+                     feature_layers=[1])
+    with SafetensorsFile(heads_file) as f:
+        assert f.metadata["format_version"] == "5" and json.loads(f.metadata["feature_layers"]) == [1]
+    tree = [[0], [1], [0, 0], [1, 0], [0, 0, 0]]
+    nodes = [()] + sorted(map(tuple, tree), key=lambda p: (len(p), p))
+    engine = medusa_rt.Engine(d, dtype="fp32", max_seq_len=256, tree=tree, medusa_heads=heads_file,
+                              medusa_max_batch=16, prompt_lookup=0)
+    heads = RuntimeHeads.load(heads_file, config=cfg)
+    assert heads.feature_layers == (1,) and heads.paths is not None
+    unfused = RuntimeHeads(heads.blocks, None, heads.metadata, heads.draft_vocab, heads.roots, heads.paths)
+    lm, emb = load_lm_head(d), load_embedding(d)
+    checked = differs = 0
+    for p in _unseen(3):
+        tokens, steps = _record_steps(engine, p, 30)
+        assert tokens == engine.generate(p, max_new_tokens=30, ignore_eos=True, medusa=False).tokens
+        seq = p + tokens
+        with engine.session() as s:
+            out = s.hidden_states(seq, [1])  # [rows, 2, H]: final, after layer 1 (checked against HF)
+        for pos, tree_tokens in steps:
+            h = heads.input_states(out[pos - 1:pos, 0], out[pos - 1:pos, 1:])
+            for depth, children, path in _drafted_parents(nodes, tree_tokens, emb):
+                want = heads.top_k(h, lm, 2, emb[[seq[pos]]], path)[depth, 0]
+                for c, token in children:
+                    assert token == int(want[c[-1]]), (pos, c)
+                    checked += 1
+            raw = unfused.top_k(out[pos - 1:pos, 0], lm, 2, emb[[seq[pos]]], [emb[[tree_tokens[1]]]] * 3)
+            differs += raw[0, 0].tolist() != tree_tokens[1:3]  # nodes (0,) and (1,)
+    assert checked > 0 and differs > 0  # the fusion changes the candidates: the check has teeth
+    _batch_fused_and_host(d, tree, heads_file)
+
+
+def test_feature_layer_file_errors(setup, tmp_path):
+    """Broken format-5 heads files get a ModelFormatError naming the problem."""
+    import json
+
+    from medusa_rt.export.medusa_heads import write_heads_file
+    from medusa_rt.export.safetensors_io import SafetensorsFile, TensorToWrite, write_safetensors
+
+    d = setup["base"]
+    cfg = json.loads((d / "config.json").read_text())
+    good = tmp_path / "fused.safetensors"
+    write_heads_file(_fused_heads(setup), good, hidden=96, vocab=cfg["vocab_size"], dtype="float32",
+                     feature_layers=[1])
+
+    def rewrite(drop=None, add=None, **meta_updates):
+        with SafetensorsFile(good) as f:
+            meta = dict(f.metadata)
+            items = [TensorToWrite(n, f.dtype(n), tuple(f.shape(n)), lambda a=f.get(n).copy(): a)
+                     for n in f.keys() if n != drop]
+            if add:
+                items.append(TensorToWrite(add, "F32", (96, 96), lambda a=f.get("medusa.fuse.0.weight").copy(): a))
+        meta.update(meta_updates)
+        out = tmp_path / "bad.safetensors"
+        write_safetensors(out, items, metadata=meta)
+        return out
+
+    def load(path):
+        return medusa_rt.Engine(d, medusa_heads=path, medusa_max_batch=16, tree=[[0], [0, 0]])
+
+    load(good)
+    with pytest.raises(ModelFormatError, match=r"medusa\.fuse\.0\.weight"):
+        load(rewrite(drop="medusa.fuse.0.weight"))
+    with pytest.raises(ModelFormatError, match=r"medusa\.fuse\.1\.weight is not one of the 1 fusion"):
+        load(rewrite(add="medusa.fuse.1.weight"))
+    for bad in ("[2]", "[0]", "[]", "[1, 1]", "1", "[1.5]"):  # the tiny model has 2 decoder layers
+        with pytest.raises(ModelFormatError, match="feature_layers must be a JSON list"):
+            load(rewrite(feature_layers=bad))
+    with pytest.raises(ModelFormatError, match="feature_layers"):
+        load(rewrite(feature_layers="not json"))
+    with pytest.raises(ModelFormatError, match="root_input 'true'"):
+        load(rewrite(root_input="false"))
+
+
 def _draft_heads(setup, width=64, scale=0.3, seed=7):
     """Path-input heads plus a random draft layer (published names, float32 arrays)."""
     g = torch.Generator().manual_seed(seed)
@@ -556,20 +672,13 @@ def test_heads_with_a_draft_layer(setup, tmp_path):
         P = len(p)
         for pos, tree_tokens in steps:  # pos: the root's index in seq; rows P-1 .. pos-1 are committed
             z = heads.draft.states(hidden[P - 1:pos], emb[seq[P:pos + 1]])[-1:]
-            tok = dict(zip(nodes, tree_tokens))
-            for parent in (n for n in nodes if len(n) < 3):
-                children = [c for c in nodes if len(c) == len(parent) + 1 and c[:-1] == parent]
-                if not children:
-                    continue
-                depth = len(parent)
-                path_emb = [emb[[tok[parent[:j]]]] for j in range(1, depth + 1)]
-                pad = [np.zeros_like(emb[[seq[pos]]])] * (3 - depth)
-                want = heads.top_k(z, lm, 2, emb[[seq[pos]]], path_emb + pad)[depth, 0]
-                for c in children:
-                    assert tok[c] == int(want[c[-1]]), (pos, parent, c)
+            for depth, children, path in _drafted_parents(nodes, tree_tokens, emb):
+                want = heads.top_k(z, lm, 2, emb[[seq[pos]]], path)[depth, 0]
+                for c, token in children:
+                    assert token == int(want[c[-1]]), (pos, c)
                     checked += 1
                 # The heads on the hidden state itself (no draft layer) would draft otherwise.
-                on_h = heads.top_k(hidden[pos - 1:pos], lm, 2, emb[[seq[pos]]], path_emb + pad)[depth, 0]
+                on_h = heads.top_k(hidden[pos - 1:pos], lm, 2, emb[[seq[pos]]], path)[depth, 0]
                 differs += on_h.tolist() != want.tolist()
     assert checked > 50 and differs > 10  # the check above has teeth
     # Fused and host steps, batched, with and without prompt lookup, give the same tokens and

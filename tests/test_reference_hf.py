@@ -60,3 +60,30 @@ def test_long_context_positions(tmp_path):
     with engine.session() as s:
         got = s.forward(prompt, all_logits=True)
     np.testing.assert_allclose(got, hf_logits(model, prompt), atol=ATOL, rtol=RTOL)
+
+
+def test_layer_taps_match_transformers_hidden_states(tmp_path):
+    """Session.hidden_states(tokens, layers): the final normed hidden state and the residual
+    stream after each listed decoder layer equal transformers' hidden_states (output_hidden_states:
+    entry L is layer L's output, the last entry the normed final state), across prefill chunks; a
+    bad layer list is refused before anything is appended."""
+    import torch
+
+    model = build_hf_model("llama-gqa-untied", seed=4)
+    model_dir = save_and_export(model, tmp_path, "taps")
+    engine = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=96, prefill_chunk=16, medusa_max_batch=0)
+    prompt = _prompt(engine.info.vocab_size, 37)
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt]), output_hidden_states=True).hidden_states
+    with engine.session() as s:
+        plain = s.hidden_states(prompt)
+        s.reset()
+        got = s.hidden_states(prompt, [1])
+        assert got.shape == (37, 2, engine.info.hidden_size)
+        for bad in ([2], [0], [1, 1], list(range(1, 10))):
+            with pytest.raises(medusa_rt.errors.InvalidArgumentError, match="layer tap"):
+                s.hidden_states([3], bad)
+        assert s.context_length == 37
+    np.testing.assert_allclose(got[:, 0], ref[-1][0].numpy(), atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(got[:, 1], ref[1][0].numpy(), atol=ATOL, rtol=RTOL)
+    np.testing.assert_array_equal(got[:, 0], plain)

@@ -330,9 +330,10 @@ def test_features_reused_for_a_grown_reordered_answer_set(tiny):
     assert counting.positions == sum(6 + len(r["answer_ids"]) - 1 for r in grown if r["answer_ids"])
 
 
-def _random_answers(tiny, seed: int, num_heads: int, name: str):
+def _random_answers(tiny, seed: int, num_heads: int, name: str, layers=()):
     """Six random 40-token sequences (8 prompt + 32 answer tokens) of the tiny model and their
-    feature rows: (engine, lm_head, embedding, sequences, records, features)."""
+    feature rows (with ``layers``, also those layers' taps): (engine, lm_head, embedding,
+    sequences, records, features)."""
     from medusa_rt.train.heads_np import load_embedding, load_lm_head
 
     tmp, base = tiny
@@ -340,7 +341,7 @@ def _random_answers(tiny, seed: int, num_heads: int, name: str):
     rng = np.random.default_rng(seed)
     seqs = [rng.integers(3, eng.info.vocab_size, 40).tolist() for _ in range(6)]
     recs = [{"prompt_ids": s[:8], "answer_ids": s[8:]} for s in seqs]
-    feats = data.extract_hidden_states(eng, recs, num_heads, tmp / name, progress=False)
+    feats = data.extract_hidden_states(eng, recs, num_heads, tmp / name, layers=layers, progress=False)
     return eng, load_lm_head(base), load_embedding(base), seqs, recs, feats
 
 
@@ -397,22 +398,69 @@ def test_train_heads_with_a_path_input(tiny):
         assert r.tokens == e2.generate(s[:8], max_new_tokens=24, medusa=False).tokens
 
 
+def test_train_heads_with_feature_layers(tiny):
+    """Heads with feature layers (EAGLE-3-style: they also read the base model's residual stream
+    after some decoder layers): the features carry those layers' taps (reused only for the same
+    layers), the heads learn and use them, export as heads format 5, give the same accuracy table
+    in NumPy as in torch, and decode losslessly through the engine."""
+    from medusa_rt.train.trainer import TrainConfig, Trainer
+
+    tmp, base = tiny
+    eng, lm, emb, seqs, recs, feats = _random_answers(tiny, seed=8, num_heads=3, name="fl_feats.npz", layers=[1])
+    assert feats.taps.shape == (feats.hidden.shape[0], 1, feats.hidden.shape[1]) and feats.layers == (1,)
+    with eng.session() as s:  # row j of an answer: the position of its token j - 1
+        direct = s.hidden_states(seqs[0][:-1], [1])[7:]
+    np.testing.assert_allclose(feats.taps[:32].astype(np.float32), direct[:, 1:], rtol=2e-3, atol=2e-3)
+    assert data.Features.load(tmp / "fl_feats.npz").layers == (1,)
+    plain = data.extract_hidden_states(eng, recs, 3, tmp / "fl_feats.npz", progress=False)  # other layers: recomputed
+    assert plain.taps is None and np.array_equal(plain.hidden, feats.hidden)
+    data.Features.save(feats, tmp / "fl_feats.npz")
+    for bad in (dict(feature_layers=(1,)), dict(root_input=True, draft_layer=True, feature_layers=(1,)),
+                dict(root_input=True, feature_layers=(1, 1)), dict(root_input=True, feature_layers=(0,))):
+        with pytest.raises(InvalidArgumentError, match="feature_layers"):
+            TrainConfig(**bad).validate()
+    cfg = TrainConfig(num_heads=3, epochs=30, batch_size=64, lr=3e-3, root_input=True, path_input=True,
+                      feature_layers=(1,))
+    tr = Trainer(cfg, lm, tmp / "fl_work", progress=False, embedding=emb)
+    with pytest.raises(InvalidArgumentError, match="taps"):
+        tr.fit(feats.hidden, feats.labels, feats.roots, feats.record)
+    out = tmp / "fl_heads.safetensors"
+    after, heads = _train_and_export(tr, feats, eng, out, feats.roots, taps=feats.taps, feature_layers=(1,))
+    assert heads.metadata["format_version"] == "5" and heads.feature_layers == (1,)
+    assert np.abs(heads.fuse[0]).max() > 0  # the fusion weights were trained
+    _numpy_table_and_lossless(heads, feats, lm, emb, after, base, out, seqs, taps=feats.taps)
+
+
+def _numpy_table_and_lossless(heads, feats, lm, emb, after, base, out, seqs, **inputs):
+    """The heads file's NumPy accuracy table equals torch's (``after``); the engine decodes
+    losslessly with it and a branching tree."""
+    from medusa_rt.train.heads_np import accuracy_table
+
+    table = accuracy_table(heads, feats.hidden, feats.labels, lm, 10, roots=feats.roots, embedding=emb, **inputs)
+    assert np.allclose(table, after["table"], atol=0.02)
+    tree = [[0], [1], [0, 0], [1, 0], [0, 0, 0]]
+    e2 = Engine(base, dtype="fp32", medusa_heads=out, medusa_max_batch=1, tree=tree)
+    for s in seqs[:2]:
+        r = e2.generate(s[:8], max_new_tokens=24)
+        assert r.tokens == e2.generate(s[:8], max_new_tokens=24, medusa=False).tokens
+
+
 TRAINED_TREE = [[0], [0, 0], [1]]  # the tree _train_and_export records in its heads files
 
 
-def _train_and_export(tr, feats, eng, out, roots=None, record=None):
+def _train_and_export(tr, feats, eng, out, roots=None, record=None, taps=None, feature_layers=()):
     """Trains on all rows, checks the loss fell, writes the heads file; returns (metrics after
     training, the file's NumPy heads)."""
     from medusa_rt.train.heads_np import RuntimeHeads
     from medusa_rt.train.pipeline import write_trained_heads
 
-    before = tr.evaluate(feats.hidden, feats.labels, roots=roots, record=record)
-    tr.fit(feats.hidden, feats.labels, roots, record)
-    after = tr.evaluate(feats.hidden, feats.labels, roots=roots, record=record)
+    before = tr.evaluate(feats.hidden, feats.labels, roots=roots, record=record, taps=taps)
+    tr.fit(feats.hidden, feats.labels, roots, record, taps)
+    after = tr.evaluate(feats.hidden, feats.labels, roots=roots, record=record, taps=taps)
     assert np.mean(after["loss"]) < np.mean(before["loss"])
     report = {"expected_tokens_per_step": 1.5, "accuracy_table": after["table"], "tree": TRAINED_TREE,
               "prompts": 6, "answer_tokens": 0, "rows": {}, "config": {}, "held_out": {}}
-    write_trained_heads(tr.model.layout_tensors(), out, eng, "fp32", report)
+    write_trained_heads(tr.model.layout_tensors(), out, eng, "fp32", report, feature_layers=feature_layers)
     return after, RuntimeHeads.load(out, config=json.loads((eng.model_dir / "config.json").read_text()))
 
 
@@ -441,14 +489,7 @@ def test_train_heads_with_a_draft_layer(tiny):
     assert np.abs(heads.draft.o).max() > 0 and heads.draft.gate_up.shape == (96, 96)  # trained, 2 x 48 rows
     with pytest.raises(InvalidArgumentError, match="record"):
         accuracy_table(heads, feats.hidden, feats.labels, lm, 10, roots=feats.roots, embedding=emb)
-    table = accuracy_table(heads, feats.hidden, feats.labels, lm, 10, roots=feats.roots, embedding=emb,
-                           record=feats.record)
-    assert np.allclose(table, after["table"], atol=0.02)
-    tree = [[0], [1], [0, 0], [1, 0], [0, 0, 0]]
-    e2 = Engine(base, dtype="fp32", medusa_heads=out, medusa_max_batch=1, tree=tree)
-    for s in seqs[:2]:
-        r = e2.generate(s[:8], max_new_tokens=24)
-        assert r.tokens == e2.generate(s[:8], max_new_tokens=24, medusa=False).tokens
+    _numpy_table_and_lossless(heads, feats, lm, emb, after, base, out, seqs, record=feats.record)
 
 
 def test_head_loss_without_labels_still_backpropagates():

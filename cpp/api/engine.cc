@@ -367,6 +367,7 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
   if (!heads_file.empty()) {
     e.heads = std::make_unique<MedusaHeads>(heads_file, c, dtype, options.max_batch_size, options.medusa_top_k,
                                             *e.backend, e.model->lm_head(), e.model->embedding());
+    e.model->set_taps(e.heads->feature_layers());  // what heads with feature layers read
   }
   e.decoder = std::make_unique<Decoder>(*e.model, e.heads.get(), tree, options.max_batch_size, prompt_lookup);
   double expected_tps = options.medusa_expected_tokens_per_step > 0 ? options.medusa_expected_tokens_per_step
@@ -685,7 +686,11 @@ std::vector<float> Session::hidden_states(const std::vector<int32_t>& tokens) {
   return append(tokens, Output::kHidden);
 }
 
-std::vector<float> Session::append(const std::vector<int32_t>& tokens, Output what) {
+std::vector<float> Session::hidden_states(const std::vector<int32_t>& tokens, const std::vector<int>& layers) {
+  return append(tokens, Output::kHidden, &layers);
+}
+
+std::vector<float> Session::append(const std::vector<int32_t>& tokens, Output what, const std::vector<int>* layers) {
   auto claim = state_->claim();
   Engine::Impl& e = *state_->engine;
   SequenceState& s = state_->seq;
@@ -693,8 +698,21 @@ std::vector<float> Session::append(const std::vector<int32_t>& tokens, Output wh
   std::vector<float> out;
   std::lock_guard<std::mutex> lock(e.forward_mu);
   const int n = static_cast<int>(tokens.size());
-  if (what == Output::kHidden) e.decoder->append(s, tokens.data(), n, false, nullptr, false, &out);
-  else e.decoder->append(s, tokens.data(), n, false, &out, what == Output::kAllLogits);
+  if (what == Output::kHidden) {
+    // The model's layer taps are the heads' (feature layers) between calls: these layers for this
+    // call only (set_taps checks them before anything runs).
+    struct Taps {
+      LlamaModel& m;
+      std::vector<int> saved;
+      Taps(LlamaModel& model, const std::vector<int>& layers) : m(model), saved(model.taps_layers()) {
+        m.set_taps(layers);
+      }
+      ~Taps() { m.set_taps(saved); }
+    } taps(*e.model, layers ? *layers : std::vector<int>{});
+    e.decoder->append(s, tokens.data(), n, false, nullptr, false, &out);
+  } else {
+    e.decoder->append(s, tokens.data(), n, false, &out, what == Output::kAllLogits);
+  }
   return out;
 }
 

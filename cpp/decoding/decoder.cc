@@ -217,7 +217,11 @@ void Decoder::run_heads(SequenceState* const* seqs, const int32_t* hidden_rows, 
   Backend& be = model_.backend();
   const int H = model_.config().hidden_size;
   be.copy_to_device(d_index_, hidden_rows, sizeof(int32_t) * n);
-  be.gather_rows(source, H, d_index_, n, d_head_in_);
+  if (source == model_.hidden()) {
+    heads_->gather_input(source, model_.taps(), model_.tap_stride(), d_index_, n, d_head_in_);
+  } else {
+    be.gather_rows(source, H, d_index_, n, d_head_in_);
+  }
   if (heads_->root_input()) {
     head_roots_.clear();
     for (int r = 0; r < n; ++r) head_roots_.push_back(seqs[r]->root);
@@ -284,11 +288,22 @@ void Decoder::append(SequenceState& s, const int32_t* tokens, int n, bool with_h
       be.copy_to_host(logits->data() + old, model_.logits() + size_t(first) * vocab_,
                       size_t(nl - first) * vocab_ * sizeof(float));
     }
-    if (hidden) {
-      const int H = model_.config().hidden_size;
+    if (hidden) {  // per row: the final hidden state, then the model's layer taps (if any)
+      const size_t H = model_.config().hidden_size, T = model_.taps_layers().size();
       const size_t old = hidden->size();
-      hidden->resize(old + size_t(c) * H);
-      be.copy_to_host(hidden->data() + old, model_.hidden(), size_t(c) * H * sizeof(float));
+      hidden->resize(old + size_t(c) * (1 + T) * H);
+      if (T == 0) {
+        be.copy_to_host(hidden->data() + old, model_.hidden(), size_t(c) * H * sizeof(float));
+      } else {
+        tap_host_.resize(size_t(c) * H);
+        for (size_t j = 0; j <= T; ++j) {
+          const float* src = j == 0 ? model_.hidden() : model_.taps() + (j - 1) * model_.tap_stride();
+          be.copy_to_host(tap_host_.data(), src, size_t(c) * H * sizeof(float));
+          for (int i = 0; i < c; ++i) {
+            std::copy_n(tap_host_.data() + i * H, H, hidden->data() + old + (i * (1 + T) + j) * H);
+          }
+        }
+      }
     }
     if (last) {
       s.length = start + n;
@@ -496,7 +511,7 @@ void Decoder::fused_body(int n, int T, bool with_heads) {
       heads_->draft_forward(model_.hidden(), n * (aa.max_depth + 1), draft_);
       be.gather_rows(draft_.x, H, aa.max_depth ? d_draft_last_tree_ : d_draft_last_plain_, n, d_head_in_);
     } else {
-      be.gather_rows(model_.hidden(), H, d_index_, n, d_head_in_);
+      heads_->gather_input(model_.hidden(), model_.taps(), model_.tap_stride(), d_index_, n, d_head_in_);
     }
     if (heads_->root_input()) {  // row r's root: the new root of its slot
       be.copy_on_device(d_head_roots_, d_bslots_, sizeof(int32_t) * n);
@@ -718,6 +733,7 @@ double Decoder::time_heads(int rows, int reps, const TreeSpec* tree) {
   }
   be.fill_zero(d_head_in_, sizeof(float) * size_t(rows) * model_.config().hidden_size);
   be.fill_zero(d_head_roots_, sizeof(int32_t) * size_t(rows));
+  be.fill_zero(d_index_, sizeof(int32_t) * size_t(rows));
   // A draft layer runs first on a tree step's committed nodes: up to depth + 1 per sequence (as
   // the fused step runs it; written at draft positions 0..depth of slots 0..rows-1).
   const int draft_queued = heads_->draft_layer() ? std::min(rows * (plan.depth + 1), draft_.max_rows) : 0;
@@ -737,6 +753,8 @@ double Decoder::time_heads(int rows, int reps, const TreeSpec* tree) {
     if (draft_rows) {
       heads_->draft_forward(model_.hidden(), draft_rows, draft_);
       be.gather_rows(draft_.x, model_.config().hidden_size, d_draft_last_plain_, rows, d_head_in_);
+    } else if (!heads_->feature_layers().empty()) {  // the feature layers' fusion into the heads' input
+      heads_->gather_input(model_.hidden(), model_.taps(), model_.tap_stride(), d_index_, rows, d_head_in_);
     }
     heads_->candidates(d_head_in_, d_head_roots_, rows, plan, out);
     be.synchronize();

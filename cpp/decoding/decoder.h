@@ -178,6 +178,7 @@ class Decoder {
   int cand_stride_ = 0;              // candidates per sequence (plan_.blocks * plan_.width)
   int32_t* d_candidates_ = nullptr;
   std::vector<int32_t> argmax_, tokens_, candidates_host_, oracle_, head_roots_, copy_slots_, copy_src_, copy_dst_, hidden_rows_;
+  std::vector<float> tap_host_;  // append(): one layer tap of a chunk, on its way to the hidden output
   std::vector<int> row_base_, num_nodes_, path_;
   std::vector<float> lse_, entropy_;
   TypicalScratch typical_;

@@ -207,6 +207,30 @@ void LlamaModel::copy_kv(const int32_t* slots, const int32_t* src, const int32_t
   be_.kv_copy(k_cache_, v_cache_, cfg_.num_layers, kv_layout_, d_copy_slots_, d_copy_src_, d_copy_dst_, n);
 }
 
+void LlamaModel::set_taps(const std::vector<int>& layers) {
+  if (layers.size() > size_t(kMaxTaps)) {
+    throw InvalidArgumentError("at most " + std::to_string(kMaxTaps) + " layer taps, got " + std::to_string(layers.size()));
+  }
+  for (size_t j = 0; j < layers.size(); ++j) {
+    const int L = layers[j];
+    if (std::find(layers.begin(), layers.begin() + j, L) != layers.begin() + j) {
+      throw InvalidArgumentError("layer tap " + std::to_string(L) + " is listed twice");
+    }
+    if (L < 1 || L >= cfg_.num_layers) {
+      throw InvalidArgumentError("layer tap " + std::to_string(L) + " is out of range: the model's decoder layers " +
+                                 "are 1.." + std::to_string(cfg_.num_layers - 1) + " (the last one's output is the " +
+                                 "final hidden state itself)");
+    }
+  }
+  if (layers.size() > tap_capacity_) {  // grows only (a captured CUDA graph keeps the old buffer)
+    taps_ = alloc<float>(layers.size() * tap_stride(), "layer taps");
+    tap_capacity_ = layers.size();
+  }
+  tap_layers_ = layers;
+  tap_at_.assign(cfg_.num_layers, -1);
+  for (size_t j = 0; j < layers.size(); ++j) tap_at_[layers[j] - 1] = static_cast<int>(j);
+}
+
 void LlamaModel::forward(const ForwardRows& rows, int32_t* argmax) {
   const int R = rows.size();
   const int NL = static_cast<int>(rows.logit_rows.size());
@@ -285,6 +309,9 @@ void LlamaModel::run(int R, int NL, int logits_from, bool has_extra, int32_t* ar
         be_.add(x_, tmp_, size_t(R) * H);  // the final norm runs on the logit rows only
       }
     });
+    if (NL > 0 && !tap_layers_.empty() && tap_at_[l] >= 0) {
+      t.run(OpTimer::kNorm, [&] { be_.gather_rows(x_, H, d_logit_rows_, NL, taps_ + tap_at_[l] * tap_stride()); });
+    }
   }
   if (NL > 0) {
     t.run(OpTimer::kNorm, [&] {

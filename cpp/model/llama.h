@@ -73,6 +73,17 @@ class LlamaModel {
   const float* logits() const { return logits_; }
   const float* hidden() const { return hidden_; }
 
+  // Layer taps: after set_taps(layers), every forward also writes, for each logit row, the
+  // residual stream after decoder layer layers[j] (1-based: the output of layer L, transformers'
+  // hidden_states[L]; 1 <= L < num_layers) to taps() + j * tap_stride() (backend memory, rows in
+  // logit-row order). At most kMaxTaps layers; the buffer is allocated when a list longer than any
+  // before is set (never per forward). An empty list turns the taps off.
+  static constexpr int kMaxTaps = 8;
+  void set_taps(const std::vector<int>& layers);
+  const std::vector<int>& taps_layers() const { return tap_layers_; }
+  const float* taps() const { return taps_; }
+  size_t tap_stride() const { return size_t(lim_.max_logit_rows) * cfg_.hidden_size; }
+
   // Copies KV entries of every layer within slots: (slots[i], src[i]) -> (slots[i], dst[i]),
   // i = 0..n-1 in order (host arrays; n <= limits().max_rows).
   void copy_kv(const int32_t* slots, const int32_t* src, const int32_t* dst, int n);
@@ -127,6 +138,10 @@ class LlamaModel {
           *d_prefix_len_ = nullptr, *d_extra_offsets_ = nullptr, *d_extra_ = nullptr, *d_logit_rows_ = nullptr;
   int32_t *d_copy_slots_ = nullptr, *d_copy_src_ = nullptr, *d_copy_dst_ = nullptr;
   int qkv_width_ = 0;
+  std::vector<int> tap_layers_;
+  std::vector<int> tap_at_;  // [num_layers]: tap index after layer l (0-based), -1 for none
+  float* taps_ = nullptr;
+  size_t tap_capacity_ = 0;  // taps the buffer holds
   std::unique_ptr<ForwardProfile> prof_ = ForwardProfile::from_env();
 };
 

@@ -1,5 +1,7 @@
 #include "model/medusa_heads.h"
 
+#include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
@@ -55,18 +57,39 @@ MedusaHeadsMeta read_meta_of(const SafetensorsFile& f, const ModelConfig& base) 
     throw ModelFormatError(file + ": metadata format is '" + meta(f, "format") + "', expected 'medusa_rt_heads'");
   }
   const std::string& version = meta(f, "format_version");
-  if (version != "1" && version != "2" && version != "3" && version != "4") {
-    throw UnsupportedModelError(file + ": heads format_version " + version + " is not supported (1 to 4 are)");
+  if (version != "1" && version != "2" && version != "3" && version != "4" && version != "5") {
+    throw UnsupportedModelError(file + ": heads format_version " + version + " is not supported (1 to 5 are)");
   }
   MedusaHeadsMeta m;
   m.root_input = version != "1";
   m.path_input = version == "3";
-  if (version == "4") {  // the inputs are named
-    auto flag = [&](const std::string& key) {
-      const std::string& v = meta(f, key);
-      if (v != "true" && v != "false") throw ModelFormatError(file + ": metadata " + key + " must be 'true' or 'false'");
-      return v == "true";
-    };
+  auto flag = [&](const std::string& key) {  // formats 4 and 5 name their inputs
+    const std::string& v = meta(f, key);
+    if (v != "true" && v != "false") throw ModelFormatError(file + ": metadata " + key + " must be 'true' or 'false'");
+    return v == "true";
+  };
+  if (version == "5") {
+    m.path_input = flag("path_input");
+    if (!flag("root_input")) throw ModelFormatError(file + ": heads format_version 5 needs root_input 'true'");
+    const json::Value v = json::parse(meta(f, "feature_layers"), file + " feature_layers");
+    bool ok = v.is_array() && !v.as_array().empty() && v.as_array().size() <= size_t(LlamaModel::kMaxTaps);
+    for (size_t j = 0; ok && j < v.as_array().size(); ++j) {
+      const json::Value& x = v.as_array()[j];
+      ok = x.is_integer() && x.as_int() >= 1 && x.as_int() < base.num_layers;
+      if (ok) {
+        const int L = static_cast<int>(x.as_int());
+        ok = std::find(m.feature_layers.begin(), m.feature_layers.end(), L) == m.feature_layers.end();
+        m.feature_layers.push_back(L);
+      }
+    }
+    if (!ok) {
+      throw ModelFormatError(file + ": metadata feature_layers must be a JSON list of 1 to " +
+                             std::to_string(LlamaModel::kMaxTaps) + " distinct decoder layers in [1, " +
+                             std::to_string(base.num_layers - 1) + "] (the base model has " +
+                             std::to_string(base.num_layers) + " layers)");
+    }
+  }
+  if (version == "4") {
     m.draft_layer = flag("draft_layer");
     m.path_input = flag("path_input");
     if (!flag("root_input") || !m.draft_layer) {
@@ -126,6 +149,18 @@ MedusaHeadsMeta read_meta_of(const SafetensorsFile& f, const ModelConfig& base) 
     m.has_default_tree = true;
   }
   return m;
+}
+
+// j of a tensor named medusa.fuse.{j}.weight (SIZE_MAX when the name is not of that form).
+size_t fuse_index(const std::string& name) {
+  const std::string pre = "medusa.fuse.", post = ".weight";
+  if (name.size() <= pre.size() + post.size() || name.compare(0, pre.size(), pre) != 0 ||
+      name.compare(name.size() - post.size(), post.size(), post) != 0) {
+    return SIZE_MAX;
+  }
+  const std::string j = name.substr(pre.size(), name.size() - pre.size() - post.size());
+  if (j.empty() || j.size() > 3 || j.find_first_not_of("0123456789") != std::string::npos) return SIZE_MAX;
+  return std::stoul(j);
 }
 
 }  // namespace
@@ -221,6 +256,26 @@ MedusaHeads::MedusaHeads(const std::string& file, const ModelConfig& base, DType
                                "(heads with a draft layer)");
       }
     }
+  }
+  for (size_t j = 0; j < meta_.feature_layers.size(); ++j) {
+    const TensorView& w = f.get("medusa.fuse." + std::to_string(j) + ".weight");
+    check_shape(w, {hidden_, hidden_}, source);
+    fuse_.push_back(arena_.matrix({&w}, hidden_, dtype));
+  }
+  for (const auto& t : f.tensors()) {
+    if (t.first.rfind("medusa.fuse.", 0) == 0 && fuse_index(t.first) >= fuse_.size()) {
+      throw ModelFormatError(file + ": " + t.first + " is not one of the " + std::to_string(fuse_.size()) +
+                             " fusion weights metadata feature_layers asks for (format_version 5)");
+    }
+  }
+  if (!fuse_.empty()) {
+    const size_t bytes = size_t(max_rows_) * hidden_ * sizeof(float);
+    fuse_in_ = static_cast<float*>(arena_.buffer(bytes, "Medusa feature fusion workspace"));
+    fuse_norm_ = static_cast<float*>(arena_.buffer(bytes, "Medusa feature fusion workspace"));
+    fuse_ones_ = static_cast<float*>(arena_.buffer(sizeof(float) * hidden_, "Medusa feature fusion workspace"));
+    const std::vector<float> ones(hidden_, 1.0f);
+    be_.copy_to_device(fuse_ones_, ones.data(), sizeof(float) * hidden_);
+    fuse_eps_ = static_cast<float>(base.rms_norm_eps);
   }
   proj_vocab_ = vocab_;
   auto dv = f.tensors().find("medusa.draft_vocab");
@@ -435,6 +490,19 @@ void MedusaHeads::draft_forward(const float* hidden, int rows, DraftState& st) {
   be_.silu_mul(st.gu, rows, I, st.act);
   be_.linear(st.act, rows, draft_.down, nullptr, st.t);
   be_.add(st.x, st.t, n);
+}
+
+void MedusaHeads::gather_input(const float* hidden, const float* taps, size_t tap_stride, const int32_t* index,
+                               int rows, float* out) {
+  be_.gather_rows(hidden, hidden_, index, rows, out);
+  if (fuse_.empty()) return;
+  if (rows > max_rows_) throw Error("internal: more head input rows than the heads were made for");
+  for (size_t j = 0; j < fuse_.size(); ++j) {  // out += F_j rmsnorm(tap_j)
+    be_.gather_rows(taps + j * tap_stride, hidden_, index, rows, fuse_in_);
+    be_.rmsnorm(fuse_in_, fuse_ones_, rows, hidden_, fuse_eps_, fuse_norm_);
+    be_.linear(fuse_norm_, rows, fuse_[j], nullptr, fuse_in_);
+    be_.add(out, fuse_in_, size_t(rows) * hidden_);
+  }
 }
 
 void MedusaHeads::run_blocks(int k, float* x, int rows, float* tmp) {

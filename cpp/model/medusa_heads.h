@@ -22,7 +22,14 @@
 // medusa.draft.gate_up.weight [2I, H], medusa.draft.down.weight [H, I], medusa.draft.norm{1,2}.weight [H];
 // metadata root_input = "true", path_input = "true"/"false", draft_layer = "true".
 //
-// header metadata: format = "medusa_rt_heads", format_version = "1", "2", "3" or "4", num_heads, num_layers,
+// Heads with feature layers (format_version 5, EAGLE-3-style multi-layer features) read, in place
+// of h, h + sum_j F_j rmsnorm(x_Lj): x_L the base model's residual stream after decoder layer L
+// (transformers' hidden_states[L]) at the same position, normalised without a weight (the base
+// model's epsilon), F_j [H, H]. Metadata feature_layers = JSON list of the L (1 <= L <
+// num_layers, at most 8), root_input = "true", path_input = "true"/"false"; tensors
+// medusa.fuse.{j}.weight [H, H], j = 0.. in that list's order; otherwise as formats 2 and 3.
+//
+// header metadata: format = "medusa_rt_heads", format_version = "1" to "5", num_heads, num_layers,
 // shared_lm_head ("true"/"false"), hidden_size, vocab_size, and optionally default_tree
 // (a built-in tree name or a JSON list of paths), expected_tokens_per_step, accuracy_table
 // (JSON [head][rank] of probabilities, measured on held-out data). Optional tensor
@@ -51,6 +58,7 @@ struct MedusaHeadsMeta {
   bool root_input = false;  // format_version >= 2: the heads also read the root token's embedding
   bool path_input = false;  // format_version 3 (or 4 with path_input): ... and their tree path's tokens
   bool draft_layer = false; // format_version 4: the heads read the draft layer's output
+  std::vector<int> feature_layers;  // format_version 5: base-model layers fused into the heads' input
   bool has_default_tree = false;
   TreeSpec default_tree;
   double expected_tokens_per_step = 0;  // from the file's metadata, 0 if absent
@@ -115,6 +123,7 @@ class MedusaHeads {
   bool root_input() const { return meta_.root_input; }
   bool path_input() const { return meta_.path_input; }
   bool draft_layer() const { return meta_.draft_layer; }
+  const std::vector<int>& feature_layers() const { return meta_.feature_layers; }
   int top_k() const { return top_k_; }
   size_t weight_bytes() const { return arena_.weight_bytes(); }
   int draft_vocab_size() const { return draft_ids_ ? proj_vocab_ : 0; }  ///< 0: the full vocabulary
@@ -128,6 +137,13 @@ class MedusaHeads {
   // the heads the plan's tree reads (a tree of depth d reads no head past d - 1) and writes the
   // candidates as the plan lays them out (backend memory, [plan.blocks][rows][plan.width]).
   void candidates(const float* hidden, const int32_t* roots, int rows, const HeadsPlan& plan, int32_t* out);
+
+  // The heads' input rows (backend memory): out[i] = hidden[index[i]] (final hidden states), plus,
+  // for heads with feature layers, sum_j F_j rmsnorm(taps_j[index[i]]) with taps_j at taps + j *
+  // tap_stride (the base model's layer taps of the same rows, LlamaModel::set_taps with
+  // feature_layers()). rows <= the max_rows the heads were made for.
+  void gather_input(const float* hidden, const float* taps, size_t tap_stride, const int32_t* index, int rows,
+                    float* out);
 
   // Bytes of a draft layer's KV cache for `slots` sequences of max_seq positions.
   static size_t draft_cache_bytes(const ModelConfig& base, int slots, int max_seq) {
@@ -165,6 +181,9 @@ class MedusaHeads {
     double theta = 0;
   } draft_;
   float *x_ = nullptr, *tmp_ = nullptr, *logits_ = nullptr, *root_emb_ = nullptr;
+  std::vector<Matrix> fuse_;         // F_j [H, H] (format_version 5)
+  float *fuse_in_ = nullptr, *fuse_norm_ = nullptr, *fuse_ones_ = nullptr;
+  float fuse_eps_ = 0;
   Matrix draft_proj_;                // rows of the base lm_head for the draft vocabulary
   int32_t* draft_ids_ = nullptr;     // backend memory: draft index -> token id
   int proj_vocab_ = 0;               // columns of the heads' logits (vocab or draft size)

@@ -45,17 +45,24 @@ void register_session(py::module_& m) {
             return out;
           },
           py::arg("tokens"), py::arg("all_logits") = false)
-      .def("hidden_states", [](Session& s, const std::vector<int32_t>& tokens) {
-        std::vector<float> hidden;
-        {
-          py::gil_scoped_release release;
-          hidden = s.hidden_states(tokens);
-        }
-        const py::ssize_t rows = static_cast<py::ssize_t>(tokens.size());
-        py::array_t<float> out({rows, static_cast<py::ssize_t>(hidden.size()) / rows});
-        std::copy(hidden.begin(), hidden.end(), out.mutable_data());
-        return out;
-      });
+      .def(
+          "hidden_states",
+          [](Session& s, const std::vector<int32_t>& tokens, const std::vector<int>& layers) {
+            std::vector<float> hidden;
+            {
+              py::gil_scoped_release release;
+              hidden = s.hidden_states(tokens, layers);
+            }
+            const py::ssize_t rows = static_cast<py::ssize_t>(tokens.size());
+            const py::ssize_t per_row = static_cast<py::ssize_t>(hidden.size()) / rows;
+            py::array_t<float> out = layers.empty()
+                                         ? py::array_t<float>({rows, per_row})
+                                         : py::array_t<float>({rows, static_cast<py::ssize_t>(1 + layers.size()),
+                                                               per_row / static_cast<py::ssize_t>(1 + layers.size())});
+            std::copy(hidden.begin(), hidden.end(), out.mutable_data());
+            return out;
+          },
+          py::arg("tokens"), py::arg("layers") = std::vector<int>{});
 }
 
 }  // namespace medusa_rt::python

@@ -273,6 +273,11 @@ class Session {
   /// Appends tokens to the context like forward() and returns the final normed hidden states of
   /// every appended token (row-major, [rows, hidden_size]): what Medusa heads read (training data).
   std::vector<float> hidden_states(const std::vector<int32_t>& tokens);
+  /// The same, and each row also holds the residual stream after each of `layers` (at most 8
+  /// distinct decoder layers L, 1 <= L < num_layers; transformers' hidden_states[L]), in order:
+  /// [rows, 1 + layers.size(), hidden_size], the final hidden state first (what heads with
+  /// feature layers read). A bad layer list throws InvalidArgumentError before anything is appended.
+  std::vector<float> hidden_states(const std::vector<int32_t>& tokens, const std::vector<int>& layers);
 
  private:
   friend class Engine;
@@ -280,7 +285,8 @@ class Session {
   struct State;
   explicit Session(std::unique_ptr<State> state);
   enum class Output { kLastLogits, kAllLogits, kHidden };
-  std::vector<float> append(const std::vector<int32_t>& tokens, Output what);  // forward / hidden_states
+  std::vector<float> append(const std::vector<int32_t>& tokens, Output what,
+                            const std::vector<int>* layers = nullptr);  // forward / hidden_states
   std::unique_ptr<State> state_;
 };
 

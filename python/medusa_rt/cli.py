@@ -28,6 +28,14 @@ def _tree_arg(value: Optional[str]) -> object:
         raise InvalidArgumentError(f"--tree: not a tree name nor a JSON list of paths: {exc}") from None
 
 
+def _int_list(value: str) -> List[int]:
+    """A comma-separated list of integers (argparse type)."""
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {value!r}") from None
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from .export import export_model
 
@@ -103,7 +111,8 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
                       epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                       threads=args.threads, draft_coverage=args.draft_coverage, distill=args.distill,
                       root_input=args.root_input, path_input=args.path_input and args.root_input,
-                      draft_layer=args.draft_layer, draft_intermediate=args.draft_intermediate)
+                      draft_layer=args.draft_layer, draft_intermediate=args.draft_intermediate,
+                      feature_layers=tuple(args.feature_layers))
     report = train_heads(args.model, args.work_dir, args.out, num_prompts=args.prompts,
                          max_new_tokens=args.max_new_tokens, dtype=args.dtype, batch=args.batch,
                          tree_nodes=args.tree_nodes, config=cfg, overwrite=args.overwrite, progress=not args.quiet)
@@ -172,11 +181,11 @@ def _measure_ranks(args: argparse.Namespace) -> "numpy.ndarray":
     heads_path = Path(args.medusa_heads) if args.medusa_heads else engine.model_dir / "medusa_heads.safetensors"
     heads = RuntimeHeads.load(heads_path, args.dtype, config=json.loads((engine.model_dir / "config.json").read_text()))
     feats = data.extract_hidden_states(engine, records, heads.num_heads, Path(args.answers).with_suffix(".features.npz"),
-                                       progress=not args.quiet)
+                                       layers=heads.feature_layers, progress=not args.quiet)
     lm_head = load_lm_head(engine.model_dir, args.dtype)
     embedding = load_embedding(engine.model_dir, args.dtype) if heads.roots is not None else None
     return rank_matrix(heads, feats.hidden, feats.labels, lm_head, args.top_k, roots=feats.roots,
-                       embedding=embedding, record=feats.record)
+                       embedding=embedding, record=feats.record, taps=feats.taps)
 
 
 def _cmd_eval_heads(args: argparse.Namespace) -> int:
@@ -337,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "the answer so far; heads format_version 4, needs the root input; training takes whole "
                          "answers per step, --batch-size rows on average)")
     sp.add_argument("--draft-intermediate", type=int, default=1536, help="the draft layer's MLP width")
+    sp.add_argument("--feature-layers", type=_int_list, default=[], metavar="L1,L2,...",
+                    help="base-model decoder layers whose output the heads also read (EAGLE-3-style "
+                         "multi-layer features, e.g. 8,16,24; heads format_version 5, needs the root input, "
+                         "not with --draft-layer; the hidden-state stage stores those layers too)")
     sp.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     sp.set_defaults(fn=_cmd_train_heads)
 

@@ -419,10 +419,17 @@ class Session:
         ``[len(tokens), vocab]`` if ``all_logits`` else ``[1, vocab]`` (the last token's)."""
         return self._core().forward([_check_int("token", t) for t in tokens], all_logits)
 
-    def hidden_states(self, tokens: Sequence[int]) -> np.ndarray:
+    def hidden_states(self, tokens: Sequence[int], layers: Sequence[int] = ()) -> np.ndarray:
         """Appends ``tokens`` to the session's context and returns the final normed hidden
-        states of every one, shape ``[len(tokens), hidden_size]`` (what Medusa heads read)."""
-        return self._core().hidden_states([_check_int("token", t) for t in tokens])
+        states of every one, shape ``[len(tokens), hidden_size]`` (what Medusa heads read).
+
+        With ``layers`` (at most 8 distinct decoder layers ``L``, ``1 <= L < num_layers``), shape
+        ``[len(tokens), 1 + len(layers), hidden_size]``: the final hidden state, then the residual
+        stream after each of those layers (transformers' ``hidden_states[L]``), what heads with
+        feature layers read. A bad list raises :class:`InvalidArgumentError` before anything is
+        appended."""
+        return self._core().hidden_states([_check_int("token", t) for t in tokens],
+                                          [_check_int("layer", x) for x in layers])
 
     def reset(self) -> None:
         """Clears the session's context."""

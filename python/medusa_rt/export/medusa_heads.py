@@ -229,6 +229,7 @@ def write_heads_file(
     default_tree: TreeArg = None,
     extra_metadata: Optional[Dict[str, str]] = None,
     draft_vocab: Optional[np.ndarray] = None,
+    feature_layers: Sequence[int] = (),
     source: str = "",
     where: str = "",
     progress: bool = True,
@@ -236,8 +237,10 @@ def write_heads_file(
     """Writes heads given by name in the published layouts (``{h}.{l}.linear.weight`` / ``.bias``,
     optional ``{h}.{L}.weight``; ``{h}.root.weight`` for heads with a root input, written as
     format_version 2; with ``{h}.path.{j}.weight`` (j = 1..h) for a path input, format_version 3;
-    with ``draft.{root,qkv,o,gate_up,down,norm1,norm2}.weight`` a draft layer, format_version 4)
-    as a runtime heads file at ``out`` (atomically), checking shapes
+    with ``draft.{root,qkv,o,gate_up,down,norm1,norm2}.weight`` a draft layer, format_version 4;
+    with ``fuse.{j}.weight`` for each of ``feature_layers`` (the base model's decoder layers whose
+    output the heads also read), format_version 5) as a runtime heads file at ``out``
+    (atomically), checking shapes
     against ``hidden`` / ``vocab``. ``draft_vocab`` (increasing token ids; shared lm_head only) is
     the sub-vocabulary the heads rank. Returns the file's size in bytes."""
     where = where or str(out)
@@ -247,8 +250,16 @@ def write_heads_file(
         tree_meta = default_tree if isinstance(default_tree, str) else json.dumps(
             [[int(r) for r in p] for p in default_tree])
     draft = {k[len("draft."):-len(".weight")]: v for k, v in tensors.items() if k.startswith("draft.")}
+    fuse = sorted(k for k in tensors if k.startswith("fuse."))
     num_heads, num_layers, shared, root_input, path_input = _structure(
-        {k: v for k, v in tensors.items() if not k.startswith("draft.")}, where)
+        {k: v for k, v in tensors.items() if not k.startswith(("draft.", "fuse."))}, where)
+    feature_layers = [int(x) for x in feature_layers]
+    if fuse or feature_layers:
+        if set(fuse) != {f"fuse.{j}.weight" for j in range(len(feature_layers))} or not feature_layers:
+            raise ModelFormatError(f"{where}: heads with feature layers need fuse.{{j}}.weight for each of the "
+                                   f"feature_layers {feature_layers}; got {fuse}")
+        if not root_input or draft:
+            raise ModelFormatError(f"{where}: feature layers need heads with a root input and no draft layer")
     if num_layers < 1:
         raise ModelFormatError(f"{where}: Medusa heads without residual blocks are not supported")
     if draft:
@@ -290,6 +301,9 @@ def write_heads_file(
         add(f"medusa.draft.{name}.weight", check(f"draft.{name}.weight", shape(hidden, width)),
             "float32" if name.startswith("norm") else dtype)
 
+    for j in range(len(feature_layers)):
+        add(f"medusa.fuse.{j}.weight", check(f"fuse.{j}.weight", (hidden, hidden)), dtype)
+
     if draft_vocab is not None:
         ids = np.asarray(draft_vocab, dtype=np.int64)
         if not shared or ids.ndim != 1 or ids.size < 1 or ids.min() < 0 or ids.max() >= vocab or \
@@ -301,7 +315,8 @@ def write_heads_file(
 
     metadata = {
         "format": "medusa_rt_heads",
-        "format_version": "4" if draft else "3" if path_input else "2" if root_input else "1",
+        "format_version": "5" if feature_layers else "4" if draft else "3" if path_input else "2" if root_input
+        else "1",
         "num_heads": str(num_heads),
         "num_layers": str(num_layers),
         "shared_lm_head": "true" if shared else "false",
@@ -312,6 +327,9 @@ def write_heads_file(
     }
     if draft:  # format 4: the inputs are named, the draft layer's attention is the base model's shape
         metadata.update(root_input="true", path_input="true" if path_input else "false", draft_layer="true")
+    if feature_layers:  # format 5: named inputs, the base model's layers the heads read
+        metadata.update(root_input="true", path_input="true" if path_input else "false",
+                        feature_layers=json.dumps(feature_layers))
     metadata.update(extra_metadata or {})
     tmp = out.with_name(out.name + ".tmp")
     try:
@@ -325,7 +343,8 @@ def write_heads_file(
 
         print(f"[medusa_rt] wrote {num_heads} Medusa heads ({num_layers} block(s) each, "
               f"{'shared' if shared else 'own'} lm_head{', path input' if path_input else ', root input' if root_input else ''}"
-              f"{', draft layer' if draft else ''}) "
+              f"{', draft layer' if draft else ''}"
+              f"{', feature layers ' + str(feature_layers) if feature_layers else ''}) "
               f"to {out}",
               file=sys.stderr)
     return size

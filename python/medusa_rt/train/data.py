@@ -84,18 +84,23 @@ class Features:
     ``roots[i]`` the token that follows the position (the one the base model emitted there: what
     heads with a root input read besides the hidden state). ``keys[j]`` fingerprints record j (its
     prompt and answer tokens), so that a later run over a grown or reordered set of answers
-    reuses the rows it already has."""
+    reuses the rows it already has. ``taps[i, j]`` (heads with feature layers) is the base
+    model's residual stream after decoder layer ``tap_layers[j]`` at the same position."""
 
     hidden: np.ndarray  # [N, H] float16
     labels: np.ndarray  # [N, K] int32
     record: np.ndarray  # [N] int32
     keys: Optional[np.ndarray] = None  # [R] uint64
     roots: Optional[np.ndarray] = None  # [N] int32
+    taps: Optional[np.ndarray] = None  # [N, T, H] float16
+    tap_layers: Optional[np.ndarray] = None  # [T] int32
+
+    _OPTIONAL = ("keys", "roots", "taps", "tap_layers")
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp.npz")
         arrays = dict(hidden=self.hidden, labels=self.labels, record=self.record)
-        for name in ("keys", "roots"):
+        for name in self._OPTIONAL:
             if getattr(self, name) is not None:
                 arrays[name] = getattr(self, name)
         np.savez(tmp, **arrays)
@@ -104,8 +109,13 @@ class Features:
     @staticmethod
     def load(path: Path) -> "Features":
         with np.load(path) as z:
-            opt = {n: z[n] if n in z.files else None for n in ("keys", "roots")}
+            opt = {n: z[n] if n in z.files else None for n in Features._OPTIONAL}
             return Features(z["hidden"], z["labels"], z["record"], **opt)
+
+    @property
+    def layers(self) -> Tuple[int, ...]:
+        """The decoder layers of ``taps`` (empty without taps)."""
+        return () if self.tap_layers is None else tuple(int(x) for x in self.tap_layers)
 
 
 def record_key(record: dict) -> int:
@@ -130,31 +140,41 @@ def head_labels(answer: Sequence[int], num_heads: int) -> np.ndarray:
     return out
 
 
-def _reusable_rows(path: Path, num_heads: int, hidden_size: int) -> Dict[int, np.ndarray]:
-    """Row blocks of an earlier features file by record fingerprint (empty when there is none, it
-    predates fingerprints, or it was made for another number of heads or hidden size)."""
+def _reusable_rows(path: Path, num_heads: int, hidden_size: int,
+                   layers: Tuple[int, ...]) -> Dict[int, Tuple[np.ndarray, Optional[np.ndarray]]]:
+    """(hidden, taps) row blocks of an earlier features file by record fingerprint (empty when there
+    is none, it predates fingerprints, or it was made for another number of heads, hidden size or
+    set of tap layers)."""
     if not path.exists():
         return {}
     old = Features.load(path)
-    if old.keys is None or old.labels.shape[1] != num_heads or old.hidden.shape[1] != hidden_size:
+    if (old.keys is None or old.labels.shape[1] != num_heads or old.hidden.shape[1] != hidden_size
+            or old.layers != tuple(layers)):
         return {}
     # Rows of one record are consecutive (see extract_hidden_states).
     starts = np.flatnonzero(np.r_[True, old.record[1:] != old.record[:-1]])
     ends = np.r_[starts[1:], old.record.size]
-    return {int(old.keys[old.record[a]]): old.hidden[a:b] for a, b in zip(starts, ends)}
+    return {int(old.keys[old.record[a]]): (old.hidden[a:b], None if old.taps is None else old.taps[a:b])
+            for a, b in zip(starts, ends)}
 
 
 def extract_hidden_states(engine, records: Sequence[dict], num_heads: int, out_path: Path, *,
-                          progress: bool = True, save_every_s: float = 600.0) -> Features:
+                          layers: Sequence[int] = (), progress: bool = True, save_every_s: float = 600.0) -> Features:
     """Final hidden states of every prompt + answer (rows from the prompt's last token on) and the
-    heads' labels, stored in ``out_path``. Answers already there (same prompt and answer tokens)
-    are reused, whatever their order, so a grown answer set costs only its new answers; the file
-    is also saved every ``save_every_s`` seconds, so an interrupted run resumes."""
+    heads' labels, stored in ``out_path``; with ``layers``, also the residual stream after those
+    decoder layers (``taps``, for heads with feature layers). Answers already there (same prompt
+    and answer tokens, same layers) are reused, whatever their order, so a grown answer set costs
+    only its new answers; the file is also saved every ``save_every_s`` seconds, so an interrupted
+    run resumes."""
     H = engine.info.hidden_size
+    layers = tuple(int(x) for x in layers)
+    T = len(layers)
     keys = np.array([record_key(r) for r in records], dtype=np.uint64)
-    known = _reusable_rows(out_path, num_heads, H)
+    known = _reusable_rows(out_path, num_heads, H, layers)
     total = sum(len(r["answer_ids"]) for r in records)
     hidden = np.empty((total, H), dtype=np.float16)
+    taps = np.empty((total, T, H), dtype=np.float16) if T else None
+    tap_layers = np.asarray(layers, dtype=np.int32) if T else None
     labels = np.empty((total, num_heads), dtype=np.int32)
     rec = np.empty(total, dtype=np.int32)
     roots = np.empty(total, dtype=np.int32)
@@ -172,21 +192,30 @@ def extract_hidden_states(engine, records: Sequence[dict], num_heads: int, out_p
             n = len(a)
             if not n:
                 continue
-            h = known.get(int(keys[i]))
+            h, t = known.get(int(keys[i]), (None, None))
             if h is None or h.shape[0] != n:
                 s.reset()
-                h = s.hidden_states(list(p) + list(a[:-1]))[len(p) - 1:]
+                ids = list(p) + list(a[:-1])
+                if T:
+                    out = s.hidden_states(ids, layers)[len(p) - 1:]
+                    h, t = out[:, 0], out[:, 1:]
+                else:
+                    h = s.hidden_states(ids)[len(p) - 1:]
                 bar.update(n)
             hidden[row:row + n] = h
+            if T:
+                taps[row:row + n] = t
             labels[row:row + n] = head_labels(a, num_heads)
             roots[row:row + n] = a
             rec[row:row + n] = i
             row += n
             if time.time() - last_save > save_every_s:  # a partial file: the records done so far
-                Features(hidden[:row], labels[:row], rec[:row], keys, roots[:row]).save(out_path)
+                Features(hidden[:row], labels[:row], rec[:row], keys, roots[:row],
+                         None if taps is None else taps[:row], tap_layers).save(out_path)
                 last_save = time.time()
     bar.close()
-    f = Features(hidden[:row], labels[:row], rec[:row], keys, roots[:row])
+    f = Features(hidden[:row], labels[:row], rec[:row], keys, roots[:row], None if taps is None else taps[:row],
+                 tap_layers)
     f.save(out_path)
     return f
 

@@ -151,6 +151,9 @@ class RuntimeHeads:
     roots: Optional[List[np.ndarray]] = None  # per-head R_k [H, H] (format_version >= 2), else None
     paths: Optional[List[List[np.ndarray]]] = None  # [head k][j - 1] P_kj [H, H] (format_version 3)
     draft: Optional[DraftLayerNp] = None  # format_version 4
+    fuse: Optional[List[np.ndarray]] = None  # F_j [H, H] per feature layer (format_version 5)
+    feature_layers: Tuple[int, ...] = ()
+    norm_eps: float = 1e-5  # the base model's RMSNorm epsilon (the feature layers' normalisation)
 
     @property
     def num_heads(self) -> int:
@@ -160,7 +163,8 @@ class RuntimeHeads:
     def load(path: Union[str, os.PathLike], dtype: str = "fp32",
              config: Optional[Dict[str, object]] = None) -> "RuntimeHeads":
         """Heads of a runtime heads file with matrices rounded to ``dtype``; ``config`` (the base
-        model's config.json) is needed for heads with a draft layer (its attention shape)."""
+        model's config.json) is needed for heads with a draft layer (its attention shape) or feature
+        layers (its RMSNorm epsilon)."""
         with SafetensorsFile(path) as f:
             meta = dict(f.metadata)
             if meta.get("format") != "medusa_rt_heads":
@@ -172,9 +176,16 @@ class RuntimeHeads:
             proj = None if shared else [round_to(_f32(f, f"medusa.{k}.lm_head.weight"), dtype) for k in range(K)]
             draft = np.array(f.get("medusa.draft_vocab"), dtype=np.int64) if "medusa.draft_vocab" in f else None
             version = meta.get("format_version")
-            has_path = version == "3" or (version == "4" and meta.get("path_input") == "true")
+            has_path = version == "3" or (version in ("4", "5") and meta.get("path_input") == "true")
             roots = [round_to(_f32(f, f"medusa.{k}.root.weight"), dtype) for k in range(K)] \
-                if version in ("2", "3", "4") else None
+                if version in ("2", "3", "4", "5") else None
+            fuse, layers, eps = None, (), 1e-5
+            if version == "5":
+                if config is None:
+                    raise InvalidArgumentError(f"{path}: heads with feature layers need the base model's config")
+                layers = tuple(int(x) for x in json.loads(meta["feature_layers"]))
+                fuse = [round_to(_f32(f, f"medusa.fuse.{j}.weight"), dtype) for j in range(len(layers))]
+                eps = float(config["rms_norm_eps"])
             paths = [[round_to(_f32(f, f"medusa.{k}.path.{j}.weight"), dtype) for j in range(1, k + 1)]
                      for k in range(K)] if has_path else None
             layer = None
@@ -187,7 +198,22 @@ class RuntimeHeads:
                 layer = DraftLayerNp(**w, norm1=_f32(f, "medusa.draft.norm1.weight"),
                                      norm2=_f32(f, "medusa.draft.norm2.weight"), heads=nh, head_dim=hd,
                                      theta=theta, eps=eps)
-        return RuntimeHeads(blocks, proj, meta, draft, roots, paths, layer)
+        return RuntimeHeads(blocks, proj, meta, draft, roots, paths, layer, fuse, layers, eps)
+
+    def input_states(self, hidden: np.ndarray, taps: Optional[np.ndarray]) -> np.ndarray:
+        """What the heads read: ``hidden + sum_j F_j rmsnorm(taps[:, j])`` with feature layers
+        (``taps`` ``[rows, T, H]``), ``hidden`` itself without."""
+        if not self.fuse:
+            return hidden
+        if taps is None or taps.shape[:2] != (hidden.shape[0], len(self.fuse)):
+            raise InvalidArgumentError(f"these heads read feature layers {list(self.feature_layers)}: pass each "
+                                       f"row's taps [rows, {len(self.fuse)}, H]")
+        out = hidden.astype(np.float32)
+        for j, w in enumerate(self.fuse):
+            t = taps[:, j].astype(np.float32)
+            t = t / np.sqrt((t * t).mean(axis=1, keepdims=True) + self.norm_eps)
+            out = out + t @ w.T
+        return out
 
     def head_states(self, k: int, hidden: np.ndarray, root_emb: Optional[np.ndarray] = None,
                     path_emb: Optional[List[np.ndarray]] = None) -> np.ndarray:
@@ -228,7 +254,8 @@ class RuntimeHeads:
 
 def rank_matrix(heads: RuntimeHeads, hidden: np.ndarray, labels: np.ndarray, lm_head: np.ndarray,
                 k_top: int = 10, chunk: int = 1024, roots: Optional[np.ndarray] = None,
-                embedding: Optional[np.ndarray] = None, record: Optional[np.ndarray] = None) -> np.ndarray:
+                embedding: Optional[np.ndarray] = None, record: Optional[np.ndarray] = None,
+                taps: Optional[np.ndarray] = None) -> np.ndarray:
     """``ranks[row, k]``: the rank of the row's label among head k's candidates (0 = best), ``k_top``
     when it is not among the first ``k_top`` (or outside the draft vocabulary), -1 where the row has
     no label for head k (past the answer's end). Heads with a root input need the rows' ``roots``
@@ -236,8 +263,9 @@ def rank_matrix(heads: RuntimeHeads, hidden: np.ndarray, labels: np.ndarray, lm_
     labels of the heads before them): a rank given that the path so far is right, which is what
     the acceptance of a tree path needs (see :func:`.tree_fit.fit_tree_empirical`). Heads with a
     draft layer read whole answers: ``record`` is each row's answer id (rows of an answer consecutive
-    from its row 0)."""
+    from its row 0). Heads with feature layers need each row's ``taps`` ([rows, T, H])."""
     K = heads.num_heads
+    hidden = heads.input_states(hidden, taps)
     if heads.roots is not None and (roots is None or embedding is None):
         raise InvalidArgumentError("these heads have a root input: pass the rows' root tokens and the embedding table")
     if heads.draft is not None:
@@ -273,8 +301,9 @@ def table_from_ranks(ranks: np.ndarray, k_top: int = 10) -> np.ndarray:
 
 def accuracy_table(heads: RuntimeHeads, hidden: np.ndarray, labels: np.ndarray, lm_head: np.ndarray,
                    k_top: int = 10, chunk: int = 1024, roots: Optional[np.ndarray] = None,
-                   embedding: Optional[np.ndarray] = None, record: Optional[np.ndarray] = None) -> np.ndarray:
+                   embedding: Optional[np.ndarray] = None, record: Optional[np.ndarray] = None,
+                   taps: Optional[np.ndarray] = None) -> np.ndarray:
     """``table[k][r]``: the fraction of rows (with a label for head k) whose label is head k's
     rank-r candidate (:func:`rank_matrix` summed per head; the same inputs)."""
-    return table_from_ranks(rank_matrix(heads, hidden, labels, lm_head, k_top, chunk, roots, embedding, record),
-                            k_top)
+    return table_from_ranks(rank_matrix(heads, hidden, labels, lm_head, k_top, chunk, roots, embedding, record,
+                                        taps), k_top)

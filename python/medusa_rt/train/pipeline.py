@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 
@@ -76,7 +76,8 @@ def train_heads(
     t_answers = time.time() - t0
     # 2. Hidden states.
     t0 = time.time()
-    feats = data.extract_hidden_states(engine, records, cfg.num_heads, work / data.FEATURES, progress=progress)
+    feats = data.extract_hidden_states(engine, records, cfg.num_heads, work / data.FEATURES,
+                                       layers=cfg.feature_layers, progress=progress)
     t_features = time.time() - t0
     train_rec, val_rec = data.split_records(len(records), held_out, seed=cfg.seed)
     is_val = np.isin(feats.record, val_rec)
@@ -90,17 +91,21 @@ def train_heads(
     lm_head = load_lm_head(engine.model_dir, dtype)
     draft = data.draft_vocabulary([records[i] for i in train_rec], cfg.draft_coverage) if cfg.shared_lm_head else None
     embedding = load_embedding(engine.model_dir, dtype) if cfg.root_input else None
-    shape = DraftShape.from_config(json.loads((Path(engine.model_dir) / "config.json").read_text())) \
-        if cfg.draft_layer else None
+    base_cfg = json.loads((Path(engine.model_dir) / "config.json").read_text())
+    if any(L >= int(base_cfg["num_hidden_layers"]) for L in cfg.feature_layers):
+        raise InvalidArgumentError(f"feature_layers {list(cfg.feature_layers)}: the model has decoder layers "
+                                   f"1..{int(base_cfg['num_hidden_layers']) - 1} to read")
+    shape = DraftShape.from_config(base_cfg) if cfg.draft_layer else None
     trainer = Trainer(cfg, lm_head, work, progress=progress, draft_vocab=draft, embedding=embedding,
-                      draft_shape=shape)
+                      draft_shape=shape, norm_eps=float(base_cfg["rms_norm_eps"]))
     if trainer.try_resume():
         _say(progress, f"resuming from {trainer.checkpoint_path} at step {trainer.step}")
-    trainer.fit(feats.hidden[~is_val], feats.labels[~is_val], feats.roots[~is_val], feats.record[~is_val])
+    tr_taps, val_taps = (None, None) if feats.taps is None else (feats.taps[~is_val], feats.taps[is_val])
+    trainer.fit(feats.hidden[~is_val], feats.labels[~is_val], feats.roots[~is_val], feats.record[~is_val], tr_taps)
     t_train = time.time() - t0
     # 4. Held-out accuracy, tree, heads file.
     metrics = trainer.evaluate(feats.hidden[is_val], feats.labels[is_val], top_k, roots=feats.roots[is_val],
-                               record=feats.record[is_val])
+                               record=feats.record[is_val], taps=val_taps)
     table = metrics["table"]
     tree = tree_fit.fit_tree(table, tree_nodes)
     expected = tree_fit.expected_tokens_per_step(table, tree)
@@ -120,7 +125,7 @@ def train_heads(
         "seconds": {"answers": t_answers, "features": t_features, "training": t_train,
                     "total": time.time() - t_start},
     }
-    write_trained_heads(trainer.model.layout_tensors(), out, engine, dtype, report, draft)
+    write_trained_heads(trainer.model.layout_tensors(), out, engine, dtype, report, draft, cfg.feature_layers)
     (work / "report.json").write_text(json.dumps(report, indent=1))
     if progress:
         print_report(report)
@@ -128,7 +133,7 @@ def train_heads(
 
 
 def write_trained_heads(tensors, out: Path, engine, dtype: str, report: Dict[str, object],
-                        draft_vocab: Optional[np.ndarray] = None) -> None:
+                        draft_vocab: Optional[np.ndarray] = None, feature_layers: Sequence[int] = ()) -> None:
     from ..export.medusa_heads import write_heads_file
 
     extra = {
@@ -139,7 +144,8 @@ def write_trained_heads(tensors, out: Path, engine, dtype: str, report: Dict[str
     out.parent.mkdir(parents=True, exist_ok=True)
     write_heads_file(tensors, out, hidden=engine.info.hidden_size, vocab=engine.info.vocab_size,
                      dtype=DTYPE_STORAGE[dtype], default_tree=report["tree"], extra_metadata=extra,
-                     draft_vocab=draft_vocab, source="medusa-rt train-heads", progress=False)
+                     draft_vocab=draft_vocab, feature_layers=feature_layers, source="medusa-rt train-heads",
+                     progress=False)
 
 
 def print_report(report: Dict[str, object]) -> None:

@@ -39,7 +39,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -75,6 +75,7 @@ class TrainConfig:
     path_input: bool = False    # ... and of their tree path's tokens (format_version 3; needs root_input)
     draft_layer: bool = False   # a context-attending draft layer before the heads (format_version 4)
     draft_intermediate: int = 1536  # the draft layer's MLP width
+    feature_layers: Tuple[int, ...] = ()  # base-model layers fused into the heads' input (format_version 5)
 
     def validate(self) -> None:
         if self.num_heads < 1 or self.num_layers < 1:
@@ -93,6 +94,12 @@ class TrainConfig:
             raise InvalidArgumentError("draft_layer needs root_input (its keys read each position's root token)")
         if self.draft_intermediate < 1:
             raise InvalidArgumentError("draft_intermediate must be >= 1")
+        self.feature_layers = tuple(int(x) for x in self.feature_layers)
+        layers = list(self.feature_layers)
+        if layers and (not self.root_input or self.draft_layer):
+            raise InvalidArgumentError("feature_layers need root_input and no draft_layer")
+        if len(layers) > 8 or len(set(layers)) != len(layers) or any(int(x) < 1 for x in layers):
+            raise InvalidArgumentError(f"feature_layers must be at most 8 distinct decoder layers >= 1, got {layers}")
 
 
 @dataclass
@@ -174,7 +181,7 @@ class MedusaHeads(torch.nn.Module):
 
     def __init__(self, lm_head: torch.Tensor, num_heads: int, num_layers: int, shared: bool,
                  embedding: Optional[torch.Tensor] = None, path_input: bool = False,
-                 draft: Optional[DraftLayer] = None) -> None:
+                 draft: Optional[DraftLayer] = None, num_features: int = 0, norm_eps: float = 1e-5) -> None:
         super().__init__()
         if draft is not None and embedding is None:
             raise InvalidArgumentError("a draft layer needs the embedding table (root input)")
@@ -205,12 +212,31 @@ class MedusaHeads(torch.nn.Module):
             for head in self.path:
                 for lin in head:
                     torch.nn.init.zeros_(lin.weight)
+        # F_j for the feature layers (format_version 5): the heads read h + sum_j F_j rmsnorm(tap_j).
+        self.fuse = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden, bias=False) for _ in range(num_features))
+        for lin in self.fuse:
+            torch.nn.init.zeros_(lin.weight)
+        self.norm_eps = norm_eps
         self.proj = None if shared else torch.nn.ParameterList(
             torch.nn.Parameter(lm_head.clone()) for _ in range(num_heads))
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Embeddings of token ids, zero rows for -1 (a path past the answer's end)."""
         return self.embedding[tokens.clamp(min=0)] * (tokens >= 0).unsqueeze(-1).to(self.embedding.dtype)
+
+    def fuse_input(self, h: torch.Tensor, taps: Optional[torch.Tensor]) -> torch.Tensor:
+        """What the heads read with feature layers: ``h + sum_j F_j rmsnorm(taps[:, j])`` (``taps``
+        ``[rows, T, H]``, the residual stream after each feature layer; an RMS norm without weight,
+        as the engine does); ``h`` itself without them."""
+        if not len(self.fuse):
+            return h
+        if taps is None or taps.shape[1] != len(self.fuse):
+            raise InvalidArgumentError(f"these heads read {len(self.fuse)} feature layers: pass taps [rows, "
+                                       f"{len(self.fuse)}, H]")
+        x = taps * torch.rsqrt(taps.pow(2).mean(-1, keepdim=True) + self.norm_eps)
+        for j, lin in enumerate(self.fuse):
+            h = h + lin(x[:, j])
+        return h
 
     def contextualize(self, h: torch.Tensor, roots: torch.Tensor) -> torch.Tensor:
         """The draft layer over B padded answers (``h`` ``[B, T, H]``, ``roots`` ``[B, T]``, padding
@@ -252,6 +278,8 @@ class MedusaHeads(torch.nn.Module):
         ``{h}.root.weight`` for a root input, ``{h}.path.{j}.weight`` for a path input, ``draft.*`` for a
         draft layer)."""
         t: Dict[str, np.ndarray] = {} if self.draft is None else self.draft.layout_tensors()
+        for j, lin in enumerate(self.fuse):
+            t[f"fuse.{j}.weight"] = lin.weight.detach().float().numpy().copy()
         for k, head in enumerate(self.blocks):
             if self.root is not None:
                 t[f"{k}.root.weight"] = self.root[k].weight.detach().float().numpy().copy()
@@ -358,12 +386,13 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, lm_head: np.ndarray, work_dir: Path, progress: bool = True,
                  draft_vocab: Optional[np.ndarray] = None, embedding: Optional[np.ndarray] = None,
-                 draft_shape: Optional[DraftShape] = None) -> None:
+                 draft_shape: Optional[DraftShape] = None, norm_eps: float = 1e-5) -> None:
         """``draft_vocab`` (shared lm_head only): token ids the heads are trained to rank among
         (the softmax runs over those rows of the lm_head: the same ranking the engine does with
         a draft vocabulary, at a fraction of the cost). ``embedding``: the base model's token
         embedding table, needed with ``cfg.root_input``. ``draft_shape``: the base model's
-        attention shape (:meth:`DraftShape.from_config`), needed with ``cfg.draft_layer``."""
+        attention shape (:meth:`DraftShape.from_config`), needed with ``cfg.draft_layer``.
+        ``norm_eps``: the base model's RMSNorm epsilon (the feature layers' normalisation)."""
         cfg.validate()
         if cfg.root_input and embedding is None:
             raise InvalidArgumentError("root_input heads need the base model's embedding table")
@@ -385,7 +414,7 @@ class Trainer:
         emb = torch.from_numpy(np.array(embedding, dtype=np.float32)) if cfg.root_input else None
         draft = DraftLayer(proj.shape[1], draft_shape, cfg.draft_intermediate) if cfg.draft_layer else None
         self.model = MedusaHeads(torch.from_numpy(proj), cfg.num_heads, cfg.num_layers, cfg.shared_lm_head, emb,
-                                 cfg.path_input, draft)
+                                 cfg.path_input, draft, len(cfg.feature_layers), norm_eps)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
@@ -411,7 +440,8 @@ class Trainer:
         mine = asdict(self.cfg)
         theirs = ck["config"]
         keys = ("num_heads", "num_layers", "shared_lm_head", "epochs", "lr", "batch_size", "decay", "warmup", "seed",
-                "draft_coverage", "distill", "root_input", "path_input", "draft_layer", "draft_intermediate")
+                "draft_coverage", "distill", "root_input", "path_input", "draft_layer", "draft_intermediate",
+                "feature_layers")
         diff = [k for k in keys if mine[k] != theirs.get(k, TrainConfig.__dataclass_fields__[k].default)]
         mine_vocab = None if self.draft_vocab is None else self.draft_vocab.tolist()
         if ck.get("draft_vocab") != mine_vocab:
@@ -466,15 +496,35 @@ class Trainer:
             out[sp[0, 0]:sp[-1, 1]] = self._context(hidden, roots, sp).numpy()
         return out
 
+    def _taps_needed(self, taps: Optional[np.ndarray], rows: int) -> None:
+        T = len(self.cfg.feature_layers)
+        if T and (taps is None or taps.shape[:2] != (rows, T)):
+            raise InvalidArgumentError(f"heads with feature layers {list(self.cfg.feature_layers)} need each row's "
+                                       f"taps [rows, {T}, H] (extract the features with those layers)")
+
+    @torch.no_grad()
+    def input_states(self, hidden: np.ndarray, taps: Optional[np.ndarray], chunk: int = 4096) -> np.ndarray:
+        """What the heads read for every row with feature layers (``hidden`` fused with ``taps``, see
+        :meth:`MedusaHeads.fuse_input`); ``hidden`` itself without them."""
+        if not self.cfg.feature_layers:
+            return hidden
+        self._taps_needed(taps, hidden.shape[0])
+        out = np.empty(hidden.shape, dtype=np.float32)
+        for a in range(0, hidden.shape[0], chunk):
+            h = torch.from_numpy(hidden[a:a + chunk].astype(np.float32))
+            out[a:a + chunk] = self.model.fuse_input(h, torch.from_numpy(taps[a:a + chunk].astype(np.float32))).numpy()
+        return out
+
     def fit(self, hidden: np.ndarray, labels: np.ndarray, roots: Optional[np.ndarray] = None,
-            record: Optional[np.ndarray] = None) -> None:
+            record: Optional[np.ndarray] = None, taps: Optional[np.ndarray] = None) -> None:
         """Trains on all rows for cfg.epochs (continuing from self.step). The rows of an answer must
         be consecutive positions (as :func:`.data.extract_hidden_states` stores them) when
         cfg.distill > 0: the teacher of head k at a row is the row 1 + k further on. ``roots``
         (the rows' root tokens) is needed with cfg.root_input. With cfg.draft_layer each step takes
         whole answers (``record``: the answer id of each row, rows of an answer consecutive from its
-        row 0), about cfg.batch_size rows."""
+        row 0), about cfg.batch_size rows. ``taps`` ([rows, T, H]) is needed with cfg.feature_layers."""
         cfg = self.cfg
+        self._taps_needed(taps, hidden.shape[0])
         if cfg.root_input and roots is None:
             raise InvalidArgumentError("root_input training needs the rows' root tokens")
         if cfg.draft_layer and (record is None or len(record) != hidden.shape[0]):
@@ -501,6 +551,8 @@ class Trainer:
             if spans is None:
                 idx = chosen
                 h = torch.from_numpy(hidden[idx].astype(np.float32))
+                if cfg.feature_layers:
+                    h = self.model.fuse_input(h, torch.from_numpy(taps[idx].astype(np.float32)))
             else:
                 sp = spans[chosen]
                 idx = np.concatenate([np.arange(a, b) for a, b in sp])
@@ -540,9 +592,12 @@ class Trainer:
         self.model.eval()
 
     def evaluate(self, hidden: np.ndarray, labels: np.ndarray, top_k: int = 10,
-                 roots: Optional[np.ndarray] = None, record: Optional[np.ndarray] = None) -> Dict[str, object]:
+                 roots: Optional[np.ndarray] = None, record: Optional[np.ndarray] = None,
+                 taps: Optional[np.ndarray] = None) -> Dict[str, object]:
         """Held-out metrics (see :func:`evaluate`), over the draft vocabulary if there is one; with a
-        draft layer the rows are whole answers (``record`` as in :meth:`fit`)."""
+        draft layer the rows are whole answers (``record`` as in :meth:`fit`); with feature layers
+        each row needs its ``taps``."""
+        hidden = self.input_states(hidden, taps)
         if self.cfg.draft_layer:
             if record is None or len(record) != hidden.shape[0]:
                 raise InvalidArgumentError("heads with a draft layer are evaluated on whole answers: pass record")
