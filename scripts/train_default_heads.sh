@@ -10,7 +10,7 @@ WORK=${1:-$HOME/.cache/medusa_rt/train-smollm2-135m}
 OUT=$WORK/medusa_heads.safetensors
 medusa-rt train-heads "$OUT" --model smollm2-135m --dtype bf16 --work-dir "$WORK" \
   --prompts 1728 --max-new-tokens 256 --batch 32 --heads 4 --layers 2 --layout shared --path-input \
-  --epochs 2 --lr 1e-3 --batch-size 256 --seed 0 --tree-nodes 64 --overwrite
+  --epochs 2 --lr 1e-3 --batch-size 256 --seed 0 --tree-nodes 64 --feature-layers 8,16,24 --overwrite
 # The accuracy table `tree="auto"` predicts from: measured on the development prompts (unlike the
 # training templates; the template held-out table overstates acceptance). The default tree stays
 # the one fitted at training. Then mark the file as the shipped heads (the registry installs them
@@ -31,7 +31,8 @@ data.generate_answers(engine, load_eval_prompts(dev), work / "dev", max_new_toke
 fit = json.loads(subprocess.check_output(["medusa-rt", "-q", "fit-tree", "--medusa-heads", out,
                                           "--answers", str(work / "dev" / "answers.jsonl")]))
 table = fit["accuracy_table"]
-tree = json.loads(RuntimeHeads.load(out).metadata["default_tree"])
+tree = json.loads(RuntimeHeads.load(out, config=json.loads((engine.model_dir / "config.json").read_text()))
+                 .metadata["default_tree"])
 update_heads_metadata(out, {"accuracy_table": json.dumps(table),
                             "expected_tokens_per_step": f"{tree_fit.expected_tokens_per_step(table, tree):.4f}",
                             "accuracy_table_source": "the development prompts (python/medusa_rt/data/dev_prompts.json)",
