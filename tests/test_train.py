@@ -419,6 +419,12 @@ def test_train_heads_with_feature_layers(tiny):
                 dict(root_input=True, feature_layers=(1, 1)), dict(root_input=True, feature_layers=(0,))):
         with pytest.raises(InvalidArgumentError, match="feature_layers"):
             TrainConfig(**bad).validate()
+    from medusa_rt.train.pipeline import train_heads
+
+    with pytest.raises(InvalidArgumentError, match=r"decoder layers 1\.\.1"):  # refused before any answer
+        train_heads(base, tmp / "fl_bad", tmp / "fl_bad.safetensors", num_prompts=4, max_new_tokens=8, dtype="fp32",
+                    config=TrainConfig(root_input=True, feature_layers=(2,)), progress=False)
+    assert not (tmp / "fl_bad" / "answers.jsonl").exists()
     cfg = TrainConfig(num_heads=3, epochs=30, batch_size=64, lr=3e-3, root_input=True, path_input=True,
                       feature_layers=(1,))
     tr = Trainer(cfg, lm, tmp / "fl_work", progress=False, embedding=emb)

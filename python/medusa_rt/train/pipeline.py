@@ -67,6 +67,9 @@ def train_heads(
     if max_new_tokens < 4 or max_new_tokens + 32 > engine.info.max_seq_len:
         raise InvalidArgumentError(f"max_new_tokens must be in 4..{engine.info.max_seq_len - 32} (the engine's "
                                    f"max_seq_len {engine.info.max_seq_len} less room for a prompt)")
+    if any(L >= engine.info.num_layers for L in cfg.feature_layers):  # before any answer is generated
+        raise InvalidArgumentError(f"feature_layers {list(cfg.feature_layers)}: the model has decoder layers "
+                                   f"1..{engine.info.num_layers - 1} to read")
     # 1. The model answers the prompts.
     t0 = time.time()
     ps = prompts.training_prompts(num_prompts, seed=cfg.seed)
@@ -92,9 +95,6 @@ def train_heads(
     draft = data.draft_vocabulary([records[i] for i in train_rec], cfg.draft_coverage) if cfg.shared_lm_head else None
     embedding = load_embedding(engine.model_dir, dtype) if cfg.root_input else None
     base_cfg = json.loads((Path(engine.model_dir) / "config.json").read_text())
-    if any(L >= int(base_cfg["num_hidden_layers"]) for L in cfg.feature_layers):
-        raise InvalidArgumentError(f"feature_layers {list(cfg.feature_layers)}: the model has decoder layers "
-                                   f"1..{int(base_cfg['num_hidden_layers']) - 1} to read")
     shape = DraftShape.from_config(base_cfg) if cfg.draft_layer else None
     trainer = Trainer(cfg, lm_head, work, progress=progress, draft_vocab=draft, embedding=embedding,
                       draft_shape=shape, norm_eps=float(base_cfg["rms_norm_eps"]))
