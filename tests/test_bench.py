@@ -20,6 +20,7 @@ def test_bench_suite_runs_on_a_tiny_model(tmp_path):
     base = save_and_export(build_hf_model("llama-mha-tied", seed=3), tmp_path, "base")
     r = run_suite(str(base), new_tokens=6, repeats=2, medusa_prompts=1, hf=False, llama_cpp=False, dtypes=("fp32",))
     json.dumps(r)  # the report is JSON
+    assert r["machine"]["isa"] in ("avx512", "avx2", "generic")  # the kernels the numbers are of
     d = r["decode"]["fp32"]
     assert d["tokens_per_second"] > 0 and d["bandwidth_bound_tokens_per_second"] > 0
     assert d["fraction_of_bound"] == pytest.approx(d["tokens_per_second"] / d["bandwidth_bound_tokens_per_second"])
@@ -31,6 +32,7 @@ def test_bench_suite_runs_on_a_tiny_model(tmp_path):
     out = io.StringIO()
     print_table(r, file=out)
     assert "decode" in out.getvalue() and "peer llama_cpp: --no-llama-cpp" in out.getvalue()
+    assert f"{r['machine']['isa']} kernels" in out.getvalue()
 
 
 def test_bench_verify_interleaves_rounds_after_a_context(tmp_path):

@@ -2,8 +2,9 @@
 
 Sections (SmolLM2-135M by default, greedy, 128 new tokens):
 
-- machine: CPU, cores, streaming read bandwidth and fp32 FMA peak (all cores, measured here), and
-  whether the backend's memory is on transparent huge pages;
+- machine: CPU, cores, the engine's kernel set (``avx512``, ``avx2`` or ``generic``: runtime
+  dispatch, capped by ``MEDUSA_RT_ISA``), streaming read bandwidth and fp32 FMA peak (all cores,
+  measured here), and whether the backend's memory is on transparent huge pages;
 - decode: engine autoregressive decode tokens/s with fp32, bf16 and fp16 weights, next to the
   memory-bandwidth bound (weight bytes per token / streaming bandwidth measured on a buffer of
   that size);
@@ -364,6 +365,7 @@ def run_suite(model: str = "smollm2-135m", *, new_tokens: int = 128, repeats: in
     first = Engine(model, dtype="bf16", max_seq_len=64, medusa_max_batch=0)  # resolves / pulls the model once
     model_dir = first.model_dir
     threads = first.info.num_threads
+    isa = first.info.isa
     decode_prompts = _chat_ids(first, DECODE_PROMPTS)
     heads = first.info.medusa_heads > 0
     del first
@@ -377,7 +379,7 @@ def run_suite(model: str = "smollm2-135m", *, new_tokens: int = 128, repeats: in
         "benchmark": "medusa-rt bench",
         "model": model,
         "new_tokens": new_tokens,
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads,
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads, "isa": isa,
                     "stream_read_GBps": bw / 1e9, "fma_peak_GFLOPs": peak / 1e9,
                     "huge_pages": huge_pages()},
     }
@@ -422,7 +424,7 @@ def run_suite(model: str = "smollm2-135m", *, new_tokens: int = 128, repeats: in
 
 def print_table(r: Dict, file=sys.stderr) -> None:
     m = r["machine"]
-    print(f"\nmachine: {m['cpu']}, {m['cores']} cores ({m['threads']} threads), stream read {m['stream_read_GBps']:.1f} GB/s, "
+    print(f"\nmachine: {m['cpu']}, {m['cores']} cores ({m['threads']} threads, {m.get('isa', '?')} kernels), stream read {m['stream_read_GBps']:.1f} GB/s, "
           f"fp32 FMA peak {m.get('fma_peak_GFLOPs', 0):.0f} GFLOP/s, huge pages {m.get('huge_pages', 'unknown')}",
           file=file)
     print(f"{'decode':<10} {'tok/s':>8} {'bound':>8} {'of bound':>9}", file=file)
