@@ -222,6 +222,8 @@ def test_distillation_targets_are_the_base_models_next_tokens(tiny):
     assert np.mean(after["loss"]) < np.mean(before["loss"])
     with pytest.raises(InvalidArgumentError, match="distill"):
         TrainConfig(distill=1.5).validate()
+    with pytest.raises(InvalidArgumentError, match="weight_decay"):
+        TrainConfig(weight_decay=-0.1).validate()
 
 
 def test_auto_tree_needs_an_accuracy_table(tmp_path):

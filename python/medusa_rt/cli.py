@@ -108,7 +108,8 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
     from .train.trainer import TrainConfig
 
     cfg = TrainConfig(num_heads=args.heads, num_layers=args.layers, shared_lm_head=args.layout == "shared",
-                      epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                      epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                      weight_decay=args.weight_decay, seed=args.seed,
                       threads=args.threads, draft_coverage=args.draft_coverage, distill=args.distill,
                       root_input=args.root_input, path_input=args.path_input and args.root_input,
                       draft_layer=args.draft_layer, draft_intermediate=args.draft_intermediate,
@@ -325,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--epochs", type=float, default=2.0)
     sp.add_argument("--lr", type=float, default=1e-3)
     sp.add_argument("--batch-size", type=int, default=256, help="training rows per step")
+    sp.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     sp.add_argument("--tree-nodes", type=int, default=64, help="nodes of the fitted default tree")

@@ -82,6 +82,8 @@ class TrainConfig:
             raise InvalidArgumentError("num_heads and num_layers must be >= 1")
         if not self.epochs > 0 or not self.lr > 0 or self.batch_size < 1:
             raise InvalidArgumentError("epochs and lr must be > 0 and batch_size >= 1")
+        if not self.weight_decay >= 0:
+            raise InvalidArgumentError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 < self.decay <= 1 or not 0 <= self.warmup < 1:
             raise InvalidArgumentError("decay must be in (0, 1] and warmup in [0, 1)")
         if not 0 < self.draft_coverage <= 1:
