@@ -507,6 +507,19 @@ def test_heads_with_a_path_input(setup, tmp_path):
     assert [r.tokens for r in alone] == [t for t, _ in batch]
 
 
+def _five_node_tree_engine(d, heads_file, cfg):
+    """A 5-node tree of depth 3 (two branches) for per-step candidate checks: its paths, its nodes
+    in engine order (root first), an fp32 engine with the heads and no prompt lookup, and the NumPy
+    heads."""
+    from medusa_rt.train.heads_np import RuntimeHeads
+
+    tree = [[0], [1], [0, 0], [1, 0], [0, 0, 0]]
+    nodes = [()] + sorted(map(tuple, tree), key=lambda p: (len(p), p))
+    engine = medusa_rt.Engine(d, dtype="fp32", max_seq_len=256, tree=tree, medusa_heads=heads_file,
+                              medusa_max_batch=16, prompt_lookup=0)
+    return tree, nodes, engine, RuntimeHeads.load(heads_file, config=cfg)
+
+
 def _drafted_parents(nodes, tree_tokens, emb, max_depth=3):
     """The tree's nodes with children (above max_depth) as (depth, [(child, its token)], path
     input): the embeddings of the node's path as the engine drafted it, zero rows for the heads
@@ -552,11 +565,7 @@ def test_heads_with_feature_layers(setup, tmp_path):
                      feature_layers=[1])
     with SafetensorsFile(heads_file) as f:
         assert f.metadata["format_version"] == "5" and json.loads(f.metadata["feature_layers"]) == [1]
-    tree = [[0], [1], [0, 0], [1, 0], [0, 0, 0]]
-    nodes = [()] + sorted(map(tuple, tree), key=lambda p: (len(p), p))
-    engine = medusa_rt.Engine(d, dtype="fp32", max_seq_len=256, tree=tree, medusa_heads=heads_file,
-                              medusa_max_batch=16, prompt_lookup=0)
-    heads = RuntimeHeads.load(heads_file, config=cfg)
+    tree, nodes, engine, heads = _five_node_tree_engine(d, heads_file, cfg)
     assert heads.feature_layers == (1,) and heads.paths is not None
     unfused = RuntimeHeads(heads.blocks, None, heads.metadata, heads.draft_vocab, heads.roots, heads.paths)
     lm, emb = load_lm_head(d), load_embedding(d)
@@ -655,11 +664,7 @@ def test_heads_with_a_draft_layer(setup, tmp_path):
     write_heads_file(_draft_heads(setup), heads_file, hidden=96, vocab=cfg["vocab_size"], dtype="float32")
     with SafetensorsFile(heads_file) as f:
         assert f.metadata["format_version"] == "4" and f.metadata["draft_layer"] == "true"
-    tree = [[0], [1], [0, 0], [1, 0], [0, 0, 0]]
-    nodes = [()] + sorted(map(tuple, tree), key=lambda p: (len(p), p))
-    engine = medusa_rt.Engine(d, dtype="fp32", max_seq_len=256, tree=tree, medusa_heads=heads_file,
-                              medusa_max_batch=16, prompt_lookup=0)
-    heads = RuntimeHeads.load(heads_file, config=cfg)
+    tree, nodes, engine, heads = _five_node_tree_engine(d, heads_file, cfg)
     assert heads.draft is not None and heads.paths is not None
     lm, emb = load_lm_head(d), load_embedding(d)
     checked = differs = 0
