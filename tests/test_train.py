@@ -26,10 +26,26 @@ def test_training_prompts_deterministic_and_varied():
     assert {"explain", "howto", "list", "story", "code", "rewrite", "qa"} <= cats
 
 
+def test_everyday_prompts_deterministic_and_balanced(tmp_path):
+    a = prompts.everyday_prompts(170)
+    assert a == prompts.everyday_prompts(170) and a != prompts.everyday_prompts(170, seed=1)
+    count = {c: sum(1 for x, _ in a if x == c) for c in {c for c, _ in a}}
+    assert count == {"advice": 170, "reasoning": 170, "rewrite": 170, "everyday": 120}
+    assert len({p for _, p in a}) == len(a) == 630
+    assert prompts.everyday_prompts(0) == [] and len(prompts.everyday_prompts(5)) == 20
+    with pytest.raises(ValueError):
+        prompts.everyday_prompts(-1)
+    from medusa_rt.train.pipeline import train_heads
+
+    with pytest.raises(InvalidArgumentError, match="everyday_prompts"):  # refused before any engine or answer
+        train_heads("no-such-model", tmp_path / "work", tmp_path / "heads.safetensors", num_prompts=4,
+                    everyday_prompts=-1, progress=False)
+
+
 def test_eval_set_is_held_out():
     ev = load_eval_prompts()
     assert len(ev) >= 50 and len({c for c, _ in ev}) >= 5
-    train = {p.lower() for _, p in prompts.training_prompts(prompts.available())}
+    train = {p.lower() for _, p in prompts.training_prompts(prompts.available()) + prompts.everyday_prompts(1000)}
     for _, p in ev:
         assert p.lower() not in train
     # No training subject appears in an evaluation prompt either.

@@ -115,6 +115,7 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
                       draft_layer=args.draft_layer, draft_intermediate=args.draft_intermediate,
                       feature_layers=tuple(args.feature_layers))
     report = train_heads(args.model, args.work_dir, args.out, num_prompts=args.prompts,
+                         everyday_prompts=args.everyday_prompts,
                          max_new_tokens=args.max_new_tokens, dtype=args.dtype, batch=args.batch,
                          tree_nodes=args.tree_nodes, config=cfg, overwrite=args.overwrite, progress=not args.quiet)
     print(json.dumps({k: report[k] for k in ("prompts", "answer_tokens", "rows", "held_out", "tree_nodes",
@@ -316,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     engine_args(sp)
     sp.add_argument("--work-dir", required=True, help="keeps answers, features and checkpoints (resumable)")
     sp.add_argument("--prompts", type=int, default=1400, help="training prompts the model answers")
+    sp.add_argument("--everyday-prompts", type=int, default=0,
+                    help="also answer up to this many prompts of each everyday kind (advice, word problems, "
+                         "rewriting everyday sentences, everyday questions; 630 at 170)")
     sp.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit")
     sp.add_argument("--batch", type=int, default=16,
                     help="answers generated at once (SmolLM2-135M bf16, 2 cores: 8 -> 269, 16 -> 297, 32 -> 327 tokens/s)")

@@ -33,6 +33,7 @@ def train_heads(
     out: Union[str, Path],
     *,
     num_prompts: int = 1400,
+    everyday_prompts: int = 0,
     max_new_tokens: int = 256,
     dtype: str = "bf16",
     batch: int = 16,
@@ -47,7 +48,9 @@ def train_heads(
     the fitted default tree and the measured accuracy table) to ``out``. With a shared lm_head and
     ``config.draft_coverage`` < 1 the heads are trained to rank, and rank at inference, only the
     most frequent answer tokens covering that fraction of the training answers (a draft
-    vocabulary: cheaper training and heads, same output). Returns the report (also written to
+    vocabulary: cheaper training and heads, same output). ``num_prompts`` template prompts
+    (:func:`.prompts.training_prompts`) are answered, then up to ``everyday_prompts`` of each
+    everyday kind (:func:`.prompts.everyday_prompts`). Returns the report (also written to
     ``work_dir/report.json``)."""
     from ..engine import Engine
     from .trainer import DraftShape, TrainConfig, Trainer
@@ -62,6 +65,8 @@ def train_heads(
         raise InvalidArgumentError("train-heads needs at least 2 prompts (one is held out)")
     if num_prompts > prompts.available():
         raise InvalidArgumentError(f"the prompt generator has {prompts.available()} prompts; asked for {num_prompts}")
+    if everyday_prompts < 0:
+        raise InvalidArgumentError(f"everyday_prompts must be >= 0, got {everyday_prompts}")
     t_start = time.time()
     engine = Engine(model, dtype=dtype, max_batch_size=batch, medusa_max_batch=0, progress=progress)
     if max_new_tokens < 4 or max_new_tokens + 32 > engine.info.max_seq_len:
@@ -73,6 +78,8 @@ def train_heads(
     # 1. The model answers the prompts.
     t0 = time.time()
     ps = prompts.training_prompts(num_prompts, seed=cfg.seed)
+    if everyday_prompts:
+        ps += prompts.everyday_prompts(everyday_prompts, seed=cfg.seed)
     data.generate_answers(engine, ps, work, max_new_tokens=max_new_tokens, progress=progress)
     wanted = {p for _, p in ps}
     records = [r for r in data.read_answers(work / data.ANSWERS) if r["prompt"] in wanted and r["answer_ids"]]

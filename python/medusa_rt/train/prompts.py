@@ -203,6 +203,144 @@ def training_prompts(n: int, seed: int = 0) -> List[Tuple[str, str]]:
     return out
 
 
+# Everyday requests (everyday_prompts): advice, word problems, rewriting everyday sentences, and
+# everyday questions, kinds of request the templates above do not cover.
+NAMES = "Anna|Ben|Carlos|Dina|Emil|Fatima|George|Hana|Ivan|Julia|Kofi|Lena|Marco|Nora|Omar|Priya|Quinn|Rosa|Sam|Tara".split("|")
+ITEMS = "apples|pencils|stickers|marbles|cookies|books|cards|stamps|oranges|balloons".split("|")
+PROBLEMS = """keep forgetting where I put my keys|can't fall asleep before midnight|get distracted every time I study|
+feel tired every afternoon at work|spend too much money on takeaway food|never have time to read|find it hard to
+say no to people|get stressed before exams|have trouble waking up early|feel lonely since I moved to a new city|
+procrastinate on big projects|argue with my sister a lot|can't stick to a workout routine|have a messy desk|
+feel anxious when I talk on the phone|waste hours on my phone every evening|forget people's names right after
+meeting them|have a noisy neighbour|struggle to drink enough water|always run late for appointments|get bored at my job|
+have too many unread emails|find meetings unproductive|eat too much sugar|feel nervous on first dates|have a long commute|
+keep losing at chess|can't focus in open-plan offices|get headaches after using the computer|have trouble making decisions"""
+ACTIVITIES = """running my first 5k race|hosting a dinner party|learning to cook|starting a small business|traveling alone|
+moving to another country|learning to draw|writing a novel|growing tomatoes on a balcony|saving for a holiday|
+studying for a driving test|learning to play the guitar|working from home|keeping a journal|teaching a child to read|
+taking better photos with a phone|speaking at a wedding|camping for the first time|making friends at a new school|
+running an online meeting|going back to school as an adult|organizing a family reunion|adopting a cat|
+learning to meditate|buying a used car|choosing a laptop|painting a bedroom|decluttering a house|planning a road trip|
+volunteering at an animal shelter"""
+DECISIONS = """buying a house|changing careers|getting a pet rabbit|taking a gap year|joining a gym|buying an electric
+bike|renting an apartment with friends|starting a master's degree|switching to a vegetarian diet|learning a second
+language|taking out a loan|moving to the countryside|accepting a job offer abroad|starting a podcast|selling my car"""
+PEOPLE = """my neighbour|the teacher|our manager|my brother|the children|the old man next door|the new student|
+my best friend|the bus driver|the team|our landlord|the doctor|my grandmother|the shop owner|the students"""
+EVENTS = """forgot to lock the front door last night|painted the fence blue over the weekend|lost the tickets for
+the concert|finished the report two days early|broke the coffee machine this morning|won first prize at the
+science fair|moved the meeting to Thursday afternoon|baked a huge cake for the party|missed the last train home|
+found a wallet in the park and returned it|planted six trees along the road|cancelled the trip because of the
+storm|spilled juice on the new carpet|organized a book sale for the library|fixed the broken bicycle in ten
+minutes|asked everyone to arrive at eight o'clock sharp|left the windows open during the rain|sold all the
+lemonade before noon|wrote a long letter to the mayor|cleaned the whole garage in one day"""
+GOALS = """save energy at home|eat more vegetables|make mornings less rushed|keep a small apartment tidy|spend less time
+on social media|remember what I read|make a long flight more comfortable|keep in touch with old friends|be more
+patient with my kids|feel more confident at work|cut down on plastic waste|keep my phone battery healthy|get
+more done before lunch|make a small room feel bigger|prepare healthy lunches for the week|reduce my electricity bill|
+stay warm in winter without heating|keep a conversation going with shy people|make my garden attract birds|
+enjoy cooking more|sleep better in hot weather|learn new words every day|calm down after an argument|motivate a team
+of volunteers|keep my bike in good condition|make a birthday special on a small budget|help an elderly parent use
+email|protect my online accounts|spend a rainy weekend|prepare for a long hike"""
+SITUATIONS = """keeps borrowing money and not paying it back|talks loudly on the phone next to my desk|always cancels
+plans at the last minute|never helps with the dishes|gives me advice I did not ask for|is upset that I missed
+their party|takes credit for my work|wants to visit every weekend|keeps sending me chain messages|parks in my spot"""
+PHENOMENA = """dogs wag their tails|onions make people cry|the sea taste salty|leaves fall in autumn|we get goosebumps|
+ice float on water|people yawn|birds fly south in winter|bubbles pop|metal feel cold to the touch|we dream at
+night|popcorn pop|the moon change shape|stars twinkle|people get hiccups|bread go stale|cats land on their feet|
+apples turn brown when cut|our voices sound different on recordings|some people snore"""
+COLLECTIONS = """animals that live in the desert|fruits that are red|sports played with a ball|instruments in an
+orchestra|countries in South America|rivers in Europe|things to pack for the beach|games to play at a party|
+vegetables that grow underground|birds that cannot fly|famous scientists|jobs that help other people|
+ways to say thank you|things to do on a rainy day|hobbies you can do at home|kitchen tools|insects that help
+farmers|cities with famous towers|musical styles|healthy breakfast ideas"""
+INSTRUCTIONS = ["Rewrite this so it sounds friendlier: {e}", "Make this sentence sound formal: {e}",
+                "Explain this sentence in very simple words: {e}", "Say this in fewer words: {e}",
+                "Rewrite this in the passive voice: {e}", "Turn this into a short, polite text message: {e}",
+                "Paraphrase this sentence: {e}", "Make this sound more exciting: {e}",
+                "Rewrite this as a question: {e}", "Fix the spelling and grammar: {b}"]
+
+
+def _broken(sentence: str, rng: random.Random) -> str:
+    words = sentence.rstrip(".").split()
+    fixes = [lambda w: [x.lower() for x in w], lambda w: [x for x in w if x not in ("the", "a")],
+             lambda w: [{"was": "were", "were": "was", "is": "are", "has": "have"}.get(x, x) for x in w],
+             lambda w: [x + "s" if i == 1 else x for i, x in enumerate(w)]]
+    for f in rng.sample(fixes, 2):
+        words = f(words)
+    return " ".join(words)
+
+
+def _word_problem(rng: random.Random) -> str:
+    k = rng.randrange(10)
+    a, b, c = rng.randint(2, 12), rng.randint(2, 9), rng.randint(2, 12)
+    n1, n2, n3 = rng.sample(NAMES, 3)
+    if k == 0:
+        it = rng.choice(ITEMS)
+        return f"{n1} has {a} {it} and gets {b} bags with {c} {it} in each. How many {it} does {n1} have now?"
+    if k == 1:
+        return f"What is {rng.choice([5, 10, 15, 20, 25, 30, 40, 60, 75])} percent of {rng.randint(2, 40) * 10}? Explain each step."
+    if k == 2:
+        return f"A garden is {a + 2} meters long and {b + 1} meters wide. Work out its area and its perimeter."
+    if k == 3:
+        h, m, d = rng.randint(6, 20), rng.choice([0, 10, 15, 20, 30, 45, 50]), rng.choice([25, 40, 55, 75, 90, 105, 130])
+        return f"A bus leaves at {h}:{m:02d} and the ride takes {d} minutes. At what time does it arrive?"
+    if k == 4:
+        nums = rng.sample(range(1, 100), rng.randint(5, 7))
+        return f"Put these numbers in order from largest to smallest: {', '.join(map(str, nums))}."
+    if k == 5:
+        adj = rng.choice(["taller", "older", "faster", "heavier"])
+        return f"{n1} is {adj} than {n2}, and {n2} is {adj} than {n3}. Who is the {'shortest' if adj == 'taller' else 'youngest' if adj == 'older' else 'slowest' if adj == 'faster' else 'lightest'}?"
+    if k == 6:
+        return f"A jacket costs {rng.randint(3, 20) * 10} dollars and is sold at {rng.choice([10, 20, 25, 30, 50])} percent off. What is the new price?"
+    if k == 7:
+        return f"If {a} friends share {a * c} sweets equally, how many sweets does each friend get? Show your reasoning."
+    if k == 8:
+        return f"How many minutes are there in {b} hours and {rng.randint(1, 59)} minutes?"
+    nums = rng.sample(range(2, 50), 4)
+    return f"What is the average of {', '.join(map(str, nums[:-1]))} and {nums[-1]}?"
+
+
+def everyday_prompts(per_kind: int, seed: int = 0) -> List[Tuple[str, str]]:
+    """Up to ``per_kind`` (category, prompt) pairs of each everyday kind of request the templates
+    above lack: advice on personal situations ("advice"), short word problems ("reasoning"),
+    rewriting everyday sentences with varied instructions, some of them broken on purpose for
+    grammar fixing ("rewrite"), and everyday why / name-some questions ("everyday", 120 at most).
+    Deterministic in ``seed``."""
+    if per_kind < 0:
+        raise ValueError(f"per_kind must be >= 0, got {per_kind}")
+    rng = random.Random(seed)
+    advice = ([f"I {p}. What can I do?" for p in _split(PROBLEMS)] +
+              [f"Do you have any tips for {a}?" for a in _split(ACTIVITIES)] +
+              [f"What should I think about before {d}?" for d in _split(DECISIONS)] +
+              [f"How do I get better at {a}?" for a in _split(ACTIVITIES)] +
+              [f"What are some ways to {g}?" for g in _split(GOALS)] +
+              [f"How can I {g}?" for g in _split(GOALS)] +
+              [f"My {p} {s}. How should I handle it?" for p in ("friend", "coworker", "roommate", "cousin")
+               for s in _split(SITUATIONS)])
+    everyday = ([f"Why do {x}?" for x in _split(PHENOMENA)] +
+                [f"Name {n} {c}." for c in _split(COLLECTIONS) for n in ("three", "five", "eight")] +
+                [f"Give me a short list of {c}." for c in _split(COLLECTIONS)] +
+                [f"Why do {x}? Explain it simply." for x in _split(PHENOMENA)])
+    sentences = [f"{p[0].upper() + p[1:]} {e}." for p in _split(PEOPLE) for e in _split(EVENTS)]
+    rewrite = []
+    for s in sentences:
+        ins = rng.choice(INSTRUCTIONS)
+        rewrite.append(ins.format(e=s, b=_broken(s, rng)))
+    reason = []
+    seen = set()
+    while len(reason) < per_kind:
+        p = _word_problem(rng)
+        if p not in seen:
+            seen.add(p)
+            reason.append(p)
+    rng.shuffle(advice)
+    rng.shuffle(everyday)
+    rng.shuffle(rewrite)
+    out = [("advice", p) for p in advice[:per_kind]] + [("reasoning", p) for p in reason] + [("rewrite", p) for p in rewrite[:per_kind]] + [("everyday", p) for p in everyday[:per_kind]]
+    return out
+
+
 def available() -> int:
     """How many distinct training prompts the generator can produce."""
     return len(_all_prompts())
