@@ -4,7 +4,9 @@ The heads must learn the base model's own distribution, so the prompts only have
 kinds of request users send; the answers come from the model itself (see :mod:`.data`). Prompts are
 templates x subjects across categories (explanations, how-to, lists, stories, code, rewriting,
 Q&A, comparisons, definitions), plus text taken from the Python standard library's own docstrings
-(rewrite / summarise / explain requests), which is available offline on every machine.
+(rewrite / summarise / explain requests), which is available offline on every machine; and,
+separately (:func:`everyday_prompts`), everyday requests the templates lack: advice, word problems,
+rewriting everyday sentences, everyday questions.
 
 Nothing here overlaps the held-out evaluation set (``medusa_rt/data/eval_prompts.json``); a test
 checks that.
@@ -205,7 +207,8 @@ def training_prompts(n: int, seed: int = 0) -> List[Tuple[str, str]]:
 
 # Everyday requests (everyday_prompts): advice, word problems, rewriting everyday sentences, and
 # everyday questions, kinds of request the templates above do not cover.
-NAMES = "Anna|Ben|Carlos|Dina|Emil|Fatima|George|Hana|Ivan|Julia|Kofi|Lena|Marco|Nora|Omar|Priya|Quinn|Rosa|Sam|Tara".split("|")
+NAMES = "Anna|Ben|Carlos|Dina|Emil|Fatima|George|Hana|Ivan|Julia|Kofi|Lena|Marco|Nora|Omar|Priya|Quinn|Rosa|Sam|Tara"
+NAMES = NAMES.split("|")
 ITEMS = "apples|pencils|stickers|marbles|cookies|books|cards|stamps|oranges|balloons".split("|")
 PROBLEMS = """keep forgetting where I put my keys|can't fall asleep before midnight|get distracted every time I study|
 feel tired every afternoon at work|spend too much money on takeaway food|never have time to read|find it hard to
@@ -213,9 +216,12 @@ say no to people|get stressed before exams|have trouble waking up early|feel lon
 procrastinate on big projects|argue with my sister a lot|can't stick to a workout routine|have a messy desk|
 feel anxious when I talk on the phone|waste hours on my phone every evening|forget people's names right after
 meeting them|have a noisy neighbour|struggle to drink enough water|always run late for appointments|get bored at my job|
-have too many unread emails|find meetings unproductive|eat too much sugar|feel nervous on first dates|have a long commute|
-keep losing at chess|can't focus in open-plan offices|get headaches after using the computer|have trouble making decisions"""
-ACTIVITIES = """running my first 5k race|hosting a dinner party|learning to cook|starting a small business|traveling alone|
+have too many unread emails|find meetings unproductive|eat too much sugar|feel nervous on first dates|
+have a long commute|
+keep losing at chess|can't focus in open-plan offices|get headaches after using the computer|
+have trouble making decisions"""
+ACTIVITIES = """running my first 5k race|hosting a dinner party|learning to cook|starting a small business|
+traveling alone|
 moving to another country|learning to draw|writing a novel|growing tomatoes on a balcony|saving for a holiday|
 studying for a driving test|learning to play the guitar|working from home|keeping a journal|teaching a child to read|
 taking better photos with a phone|speaking at a wedding|camping for the first time|making friends at a new school|
@@ -262,6 +268,8 @@ INSTRUCTIONS = ["Rewrite this so it sounds friendlier: {e}", "Make this sentence
 
 
 def _broken(sentence: str, rng: random.Random) -> str:
+    """The sentence with two kinds of mistakes (lower case, dropped articles, wrong verb forms,
+    a stray plural), for grammar-fixing requests."""
     words = sentence.rstrip(".").split()
     fixes = [lambda w: [x.lower() for x in w], lambda w: [x for x in w if x not in ("the", "a")],
              lambda w: [{"was": "were", "were": "was", "is": "are", "has": "have"}.get(x, x) for x in w],
@@ -272,6 +280,7 @@ def _broken(sentence: str, rng: random.Random) -> str:
 
 
 def _word_problem(rng: random.Random) -> str:
+    """A short word problem of one of ten kinds, with random names and numbers."""
     k = rng.randrange(10)
     a, b, c = rng.randint(2, 12), rng.randint(2, 9), rng.randint(2, 12)
     n1, n2, n3 = rng.sample(NAMES, 3)
@@ -279,22 +288,27 @@ def _word_problem(rng: random.Random) -> str:
         it = rng.choice(ITEMS)
         return f"{n1} has {a} {it} and gets {b} bags with {c} {it} in each. How many {it} does {n1} have now?"
     if k == 1:
-        return f"What is {rng.choice([5, 10, 15, 20, 25, 30, 40, 60, 75])} percent of {rng.randint(2, 40) * 10}? Explain each step."
+        pct, of = rng.choice([5, 10, 15, 20, 25, 30, 40, 60, 75]), rng.randint(2, 40) * 10
+        return f"What is {pct} percent of {of}? Explain each step."
     if k == 2:
         return f"A garden is {a + 2} meters long and {b + 1} meters wide. Work out its area and its perimeter."
     if k == 3:
-        h, m, d = rng.randint(6, 20), rng.choice([0, 10, 15, 20, 30, 45, 50]), rng.choice([25, 40, 55, 75, 90, 105, 130])
+        h, m = rng.randint(6, 20), rng.choice([0, 10, 15, 20, 30, 45, 50])
+        d = rng.choice([25, 40, 55, 75, 90, 105, 130])
         return f"A bus leaves at {h}:{m:02d} and the ride takes {d} minutes. At what time does it arrive?"
     if k == 4:
         nums = rng.sample(range(1, 100), rng.randint(5, 7))
         return f"Put these numbers in order from largest to smallest: {', '.join(map(str, nums))}."
     if k == 5:
         adj = rng.choice(["taller", "older", "faster", "heavier"])
-        return f"{n1} is {adj} than {n2}, and {n2} is {adj} than {n3}. Who is the {'shortest' if adj == 'taller' else 'youngest' if adj == 'older' else 'slowest' if adj == 'faster' else 'lightest'}?"
+        least = {"taller": "shortest", "older": "youngest", "faster": "slowest", "heavier": "lightest"}[adj]
+        return f"{n1} is {adj} than {n2}, and {n2} is {adj} than {n3}. Who is the {least}?"
     if k == 6:
-        return f"A jacket costs {rng.randint(3, 20) * 10} dollars and is sold at {rng.choice([10, 20, 25, 30, 50])} percent off. What is the new price?"
+        price, off = rng.randint(3, 20) * 10, rng.choice([10, 20, 25, 30, 50])
+        return f"A jacket costs {price} dollars and is sold at {off} percent off. What is the new price?"
     if k == 7:
-        return f"If {a} friends share {a * c} sweets equally, how many sweets does each friend get? Show your reasoning."
+        return (f"If {a} friends share {a * c} sweets equally, how many sweets does each friend get? "
+                "Show your reasoning.")
     if k == 8:
         return f"How many minutes are there in {b} hours and {rng.randint(1, 59)} minutes?"
     nums = rng.sample(range(2, 50), 4)
@@ -327,7 +341,7 @@ def everyday_prompts(per_kind: int, seed: int = 0) -> List[Tuple[str, str]]:
     for s in sentences:
         ins = rng.choice(INSTRUCTIONS)
         rewrite.append(ins.format(e=s, b=_broken(s, rng)))
-    reason = []
+    reason: List[str] = []
     seen = set()
     while len(reason) < per_kind:
         p = _word_problem(rng)
@@ -337,8 +351,8 @@ def everyday_prompts(per_kind: int, seed: int = 0) -> List[Tuple[str, str]]:
     rng.shuffle(advice)
     rng.shuffle(everyday)
     rng.shuffle(rewrite)
-    out = [("advice", p) for p in advice[:per_kind]] + [("reasoning", p) for p in reason] + [("rewrite", p) for p in rewrite[:per_kind]] + [("everyday", p) for p in everyday[:per_kind]]
-    return out
+    return ([("advice", p) for p in advice[:per_kind]] + [("reasoning", p) for p in reason] +
+            [("rewrite", p) for p in rewrite[:per_kind]] + [("everyday", p) for p in everyday[:per_kind]])
 
 
 def available() -> int:
