@@ -125,6 +125,7 @@ def test_train_heads_end_to_end(tiny, capsys):
     report = train_heads(base, tmp / "work", out, num_prompts=24, max_new_tokens=48, dtype="fp32", batch=4,
                          tree_nodes=12, config=cfg, progress=False)
     assert report["prompts"] == 24 and report["rows"]["held_out"] > 0
+    assert report["everyday_prompts"] == {"per_kind": 0, "count": 0}
     assert 0 < report["draft_vocab_size"] < 384  # the heads rank the answers' frequent tokens only
     hist = json.loads((tmp / "work" / "report.json").read_text())
     assert hist["tree_nodes"] == 12 and len(hist["accuracy_table"]) == 4

@@ -120,6 +120,7 @@ def train_heads(
         "model": str(model),
         "dtype": dtype,
         "prompts": len(records),
+        "everyday_prompts": {"per_kind": everyday_prompts, "count": len(ps) - num_prompts},
         "answer_tokens": int(sum(len(r["answer_ids"]) for r in records)),
         "rows": {"train": int((~is_val).sum()), "held_out": int(is_val.sum())},
         "config": asdict(cfg),
@@ -146,7 +147,8 @@ def write_trained_heads(tensors, out: Path, engine, dtype: str, report: Dict[str
     extra = {
         "expected_tokens_per_step": f"{report['expected_tokens_per_step']:.4f}",
         "accuracy_table": json.dumps([[round(x, 5) for x in row] for row in report["accuracy_table"]]),
-        "training": json.dumps({k: report[k] for k in ("prompts", "answer_tokens", "rows", "config", "held_out")}),
+        "training": json.dumps({k: report[k] for k in ("prompts", "everyday_prompts", "answer_tokens", "rows", "config",
+                                                       "held_out") if k in report}),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     write_heads_file(tensors, out, hidden=engine.info.hidden_size, vocab=engine.info.vocab_size,
