@@ -207,22 +207,21 @@ def training_prompts(n: int, seed: int = 0) -> List[Tuple[str, str]]:
 
 # Everyday requests (everyday_prompts): advice, word problems, rewriting everyday sentences, and
 # everyday questions, kinds of request the templates above do not cover.
-NAMES = "Anna|Ben|Carlos|Dina|Emil|Fatima|George|Hana|Ivan|Julia|Kofi|Lena|Marco|Nora|Omar|Priya|Quinn|Rosa|Sam|Tara"
-NAMES = NAMES.split("|")
-ITEMS = "apples|pencils|stickers|marbles|cookies|books|cards|stamps|oranges|balloons".split("|")
+NAMES = _split("""Anna|Ben|Carlos|Dina|Emil|Fatima|George|Hana|Ivan|Julia|Kofi|Lena|Marco|Nora|Omar|Priya|Quinn|
+Rosa|Sam|Tara""")
+ITEMS = _split("apples|pencils|stickers|marbles|cookies|books|cards|stamps|oranges|balloons")
 PROBLEMS = """keep forgetting where I put my keys|can't fall asleep before midnight|get distracted every time I study|
 feel tired every afternoon at work|spend too much money on takeaway food|never have time to read|find it hard to
 say no to people|get stressed before exams|have trouble waking up early|feel lonely since I moved to a new city|
 procrastinate on big projects|argue with my sister a lot|can't stick to a workout routine|have a messy desk|
 feel anxious when I talk on the phone|waste hours on my phone every evening|forget people's names right after
-meeting them|have a noisy neighbour|struggle to drink enough water|always run late for appointments|get bored at my job|
-have too many unread emails|find meetings unproductive|eat too much sugar|feel nervous on first dates|
-have a long commute|
-keep losing at chess|can't focus in open-plan offices|get headaches after using the computer|
-have trouble making decisions"""
+meeting them|have a noisy neighbour|struggle to drink enough water|always run late for appointments|
+get bored at my job|have too many unread emails|find meetings unproductive|eat too much sugar|feel nervous on first
+dates|have a long commute|keep losing at chess|can't focus in open-plan offices|get headaches after using the
+computer|have trouble making decisions"""
 ACTIVITIES = """running my first 5k race|hosting a dinner party|learning to cook|starting a small business|
-traveling alone|
-moving to another country|learning to draw|writing a novel|growing tomatoes on a balcony|saving for a holiday|
+traveling alone|moving to another country|learning to draw|writing a novel|growing tomatoes on a balcony|
+saving for a holiday|
 studying for a driving test|learning to play the guitar|working from home|keeping a journal|teaching a child to read|
 taking better photos with a phone|speaking at a wedding|camping for the first time|making friends at a new school|
 running an online meeting|going back to school as an adult|organizing a family reunion|adopting a cat|
