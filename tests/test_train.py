@@ -53,12 +53,19 @@ def test_eval_set_is_held_out():
                 for s in prompts._split(block) if len(s) > 12]
     for _, p in ev:
         assert not [s for s in subjects if s in p.lower()], p
-    # The development prompts (settings, shipped accuracy table) are not evaluation prompts either.
+    # The development prompts (settings, shipped accuracy table) are not evaluation prompts either,
+    # nor is the second held-out set (written without access to the repository).
     import medusa_rt
     from pathlib import Path
     dev = load_eval_prompts(Path(medusa_rt.__file__).parent / "data" / "dev_prompts.json")
+    assert dev == load_eval_prompts("dev") and ev == load_eval_prompts("eval")
     assert len(dev) == 96 and len({p for _, p in dev}) == 96 and len({c for c, _ in dev}) == 10
     assert not {p for _, p in dev} & {p for _, p in ev} and not {p.lower() for _, p in dev} & train
+    probe = load_eval_prompts("probe")
+    assert len(probe) == 78 and len({p for _, p in probe}) == 78 and {c for c, _ in probe} == {c for c, _ in ev}
+    assert not {p.lower() for _, p in probe} & train  # (3 common questions are also dev or eval prompts)
+    with pytest.raises(InvalidArgumentError, match="cannot read"):
+        load_eval_prompts("no-such-set")
 
 
 def test_fit_tree_empirical_known_ranks():

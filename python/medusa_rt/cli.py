@@ -115,7 +115,7 @@ def _cmd_train_heads(args: argparse.Namespace) -> int:
                       draft_layer=args.draft_layer, draft_intermediate=args.draft_intermediate,
                       feature_layers=tuple(args.feature_layers))
     report = train_heads(args.model, args.work_dir, args.out, num_prompts=args.prompts,
-                         everyday_prompts=args.everyday_prompts,
+                         everyday_prompts=args.everyday_prompts, self_prompts=args.self_prompts,
                          max_new_tokens=args.max_new_tokens, dtype=args.dtype, batch=args.batch,
                          tree_nodes=args.tree_nodes, config=cfg, overwrite=args.overwrite, progress=not args.quiet)
     print(json.dumps({k: report[k] for k in ("prompts", "answer_tokens", "rows", "held_out", "tree_nodes",
@@ -320,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--everyday-prompts", type=int, default=0,
                     help="also answer up to this many prompts of each everyday kind (advice, word problems, "
                          "rewriting everyday sentences, everyday questions; 630 at 170)")
+    sp.add_argument("--self-prompts", type=int, default=0, metavar="N",
+                    help="also answer the requests the model itself writes when sampled from its chat template "
+                         "(Magpie-style): N candidates, of which those that end their turn and pass simple checks "
+                         "are kept (about 85%% for SmolLM2-135M)")
     sp.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit")
     sp.add_argument("--batch", type=int, default=16,
                     help="answers generated at once (SmolLM2-135M bf16, 2 cores: 8 -> 269, 16 -> 297, 32 -> 327 tokens/s)")
@@ -376,7 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("eval-heads", help="tokens per step per category on held-out prompts")
     engine_args(sp)
-    sp.add_argument("--prompts", help="evaluation prompts JSON (default: the shipped held-out set)")
+    sp.add_argument("--prompts", default="eval",
+                    help="a shipped set: 'eval' (the held-out evaluation set, default), 'probe' (a second "
+                         "held-out set) or 'dev' (the development prompts); or a JSON file of prompts")
     sp.add_argument("--medusa-heads", help="heads file to use instead of the model's own")
     sp.add_argument("--tree", help="tree: a built-in name, 'auto' or a JSON list of paths (default: the heads' own)")
     sp.add_argument("--max-new-tokens", "-n", type=int, default=128)

@@ -16,12 +16,22 @@ from typing import Dict, List, Sequence, Tuple, Union
 from ..errors import InvalidArgumentError, ModelFormatError
 
 
+PROMPT_SETS = {
+    "eval": "eval_prompts.json",  # the held-out evaluation set (64 prompts)
+    "dev": "dev_prompts.json",  # development prompts: settings were chosen on them (96)
+    "probe": "probe_prompts.json",  # a second held-out set, written without access to the repo (78)
+}
+"""The prompt sets shipped with the package, by name; none is ever trained on."""
+
+
 def load_eval_prompts(path: Union[None, str, "os.PathLike[str]"] = None) -> List[Tuple[str, str]]:
-    """(category, prompt) pairs of an evaluation file (default: the shipped held-out set).
+    """(category, prompt) pairs of an evaluation file, or of a shipped set named in
+    :data:`PROMPT_SETS` (default: ``"eval"``, the held-out evaluation set).
     The file is JSON: ``{"prompts": [{"category": ..., "prompt": ...}, ...]}`` or a plain list."""
-    if path is None:
-        text = resources.files("medusa_rt").joinpath("data/eval_prompts.json").read_text()
-        where = "the shipped evaluation set"
+    name = "eval" if path is None else str(path)
+    if name in PROMPT_SETS:
+        text = resources.files("medusa_rt").joinpath("data/" + PROMPT_SETS[name]).read_text()
+        where = f"the shipped {name} prompts"
     else:
         try:
             text = Path(path).read_text()

@@ -17,7 +17,9 @@ import numpy as np
 
 from ..errors import InvalidArgumentError
 from . import data, prompts, tree_fit
+from .evaluate import PROMPT_SETS, load_eval_prompts
 from .heads_np import load_embedding, load_lm_head
+from .self_prompts import SAMPLING, generate_self_prompts
 
 DTYPE_STORAGE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -34,6 +36,7 @@ def train_heads(
     *,
     num_prompts: int = 1400,
     everyday_prompts: int = 0,
+    self_prompts: int = 0,
     max_new_tokens: int = 256,
     dtype: str = "bf16",
     batch: int = 16,
@@ -50,8 +53,10 @@ def train_heads(
     most frequent answer tokens covering that fraction of the training answers (a draft
     vocabulary: cheaper training and heads, same output). ``num_prompts`` template prompts
     (:func:`.prompts.training_prompts`) are answered, then up to ``everyday_prompts`` of each
-    everyday kind (:func:`.prompts.everyday_prompts`). Returns the report (also written to
-    ``work_dir/report.json``)."""
+    everyday kind (:func:`.prompts.everyday_prompts`), then the prompts the model itself writes
+    among ``self_prompts`` sampled candidates (:mod:`.self_prompts`: user requests sampled from
+    the model's chat template, those that end their turn and pass the checks). Returns the report
+    (also written to ``work_dir/report.json``)."""
     from ..engine import Engine
     from .trainer import DraftShape, TrainConfig, Trainer
 
@@ -67,6 +72,8 @@ def train_heads(
         raise InvalidArgumentError(f"the prompt generator has {prompts.available()} prompts; asked for {num_prompts}")
     if everyday_prompts < 0:
         raise InvalidArgumentError(f"everyday_prompts must be >= 0, got {everyday_prompts}")
+    if self_prompts < 0:
+        raise InvalidArgumentError(f"self_prompts must be >= 0, got {self_prompts}")
     t_start = time.time()
     engine = Engine(model, dtype=dtype, max_batch_size=batch, medusa_max_batch=0, progress=progress)
     if max_new_tokens < 4 or max_new_tokens + 32 > engine.info.max_seq_len:
@@ -80,6 +87,11 @@ def train_heads(
     ps = prompts.training_prompts(num_prompts, seed=cfg.seed)
     if everyday_prompts:
         ps += prompts.everyday_prompts(everyday_prompts, seed=cfg.seed)
+    n_fixed = len(ps)
+    if self_prompts:
+        held = [p for name in PROMPT_SETS for _, p in load_eval_prompts(name)]  # never trained on
+        ps += generate_self_prompts(engine, self_prompts, work, seed=cfg.seed, exclude=held,
+                                    progress=progress, **SAMPLING)
     data.generate_answers(engine, ps, work, max_new_tokens=max_new_tokens, progress=progress)
     wanted = {p for _, p in ps}
     records = [r for r in data.read_answers(work / data.ANSWERS) if r["prompt"] in wanted and r["answer_ids"]]
@@ -120,7 +132,8 @@ def train_heads(
         "model": str(model),
         "dtype": dtype,
         "prompts": len(records),
-        "everyday_prompts": {"per_kind": everyday_prompts, "count": len(ps) - num_prompts},
+        "everyday_prompts": {"per_kind": everyday_prompts, "count": n_fixed - num_prompts},
+        "self_prompts": {"candidates": self_prompts, "count": len(ps) - n_fixed, **SAMPLING},
         "answer_tokens": int(sum(len(r["answer_ids"]) for r in records)),
         "rows": {"train": int((~is_val).sum()), "held_out": int(is_val.sum())},
         "config": asdict(cfg),
@@ -147,8 +160,8 @@ def write_trained_heads(tensors, out: Path, engine, dtype: str, report: Dict[str
     extra = {
         "expected_tokens_per_step": f"{report['expected_tokens_per_step']:.4f}",
         "accuracy_table": json.dumps([[round(x, 5) for x in row] for row in report["accuracy_table"]]),
-        "training": json.dumps({k: report[k] for k in ("prompts", "everyday_prompts", "answer_tokens", "rows", "config",
-                                                       "held_out") if k in report}),
+        "training": json.dumps({k: report[k] for k in ("prompts", "everyday_prompts", "self_prompts", "answer_tokens",
+                                                       "rows", "config", "held_out") if k in report}),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     write_heads_file(tensors, out, hidden=engine.info.hidden_size, vocab=engine.info.vocab_size,

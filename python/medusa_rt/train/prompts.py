@@ -250,10 +250,11 @@ email|protect my online accounts|spend a rainy weekend|prepare for a long hike""
 SITUATIONS = """keeps borrowing money and not paying it back|talks loudly on the phone next to my desk|always cancels
 plans at the last minute|never helps with the dishes|gives me advice I did not ask for|is upset that I missed
 their party|takes credit for my work|wants to visit every weekend|keeps sending me chain messages|parks in my spot"""
-PHENOMENA = """dogs wag their tails|onions make people cry|the sea taste salty|leaves fall in autumn|we get goosebumps|
-ice float on water|people yawn|birds fly south in winter|bubbles pop|metal feel cold to the touch|we dream at
-night|popcorn pop|the moon change shape|stars twinkle|people get hiccups|bread go stale|cats land on their feet|
-apples turn brown when cut|our voices sound different on recordings|some people snore"""
+PHENOMENA = """do dogs wag their tails|do onions make people cry|does the sea taste salty|do leaves fall in autumn|
+do we get goosebumps|does soap remove grease|do people yawn|do birds fly south in winter|do bubbles pop|does metal
+feel cold to the touch|do we dream at night|does popcorn pop|does the moon change shape|do stars twinkle|do people
+get hiccups|does bread go stale|do cats land on their feet|do apples turn brown when cut|do our voices sound
+different on recordings|do some people snore"""
 COLLECTIONS = """animals that live in the desert|fruits that are red|sports played with a ball|instruments in an
 orchestra|countries in South America|rivers in Europe|things to pack for the beach|games to play at a party|
 vegetables that grow underground|birds that cannot fly|famous scientists|jobs that help other people|
@@ -331,10 +332,10 @@ def everyday_prompts(per_kind: int, seed: int = 0) -> List[Tuple[str, str]]:
               [f"How can I {g}?" for g in _split(GOALS)] +
               [f"My {p} {s}. How should I handle it?" for p in ("friend", "coworker", "roommate", "cousin")
                for s in _split(SITUATIONS)])
-    everyday = ([f"Why do {x}?" for x in _split(PHENOMENA)] +
+    everyday = ([f"Why {x}?" for x in _split(PHENOMENA)] +
                 [f"Name {n} {c}." for c in _split(COLLECTIONS) for n in ("three", "five", "eight")] +
                 [f"Give me a short list of {c}." for c in _split(COLLECTIONS)] +
-                [f"Why do {x}? Explain it simply." for x in _split(PHENOMENA)])
+                [f"Why {x}? Explain it simply." for x in _split(PHENOMENA)])
     sentences = [f"{p[0].upper() + p[1:]} {e}." for p in _split(PEOPLE) for e in _split(EVENTS)]
     rewrite = []
     for s in sentences:

@@ -1,0 +1,168 @@
+"""Training prompts the base model writes itself (medusa_rt.train.self_prompts)."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from medusa_rt.errors import InvalidArgumentError
+from medusa_rt.train import self_prompts as sp
+
+
+def _frequencies(logits, n, **kw):
+    rng = np.random.default_rng(0)
+    draws = [sp.sample_token(logits, rng, kw.get("temperature", 1.0), kw.get("top_k", 200), kw.get("top_p", 1.0))
+             for _ in range(n)]
+    return np.bincount(draws, minlength=len(logits)) / n
+
+
+def test_sample_token_follows_the_truncated_distribution():
+    p = np.array([0.5, 0.25, 0.125, 0.0625, 0.0625])
+    logits = np.log(p) + 3.0  # softmax ignores the offset
+    n = 20000
+    assert np.allclose(_frequencies(logits, n), p, atol=0.012)
+    # Nucleus: the smallest set of most likely tokens reaching top_p, renormalised.
+    f = _frequencies(logits, n, top_p=0.8)
+    assert f[3] == f[4] == 0 and np.allclose(f[:3], [4 / 7, 2 / 7, 1 / 7], atol=0.012)
+    f = _frequencies(logits, n, top_k=2)
+    assert f[2:].sum() == 0 and np.allclose(f[:2], [2 / 3, 1 / 3], atol=0.012)
+    # Temperature 0.5 squares the probabilities (then renormalises).
+    q = p ** 2 / (p ** 2).sum()
+    assert np.allclose(_frequencies(logits, n, temperature=0.5), q, atol=0.012)
+    # top_k 1, or a tiny top_p: the most likely token.
+    assert _frequencies(logits[::-1], 200, top_k=1)[4] == 1.0
+    assert _frequencies(logits[::-1], 200, top_p=1e-6)[4] == 1.0
+
+
+def test_check_prompt_and_normalize():
+    assert sp.check_prompt("How do I keep my houseplants alive in winter?") is None
+    assert sp.check_prompt("hi there") == "length"
+    assert sp.check_prompt("x" * 700) == "length"
+    assert sp.check_prompt("Tell me more <|im_start|> about the sea") == "special"
+    assert sp.check_prompt("1234 5678 9012 3456 7890 ++--") == "not text"
+    assert sp.check_prompt("Supercalifragilistic expialidocious") == "too few words"
+    assert sp.check_prompt("What is\x07 the best way to learn?") == "unprintable"
+    assert sp.normalize("What's the CAPITAL of France?!") == sp.normalize("whats the capital of france")
+
+
+class _WordTokenizer:
+    """Words separated by spaces; id 0 is the end of turn."""
+
+    def __init__(self, words):
+        self.vocab = ["</t>", "SYS", "user:"] + sorted(set(words))
+        self.ids = {w: i for i, w in enumerate(self.vocab)}
+
+    def apply_chat_template(self, text):
+        return f"SYS user: {text} </t>"
+
+    def encode(self, text, add_special_tokens=False):
+        return [self.ids[w] for w in text.split()]
+
+    def decode(self, ids):
+        return " ".join(self.vocab[i] for i in ids)
+
+    def token_to_id(self, token):
+        return self.ids.get(token)
+
+
+class _ScriptedEngine:
+    """Each reset starts the next scripted user message (token ids, then the end of turn)."""
+
+    def __init__(self, scripts, tokenizer, max_seq_len=64):
+        self.tokenizer = tokenizer
+        self.info = SimpleNamespace(eos_token_ids=[0], max_seq_len=max_seq_len)
+        self.scripts = [tokenizer.encode(s) + [0] for s in scripts]
+        self.resets = 0
+
+    @contextmanager
+    def session(self):
+        eng = self
+
+        class S:
+            def reset(self):
+                self.script, self.pos = eng.scripts[eng.resets], 0
+                eng.resets += 1
+
+            def forward(self, tokens):
+                self.pos += 1 if tokens != eng.tokenizer.encode("SYS user:") else 0  # 0: the prefix
+                logits = np.full((1, len(eng.tokenizer.vocab)), -30.0)
+                logits[0, self.script[min(self.pos, len(self.script) - 1)]] = 30.0
+                return logits
+
+        yield S()
+
+
+SCRIPTS = [
+    "tell me about the sea please",
+    "Tell me about the sea please",  # the same after normalize
+    "what is the capital of france",  # an excluded prompt
+    "hi there",  # too short
+    " ".join(["more"] * 80),  # never ends its turn within the budget
+    "name three rivers in europe for me",
+]
+
+
+def test_generate_self_prompts_keeps_resumes_and_excludes(tmp_path):
+    tok = _WordTokenizer(" ".join(SCRIPTS).split())
+    exclude = ["What is the capital of France?"]
+    eng = _ScriptedEngine(SCRIPTS, tok)
+    kept = sp.generate_self_prompts(eng, 6, tmp_path / "a", exclude=exclude, max_tokens=40, progress=False)
+    assert kept == [("self", SCRIPTS[0]), ("self", SCRIPTS[5])]
+    recs = sp.read_candidates(tmp_path / "a" / sp.SELF_PROMPTS)
+    assert [r["rejected"] for r in recs] == [None, "duplicate", "duplicate", "length", "no end of turn", None]
+    assert [r["index"] for r in recs] == list(range(6)) and recs[4]["tokens"] == 40
+    # Interrupted after 3 candidates, then resumed: the same records, candidates not sampled twice.
+    part = _ScriptedEngine(SCRIPTS, tok)
+    sp.generate_self_prompts(part, 3, tmp_path / "b", exclude=exclude, max_tokens=40, progress=False)
+    rest = _ScriptedEngine(SCRIPTS[3:], tok)
+    assert sp.generate_self_prompts(rest, 6, tmp_path / "b", exclude=exclude, max_tokens=40, progress=False) == kept
+    assert part.resets == 3 and rest.resets == 3
+    assert sp.read_candidates(tmp_path / "b" / sp.SELF_PROMPTS) == recs
+    # A torn last line (a write cut short) is dropped and nothing is sampled again.
+    with open(tmp_path / "b" / sp.SELF_PROMPTS, "a") as f:
+        f.write('{"index": 6, "pro')
+    idle = _ScriptedEngine([], tok)
+    assert sp.generate_self_prompts(idle, 6, tmp_path / "b", exclude=exclude, progress=False) == kept
+    assert idle.resets == 0 and sp.read_candidates(tmp_path / "b" / sp.SELF_PROMPTS) == recs
+    # Fewer candidates than the file holds: the first ones only.
+    assert sp.generate_self_prompts(idle, 1, tmp_path / "b", progress=False) == kept[:1]
+    for bad in ({"count": -1}, {"temperature": 0.0}, {"top_k": 0}, {"top_p": 1.5}):
+        args = {"count": 2, **bad}
+        with pytest.raises(InvalidArgumentError):
+            sp.generate_self_prompts(eng, out_dir=tmp_path / "c", progress=False, **args)
+
+
+def test_user_turn_prefix_needs_a_chat_template():
+    tok = _WordTokenizer([])
+    assert tok.decode(sp.user_turn_prefix(tok)) == "SYS user:"
+
+    class NoTemplate(_WordTokenizer):
+        def apply_chat_template(self, text):
+            raise ValueError("this tokenizer has no chat template")
+
+    with pytest.raises(InvalidArgumentError, match="chat template"):
+        sp.user_turn_prefix(NoTemplate([]))
+
+
+def test_self_prompts_from_a_real_engine_are_seeded(tmp_path):
+    pytest.importorskip("torch")
+    from _tiny_models import build_hf_model, save_and_export
+
+    from medusa_rt import Engine
+
+    eng = Engine(save_and_export(build_hf_model("llama-mha-tied", seed=3), tmp_path, "base"), dtype="fp32")
+    texts = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        sp.generate_self_prompts(eng, 4, tmp_path / name, seed=seed, max_tokens=24, progress=False)
+        texts[name] = [(r["text"], r["tokens"]) for r in sp.read_candidates(tmp_path / name / sp.SELF_PROMPTS)]
+    assert texts["a"] == texts["b"] != texts["c"]
+    assert len(texts["a"]) == 4 and all(0 < n <= 24 for _, n in texts["a"])
+    from medusa_rt.train.pipeline import train_heads
+
+    with pytest.raises(InvalidArgumentError, match="self_prompts"):  # refused before any engine or answer
+        train_heads("no-such-model", tmp_path / "work", tmp_path / "heads.safetensors", num_prompts=4,
+                    self_prompts=-1, progress=False)
