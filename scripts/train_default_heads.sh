@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 WORK=${1:-$HOME/.cache/medusa_rt/train-smollm2-135m}
 OUT=$WORK/medusa_heads.safetensors
 medusa-rt train-heads "$OUT" --model smollm2-135m --dtype bf16 --work-dir "$WORK" \
-  --prompts 1728 --everyday-prompts 170 --max-new-tokens 256 --batch 32 --heads 4 --layers 2 \
+  --prompts 1728 --everyday-prompts 170 --self-prompts 2000 --max-new-tokens 256 --batch 32 --heads 4 --layers 2 \
   --layout shared --path-input --epochs 2 --lr 1e-3 --batch-size 256 --seed 0 --tree-nodes 64 \
   --feature-layers 8,16,24 --overwrite
 # The accuracy table `tree="auto"` predicts from: measured on the development prompts (unlike the

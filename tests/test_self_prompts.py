@@ -166,3 +166,24 @@ def test_self_prompts_from_a_real_engine_are_seeded(tmp_path):
     with pytest.raises(InvalidArgumentError, match="self_prompts"):  # refused before any engine or answer
         train_heads("no-such-model", tmp_path / "work", tmp_path / "heads.safetensors", num_prompts=4,
                     self_prompts=-1, progress=False)
+
+
+def test_train_heads_answers_the_self_written_prompts(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    from _tiny_models import build_hf_model, save_and_export
+
+    from medusa_rt.train import data
+    from medusa_rt.train.pipeline import train_heads
+    from medusa_rt.train.trainer import TrainConfig
+
+    base = save_and_export(build_hf_model("llama-mha-tied", seed=3), tmp_path, "base")
+    # A random model writes no English: keep whatever ends its turn, so that some are kept.
+    monkeypatch.setattr(sp, "check_prompt", lambda text, *a, **k: None if text else "length")
+    report = train_heads(base, tmp_path / "work", tmp_path / "heads.safetensors", num_prompts=4, self_prompts=24,
+                         max_new_tokens=16, dtype="fp32", batch=4, tree_nodes=4,
+                         config=TrainConfig(epochs=1, batch_size=32), progress=False)
+    kept = [r["prompt"] for r in sp.read_candidates(tmp_path / "work" / sp.SELF_PROMPTS) if r["prompt"] is not None]
+    assert len(sp.read_candidates(tmp_path / "work" / sp.SELF_PROMPTS)) == 24 and kept
+    assert report["self_prompts"] == {"candidates": 24, "count": len(kept), **sp.SAMPLING}
+    answered = {r["prompt"]: r["category"] for r in data.read_answers(tmp_path / "work" / data.ANSWERS)}
+    assert all(answered[p] == "self" for p in kept) and len(answered) == 4 + len(kept)
