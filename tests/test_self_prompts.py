@@ -33,6 +33,10 @@ def test_sample_token_follows_the_truncated_distribution():
     # Temperature 0.5 squares the probabilities (then renormalises).
     q = p ** 2 / (p ** 2).sum()
     assert np.allclose(_frequencies(logits, n, temperature=0.5), q, atol=0.012)
+    # top_p 1: every token of the top k, whatever the rounding of the cumulative sum.
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        sp.sample_token(rng.normal(size=1000) * 3, rng, 0.7, 200, 1.0)
     # top_k 1, or a tiny top_p: the most likely token.
     assert _frequencies(logits[::-1], 200, top_k=1)[4] == 1.0
     assert _frequencies(logits[::-1], 200, top_p=1e-6)[4] == 1.0
@@ -115,22 +119,36 @@ def test_generate_self_prompts_keeps_resumes_and_excludes(tmp_path):
     recs = sp.read_candidates(tmp_path / "a" / sp.SELF_PROMPTS)
     assert [r["rejected"] for r in recs] == [None, "duplicate", "duplicate", "length", "no end of turn", None]
     assert [r["index"] for r in recs] == list(range(6)) and recs[4]["tokens"] == 40
-    # Interrupted after 3 candidates, then resumed: the same records, candidates not sampled twice.
+    assert [r["ended"] for r in recs] == [True, True, True, True, False, True]
+    # Interrupted after 1 candidate, then resumed: the same records (the duplicate of the stored
+    # candidate is recognised), candidates not sampled twice.
     part = _ScriptedEngine(SCRIPTS, tok)
-    sp.generate_self_prompts(part, 3, tmp_path / "b", exclude=exclude, max_tokens=40, progress=False)
-    rest = _ScriptedEngine(SCRIPTS[3:], tok)
+    sp.generate_self_prompts(part, 1, tmp_path / "b", exclude=exclude, max_tokens=40, progress=False)
+    rest = _ScriptedEngine(SCRIPTS[1:], tok)
     assert sp.generate_self_prompts(rest, 6, tmp_path / "b", exclude=exclude, max_tokens=40, progress=False) == kept
-    assert part.resets == 3 and rest.resets == 3
+    assert part.resets == 1 and rest.resets == 5
     assert sp.read_candidates(tmp_path / "b" / sp.SELF_PROMPTS) == recs
     # A torn last line (a write cut short) is dropped and nothing is sampled again.
     with open(tmp_path / "b" / sp.SELF_PROMPTS, "a") as f:
-        f.write('{"index": 6, "pro')
+        f.write('{"index": 6, "tex')
     idle = _ScriptedEngine([], tok)
-    assert sp.generate_self_prompts(idle, 6, tmp_path / "b", exclude=exclude, progress=False) == kept
+    assert sp.generate_self_prompts(idle, 6, tmp_path / "b", exclude=exclude, max_tokens=40, progress=False) == kept
     assert idle.resets == 0 and sp.read_candidates(tmp_path / "b" / sp.SELF_PROMPTS) == recs
-    # Fewer candidates than the file holds: the first ones only.
-    assert sp.generate_self_prompts(idle, 1, tmp_path / "b", progress=False) == kept[:1]
-    for bad in ({"count": -1}, {"temperature": 0.0}, {"top_k": 0}, {"top_p": 1.5}):
+    # Fewer candidates than the file holds: the first ones only. Stored candidates are decided
+    # again with the current exclusions (what a fresh run would keep).
+    assert sp.generate_self_prompts(idle, 1, tmp_path / "b", max_tokens=40, progress=False) == kept[:1]
+    assert sp.generate_self_prompts(idle, 6, tmp_path / "b", max_tokens=40, progress=False) == [
+        ("self", SCRIPTS[0]), ("self", SCRIPTS[2]), ("self", SCRIPTS[5])]
+    assert sp.generate_self_prompts(idle, 6, tmp_path / "b", exclude=[SCRIPTS[5]], max_tokens=40,
+                                    progress=False) == [("self", SCRIPTS[0]), ("self", SCRIPTS[2])]
+    # Other sampling settings in the same directory are refused, not mixed.
+    with pytest.raises(InvalidArgumentError, match="other settings"):
+        sp.generate_self_prompts(idle, 6, tmp_path / "b", seed=1, max_tokens=40, progress=False)
+    # A line that is valid JSON but not a candidate ends the readable part like a torn line.
+    with open(tmp_path / "b" / sp.SELF_PROMPTS, "a") as f:
+        f.write('[1, 2]\n{"index": 7}\n')
+    assert sp.read_candidates(tmp_path / "b" / sp.SELF_PROMPTS) == recs
+    for bad in ({"count": -1}, {"temperature": 0.0}, {"top_k": 0}, {"top_p": 1.5}, {"max_tokens": 4}):
         args = {"count": 2, **bad}
         with pytest.raises(InvalidArgumentError):
             sp.generate_self_prompts(eng, out_dir=tmp_path / "c", progress=False, **args)
@@ -182,7 +200,7 @@ def test_train_heads_answers_the_self_written_prompts(tmp_path, monkeypatch):
     report = train_heads(base, tmp_path / "work", tmp_path / "heads.safetensors", num_prompts=4, self_prompts=24,
                          max_new_tokens=16, dtype="fp32", batch=4, tree_nodes=4,
                          config=TrainConfig(epochs=1, batch_size=32), progress=False)
-    kept = [r["prompt"] for r in sp.read_candidates(tmp_path / "work" / sp.SELF_PROMPTS) if r["prompt"] is not None]
+    kept = [r["text"] for r in sp.read_candidates(tmp_path / "work" / sp.SELF_PROMPTS) if r["rejected"] is None]
     assert len(sp.read_candidates(tmp_path / "work" / sp.SELF_PROMPTS)) == 24 and kept
     assert report["self_prompts"] == {"candidates": 24, "count": len(kept), **sp.SAMPLING}
     answered = {r["prompt"]: r["category"] for r in data.read_answers(tmp_path / "work" / data.ANSWERS)}

@@ -28,15 +28,16 @@ def load_eval_prompts(path: Union[None, str, "os.PathLike[str]"] = None) -> List
     """(category, prompt) pairs of an evaluation file, or of a shipped set named in
     :data:`PROMPT_SETS` (default: ``"eval"``, the held-out evaluation set).
     The file is JSON: ``{"prompts": [{"category": ..., "prompt": ...}, ...]}`` or a plain list."""
-    name = "eval" if path is None else str(path)
-    if name in PROMPT_SETS:
+    name = "eval" if path is None else path
+    if isinstance(name, str) and name in PROMPT_SETS:  # a name; a Path is always a file
         text = resources.files("medusa_rt").joinpath("data/" + PROMPT_SETS[name]).read_text()
         where = f"the shipped {name} prompts"
     else:
         try:
             text = Path(path).read_text()
         except OSError as exc:
-            raise InvalidArgumentError(f"cannot read evaluation prompts {path}: {exc}") from None
+            raise InvalidArgumentError(f"cannot read evaluation prompts {path} (shipped sets: "
+                                       f"{', '.join(PROMPT_SETS)}): {exc}") from None
         where = str(path)
     try:
         doc = json.loads(text)

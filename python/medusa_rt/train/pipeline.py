@@ -90,7 +90,7 @@ def train_heads(
     n_fixed = len(ps)
     if self_prompts:
         held = [p for name in PROMPT_SETS for _, p in load_eval_prompts(name)]  # never trained on
-        ps += generate_self_prompts(engine, self_prompts, work, seed=cfg.seed, exclude=held,
+        ps += generate_self_prompts(engine, self_prompts, work, seed=cfg.seed, exclude=held + [p for _, p in ps],
                                     progress=progress, **SAMPLING)
     data.generate_answers(engine, ps, work, max_new_tokens=max_new_tokens, progress=progress)
     wanted = {p for _, p in ps}
@@ -133,7 +133,7 @@ def train_heads(
         "dtype": dtype,
         "prompts": len(records),
         "everyday_prompts": {"per_kind": everyday_prompts, "count": n_fixed - num_prompts},
-        "self_prompts": {"candidates": self_prompts, "count": len(ps) - n_fixed, **SAMPLING},
+        "self_prompts": {"candidates": self_prompts, "count": len(ps) - n_fixed, **(SAMPLING if self_prompts else {})},
         "answer_tokens": int(sum(len(r["answer_ids"]) for r in records)),
         "rows": {"train": int((~is_val).sum()), "held_out": int(is_val.sum())},
         "config": asdict(cfg),
