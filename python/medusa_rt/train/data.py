@@ -42,6 +42,16 @@ def read_answers(path: Path) -> List[dict]:
     return out
 
 
+def rewrite_records(path: Path, records: Sequence[dict]) -> None:
+    """Rewrites a JSON-lines file with the records read from it, dropping a torn last line so that
+    appends stay line-aligned. Atomic: an interruption leaves the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
 def generate_answers(engine, prompts: Sequence[Tuple[str, str]], out_dir: Path, *, max_new_tokens: int = 256,
                      chunk: int = 64, progress: bool = True) -> Path:
     """Answers every (category, prompt) with the engine (greedy, chat template, batched over the
@@ -49,10 +59,7 @@ def generate_answers(engine, prompts: Sequence[Tuple[str, str]], out_dir: Path, 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / ANSWERS
     records = read_answers(path)
-    # Rewrite a file with a torn last line so that appends stay line-aligned.
-    with open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+    rewrite_records(path, records)
     done = {r["prompt"] for r in records}
     todo = [(c, p) for c, p in prompts if p not in done]
     tok = engine.tokenizer

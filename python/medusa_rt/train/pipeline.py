@@ -91,7 +91,7 @@ def train_heads(
     if self_prompts:
         held = [p for name in PROMPT_SETS for _, p in load_eval_prompts(name)]  # never trained on
         ps += generate_self_prompts(engine, self_prompts, work, seed=cfg.seed, exclude=held + [p for _, p in ps],
-                                    progress=progress, **SAMPLING)
+                                    progress=progress)  # the SAMPLING settings
     data.generate_answers(engine, ps, work, max_new_tokens=max_new_tokens, progress=progress)
     wanted = {p for _, p in ps}
     records = [r for r in data.read_answers(work / data.ANSWERS) if r["prompt"] in wanted and r["answer_ids"]]

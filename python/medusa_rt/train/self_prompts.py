@@ -36,6 +36,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import InvalidArgumentError
+from .data import rewrite_records
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -155,11 +156,7 @@ def generate_self_prompts(engine: "Engine", count: int, out_dir: Path, *, seed: 
                                    "directory or remove both files")
     settings_path.write_text(json.dumps(settings))
     records = read_candidates(path)
-    tmp = path.with_suffix(".tmp")  # drop a torn line so that appends stay line-aligned
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    rewrite_records(path, records)
     seen: Set[str] = {normalize(p) for p in exclude}
     kept = [r["text"] for r in records[:count] if _decide(r["text"], r["ended"], seen) is None]
     if len(records) >= count:
