@@ -757,3 +757,64 @@ def test_draft_layer_file_errors(setup, tmp_path):
     with pytest.raises(ModelFormatError, match="draft layer needs"):
         write_heads_file({k: v for k, v in _draft_heads(setup).items() if k != "draft.down.weight"},
                          tmp_path / "x.safetensors", hidden=96, vocab=vocab, dtype="float32")
+
+
+def test_sampling_same_seed_same_tokens_with_or_without_medusa(engine, own_dir, setup):
+    """do_sample: each position's draw is fixed by (seed, position) and a draft token is accepted
+    when it equals the token drawn at its position, so Medusa trees, prompt lookup and batching
+    give exactly the tokens plain sampled decoding gives with the same seed."""
+    lookup = medusa_rt.Engine(own_dir, dtype="fp32", max_seq_len=256, max_batch_size=3, medusa_max_batch=16,
+                              prompt_lookup=4)
+    prompts = setup["prompts"][:2] + _unseen(2)
+    kw = dict(max_new_tokens=64, ignore_eos=True, do_sample=True, temperature=0.7, top_k=50, top_p=0.9)
+    accepted = 0
+    with engine.session() as s:
+        for i, p in enumerate(prompts):
+            plain = s.generate(p, medusa=False, seed=100 + i, **kw)
+            assert plain.stats.tokens_per_step == 1.0
+            med = s.generate(p, seed=100 + i, **kw)
+            assert med.tokens == plain.tokens and med.stats.medusa
+            accepted += sum(med.stats.accepted_per_head)
+            assert lookup.generate(p, seed=100 + i, **kw).tokens == plain.tokens
+            greedy = s.generate(p, max_new_tokens=64, ignore_eos=True)
+            assert plain.tokens != greedy.tokens  # it did sample
+    assert accepted > 0  # the heads' drafts matched the draws at times
+    # A batch gives request i the seed seed + i; fused and host steps mixed in one batch.
+    got = lookup.generate_batch(prompts, seed=100, **kw)
+    with engine.session() as s:
+        assert [r.tokens for r in got] == [s.generate(p, medusa=False, seed=100 + i, **kw).tokens
+                                           for i, p in enumerate(prompts)]
+    # Another seed, other tokens; seed -1 (the default) draws a fresh seed per request.
+    p = prompts[0]
+    assert engine.generate(p, seed=7, **kw).tokens != engine.generate(p, seed=8, **kw).tokens
+    assert engine.generate(p, **kw).tokens != engine.generate(p, **kw).tokens
+    with engine.session() as s:
+        for bad, match in ((dict(top_k=-1), "top_k"), (dict(top_k=VOCAB + 1), "top_k"), (dict(top_p=0.0), "top_p"),
+                           (dict(top_p=1.5), "top_p"), (dict(top_p=float("nan")), "top_p"), (dict(seed=-2), "seed"),
+                           (dict(seed=2**63), "seed"), (dict(do_sample=True, temperature=0.0), "temperature > 0"),
+                           (dict(do_sample=True, acceptance="typical"), "greedy acceptance")):
+            with pytest.raises(InvalidArgumentError, match=match):
+                s.generate(p, max_new_tokens=2, **bad)
+
+
+def test_sampling_follows_the_truncated_softmax(engine, setup):
+    """The first sampled token over many seeds against softmax(logits / T) cut to top_k then
+    top_p: nothing outside the kept set, frequencies within sampling error."""
+    import numpy as np
+
+    p = setup["prompts"][0]
+    with engine.session() as s:
+        logits = s.forward(p)[0].astype(np.float64)
+    T, k, top_p, n = 0.5, 12, 0.8, 3000
+    order = np.lexsort((np.arange(logits.size), -logits))[:k]  # by logit, ties to the lower id
+    q = np.exp((logits[order] - logits[order[0]]) / T)
+    q /= q.sum()
+    keep = int(np.searchsorted(np.cumsum(q), top_p)) + 1
+    assert 2 <= keep < k  # the test exercises both cuts
+    expected = np.zeros(logits.size)
+    expected[order[:keep]] = q[:keep] / q[:keep].sum()
+    rs = engine.generate_batch([p] * n, max_new_tokens=1, ignore_eos=True, medusa=False, do_sample=True,
+                               temperature=T, top_k=k, top_p=top_p, seed=0)
+    counts = np.bincount([r.tokens[0] for r in rs], minlength=logits.size) / n
+    assert set(np.flatnonzero(counts)) <= set(order[:keep].tolist())
+    assert np.abs(counts - expected).max() < 4 * np.sqrt(0.25 / n)

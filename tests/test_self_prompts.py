@@ -3,43 +3,12 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
 from medusa_rt.errors import InvalidArgumentError
 from medusa_rt.train import self_prompts as sp
-
-
-def _frequencies(logits, n, **kw):
-    rng = np.random.default_rng(0)
-    draws = [sp.sample_token(logits, rng, kw.get("temperature", 1.0), kw.get("top_k", 200), kw.get("top_p", 1.0))
-             for _ in range(n)]
-    return np.bincount(draws, minlength=len(logits)) / n
-
-
-def test_sample_token_follows_the_truncated_distribution():
-    p = np.array([0.5, 0.25, 0.125, 0.0625, 0.0625])
-    logits = np.log(p) + 3.0  # softmax ignores the offset
-    n = 20000
-    assert np.allclose(_frequencies(logits, n), p, atol=0.012)
-    # Nucleus: the smallest set of most likely tokens reaching top_p, renormalised.
-    f = _frequencies(logits, n, top_p=0.8)
-    assert f[3] == f[4] == 0 and np.allclose(f[:3], [4 / 7, 2 / 7, 1 / 7], atol=0.012)
-    f = _frequencies(logits, n, top_k=2)
-    assert f[2:].sum() == 0 and np.allclose(f[:2], [2 / 3, 1 / 3], atol=0.012)
-    # Temperature 0.5 squares the probabilities (then renormalises).
-    q = p ** 2 / (p ** 2).sum()
-    assert np.allclose(_frequencies(logits, n, temperature=0.5), q, atol=0.012)
-    # top_p 1: every token of the top k, whatever the rounding of the cumulative sum.
-    rng = np.random.default_rng(1)
-    for _ in range(200):
-        sp.sample_token(rng.normal(size=1000) * 3, rng, 0.7, 200, 1.0)
-    # top_k 1, or a tiny top_p: the most likely token.
-    assert _frequencies(logits[::-1], 200, top_k=1)[4] == 1.0
-    assert _frequencies(logits[::-1], 200, top_p=1e-6)[4] == 1.0
 
 
 def test_check_prompt_and_normalize():
@@ -74,30 +43,27 @@ class _WordTokenizer:
 
 
 class _ScriptedEngine:
-    """Each reset starts the next scripted user message (token ids, then the end of turn)."""
+    """generate_batch answers request j with the script of candidate i (its seed is
+    candidate_seed(0, i) + ... for run seed 0): its tokens up to the end of turn, cut at the budget."""
 
-    def __init__(self, scripts, tokenizer, max_seq_len=64):
+    def __init__(self, scripts, tokenizer, max_seq_len=64, max_batch_size=1):
         self.tokenizer = tokenizer
-        self.info = SimpleNamespace(eos_token_ids=[0], max_seq_len=max_seq_len)
-        self.scripts = [tokenizer.encode(s) + [0] for s in scripts]
-        self.resets = 0
+        self.info = SimpleNamespace(eos_token_ids=[0], max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        self.scripts = [tokenizer.encode(s) for s in scripts]
+        self.sampled = []  # candidate indices, in the order asked for
 
-    @contextmanager
-    def session(self):
-        eng = self
-
-        class S:
-            def reset(self):
-                self.script, self.pos = eng.scripts[eng.resets], 0
-                eng.resets += 1
-
-            def forward(self, tokens):
-                self.pos += 1 if tokens != eng.tokenizer.encode("SYS user:") else 0  # 0: the prefix
-                logits = np.full((1, len(eng.tokenizer.vocab)), -30.0)
-                logits[0, self.script[min(self.pos, len(self.script) - 1)]] = 30.0
-                return logits
-
-        yield S()
+    def generate_batch(self, prompts, *, max_new_tokens, stop, do_sample, seed, medusa, **kw):
+        assert do_sample and not medusa and len(prompts) <= 4 * self.info.max_batch_size
+        assert all(p == self.tokenizer.encode("SYS user:") for p in prompts)
+        assert stop == [] and set(kw) == {"temperature", "top_k", "top_p"}  # no <|im_end|> here: EOS id 0 ends
+        out = []
+        for j in range(len(prompts)):
+            i = seed + j - sp.candidate_seed(0, 0)
+            self.sampled.append(i)
+            toks = self.scripts[i]
+            ended = len(toks) <= max_new_tokens
+            out.append(SimpleNamespace(tokens=toks[:max_new_tokens], finish_reason="stop" if ended else "length"))
+        return out
 
 
 SCRIPTS = [
@@ -120,20 +86,21 @@ def test_generate_self_prompts_keeps_resumes_and_excludes(tmp_path):
     assert [r["rejected"] for r in recs] == [None, "duplicate", "duplicate", "length", "no end of turn", None]
     assert [r["index"] for r in recs] == list(range(6)) and recs[4]["tokens"] == 40
     assert [r["ended"] for r in recs] == [True, True, True, True, False, True]
+    assert eng.sampled == list(range(6))  # in batches of 4 and 2
     # Interrupted after 1 candidate, then resumed: the same records (the duplicate of the stored
     # candidate is recognised), candidates not sampled twice.
     part = _ScriptedEngine(SCRIPTS, tok)
     sp.generate_self_prompts(part, 1, tmp_path / "b", exclude=exclude, max_tokens=40, progress=False)
-    rest = _ScriptedEngine(SCRIPTS[1:], tok)
+    rest = _ScriptedEngine(SCRIPTS, tok)
     assert sp.generate_self_prompts(rest, 6, tmp_path / "b", exclude=exclude, max_tokens=40, progress=False) == kept
-    assert part.resets == 1 and rest.resets == 5
+    assert part.sampled == [0] and rest.sampled == [1, 2, 3, 4, 5]
     assert sp.read_candidates(tmp_path / "b" / sp.SELF_PROMPTS) == recs
     # A torn last line (a write cut short) is dropped and nothing is sampled again.
     with open(tmp_path / "b" / sp.SELF_PROMPTS, "a") as f:
         f.write('{"index": 6, "tex')
     idle = _ScriptedEngine([], tok)
     assert sp.generate_self_prompts(idle, 6, tmp_path / "b", exclude=exclude, max_tokens=40, progress=False) == kept
-    assert idle.resets == 0 and sp.read_candidates(tmp_path / "b" / sp.SELF_PROMPTS) == recs
+    assert idle.sampled == [] and sp.read_candidates(tmp_path / "b" / sp.SELF_PROMPTS) == recs
     # Fewer candidates than the file holds: the first ones only. Stored candidates are decided
     # again with the current exclusions (what a fresh run would keep).
     assert sp.generate_self_prompts(idle, 1, tmp_path / "b", max_tokens=40, progress=False) == kept[:1]
@@ -141,14 +108,29 @@ def test_generate_self_prompts_keeps_resumes_and_excludes(tmp_path):
         ("self", SCRIPTS[0]), ("self", SCRIPTS[2]), ("self", SCRIPTS[5])]
     assert sp.generate_self_prompts(idle, 6, tmp_path / "b", exclude=[SCRIPTS[5]], max_tokens=40,
                                     progress=False) == [("self", SCRIPTS[0]), ("self", SCRIPTS[2])]
-    # Other sampling settings in the same directory are refused, not mixed.
+    # More candidates with other sampling settings are refused, not mixed; the stored ones are
+    # read whatever the settings (nothing to sample).
     with pytest.raises(InvalidArgumentError, match="other settings"):
-        sp.generate_self_prompts(idle, 6, tmp_path / "b", seed=1, max_tokens=40, progress=False)
+        sp.generate_self_prompts(idle, 7, tmp_path / "b", seed=1, max_tokens=40, progress=False)
+    assert sp.generate_self_prompts(idle, 6, tmp_path / "b", seed=1, max_tokens=40, progress=False) == kept[:1] + [
+        ("self", SCRIPTS[2]), ("self", SCRIPTS[5])]
+    # A file drawn before the engine sampled (settings without a sampler: NumPy's draws) is
+    # read, not extended.
+    settings = tmp_path / "b" / sp.SELF_PROMPTS_SETTINGS
+    legacy = {k: v for k, v in json.loads(settings.read_text()).items() if k != "sampler"}
+    settings.write_text(json.dumps(legacy))
+    assert sp.generate_self_prompts(idle, 6, tmp_path / "b", max_tokens=40, progress=False) == [
+        ("self", SCRIPTS[0]), ("self", SCRIPTS[2]), ("self", SCRIPTS[5])]
+    with pytest.raises(InvalidArgumentError, match="'sampler': 'numpy'"):
+        sp.generate_self_prompts(idle, 7, tmp_path / "b", max_tokens=40, progress=False)
+    settings.unlink()
+    with pytest.raises(InvalidArgumentError, match="other settings"):
+        sp.generate_self_prompts(idle, 7, tmp_path / "b", max_tokens=40, progress=False)
     # A line that is valid JSON but not a candidate ends the readable part like a torn line.
     with open(tmp_path / "b" / sp.SELF_PROMPTS, "a") as f:
         f.write('[1, 2]\n{"index": 7}\n')
     assert sp.read_candidates(tmp_path / "b" / sp.SELF_PROMPTS) == recs
-    for bad in ({"count": -1}, {"temperature": 0.0}, {"top_k": 0}, {"top_p": 1.5}, {"max_tokens": 4}):
+    for bad in ({"count": -1}, {"temperature": 0.0}, {"top_k": 0}, {"top_p": 1.5}, {"max_tokens": 4}, {"seed": -1}):
         args = {"count": 2, **bad}
         with pytest.raises(InvalidArgumentError):
             sp.generate_self_prompts(eng, out_dir=tmp_path / "c", progress=False, **args)
@@ -202,6 +184,7 @@ def test_train_heads_answers_the_self_written_prompts(tmp_path, monkeypatch):
                          config=TrainConfig(epochs=1, batch_size=32), progress=False)
     kept = [r["text"] for r in sp.read_candidates(tmp_path / "work" / sp.SELF_PROMPTS) if r["rejected"] is None]
     assert len(sp.read_candidates(tmp_path / "work" / sp.SELF_PROMPTS)) == 24 and kept
-    assert report["self_prompts"] == {"candidates": 24, "count": len(kept), **sp.SAMPLING}
+    assert report["self_prompts"] == {"candidates": 24, "count": len(kept), "sampler": "engine", "seed": 0,
+                                      **sp.SAMPLING}
     answered = {r["prompt"]: r["category"] for r in data.read_answers(tmp_path / "work" / data.ANSWERS)}
     assert all(answered[p] == "self" for p in kept) and len(answered) == 4 + len(kept)

@@ -219,6 +219,31 @@ def test_train_own_projection_layout(tiny):
     assert r.tokens == e2.generate(seqs[0][:8], max_new_tokens=24, medusa=False).tokens
 
 
+
+def test_checkpoint_resumes_only_on_its_own_rows(tiny):
+    """A checkpoint made on some rows is not continued on others (more answers, another split):
+    that would silently mix two runs; the same rows resume."""
+    from medusa_rt.train.heads_np import load_lm_head
+    from medusa_rt.train.trainer import TrainConfig, Trainer
+
+    tmp, base = tiny
+    lm = load_lm_head(base)
+    rng = np.random.default_rng(2)
+    hidden = rng.standard_normal((40, lm.shape[1])).astype(np.float32)
+    labels = rng.integers(0, lm.shape[0], (40, 2))
+    cfg = TrainConfig(num_heads=2, epochs=4, batch_size=16, root_input=False, path_input=False)
+    work = tmp / "rows_work"
+    Trainer(cfg, lm, work, progress=False).fit(hidden[:32], labels[:32])
+    tr = Trainer(cfg, lm, work, progress=False)
+    assert tr.try_resume() and tr.step > 0
+    with pytest.raises(InvalidArgumentError, match="other rows"):
+        tr.fit(hidden, labels)
+    with pytest.raises(InvalidArgumentError, match="other rows"):
+        tr.fit(hidden[:32], labels[8:40])
+    step = tr.step
+    tr.fit(hidden[:32], labels[:32])  # its own rows: nothing left to train
+    assert tr.step == step
+
 def test_distillation_targets_are_the_base_models_next_tokens(tiny):
     """distill > 0: the teacher of head k at position t is the base model's distribution at
     t + 1 + k, whose argmax on greedy answers is the head's label; training on it lowers the loss."""

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <mutex>
+#include <random>
 #include <string>
 #include <thread>
 
@@ -481,11 +482,19 @@ Engine::~Engine() = default;
 const ModelInfo& Engine::info() const { return impl_->info; }
 
 
+// A seed for a request that asked for a random one (GenerationConfig::seed -1).
+static uint64_t random_seed() {
+  std::random_device rd;
+  return (static_cast<uint64_t>(rd()) << 32) ^ rd();
+}
+
 // One generation's bookkeeping around its sequence: stop handling, streaming, cancellation,
 // statistics. Shared by Session::generate and Engine::generate_batch.
 class Generation {
  public:
-  Generation(Engine::Impl& e, SequenceState& s, const GenerationConfig& config, const TokenCallback* on_tokens)
+  // index: the request's position in its batch (its seed is config.seed + index).
+  Generation(Engine::Impl& e, SequenceState& s, const GenerationConfig& config, const TokenCallback* on_tokens,
+             size_t index = 0)
       : e_(e), s_(s), stop_(config, e.cfg.eos_token_ids), on_tokens_(on_tokens) {
     // medusa_max_batch 0: no step ever verifies a tree, so the heads would run for nothing.
     s.options.medusa = config.medusa && e.heads != nullptr && e.medusa_max_batch > 0;
@@ -493,6 +502,13 @@ class Generation {
     s.options.posterior_threshold = config.posterior_threshold;
     s.options.posterior_alpha = config.posterior_alpha;
     s.options.temperature = config.temperature;
+    s.options.sample = config.do_sample;
+    s.options.sampling.temperature = config.temperature;
+    s.options.sampling.top_k = config.top_k;
+    s.options.sampling.top_p = config.top_p;
+    s.options.sampling.seed = config.seed >= 0 ? static_cast<uint64_t>(config.seed) + index
+                              : config.do_sample             ? random_seed()
+                                                             : 0;
     s.options.lookup = config.prompt_lookup && config.medusa && e.prompt_lookup > 0;
     GenerationStats& st = result_.stats;
     st.medusa = s.options.medusa;
@@ -608,6 +624,23 @@ void validate_request(const Engine::Impl& e, const std::vector<int32_t>& prompt,
   }
   if (config.acceptance == Acceptance::kTypical && !(config.temperature > 0.f)) {
     throw InvalidArgumentError("temperature must be > 0 for typical acceptance, got " + std::to_string(config.temperature));
+  }
+  if (config.top_k < 0 || config.top_k > e.info.vocab_size) {
+    throw InvalidArgumentError("top_k must be in [0, vocab_size " + std::to_string(e.info.vocab_size) + "] (0: no cut), got " +
+                               std::to_string(config.top_k));
+  }
+  if (!(config.top_p > 0.f && config.top_p <= 1.f)) {
+    throw InvalidArgumentError("top_p must be in (0, 1], got " + std::to_string(config.top_p));
+  }
+  if (config.seed < -1) throw InvalidArgumentError("seed must be >= 0, or -1 for a random seed, got " + std::to_string(config.seed));
+  if (config.do_sample) {
+    if (!(config.temperature > 0.f)) {
+      throw InvalidArgumentError("do_sample needs temperature > 0 (temperature 0 is greedy decoding: do_sample false)");
+    }
+    if (config.acceptance != Acceptance::kGreedy) {
+      throw InvalidArgumentError("do_sample needs greedy acceptance (a draft token accepted when it equals the token "
+                                 "drawn at its position); typical acceptance picks its own tokens");
+    }
   }
   e.validate_tokens(prompt, "prompt");
   e.validate_tokens(config.stop_token_ids, "stop");
@@ -779,7 +812,7 @@ std::vector<GenerationResult> Engine::generate_batch(const std::vector<std::vect
         seqs[i] = std::make_unique<SequenceState>();
         seqs[i]->slot = slot;
         if (on_tokens) callbacks[i] = [&on_tokens, i](const std::vector<int32_t>& t) { return on_tokens(i, t); };
-        gens[i] = std::make_unique<Generation>(e, *seqs[i], config, &callbacks[i]);
+        gens[i] = std::make_unique<Generation>(e, *seqs[i], config, &callbacks[i], i);
         gens[i]->start(prompts[i]);
         if (gens[i]->done()) release(i);
         else active.push_back(i);

@@ -10,13 +10,39 @@
 
 namespace medusa_rt {
 
-// Greedy (lossless): starting at the root, descend to the child whose token equals the base
-// model's argmax at the current node, while one exists. Siblings carry distinct tokens, so at
-// most one child matches and this is the longest matching root-to-leaf prefix.
-// tokens/argmax: per node (num_nodes <= tree.num_nodes(), a prefix of the tree's node order).
+// Match acceptance (lossless): starting at the root, descend to the child whose token equals the
+// base model's own token at the current node, target(node) (its argmax, or the token sampled at
+// that position), while one exists. Siblings carry distinct tokens, so at most one child matches
+// and this is the longest matching root-to-leaf prefix. target is called once per node on the
+// accepted path, the root first and the last accepted node last (whose target is the bonus token).
+// tokens: per node (num_nodes <= tree.num_nodes(), a prefix of the tree's node order).
 // path receives the accepted nodes after the root, in order (its capacity is reused).
-void accept_greedy(const TreeSpec& tree, int num_nodes, const int32_t* tokens, const int32_t* argmax,
-                   std::vector<int>& path);
+template <class Target>
+void accept_match(const TreeSpec& tree, int num_nodes, const int32_t* tokens, Target&& target, std::vector<int>& path) {
+  path.clear();
+  const auto& parents = tree.parents();
+  int cur = 0;
+  while (true) {
+    const int32_t want = target(cur);
+    int next = -1;
+    // Children of cur come later in node order; scan them (trees are small).
+    for (int c = cur + 1; c < num_nodes; ++c) {
+      if (parents[c] == cur && tokens[c] == want) {
+        next = c;
+        break;
+      }
+    }
+    if (next < 0) return;
+    path.push_back(next);
+    cur = next;
+  }
+}
+
+// Greedy acceptance: match acceptance against the base model's argmax per node.
+inline void accept_greedy(const TreeSpec& tree, int num_nodes, const int32_t* tokens, const int32_t* argmax,
+                          std::vector<int>& path) {
+  accept_match(tree, num_nodes, tokens, [argmax](int u) { return argmax[u]; }, path);
+}
 
 // Typical acceptance (Medusa): a child c of an accepted node u is accepted when
 // p(token_c | u) > min(posterior_threshold, posterior_alpha * exp(-entropy(u))). Among the

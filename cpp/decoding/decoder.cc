@@ -112,6 +112,9 @@ Decoder::Decoder(LlamaModel& model, MedusaHeads* heads, TreeSpec tree, int max_b
   entropy_.reserve(max_nodes);
   typical_.logp.reserve(max_nodes);
   typical_.accepted.reserve(max_nodes);
+  logit_host_.resize(vocab_);
+  drawn_.reserve(max_nodes);
+  sampling_.reserve(vocab_);
   ForwardRows& r = rows_;
   for (auto* v : {&r.tokens, &r.positions, &r.slots, &r.cache_index, &r.prefix_len, &r.logit_rows}) v->reserve(R);
   r.extra_offsets.reserve(R + 1);
@@ -275,7 +278,7 @@ void Decoder::append(SequenceState& s, const int32_t* tokens, int n, bool with_h
     if (hidden && !all_logits) rows_.logits_from = last ? c - 1 : c;  // hidden states of all, logits of the last
     if (!all_logits && !hidden && last) rows_.logit_rows.push_back(c - 1);
     // Unless the caller wants logits, only the last row's greedy token is: a fused lm_head argmax.
-    int32_t* greedy = last && !logits ? d_argmax_ : nullptr;
+    int32_t* greedy = last && !logits && !s.options.sample ? d_argmax_ : nullptr;
     const auto tf = Clock::now();
     model_.forward(rows_, greedy);
     be.synchronize();
@@ -308,8 +311,12 @@ void Decoder::append(SequenceState& s, const int32_t* tokens, int n, bool with_h
     if (last) {
       s.length = start + n;
       s.device_synced = false;
-      if (!greedy) be.argmax(model_.logits() + size_t(nl - 1) * vocab_, 1, vocab_, d_argmax_);
-      be.copy_to_host(&s.root, greedy ? d_argmax_ + (nl - 1) : d_argmax_, sizeof(int32_t));
+      if (s.options.sample) {
+        s.root = draw(s, nl - 1, s.length);
+      } else {
+        if (!greedy) be.argmax(model_.logits() + size_t(nl - 1) * vocab_, 1, vocab_, d_argmax_);
+        be.copy_to_host(&s.root, greedy ? d_argmax_ + (nl - 1) : d_argmax_, sizeof(int32_t));
+      }
       s.has_candidates = false;
       s.draft_len = -1;  // a new prompt: the draft cache starts at its last token
       if (with_heads && heads_) {
@@ -325,6 +332,12 @@ void Decoder::append(SequenceState& s, const int32_t* tokens, int n, bool with_h
       }
     }
   }
+}
+
+int32_t Decoder::draw(const SequenceState& s, int row, int position) {
+  model_.backend().copy_to_host(logit_host_.data(), model_.logits() + size_t(row) * vocab_, sizeof(float) * vocab_);
+  const SamplingParams& p = s.options.sampling;
+  return sample_token(logit_host_.data(), vocab_, p, position_uniform(p.seed, position), sampling_);
 }
 
 void Decoder::candidates_to_host(SequenceState& s) {
@@ -363,7 +376,7 @@ bool Decoder::step_fused(SequenceState* const* seqs, int n, bool allow_trees) {
   bool any_tree = false, all_tree = true;
   for (int i = 0; i < n; ++i) {
     const SequenceState& s = *seqs[i];
-    if (s.record || s.options.medusa != medusa) return false;
+    if (s.record || s.options.sample || s.options.medusa != medusa) return false;
     const bool tree = verifies_tree(s, allow_trees);
     if (tree && s.options.acceptance != Acceptance::kGreedy) return false;
     any_tree |= tree;
@@ -574,10 +587,11 @@ void Decoder::step(SequenceState* const* seqs, int n, bool allow_trees, bool all
   }
 
   // 2. One forward over all rows, and the base model's argmax at every node: fused into the
-  // lm_head when no sequence needs the logits (typical acceptance, step records).
+  // lm_head when no sequence needs the logits (typical acceptance, sampling, step records).
   bool argmax_only = true;
   for (int si = 0; si < n; ++si) {
-    if (seqs[si]->options.acceptance != Acceptance::kGreedy || seqs[si]->record) argmax_only = false;
+    const SequenceState& s = *seqs[si];
+    if (s.options.acceptance != Acceptance::kGreedy || s.options.sample || s.record) argmax_only = false;
   }
   const auto tf = Clock::now();
   model_.forward(rows_, argmax_only ? d_argmax_ : nullptr);
@@ -602,7 +616,16 @@ void Decoder::step(SequenceState* const* seqs, int n, bool allow_trees, bool all
     const int32_t* toks = tokens_.data() + base;
     std::vector<int>& path = path_;
     path.clear();
-    if (T > 1) {
+    // With sampling, the base model's token at node u is the one drawn for its position (the
+    // node's own position + 1), drawn only for the nodes acceptance visits.
+    drawn_.assign(opt.sample ? T : 0, -1);
+    auto drawn = [&](int u) {
+      if (drawn_[u] < 0) drawn_[u] = draw(s, base + u, s.length + tree.depths()[u] + 1);
+      return drawn_[u];
+    };
+    if (opt.sample) {
+      accept_match(tree, T, toks, drawn, path);
+    } else if (T > 1) {
       if (opt.acceptance == Acceptance::kGreedy) {
         accept_greedy(tree, T, toks, argmax_.data() + base, path);
       } else {
@@ -638,7 +661,8 @@ void Decoder::step(SequenceState* const* seqs, int n, bool allow_trees, bool all
         copy_dst_.push_back(s.length + j + 1);
       }
     }
-    s.new_tokens.push_back(argmax_[base + last]);  // bonus token: the base model's own next token
+    // Bonus token: the base model's own next token.
+    s.new_tokens.push_back(opt.sample ? drawn(last) : argmax_[base + last]);
     s.lookup_accepted = 0;
     if (lt) {
       for (int u : path) s.lookup_accepted += lt->src[u] < 0;

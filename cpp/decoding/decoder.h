@@ -14,6 +14,7 @@
 
 #include "medusa_rt/engine.h"
 #include "decoding/acceptance.h"
+#include "decoding/sampling.h"
 #include "medusa_rt/tree.h"
 #include "model/llama.h"
 #include "model/medusa_heads.h"
@@ -26,6 +27,8 @@ struct StepOptions {
   float posterior_threshold = 0.09f;
   float posterior_alpha = 0.3f;
   float temperature = 1.0f;
+  bool sample = false;      // draw each position's token (sampling: temperature, top_k, top_p, seed)
+  SamplingParams sampling;
   bool lookup = false;  // verify tokens looked up in the context (Decoder's lookup_tokens > 0)
 };
 
@@ -83,7 +86,8 @@ class Decoder {
   const TreeSpec& tree() const { return tree_; }
 
   // Runs tokens through the model as causal rows appended at s.length; s.length grows by n.
-  // Sets s.root to the argmax after the last token, and s.candidates when with_heads.
+  // Sets s.root to the token after the last one (argmax, or drawn with s.options.sample), and
+  // s.candidates when with_heads.
   // logits, if non-null, receives the logits of every token (all_logits) or of the last one;
   // hidden, if non-null, the final normed hidden states of every token ([n, hidden_size]).
   void append(SequenceState& s, const int32_t* tokens, int n, bool with_heads, std::vector<float>* logits,
@@ -138,6 +142,9 @@ class Decoder {
   bool step_fused(SequenceState* const* seqs, int n, bool allow_trees);
   void fused_body(int n, int T, bool with_heads);
   void candidates_to_host(SequenceState& s);
+  // The token s.options.sampling draws from logits row `row` of the last forward for the token at
+  // `position` of the sequence.
+  int32_t draw(const SequenceState& s, int row, int position);
   // Prompt lookup: a tree (root-only, or tree_) cut by n nodes, with a chain of n looked-up tokens
   // under the root; src[i] = the tree's node for node i, or -d for the chain's node at depth d.
   struct LookupTree {
@@ -181,6 +188,9 @@ class Decoder {
   std::vector<float> tap_host_;  // append(): one layer tap of a chunk, on its way to the hidden output
   std::vector<int> row_base_, num_nodes_, path_;
   std::vector<float> lse_, entropy_;
+  std::vector<float> logit_host_;  // draw(): one logits row
+  std::vector<int32_t> drawn_;     // the host step: the token drawn at each node of a sequence, -1 until drawn
+  SamplingScratch sampling_;
   TypicalScratch typical_;
   double forward_seconds_ = 0;
 

@@ -44,6 +44,10 @@ void register_options(py::module_& m) {
       .def_readwrite("posterior_threshold", &GenerationConfig::posterior_threshold)
       .def_readwrite("posterior_alpha", &GenerationConfig::posterior_alpha)
       .def_readwrite("temperature", &GenerationConfig::temperature)
+      .def_readwrite("do_sample", &GenerationConfig::do_sample)
+      .def_readwrite("top_k", &GenerationConfig::top_k)
+      .def_readwrite("top_p", &GenerationConfig::top_p)
+      .def_readwrite("seed", &GenerationConfig::seed)
       .def_readwrite("prompt_lookup", &GenerationConfig::prompt_lookup);
 
   py::class_<GenerationStats>(m, "GenerationStats")

@@ -121,7 +121,9 @@ struct ModelInfo {
 
 /// How speculative tokens are accepted.
 enum class Acceptance {
-  kGreedy,   ///< exact match with the base model's argmax: output identical to plain greedy decoding
+  /// exact match with the base model's own token at the position (its argmax, or with
+  /// GenerationConfig::do_sample the token drawn there): output identical to plain decoding
+  kGreedy,
   kTypical,  ///< Medusa's typical acceptance (not lossless)
 };
 
@@ -148,6 +150,18 @@ struct GenerationConfig {
   float posterior_threshold = 0.09f;
   float posterior_alpha = 0.3f;
   float temperature = 1.0f;
+  /// Sampling: the base model's token at each position is drawn from softmax(logits /
+  /// temperature) truncated to the top_k most likely tokens and then to the smallest set of the
+  /// most likely ones whose probability reaches top_p, instead of taken as the argmax. Each
+  /// position's draw is fixed by (seed, position), and a Medusa draft token is accepted when it
+  /// equals the token drawn at its position (lossless: greedy acceptance only), so a request
+  /// gives the same tokens with or without Medusa and prompt lookup. Needs temperature > 0.
+  bool do_sample = false;
+  int top_k = 0;        ///< 0: no cut; else in [1, vocab_size]
+  float top_p = 1.0f;   ///< in (0, 1]; 1: no cut
+  /// Seed of the draws (>= 0), or -1: a random seed per request. Engine::generate_batch gives
+  /// request i the seed seed + i. Checked in every mode, like the typical parameters.
+  int64_t seed = -1;
   /// Use the engine's prompt lookup (EngineOptions::prompt_lookup) for this request (unless
   /// medusa is false).
   bool prompt_lookup = true;

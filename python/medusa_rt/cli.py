@@ -72,6 +72,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         for piece in session.stream(
             args.prompt, max_new_tokens=args.max_new_tokens, stop=args.stop or None, chat=chat,
             medusa=False if args.no_medusa else None, acceptance=args.acceptance,
+            do_sample=args.temperature > 0 and args.acceptance == "greedy",
+            temperature=args.temperature if args.temperature > 0 else 1.0, top_k=args.top_k, top_p=args.top_p,
+            seed=args.seed,
         ):
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -302,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also verify up to N tokens looked up in the context (0: off; default: the "
                          "device's, 4 on the CPU)")
     sp.add_argument("--acceptance", default="greedy", choices=["greedy", "typical"])
+    sp.add_argument("--temperature", type=float, default=0.0,
+                    help="sample at this temperature (0: greedy); with --acceptance typical, the "
+                         "temperature of its probabilities (default 1)")
+    sp.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0: all)")
+    sp.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens reaching P")
+    sp.add_argument("--seed", type=int, default=-1, help="seed of the draws (-1: random)")
     chat = sp.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=None,
                       help="apply the chat template (default when the model has one)")

@@ -291,8 +291,13 @@ class Session:
         posterior_alpha: float = 0.3,
         temperature: float = 1.0,
         prompt_lookup: bool = True,
+        do_sample: bool = False,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = -1,
     ) -> GenerationResult:
-        """Generates a continuation of ``prompt`` greedily, from an empty context.
+        """Generates a continuation of ``prompt`` (greedily unless ``do_sample``), from an empty
+        context.
 
         Args:
             prompt: text, or token ids used as they are.
@@ -311,6 +316,15 @@ class Session:
                 (> 0 for typical; 0 means greedy).
             prompt_lookup: use the engine's prompt lookup (``Engine(prompt_lookup=N)``) for
                 this request (with or without heads; not with ``medusa=False``).
+            do_sample: draw each token from softmax(logits / temperature), truncated to the
+                ``top_k`` most likely tokens (0: no cut) and then to the smallest set of the most
+                likely ones reaching probability ``top_p``, instead of taking the argmax. Each
+                position's draw is fixed by (``seed``, position) and a Medusa draft token is
+                accepted when it equals the token drawn at its position, so a request gives the
+                same tokens with or without Medusa (lossless; greedy acceptance only). Needs
+                temperature > 0.
+            seed: seed of the draws (>= 0), or -1 for a random one per request;
+                :meth:`Engine.generate_batch` gives request i the seed ``seed + i``.
 
         Raises:
             InvalidArgumentError: bad prompt or options (empty prompt, token id out of range,
@@ -318,7 +332,8 @@ class Session:
             CapacityError: the prompt does not fit in max_seq_len.
         """
         ids, config = self._prepare(prompt, max_new_tokens, stop, chat, ignore_eos, medusa, acceptance,
-                                    posterior_threshold, posterior_alpha, temperature, prompt_lookup)
+                                    posterior_threshold, posterior_alpha, temperature, prompt_lookup, do_sample,
+                                    top_k, top_p, seed)
         return self._result(self._core().generate(ids, config))
 
     def stream(
@@ -335,6 +350,10 @@ class Session:
         posterior_alpha: float = 0.3,
         temperature: float = 1.0,
         prompt_lookup: bool = True,
+        do_sample: bool = False,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = -1,
     ) -> Iterator[str]:
         """Like :meth:`generate`, but yields text pieces as tokens are decoded.
 
@@ -342,7 +361,8 @@ class Session:
         generation. Afterwards :attr:`last_result` holds the full :class:`GenerationResult`.
         """
         ids, config = self._prepare(prompt, max_new_tokens, stop, chat, ignore_eos, medusa, acceptance,
-                                    posterior_threshold, posterior_alpha, temperature, prompt_lookup)
+                                    posterior_threshold, posterior_alpha, temperature, prompt_lookup, do_sample,
+                                    top_k, top_p, seed)
         core = self._core()
         # A short queue: the engine runs at most a block or two ahead of the consumer, and a
         # consumer that stops (closes the iterator) cancels the generation at its next block.
@@ -454,11 +474,15 @@ def _prepare_request(
     posterior_alpha: float = 0.3,
     temperature: float = 1.0,
     prompt_lookup: bool = True,
+    do_sample: bool = False,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = -1,
 ) -> "tuple[List[int], _core.GenerationConfig]":
     """Token ids and the engine's GenerationConfig for one request (see Session.generate)."""
     ids = _encode_prompt(engine, prompt, chat)
     config = _make_config(engine, max_new_tokens, stop, ignore_eos, medusa, acceptance, posterior_threshold,
-                          posterior_alpha, temperature, prompt_lookup)
+                          posterior_alpha, temperature, prompt_lookup, do_sample, top_k, top_p, seed)
     return ids, config
 
 
@@ -489,6 +513,10 @@ def _make_config(
     posterior_alpha: float = 0.3,
     temperature: float = 1.0,
     prompt_lookup: bool = True,
+    do_sample: bool = False,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = -1,
 ) -> "_core.GenerationConfig":
     tok = engine.tokenizer
     config = _core.GenerationConfig()
@@ -518,6 +546,10 @@ def _make_config(
     config.posterior_alpha = _check_float("posterior_alpha", posterior_alpha)
     config.temperature = _check_float("temperature", temperature)
     config.prompt_lookup = bool(prompt_lookup)
+    config.do_sample = bool(do_sample)
+    config.top_k = _check_int("top_k", top_k)
+    config.top_p = _check_float("top_p", top_p)
+    config.seed = _check_int("seed", seed, bits=64)
     return config
 
 
@@ -531,11 +563,11 @@ def _make_result(engine: Engine, core_result: "_core.GenerationResult") -> Gener
     )
 
 
-def _check_int(name: str, value: object) -> int:
+def _check_int(name: str, value: object, bits: int = 32) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise InvalidArgumentError(f"{name} must be an integer, got {value!r}")
-    if not -(2**31) <= int(value) < 2**31:
-        raise InvalidArgumentError(f"{name} {int(value)} is out of range (32-bit integers)")
+    if not -(2**(bits - 1)) <= int(value) < 2**(bits - 1):
+        raise InvalidArgumentError(f"{name} {int(value)} is out of range ({bits}-bit integers)")
     return int(value)
 
 

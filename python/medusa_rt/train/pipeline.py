@@ -19,7 +19,7 @@ from ..errors import InvalidArgumentError
 from . import data, prompts, tree_fit
 from .evaluate import PROMPT_SETS, load_eval_prompts
 from .heads_np import load_embedding, load_lm_head
-from .self_prompts import SAMPLING, generate_self_prompts
+from .self_prompts import generate_self_prompts, stored_settings
 
 DTYPE_STORAGE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -133,7 +133,8 @@ def train_heads(
         "dtype": dtype,
         "prompts": len(records),
         "everyday_prompts": {"per_kind": everyday_prompts, "count": n_fixed - num_prompts},
-        "self_prompts": {"candidates": self_prompts, "count": len(ps) - n_fixed, **(SAMPLING if self_prompts else {})},
+        "self_prompts": {"candidates": self_prompts, "count": len(ps) - n_fixed,
+                         **((stored_settings(work) or {}) if self_prompts else {})},
         "answer_tokens": int(sum(len(r["answer_ids"]) for r in records)),
         "rows": {"train": int((~is_val).sum()), "held_out": int(is_val.sum())},
         "config": asdict(cfg),

@@ -6,17 +6,19 @@ request when sampled. Those requests follow the model's own instruction-tuning d
 is much closer to what real users send than any template, and they cost nothing but decoding.
 The heads then train on the model's answers to them like on any other prompt.
 
-:func:`generate_self_prompts` samples candidates one by one through the engine
-(``Session.forward``; temperature, then top-k and nucleus truncation, in NumPy), keeps those that
-end their turn within the token budget and pass simple checks (length, printable text, not a
-duplicate, not an excluded prompt such as an evaluation prompt), and appends every candidate, kept
-or not, with its text and whether it ended its turn, to ``self_prompts.jsonl`` in the work
-directory. Candidate ``i`` is sampled from its own seeded generator, so an interrupted run resumes
-where it stopped and a run asked for more candidates extends the same list; stored candidates are
-decided again on every run, so a resumed run keeps what a fresh one would. The sampling settings
-are kept beside the file (``self_prompts.json``) and a run with other settings is refused. The
-samples follow the engine's logits, so another weight dtype or kernel set (``info.isa``) can give
-other prompts from the same seed.
+:func:`generate_self_prompts` samples candidates in batches through the engine
+(``Engine.generate_batch`` with ``do_sample``: temperature, then top-k and nucleus truncation,
+candidate ``i`` drawn with the seed :func:`candidate_seed`), keeps those that end their turn within
+the token budget and pass simple checks (length, printable text, not a duplicate, not an excluded
+prompt such as an evaluation prompt), and appends every candidate, kept or not, with its text and
+whether it ended its turn, to ``self_prompts.jsonl`` in the work directory. An interrupted run
+resumes where it stopped and a run asked for more candidates extends the same list; stored
+candidates are decided again on every run, so a resumed run keeps what a fresh one would. The
+sampling settings are kept beside the file (``self_prompts.json``) and more candidates are sampled
+only with the same ones. The samples follow the engine's logits, so another weight dtype or
+kernel set (``info.isa``) can give other prompts from the same seed: to train on the same prompts
+elsewhere, copy both files into the work directory (nothing is sampled while the file holds
+enough candidates).
 
 A turn ends at an EOS id of the model or at ChatML's ``<|im_end|>``; for templates that end a turn
 otherwise, candidates are rejected as never ending.
@@ -47,6 +49,10 @@ SELF_PROMPTS_SETTINGS = "self_prompts.json"
 CATEGORY = "self"
 SAMPLING = {"temperature": 1.0, "top_k": 200, "top_p": 0.95, "max_tokens": 96}
 """The sampling settings ``train-heads --self-prompts`` uses."""
+SAMPLER = "engine"
+"""Who draws the tokens, recorded with the settings: the engine's sampling (``do_sample``).
+Files from before it record no sampler; they were drawn in NumPy ("numpy"), and are read but not
+extended."""
 _MARK = "\u0000MEDUSA_RT_USER\u0000"
 _WORD = re.compile(r"[A-Za-z]{2,}")
 
@@ -62,21 +68,6 @@ def user_turn_prefix(tokenizer: "Tokenizer") -> List[int]:
     if text.count(_MARK) != 1:
         raise InvalidArgumentError("self-written prompts need a chat template that renders the user's message verbatim")
     return tokenizer.encode(text[:text.index(_MARK)], add_special_tokens=False)
-
-
-def sample_token(logits: np.ndarray, rng: np.random.Generator, temperature: float, top_k: int, top_p: float) -> int:
-    """One token from ``softmax(logits / temperature)`` truncated to the ``top_k`` most likely
-    tokens and then to the smallest set of them whose probability reaches ``top_p``."""
-    logits = np.asarray(logits, dtype=np.float64).reshape(-1)
-    k = min(top_k, logits.size)
-    top = np.argpartition(-logits, k - 1)[:k]
-    top = top[np.argsort(-logits[top], kind="stable")]
-    z = logits[top] / temperature
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    keep = min(int(np.searchsorted(np.cumsum(p), top_p)) + 1, k)  # smallest prefix reaching top_p
-    p = p[:keep] / p[:keep].sum()
-    return int(top[rng.choice(keep, p=p)])
 
 
 def normalize(text: str) -> str:
@@ -129,6 +120,18 @@ def _decide(text: str, ended: bool, seen: Set[str]) -> Optional[str]:
     return why
 
 
+def stored_settings(out_dir: Path) -> Optional[dict]:
+    """The sampling settings the work directory's candidates were drawn with (None: no settings
+    file). Files from before the engine sampled record no sampler: NumPy drew those ("numpy")."""
+    path = Path(out_dir) / SELF_PROMPTS_SETTINGS
+    return {"sampler": "numpy", **json.loads(path.read_text())} if path.exists() else None
+
+
+def candidate_seed(seed: int, index: int) -> int:
+    """The sampling seed of candidate ``index`` of a run seeded with ``seed``."""
+    return (seed << 32) + index
+
+
 def generate_self_prompts(engine: "Engine", count: int, out_dir: Path, *, seed: int = 0,
                           temperature: float = SAMPLING["temperature"], top_k: int = SAMPLING["top_k"],
                           top_p: float = SAMPLING["top_p"], max_tokens: int = SAMPLING["max_tokens"],
@@ -137,8 +140,8 @@ def generate_self_prompts(engine: "Engine", count: int, out_dir: Path, *, seed: 
     returns the kept ones as ``("self", prompt)`` pairs, in candidate order. ``exclude``: prompts
     that must not be produced (e.g. evaluation prompts); a candidate equal to one of them, or to an
     earlier kept candidate, after :func:`normalize`, is dropped. Candidates already in the work
-    directory are decided again with the current ``exclude`` (what a fresh run would keep); a
-    file sampled with other settings is refused."""
+    directory are decided again with the current ``exclude`` (what a fresh run would keep); more
+    candidates are sampled only with the settings the file was sampled with (else refused)."""
     if count < 0:
         raise InvalidArgumentError(f"self-written prompt count must be >= 0, got {count}")
     if not (temperature > 0 and np.isfinite(temperature)):
@@ -147,59 +150,58 @@ def generate_self_prompts(engine: "Engine", count: int, out_dir: Path, *, seed: 
         raise InvalidArgumentError(f"need top_k >= 1 and top_p in (0, 1], got {top_k}, {top_p}")
     if max_tokens < 8:
         raise InvalidArgumentError(f"max_tokens must be >= 8, got {max_tokens}")
+    if not 0 <= seed < 2**31:
+        raise InvalidArgumentError(f"seed must be in [0, 2**31), got {seed}")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / SELF_PROMPTS
-    settings = {"seed": seed, "temperature": temperature, "top_k": top_k, "top_p": top_p, "max_tokens": max_tokens}
-    settings_path = out_dir / SELF_PROMPTS_SETTINGS
-    if path.exists() and settings_path.exists() and json.loads(settings_path.read_text()) != settings:
-        raise InvalidArgumentError(f"{path} was sampled with other settings ({settings_path}); use another work "
-                                   "directory or remove both files")
-    settings_path.write_text(json.dumps(settings))
     records = read_candidates(path)
     rewrite_records(path, records)
     seen: Set[str] = {normalize(p) for p in exclude}
     kept = [r["text"] for r in records[:count] if _decide(r["text"], r["ended"], seen) is None]
     if len(records) >= count:
         return [(CATEGORY, p) for p in kept]
+    settings = {"sampler": SAMPLER, "seed": seed, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                "max_tokens": max_tokens}
+    settings_path = out_dir / SELF_PROMPTS_SETTINGS
+    if records:
+        stored = stored_settings(out_dir)
+        if stored != settings:
+            raise InvalidArgumentError(f"{path} was sampled with other settings ({settings_path}: {stored}); more "
+                                       "candidates need the same ones: use another work directory, or remove both files")
+    settings_path.write_text(json.dumps(settings))
     tok = engine.tokenizer
     prefix = user_turn_prefix(tok)
-    end_ids = set(engine.info.eos_token_ids)
     end_of_turn = tok.token_to_id("<|im_end|>")  # ChatML; other templates end a turn with an EOS id
-    if end_of_turn is not None:
-        end_ids.add(end_of_turn)
     budget = min(max_tokens, engine.info.max_seq_len - len(prefix) - 1)
     if budget < 8:
         raise InvalidArgumentError(f"max_seq_len {engine.info.max_seq_len} leaves no room to sample a prompt "
                                    f"after the {len(prefix)}-token chat template prefix")
+    # Several batches' worth per call: requests join as others finish, and the records are written
+    # (the resume point) after each call.
+    chunk = 4 * max(1, engine.info.max_batch_size)
     bar = tqdm(total=count, initial=len(records), desc="[medusa_rt] sampling self-written prompts",
                unit="prompt", disable=not progress, file=sys.stderr)
     t0, sampled = time.time(), 0
-    with engine.session() as s, open(path, "a") as f:
-        for i in range(len(records), count):
-            rng = np.random.default_rng([seed, i])
-            s.reset()
-            logits = s.forward(prefix)[0]
-            ids: List[int] = []
-            ended = False
-            while True:
-                t = sample_token(logits, rng, temperature, top_k, top_p)
-                if t in end_ids:
-                    ended = True
-                    break
-                ids.append(t)
-                if len(ids) == budget:
-                    break
-                logits = s.forward([t])[0]
-            sampled += len(ids)
-            text = tok.decode(ids).strip()
-            why = _decide(text, ended, seen)
-            if why is None:
-                kept.append(text)
-            f.write(json.dumps({"index": i, "text": text, "ended": ended, "tokens": len(ids), "rejected": why}) + "\n")
+    with open(path, "a") as f:
+        for i0 in range(len(records), count, chunk):
+            n = min(chunk, count - i0)
+            # Candidate i0 + j is request j, seeded with candidate_seed(seed, i0) + j.
+            results = engine.generate_batch([prefix] * n, max_new_tokens=budget, medusa=False, do_sample=True,
+                                            temperature=temperature, top_k=top_k, top_p=top_p,
+                                            seed=candidate_seed(seed, i0),
+                                            stop=[] if end_of_turn is None else [end_of_turn])
+            for j, res in enumerate(results):
+                ended = res.finish_reason == "stop"  # the end of turn or an EOS id
+                text = tok.decode(res.tokens).strip()
+                why = _decide(text, ended, seen)
+                if why is None:
+                    kept.append(text)
+                sampled += len(res.tokens)
+                f.write(json.dumps({"index": i0 + j, "text": text, "ended": ended, "tokens": len(res.tokens),
+                                    "rejected": why}) + "\n")
             f.flush()
-            if i % 32 == 31:
-                os.fsync(f.fileno())
-            bar.update(1)
+            os.fsync(f.fileno())
+            bar.update(n)
             bar.set_postfix_str(f"kept {len(kept)}, {sampled / max(time.time() - t0, 1e-9):.0f} tok/s")
     bar.close()
     return [(CATEGORY, p) for p in kept]

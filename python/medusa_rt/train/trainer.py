@@ -34,6 +34,7 @@ of position t + 1 + k (self-distillation, over the draft vocabulary when there i
 
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
 import time
@@ -383,6 +384,21 @@ def evaluate(model: MedusaHeads, hidden: np.ndarray, labels: np.ndarray, top_k: 
     }
 
 
+def rows_fingerprint(labels: np.ndarray, roots: Optional[np.ndarray] = None,
+                     record: Optional[np.ndarray] = None) -> str:
+    """A fingerprint of training rows (their labels, root tokens and answer ids, in order): a
+    checkpoint resumes only on the rows it was trained on. The hidden states themselves are not
+    hashed (gigabytes); the labels of other answers, another split or another order differ."""
+    h = hashlib.blake2b(digest_size=16)
+    for a in (labels, roots, record):
+        if a is not None:
+            a = np.ascontiguousarray(a, dtype=np.int64)
+            h.update(str(a.shape).encode())
+            h.update(a.tobytes())
+        h.update(b"|")
+    return h.hexdigest()
+
+
 class Trainer:
     """Trains heads on feature rows with checkpoints in ``work_dir`` (resumable)."""
 
@@ -421,6 +437,8 @@ class Trainer:
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
         self.history: List[Dict[str, float]] = []
+        self.data_fingerprint: Optional[str] = None  # of the rows fit() trains on (kept in checkpoints)
+        self._resumed_data: Optional[str] = None  # the resumed checkpoint's, "" if it has none
 
     @property
     def checkpoint_path(self) -> Path:
@@ -431,7 +449,7 @@ class Trainer:
         tmp = self.checkpoint_path.with_suffix(".tmp")
         torch.save({"config": asdict(self.cfg), "step": self.step, "model": self.model.state_dict(),
                     "draft_vocab": None if self.draft_vocab is None else self.draft_vocab.tolist(),
-                    "opt": self.opt.state_dict(), "history": self.history}, tmp)
+                    "opt": self.opt.state_dict(), "history": self.history, "data": self.data_fingerprint}, tmp)
         tmp.replace(self.checkpoint_path)
 
     def try_resume(self) -> bool:
@@ -456,6 +474,7 @@ class Trainer:
         self.opt.load_state_dict(ck["opt"])
         self.step = int(ck["step"])
         self.history = list(ck.get("history", []))
+        self._resumed_data = ck.get("data") or ""
         return True
 
     @torch.no_grad()
@@ -534,6 +553,11 @@ class Trainer:
         n = hidden.shape[0]
         if n == 0:
             raise InvalidArgumentError("no training rows")
+        self.data_fingerprint = rows_fingerprint(labels, roots, record)
+        if self._resumed_data is not None and self._resumed_data != self.data_fingerprint:
+            raise InvalidArgumentError(
+                f"{self.checkpoint_path} was trained on other rows ({n} now: other answers, another split or "
+                "a different order); use another work directory or remove the checkpoint")
         spans = answer_spans(record) if cfg.draft_layer else None
         units = n if spans is None else len(spans)  # what an epoch permutes: rows, or answers
         per_step = cfg.batch_size if spans is None else max(1, round(cfg.batch_size * len(spans) / n))
