@@ -8,6 +8,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-$HOME/.cache/medusa_rt/train-smollm2-135m}
 OUT=$WORK/medusa_heads.safetensors
+# The self-written prompts' candidates as they were sampled for the shipped heads (NumPy draws
+# over this engine's bf16 logits on an AVX-512 EPYC; another machine's kernels can draw others):
+# stored candidates are reused, not sampled again.
+mkdir -p "$WORK"
+if [ ! -e "$WORK/self_prompts.jsonl" ]; then
+  gunzip -c scripts/data/smollm2-135m/self_prompts.jsonl.gz > "$WORK/self_prompts.jsonl"
+  cp scripts/data/smollm2-135m/self_prompts.json "$WORK/self_prompts.json"
+fi
 medusa-rt train-heads "$OUT" --model smollm2-135m --dtype bf16 --work-dir "$WORK" \
   --prompts 1728 --everyday-prompts 170 --self-prompts 2000 --max-new-tokens 256 --batch 32 --heads 4 --layers 2 \
   --layout shared --path-input --epochs 2 --lr 1e-3 --batch-size 256 --seed 0 --tree-nodes 64 \

@@ -53,8 +53,9 @@ def test_bench_verify_interleaves_rounds_after_a_context(tmp_path):
 
     m = bench_medusa(str(base), "fp32", ["Tell me about the sea.", "A list of four colors."], 8, "chain-2", seq=128)
     assert m["prompt_lookup"] == 4 and m["identical_outputs"] == "2/2" and m["tree"] == "chain-2"
-    assert {"medusa", "heads_only", "plain"} <= set(m) and m["plain"]["tokens_per_step"] == 1.0
+    assert {"medusa", "heads_only", "plain", "sampled", "sampled_plain"} <= set(m) and m["plain"]["tokens_per_step"] == 1.0
     assert m["speedup"] > 0 and m["heads_only_speedup"] > 0 and m["heads_only"]["lookup_tokens"] == 0
+    assert m["sampled_speedup"] > 0 and m["sampled_plain"]["tokens_per_step"] == 1.0  # identical: counted above
     r = bench_verify(str(base), "bf16", seq=128, rounds=3, context=1000)
     assert r["context"] == 128 - TREE_SIZES[-1] and r["rounds"] == 3  # the context is cut to the cache
     rows = r["rows"]

@@ -188,3 +188,23 @@ def test_train_heads_answers_the_self_written_prompts(tmp_path, monkeypatch):
                                       **sp.SAMPLING}
     answered = {r["prompt"]: r["category"] for r in data.read_answers(tmp_path / "work" / data.ANSWERS)}
     assert all(answered[p] == "self" for p in kept) and len(answered) == 4 + len(kept)
+
+
+def test_the_shipped_heads_candidates_are_reused_not_sampled(tmp_path):
+    """scripts/train_default_heads.sh copies the candidates the shipped heads were trained on into
+    the work directory: they are read (drawn in NumPy before the engine sampled), never extended."""
+    import gzip
+    import shutil
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parent.parent / "scripts" / "data" / "smollm2-135m"
+    with gzip.open(src / "self_prompts.jsonl.gz", "rb") as f, open(tmp_path / sp.SELF_PROMPTS, "wb") as g:
+        shutil.copyfileobj(f, g)
+    shutil.copy(src / sp.SELF_PROMPTS_SETTINGS, tmp_path / sp.SELF_PROMPTS_SETTINGS)
+    recs = sp.read_candidates(tmp_path / sp.SELF_PROMPTS)
+    assert sp.stored_settings(tmp_path) == {"sampler": "numpy", "seed": 0, **sp.SAMPLING}
+    idle = _ScriptedEngine([], _WordTokenizer([]))
+    kept = sp.generate_self_prompts(idle, len(recs), tmp_path, progress=False)
+    assert idle.sampled == [] and len(kept) == sum(r["rejected"] is None for r in recs) > 0.8 * len(recs)
+    with pytest.raises(InvalidArgumentError, match="other settings"):
+        sp.generate_self_prompts(idle, len(recs) + 1, tmp_path, progress=False)

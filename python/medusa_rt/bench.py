@@ -10,7 +10,8 @@ Sections (SmolLM2-135M by default, greedy, 128 new tokens):
   that size);
 - medusa: engine with the model's Medusa heads and its tree (``auto`` = sized to this machine)
   against plain decoding of the same prompts (held-out evaluation prompts; greedy, so both produce
-  the same tokens): tokens/s, tokens per step, speedup;
+  the same tokens): tokens/s, tokens per step, speedup; and the same sampling (``SAMPLED``:
+  temperature 0.7, top-p 0.9, one seed per prompt; lossless, so again the same tokens);
 - verify: one verify step's latency against tree size (first nodes of mc_sim_7b_63) next to a
   plain decode step, both after 256 cached tokens (median ratios over interleaved rounds), and
   each size's compute floor (its matrix products' flops at the FMA peak measured just before);
@@ -45,6 +46,7 @@ DECODE_PROMPTS = [
 ]
 TREE_SIZES = [1, 2, 4, 8, 16, 32, 64]
 VERIFY_CONTEXT = 256  # cached tokens before a timed verify step (a typical chat turn)
+SAMPLED = {"do_sample": True, "temperature": 0.7, "top_p": 0.9}  # the sampled Medusa runs' settings
 
 
 def log(msg: str) -> None:
@@ -143,17 +145,22 @@ def bench_medusa(model: str, dtype: str, prompts: Sequence[str], new_tokens: int
                                               for c in info.calibration],
                               "plain_step_ms": 1e3 * info.plain_step_seconds, "prompt_lookup": info.prompt_lookup}
     # "medusa": the engine's default decoding (heads, and prompt lookup where the engine has it
-    # on); "heads_only": the heads alone; "plain": no speculation. Interleaved per prompt.
+    # on); "heads_only": the heads alone; "plain": no speculation; "sampled" and "sampled_plain":
+    # the engine's default decoding and plain decoding, sampling (SAMPLED, one seed per prompt).
+    # Interleaved per prompt.
     runs = {"medusa": dict(medusa=True), "plain": dict(medusa=False)}
     if info.prompt_lookup:
         runs["heads_only"] = dict(medusa=True, prompt_lookup=False)
+    runs["sampled"] = dict(medusa=True, **SAMPLED)
+    runs["sampled_plain"] = dict(medusa=False, **SAMPLED)
     tot = {key: [0, 0.0, 0, 0] for key in runs}  # decode tokens, decode seconds, steps, looked-up tokens
     same = 0
     with engine.session() as s:
         s.generate(ids[0], max_new_tokens=4, medusa=True)  # warm-up
-        for p in ids:
-            res = {key: s.generate(p, max_new_tokens=new_tokens, **kw) for key, kw in runs.items()}
-            same += int(all(r.tokens == res["plain"].tokens for r in res.values()))
+        for i, p in enumerate(ids):
+            res = {key: s.generate(p, max_new_tokens=new_tokens, seed=i, **kw) for key, kw in runs.items()}
+            ref = {key: res["sampled_plain" if key.startswith("sampled") else "plain"].tokens for key in res}
+            same += int(all(r.tokens == ref[key] for key, r in res.items()))
             for key, r in res.items():
                 st = r.stats
                 tot[key][0] += st.new_tokens - 1
@@ -164,6 +171,7 @@ def bench_medusa(model: str, dtype: str, prompts: Sequence[str], new_tokens: int
         out[key] = {"tokens_per_second": n / max(secs, 1e-9), "tokens_per_step": n / max(steps, 1),
                     "lookup_tokens": looked}
     out["speedup"] = out["medusa"]["tokens_per_second"] / out["plain"]["tokens_per_second"]  # type: ignore[index]
+    out["sampled_speedup"] = out["sampled"]["tokens_per_second"] / out["sampled_plain"]["tokens_per_second"]  # type: ignore[index]
     if "heads_only" in out:
         out["heads_only_speedup"] = out["heads_only"]["tokens_per_second"] / out["plain"]["tokens_per_second"]  # type: ignore[index]
     out["identical_outputs"] = f"{same}/{len(ids)}"
@@ -171,7 +179,8 @@ def bench_medusa(model: str, dtype: str, prompts: Sequence[str], new_tokens: int
         f"{out['plain']['tokens_per_second']:.1f} ({out['speedup']:.2f}x), "  # type: ignore[index]
         f"{out['medusa']['tokens_per_step']:.2f} tokens/step, tree {info.tree}, prompt lookup {info.prompt_lookup}"
         + (f"; heads only {out['heads_only']['tokens_per_second']:.1f} tok/s ({out['heads_only_speedup']:.2f}x, "  # type: ignore[index]
-           f"{out['heads_only']['tokens_per_step']:.2f} tokens/step)" if "heads_only" in out else ""))  # type: ignore[index]
+           f"{out['heads_only']['tokens_per_step']:.2f} tokens/step)" if "heads_only" in out else "")  # type: ignore[index]
+        + f"; sampling {out['sampled_speedup']:.2f}x ({out['sampled']['tokens_per_step']:.2f} tokens/step)")  # type: ignore[index]
     return out
 
 
@@ -403,6 +412,8 @@ def run_suite(model: str = "smollm2-135m", *, new_tokens: int = 128, repeats: in
             ratios[f"medusa_vs_plain_{d}"] = med[d]["speedup"]  # type: ignore[index]
         if "heads_only_speedup" in med[d]:  # type: ignore[operator]
             ratios[f"medusa_heads_only_vs_plain_{d}"] = med[d]["heads_only_speedup"]  # type: ignore[index]
+        if "sampled_speedup" in med[d]:  # type: ignore[operator]
+            ratios[f"medusa_sampled_vs_plain_sampled_{d}"] = med[d]["sampled_speedup"]  # type: ignore[index]
     hf_res = report["peers"]["hf_transformers_fp32"]  # type: ignore[index]
     if "tokens_per_second" in hf_res:
         for d in dtypes:
@@ -439,6 +450,9 @@ def print_table(r: Dict, file=sys.stderr) -> None:
                   + (f"   (prompt lookup {x['prompt_lookup']}; heads only {x['heads_only']['tokens_per_second']:.1f} tok/s, "
                      f"{x['heads_only_speedup']:.2f}x, {x['heads_only']['tokens_per_step']:.2f} tok/step)"
                      if "heads_only" in x else ""), file=file)
+            print(f"{d + ' T=' + str(SAMPLED['temperature']):<10} {x['tree']:>10} {x['sampled']['tokens_per_second']:>8.1f} "
+                  f"{x['sampled_plain']['tokens_per_second']:>8.1f} {x['sampled_speedup']:>7.2f}x "
+                  f"{x['sampled']['tokens_per_step']:>9.2f}   (sampling, top_p {SAMPLED['top_p']})", file=file)
         else:
             print(f"{d:<10} {x.get('skipped')}", file=file)
     v = r["verify_bf16"]
