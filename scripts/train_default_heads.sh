@@ -17,7 +17,7 @@ if [ ! -e "$WORK/self_prompts.jsonl" ]; then
   cp scripts/data/smollm2-135m/self_prompts.json "$WORK/self_prompts.json"
 fi
 medusa-rt train-heads "$OUT" --model smollm2-135m --dtype bf16 --work-dir "$WORK" \
-  --prompts 1728 --everyday-prompts 170 --self-prompts 2000 --max-new-tokens 256 --batch 32 --heads 4 --layers 2 \
+  --prompts 1728 --everyday-prompts 170 --self-prompts 4000 --max-new-tokens 256 --batch 32 --heads 4 --layers 2 \
   --layout shared --path-input --epochs 2 --lr 1e-3 --batch-size 256 --seed 0 --tree-nodes 64 \
   --feature-layers 8,16,24 --overwrite
 # The accuracy table `tree="auto"` predicts from: measured on the development prompts (unlike the

@@ -83,19 +83,26 @@ def _run(exe: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("medusa", [True, False])
-def test_example_matches_python(example, model_dir, medusa):
+@pytest.mark.parametrize("sample", [False, True])
+def test_example_matches_python(example, model_dir, medusa, sample):
     prompt = training_prompts(384, 1)[0]
     args = [str(model_dir), *map(str, prompt), "--max-new-tokens", "40", "--dtype", "fp32"]
     if not medusa:
         args.append("--no-medusa")
+    kw = dict(do_sample=True, temperature=0.8, top_k=40, top_p=0.9, seed=11) if sample else {}
+    if sample:
+        args += ["--temperature", "0.8", "--top-k", "40", "--top-p", "0.9", "--seed", "11"]
     p = _run(example, *args)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.strip().splitlines()
     tokens = [int(t) for t in lines[-1].split(":")[1].split()]
     streamed = [int(t) for t in lines[0].split(":")[1].split()]
     engine = medusa_rt.Engine(model_dir, dtype="fp32")
-    want = engine.generate(prompt, max_new_tokens=40, medusa=medusa).tokens
+    want = engine.generate(prompt, max_new_tokens=40, medusa=medusa, **kw).tokens
     assert tokens == want and streamed == want
+    if sample:  # the same draws with and without Medusa, and not the greedy tokens
+        assert want == engine.generate(prompt, max_new_tokens=40, medusa=not medusa, **kw).tokens
+        assert want != engine.generate(prompt, max_new_tokens=40).tokens
     assert ("tree mc_sim_7b_63" if medusa else "Medusa heads 3") in p.stderr
 
 

@@ -3,7 +3,9 @@
 //
 //   medusa_generate MODEL_DIR TOKEN [TOKEN ...] [--max-new-tokens N] [--tree NAME] [--no-medusa]
 //                   [--dtype fp32|bf16|fp16] [--max-seq-len N]
+//                   [--temperature T [--top-k K] [--top-p P] [--seed S]]
 //
+// --temperature T > 0 samples (GenerationConfig::do_sample); greedy otherwise.
 // Tokenization stays with the caller (the Python package has the tokenizer). The last line
 // printed is "tokens: <id> <id> ...", the whole generation.
 #include <cstdlib>
@@ -36,6 +38,12 @@ int main(int argc, char** argv) {
       else if (a == "--dtype") options.dtype = value();
       else if (a == "--max-seq-len") options.max_seq_len = std::stoi(value());
       else if (a == "--no-medusa") config.medusa = false;
+      else if (a == "--temperature") {
+        config.temperature = std::stof(value());
+        config.do_sample = config.temperature > 0;
+      } else if (a == "--top-k") config.top_k = std::stoi(value());
+      else if (a == "--top-p") config.top_p = std::stof(value());
+      else if (a == "--seed") config.seed = std::stoll(value());
       else prompt.push_back(static_cast<int32_t>(std::stol(a)));
     }
 
