@@ -501,7 +501,6 @@ class Generation {
     s.options.acceptance = config.acceptance;
     s.options.posterior_threshold = config.posterior_threshold;
     s.options.posterior_alpha = config.posterior_alpha;
-    s.options.temperature = config.temperature;
     s.options.sample = config.do_sample;
     s.options.sampling.temperature = config.temperature;
     s.options.sampling.top_k = config.top_k;

@@ -634,14 +634,14 @@ void Decoder::step(SequenceState* const* seqs, int n, bool allow_trees, bool all
         entropy_.assign(T, NAN);
         auto stats = [&](int u) {
           if (std::isnan(lse_[u])) {
-            be.softmax_stats(logits + size_t(base + u) * vocab_, 1, vocab_, opt.temperature, &lse_[u], &entropy_[u]);
+            be.softmax_stats(logits + size_t(base + u) * vocab_, 1, vocab_, opt.sampling.temperature, &lse_[u], &entropy_[u]);
           }
         };
         auto prob = [&](int u, int32_t tok) {
           stats(u);
           float l;
           be.copy_to_host(&l, logits + size_t(base + u) * vocab_ + tok, sizeof(float));
-          return static_cast<float>(std::exp(double(l) / opt.temperature - lse_[u]));
+          return static_cast<float>(std::exp(double(l) / opt.sampling.temperature - lse_[u]));
         };
         auto entropy = [&](int u) {
           stats(u);

@@ -26,9 +26,8 @@ struct StepOptions {
   Acceptance acceptance = Acceptance::kGreedy;
   float posterior_threshold = 0.09f;
   float posterior_alpha = 0.3f;
-  float temperature = 1.0f;
   bool sample = false;      // draw each position's token (sampling: temperature, top_k, top_p, seed)
-  SamplingParams sampling;
+  SamplingParams sampling;  // its temperature is also typical acceptance's
   bool lookup = false;  // verify tokens looked up in the context (Decoder's lookup_tokens > 0)
 };
 

@@ -34,8 +34,9 @@ double position_uniform(uint64_t seed, int64_t position);
 
 // A token drawn from softmax(logits / temperature) truncated to the top_k most likely tokens and
 // then to the smallest set of the most likely ones whose probability reaches top_p (ties in
-// logit go to the lower token id), by inverse CDF at u in [0, 1) over those tokens in decreasing
-// order of probability. Non-finite logits count as -inf; if every logit is -inf, returns token 0.
+// logit go to the lower token id), by inverse CDF at u in [0, 1) over those tokens in an order
+// fixed by the logits (decreasing probability when top_p cuts, else the order the selection
+// leaves). Non-finite logits count as -inf; if every logit is -inf, returns token 0.
 int32_t sample_token(const float* logits, int vocab, const SamplingParams& params, double u, SamplingScratch& scratch);
 
 }  // namespace medusa_rt
