@@ -322,22 +322,28 @@ _SHORT_ROWS = (
     # a 5-node tree of slot 1 after 150 cached tokens (root, two children, a grandchild of each);
     # a decode row of slot 0; two prefill rows of slot 0
     [(1, 150, 150, [150]), (1, 151, 150, [150, 151]), (1, 152, 150, [150, 152]), (1, 153, 150, [150, 151, 153]),
-     (1, 154, 150, [150, 152, 154]), (0, 37, 38, []), (0, 38, 39, []), (0, 39, 40, [])], 200)
+     (1, 154, 150, [150, 152, 154]), (0, 37, 38, []), (0, 38, 39, []), (0, 39, 40, [])], 200, None)
 _LONG_ROWS = (
     # Longer contexts (past the AVX2 kernel's 64-key value blocks many times over): a tree of
     # slot 1 after 510 cached tokens; the same keys as its deepest row in one causal row (prefix
     # 513); a decode row of slot 0 at 300 and prefill rows across 256.
     [(1, 510, 510, [510]), (1, 511, 510, [510, 511]), (1, 513, 510, [510, 513]), (1, 512, 510, [510, 511, 512]),
-     (1, 600, 513, []), (0, 299, 300, []), (0, 254, 255, []), (0, 255, 256, []), (0, 256, 257, [])], 700)
+     (1, 600, 513, []), (0, 299, 300, []), (0, 254, 255, []), (0, 255, 256, []), (0, 256, 257, [])], 700, (3, 4))
+_RANGE_ROWS = (
+    # Key lists of more than one attention range (256 list positions) where a tree's ancestors
+    # cross the boundary: a chain of slot 1 after 254 cached tokens (its deepest row sees keys
+    # 0..257), the same keys in one causal row, and a decode row of slot 0 at exactly 512 keys.
+    [(1, 254, 254, [254]), (1, 255, 254, [254, 255]), (1, 256, 254, [254, 255, 256]),
+     (1, 257, 254, [254, 255, 256, 257]), (1, 600, 258, []), (0, 511, 512, [])], 700, (3, 4))
 
 
-@pytest.mark.parametrize("case", [_SHORT_ROWS, _LONG_ROWS], ids=["short", "long"])
+@pytest.mark.parametrize("case", [_SHORT_ROWS, _LONG_ROWS, _RANGE_ROWS], ids=["short", "long", "ranges"])
 def test_attention_rows_together_same_bits_as_alone(h, case):
     # A tree step's rows attend together (each block of keys read once for the rows and the q heads
     # of a kv head); each row's result must be the same bits as when it comes alone (a plain
     # decode step), or Medusa's greedy output could differ from plain decoding's; nor on the
     # number of threads the work is split over.
-    spec, maxseq = case
+    spec, maxseq, same = case
     heads, kvh, hd, slots_n = 6, 2, 80, 2
     width = (heads + 2 * kvh) * hd
     kc = RNG.standard_normal(slots_n * kvh * maxseq * hd).astype(np.float32)
@@ -350,8 +356,8 @@ def test_attention_rows_together_same_bits_as_alone(h, case):
     extra = [i for a in ancestors for i in a]
     rows = len(slots)
     qkv = RNG.standard_normal((rows, width)).astype(np.float32)
-    if maxseq > 256:  # the tree row with ancestors-or-self 510, 511, 512 and the causal row over 0..512
-        qkv[4, : heads * hd] = qkv[3, : heads * hd]
+    if same:  # a tree row and a causal row over the same keys get the same query
+        qkv[same[1], : heads * hd] = qkv[same[0], : heads * hd]
     args = (width, heads, kvh, maxseq, hd)
     out, k2, v2 = h.attention(qkv.ravel(), rows, *args, slots, cache_index, prefix, extra_offsets, extra,
                               heads * hd, (heads + kvh) * hd, kc, vc)
@@ -362,8 +368,8 @@ def test_attention_rows_together_same_bits_as_alone(h, case):
                                            [0, len(ancestors[r])], ancestors[r], heads * hd, (heads + kvh) * hd,
                                            np.array(k2), np.array(v2))
         assert np.array_equal(arr(alone), out[r]), r
-    if maxseq > 256:
-        assert np.array_equal(out[3], out[4])  # a tree row and a causal row over the same 513 keys
+    if same:
+        assert np.array_equal(out[same[0]], out[same[1]])  # a tree row and a causal row over the same keys
     # And against a float64 reference.
     k = arr(k2).reshape(slots_n, kvh, maxseq, hd).astype(np.float64)
     v = arr(v2).reshape(slots_n, kvh, maxseq, hd).astype(np.float64)

@@ -68,12 +68,7 @@ class CpuBackend final : public Backend {
   void copy_on_device(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
   size_t available_memory() const override { return mem_available_bytes(); }
 
-  void prepare(const KVLayout& layout) override {
-    // Attention scores: a strip per query a thread attends at once; a row never sees more than
-    // max_seq keys.
-    scratch_stride_ = (size_t(layout.max_seq) + 15) & ~size_t(15);
-    scratch_.assign(scratch_stride_ * cpu::kMaxAttendQueries * pool_.num_threads(), 0.f);
-  }
+  void prepare(const KVLayout&) override {}  // attention's scratch lives on the stack of its tasks
 
   Matrix upload_matrix(const void* host, DType dtype, int rows, int cols, const char* what) override {
     const cpu::WType wt = wtype(dtype);
@@ -227,46 +222,119 @@ class CpuBackend final : public Backend {
 
   void attention(const float* qkv, int row_stride, int heads, const RowsMeta& meta, const KVLayout& L,
                  const float* k_cache, const float* v_cache, float* out) override {
-    const int group = heads / L.kv_heads;
-    const float scale = 1.0f / std::sqrt(float(L.head_dim));
-    if (scratch_stride_ < size_t(L.max_seq)) throw Error("internal: CpuBackend::prepare() was not called");
-    // Tasks: queries that share a kv head and the visible prefix (the q heads of one kv head, for
-    // consecutive rows of one sequence with the same prefix: a tree step's rows), a few tasks per
-    // thread for balance; each block of keys is then read once for all of a task's queries.
-    const int threads = pool_.num_threads();
-    const int per_task = std::clamp((meta.rows * heads + 3 * threads - 1) / (3 * threads), 1, cpu::kMaxAttendQueries);
+    constexpr int S = cpu::kAttendRange;
+    const int group = heads / L.kv_heads, hd = L.head_dim;
+    const float scale = 1.0f / std::sqrt(float(hd));
+    auto list_len = [&](int r) {
+      return meta.prefix_len[r] + (meta.extra_offsets ? meta.extra_offsets[r + 1] - meta.extra_offsets[r] : 0);
+    };
+    // Tasks: one range of the queries that share a kv head and the visible prefix (the q heads of
+    // one kv head, for consecutive rows of one sequence with the same prefix: a tree step's
+    // rows), at most kMaxAttendQueries at once, so a range's keys and values are read once for
+    // them. A query whose list spans several ranges gets partial results, merged afterwards.
+    // (The vectors grow only when a forward needs more than any before.)
     attend_tasks_.clear();
-    attend_tasks_.reserve(size_t(meta.rows) * heads);  // allocates only when a forward has more rows than any before
+    merges_.clear();
+    groups_.clear();
+    partial_offset_.assign(size_t(meta.rows) * heads, 0);
+    size_t partial = 0;
+    const size_t per_range = size_t(hd) + 2;  // o, then m and l
+    int ranges_all = 0, queries_all = 0;      // (kv head, range) pairs, and queries over them
     for (int r0 = 0, r1; r0 < meta.rows; r0 = r1) {
       for (r1 = r0 + 1; r1 < meta.rows && meta.slots[r1] == meta.slots[r0] && meta.prefix_len[r1] == meta.prefix_len[r0];) ++r1;
-      const int nq = (r1 - r0) * group;
+      int ranges = 0;
+      for (int r = r0; r < r1; ++r) {
+        const int n = list_len(r);
+        if (n <= 0) throw Error("internal: an attention row sees no keys");
+        const int c = (n + S - 1) / S;
+        ranges = std::max(ranges, c);
+        if (c < 2) continue;
+        for (int h = 0; h < heads; ++h) {
+          partial_offset_[size_t(r) * heads + h] = partial;
+          merges_.push_back({r, h, c, partial});
+          partial += size_t(c) * per_range;
+        }
+      }
+      groups_.push_back({r0, r1, ranges});
+      ranges_all += L.kv_heads * ranges;
+      queries_all += L.kv_heads * ranges * (r1 - r0) * group;
+    }
+    // Whole (kv head, range) pairs while there are enough of them to keep the threads busy (each
+    // range's keys and values read once: long contexts are bound by that); else the queries too
+    // are split, a few tasks per thread (short contexts with many queries are bound by arithmetic).
+    const int threads = pool_.num_threads();
+    const int per_task = ranges_all >= 3 * threads
+                             ? cpu::kMaxAttendQueries
+                             : std::clamp((queries_all + 3 * threads - 1) / (3 * threads), 1, cpu::kMaxAttendQueries);
+    for (const AttendGroup& g : groups_) {
+      const int nq = (g.r1 - g.r0) * group;
       for (int kvh = 0; kvh < L.kv_heads; ++kvh) {
-        for (int q0 = 0; q0 < nq; q0 += per_task) attend_tasks_.push_back({r0, kvh, q0, std::min(nq, q0 + per_task)});
+        for (int c = 0; c < g.ranges; ++c) {
+          for (int q0 = 0; q0 < nq; q0 += per_task) attend_tasks_.push_back({g.r0, kvh, q0, std::min(nq, q0 + per_task), c});
+        }
       }
     }
-    const int ntasks = static_cast<int>(attend_tasks_.size());
-    const int T = std::min(threads, ntasks);
-    pool_.parallel_for(T, [&](int t) {
-      float* scores = scratch_.data() + size_t(t) * cpu::kMaxAttendQueries * scratch_stride_;
+    if (partial_.size() < partial) partial_.resize(partial);
+    pool_.parallel_for(static_cast<int>(attend_tasks_.size()), [&](int i) {
+      const AttendTask& task = attend_tasks_[i];
+      alignas(32) float scores[cpu::kMaxAttendQueries * S];
+      float stats[2 * cpu::kMaxAttendQueries];
       cpu::AttendArgs args[cpu::kMaxAttendQueries];
-      for (int i = int(int64_t(ntasks) * t / T), i1 = int(int64_t(ntasks) * (t + 1) / T); i < i1; ++i) {
-        const AttendTask& task = attend_tasks_[i];
-        const size_t base = (size_t(meta.slots[task.row]) * L.kv_heads + task.kv_head) * L.max_seq * L.head_dim;
-        for (int q = task.q0; q < task.q1; ++q) {
-          const int r = task.row + q / group, h = task.kv_head * group + q % group;
-          cpu::AttendArgs& a = args[q - task.q0];
-          a.q = qkv + int64_t(r) * row_stride + int64_t(h) * L.head_dim;
-          a.k = k_cache + base;
-          a.v = v_cache + base;
-          a.head_dim = L.head_dim;
-          a.prefix_len = meta.prefix_len[r];
-          a.extra = meta.extra_offsets ? meta.extra + meta.extra_offsets[r] : nullptr;
-          a.num_extra = meta.extra_offsets ? meta.extra_offsets[r + 1] - meta.extra_offsets[r] : 0;
-          a.scale = scale;
-          a.scores = scores + size_t(q - task.q0) * scratch_stride_;
-          a.out = out + int64_t(r) * heads * L.head_dim + int64_t(h) * L.head_dim;
+      const size_t base = (size_t(meta.slots[task.row]) * L.kv_heads + task.kv_head) * L.max_seq * hd;
+      int n = 0;
+      for (int q = task.q0; q < task.q1; ++q) {
+        const int r = task.row + q / group, h = task.kv_head * group + q % group;
+        const int len = list_len(r);
+        if (len <= task.range * S) continue;  // this query's list ends in an earlier range
+        cpu::AttendArgs& a = args[n];
+        a.q = qkv + int64_t(r) * row_stride + int64_t(h) * hd;
+        a.k = k_cache + base;
+        a.v = v_cache + base;
+        a.head_dim = hd;
+        a.prefix_len = meta.prefix_len[r];
+        a.extra = meta.extra_offsets ? meta.extra + meta.extra_offsets[r] : nullptr;
+        a.num_extra = len - a.prefix_len;
+        a.begin = task.range * S;
+        a.end = std::min(a.begin + S, len);
+        a.scale = scale;
+        a.scores = scores + size_t(n) * S;
+        if (len <= S) {  // one range: the output directly
+          a.out = out + int64_t(r) * heads * hd + int64_t(h) * hd;
+          a.stats = stats + 2 * n;
+        } else {
+          a.out = partial_.data() + partial_offset_[size_t(r) * heads + h] + size_t(task.range) * per_range;
+          a.stats = a.out + hd;
         }
-        k_.attend(args, task.q1 - task.q0);
+        ++n;
+      }
+      if (n == 0) return;
+      k_.attend(args, n);
+      for (int j = 0; j < n; ++j) {
+        if (args[j].stats != stats + 2 * j) continue;
+        const float inv = 1.f / stats[2 * j + 1];
+        for (int d = 0; d < hd; ++d) args[j].out[d] *= inv;
+      }
+    });
+    if (merges_.empty()) return;
+    // out = sum_c w_c o_c / sum_c w_c l_c with w_c = exp(m_c - max_c m_c), ranges in order.
+    const int T = std::min<int>(pool_.num_threads(), static_cast<int>(merges_.size()));
+    pool_.parallel_for(T, [&](int t) {
+      for (size_t i = merges_.size() * t / T, i1 = merges_.size() * (t + 1) / T; i < i1; ++i) {
+        const MergeItem& m = merges_[i];
+        const float* p = partial_.data() + m.offset;
+        float mx = -INFINITY;
+        for (int c = 0; c < m.ranges; ++c) mx = std::max(mx, p[c * per_range + hd]);
+        float* o = out + int64_t(m.row) * heads * hd + int64_t(m.head) * hd;
+        float w = std::exp(p[hd] - mx), l = w * p[hd + 1];
+        for (int d = 0; d < hd; ++d) o[d] = w * p[d];
+        for (int c = 1; c < m.ranges; ++c) {
+          const float* pc = p + c * per_range;
+          w = std::exp(pc[hd] - mx);
+          l += w * pc[hd + 1];
+          for (int d = 0; d < hd; ++d) o[d] += w * pc[d];
+        }
+        const float inv = 1.f / l;
+        for (int d = 0; d < hd; ++d) o[d] *= inv;
       }
     });
   }
@@ -394,14 +462,24 @@ class CpuBackend final : public Backend {
   cpu::HostMemory memory_;  // declared first: destroyed after everything that may hold its blocks
   ThreadPool pool_;
   const cpu::Kernels& k_;
-  std::vector<float> scratch_;
-  size_t scratch_stride_ = 0;
-  // Attention work items: queries q0..q1-1 of the group starting at `row` (query q: row
-  // row + q / group, q head kv_head * group + q % group).
+  // Attention work items: range `range` of queries q0..q1-1 of the group starting at `row`
+  // (query q: row row + q / group, q head kv_head * group + q % group).
   struct AttendTask {
-    int row, kv_head, q0, q1;
+    int row, kv_head, q0, q1, range;
   };
   std::vector<AttendTask> attend_tasks_;
+  struct AttendGroup {
+    int r0, r1, ranges;  // rows [r0, r1) share a slot and prefix; their lists span `ranges` ranges
+  };
+  std::vector<AttendGroup> groups_;
+  // Queries whose key list spans several ranges: their partial results at `offset` in partial_.
+  struct MergeItem {
+    int row, head, ranges;
+    size_t offset;
+  };
+  std::vector<MergeItem> merges_;
+  std::vector<size_t> partial_offset_;  // [row * heads + head]
+  std::vector<float> partial_;          // per range: o [head_dim], m, l
   int argmax_rows_ = 0;                // rows the argmax scratch holds per thread
   std::vector<float> argmax_chunk_;    // [thread][row][kArgmaxCols]
   std::vector<float> argmax_best_;     // [thread][row]

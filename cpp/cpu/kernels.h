@@ -16,6 +16,14 @@ namespace medusa_rt::cpu {
 
 enum class WType { kF32, kBF16, kF16 };
 
+// A query's keys form a list: the visible prefix keys 0 .. prefix_len-1 in order, then its extra
+// keys. Attention works on ranges of that list that start at multiples of kAttendRange (fixed
+// positions, whatever the number of rows or threads): per range, the scores' max m, the sum
+// l = sum_j exp(s_j - m) and the unnormalised output o = sum_j exp(s_j - m) v_j; the backend
+// merges a query's ranges in order. So every query's result is the same sequence of operations
+// however it is batched, and a range's keys and values are read once for all queries sharing it.
+constexpr int kAttendRange = 256;
+
 struct AttendArgs {
   const float* q;        // [head_dim]
   const float* k;        // keys of one kv head: [cache_len][head_dim]
@@ -24,14 +32,17 @@ struct AttendArgs {
   int prefix_len;        // keys [0, prefix_len) are visible
   const int32_t* extra;  // further visible key indices (increasing, all >= prefix_len), may be null
   int num_extra;
+  int begin, end;        // the list positions this call covers: begin a multiple of kAttendRange,
+                         // begin < end <= min(begin + kAttendRange, prefix_len + num_extra)
   float scale;
-  float* scores;         // scratch, >= prefix_len + num_extra floats
-  float* out;            // [head_dim]
+  float* scores;         // scratch, >= end - begin floats
+  float* out;            // [head_dim]: o of the range
+  float* stats;          // [2]: m and l of the range
 };
 
-// Queries attend() takes at once: they share k, v, head_dim, prefix_len and scale (the q heads
-// of one kv head, for the rows of one sequence's step), so each block of prefix keys and values
-// is read from memory once for all of them.
+// Queries attend() takes at once: they share k, v, head_dim, prefix_len, begin and scale, and
+// end wherever it is at most prefix_len (the q heads of one kv head, for the rows of one
+// sequence's step), so each block of prefix keys and values is read once for all of them.
 constexpr int kMaxAttendQueries = 16;
 
 struct Kernels {
@@ -40,8 +51,9 @@ struct Kernels {
   // W packed as in packing.h; n0 a multiple of 16. bias may be null.
   void (*gemm)(const float* x, int ldx, int M, int K, const void* w, WType wt, const float* bias, int n0, int n1,
                float* y, int ldy);
-  // Softmax attention of nq (1..kMaxAttendQueries) query rows over one kv head, keys in index
-  // order. Each query's result is the same sequence of operations as when it comes alone.
+  // One range of softmax attention (see AttendArgs) for nq (1..kMaxAttendQueries) queries over
+  // one kv head, keys in list order. Each query's result is the same sequence of operations as
+  // when it comes alone.
   void (*attend)(const AttendArgs* a, int nq);
   // out[i] = silu(g[i]) * u[i] for i in [0, n): SwiGLU's elementwise half.
   void (*silu_mul)(const float* g, const float* u, float* out, int64_t n);

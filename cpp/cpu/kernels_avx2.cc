@@ -199,26 +199,39 @@ inline __m256 exp256(__m256 x) {
   return _mm256_andnot_ps(underflow, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
 }
 
-// Scores of 8 keys (rows k0..k7 of head_dim floats) against q: the same operations for every
-// lane (8-wide FMAs over d in order, then a fixed horizontal reduction), so a key's score does
-// not depend on its lane or on the other keys. The unrolled loops keep the 8 chains in registers.
-inline __m256 scores8(const float* q, const float* const* k, int hd) {
-  __m256 a[8];
-#pragma GCC unroll 8
-  for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
-  for (int d = 0; d < hd; d += 8) {
-    const __m256 qv = _mm256_loadu_ps(q + d);
-#pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[j] + d), a[j]);
+// Scores of 4 keys (rows k[0..3] of head_dim floats) against QB queries: per (query, key) one
+// 8-lane FMA chain over d in order, then the fixed lane reduction ((l0 + l1) + (l2 + l3)) +
+// ((l4 + l5) + (l6 + l7)); so a key's score depends neither on the other keys nor on the other
+// queries. Two queries share each key load (QB = 2: 8 chains in registers, with the loads).
+template <int QB>
+inline void scores4(const float* const* q, const float* const* k, int hd, __m128* out) {
+  __m256 a[QB][4];
+#pragma GCC unroll 4
+  for (int i = 0; i < QB; ++i) {
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) a[i][j] = _mm256_setzero_ps();
   }
-  const __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-  const __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-  return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
+  for (int d = 0; d < hd; d += 8) {
+    __m256 qv[QB];
+#pragma GCC unroll 4
+    for (int i = 0; i < QB; ++i) qv[i] = _mm256_loadu_ps(q[i] + d);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const __m256 kv = _mm256_loadu_ps(k[j] + d);
+#pragma GCC unroll 4
+      for (int i = 0; i < QB; ++i) a[i][j] = _mm256_fmadd_ps(qv[i], kv, a[i][j]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < QB; ++i) {
+    const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a[i][0], a[i][1]), _mm256_hadd_ps(a[i][2], a[i][3]));
+    out[i] = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  }
 }
 
-// Softmax of one query's scores[0, n) in place, returning 1 / their sum: the max, then
-// exp(score - max) 8-wide by key index with a fixed lane reduction of the sum.
-inline float softmax_scores(float* scores, int n) {
+// Softmax numerators of one query's scores[0, n) in place: the max m, then exp(score - m) 8-wide
+// by position with a fixed lane reduction of their sum l; stats = {m, l}.
+inline void softmax_scores(float* scores, int n, float* stats) {
   __m256 mx8 = _mm256_set1_ps(-INFINITY);
   int j = 0;
   for (; j + 8 <= n; j += 8) mx8 = _mm256_max_ps(mx8, _mm256_loadu_ps(scores + j));
@@ -242,7 +255,8 @@ inline float softmax_scores(float* scores, int n) {
     for (int i = 0; j + i < n; ++i) scores[j + i] = tmp[i];
     sum8 = _mm256_add_ps(sum8, e);
   }
-  return 1.f / hsum(sum8);
+  stats[0] = mx;
+  stats[1] = hsum(sum8);
 }
 
 // Software prefetch distance of the attention kernel, in keys (K and V rows are read in key order;
@@ -259,87 +273,127 @@ inline void prefetch_row(const float* p, int nv) {
 // while it is in L1.
 constexpr int kValueChunk = 64;
 
-// Values of dims [d0, d0 + 8 NV) for all queries: for each dim, one FMA chain over the keys in
-// index order. Prefix keys in chunks, all queries per chunk (a query's partial sums wait in its
-// out row), then each query's extra keys. NV is a compile-time count so that the accumulators
-// stay in registers: with a runtime count GCC kept them on the stack, a store and a reload on
-// every FMA (with the scores' chains also spilled, the kernel was 1.8x slower at 3 queries and
-// 2.2-2.5x at 12, measured).
-template <int NV>
-void attend_values(const AttendArgs* qs, int nq, const float* inv, int d0) {
-  const int hd = qs[0].head_dim, prefix = qs[0].prefix_len;
-  auto run = [&](const AttendArgs& a, float p_inv, int j0, int j1, bool first, bool prefetch) {
-    __m256 acc[NV];
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[v] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(a.out + d0 + 8 * v);
-    for (int jj = j0; jj < j1; ++jj) {
-      if (prefetch && jj + kAttendPrefetchKeys < prefix) {
-        prefetch_row(a.v + static_cast<int64_t>(jj + kAttendPrefetchKeys) * hd + d0, NV);
-      }
-      const __m256 p = _mm256_set1_ps(a.scores[jj] * p_inv);
-      const int key = jj < prefix ? jj : a.extra[jj - prefix];
-      const float* vr = a.v + static_cast<int64_t>(key) * hd + d0;
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[v] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * v), acc[v]);
-    }
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(a.out + d0 + 8 * v, acc[v]);
-  };
-  for (int c0 = 0; c0 < prefix; c0 += kValueChunk) {
-    const int c1 = prefix - c0 < kValueChunk ? prefix : c0 + kValueChunk;
-    // The first query streams the chunk's values from memory: it prefetches ahead of itself.
-    for (int q = 0; q < nq; ++q) run(qs[q], inv[q], c0, c1, c0 == 0, q == 0);
+// Values of dims [d0, d0 + 8 NV) for QB queries over list positions [j0, j1) (prefix keys, or
+// extra keys of a query coming alone): for each dim, one FMA chain over the positions in order,
+// continued from the partial sums in out unless `first`. Each value vector is loaded once for the
+// QB queries (QB = 3, NV = 4: 12 accumulators in registers).
+template <int QB, int NV>
+inline void values_block(const AttendArgs* const* a, int j0, int j1, int d0, bool first, bool prefetch) {
+  const int hd = a[0]->head_dim, begin = a[0]->begin, prefix = a[0]->prefix_len;
+  __m256 acc[QB][NV];
+#pragma GCC unroll 4
+  for (int i = 0; i < QB; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(a[i]->out + d0 + 8 * v);
   }
-  for (int q = 0; q < nq; ++q) run(qs[q], inv[q], prefix, prefix + qs[q].num_extra, prefix == 0, false);
+  for (int jj = j0; jj < j1; ++jj) {
+    if (prefetch && jj + kAttendPrefetchKeys < j1) {
+      prefetch_row(a[0]->v + static_cast<int64_t>(jj + kAttendPrefetchKeys) * hd + d0, NV);
+    }
+    __m256 p[QB];
+#pragma GCC unroll 4
+    for (int i = 0; i < QB; ++i) p[i] = _mm256_broadcast_ss(a[i]->scores + (jj - begin));
+    const int key = jj < prefix ? jj : a[0]->extra[jj - prefix];
+    const float* vr = a[0]->v + static_cast<int64_t>(key) * hd + d0;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const __m256 vv = _mm256_loadu_ps(vr + 8 * v);
+#pragma GCC unroll 4
+      for (int i = 0; i < QB; ++i) acc[i][v] = _mm256_fmadd_ps(p[i], vv, acc[i][v]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < QB; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(a[i]->out + d0 + 8 * v, acc[i][v]);
+  }
+}
+
+// Values of dims [d0, d0 + 8 NV) for all queries: the shared prefix keys [begin, pe) in chunks,
+// all queries per chunk in blocks of 3 (a query's partial sums wait in its out row), then each
+// query's extra keys.
+template <int NV>
+void attend_values(const AttendArgs* qs, int nq, int pe, int d0) {
+  constexpr int QB = 3;
+  const int begin = qs[0].begin;
+  for (int c0 = begin; c0 < pe; c0 += kValueChunk) {
+    const int c1 = pe - c0 < kValueChunk ? pe : c0 + kValueChunk;
+    int q = 0;
+    for (; q + QB <= nq; q += QB) {  // the first block streams the chunk from memory: it prefetches
+      const AttendArgs* a[QB] = {&qs[q], &qs[q + 1], &qs[q + 2]};
+      values_block<QB, NV>(a, c0, c1, d0, c0 == begin, q == 0);
+    }
+    for (; q < nq; ++q) {
+      const AttendArgs* a[1] = {&qs[q]};
+      values_block<1, NV>(a, c0, c1, d0, c0 == begin, q == 0);
+    }
+  }
+  for (int q = 0; q < nq; ++q) {
+    const AttendArgs* a[1] = {&qs[q]};
+    values_block<1, NV>(a, pe, qs[q].end, d0, pe == begin, false);
+  }
 }
 
 void attend_avx2(const AttendArgs* qs, int nq) {
   const AttendArgs& a0 = qs[0];
-  const int hd = a0.head_dim, prefix = a0.prefix_len;
+  const int hd = a0.head_dim, begin = a0.begin, prefix = a0.prefix_len;
   if (hd % 8 != 0) {  // not seen in practice; the portable kernel keeps the contract
     generic_kernels().attend(qs, nq);
     return;
   }
-  const __m256 scale = _mm256_set1_ps(a0.scale);
-  // Scores, 8 keys at a time: blocks of prefix keys for all queries while they are in L1, then
-  // each query's last blocks (the rest of the prefix and its own extra keys; a partial block
-  // repeats its last key in the unused lanes). A key's score does not depend on its block.
-  const int shared = prefix / 8 * 8;
-  for (int j0 = 0; j0 < shared; j0 += 8) {
-    const float* k[8];
-    for (int j = 0; j < 8; ++j) k[j] = a0.k + static_cast<int64_t>(j0 + j) * hd;
-    if (j0 + kAttendPrefetchKeys + 8 <= prefix) {
-      for (int j = 0; j < 8; ++j) prefetch_row(k[j] + static_cast<int64_t>(kAttendPrefetchKeys) * hd, hd / 8);
+  // The prefix keys every query of the call covers: [begin, pe).
+  const int pe = prefix < begin + kAttendRange ? (prefix > begin ? prefix : begin) : begin + kAttendRange;
+  const __m128 scale = _mm_set1_ps(a0.scale);
+  // Scores, 4 keys at a time: blocks of shared prefix keys for all queries, two at a time, while
+  // the block is in L1 (its values are prefetched too, for the pass below), then each query's
+  // last blocks (the rest of the prefix and its own extra keys; a partial block repeats its last
+  // key in the unused lanes). A key's score does not depend on its block or on the queries beside.
+  const int shared = begin + (pe - begin) / 4 * 4;
+  for (int j0 = begin; j0 < shared; j0 += 4) {
+    const float* k[4];
+    for (int j = 0; j < 4; ++j) k[j] = a0.k + static_cast<int64_t>(j0 + j) * hd;
+    if (j0 + kAttendPrefetchKeys + 4 <= pe) {
+      for (int j = 0; j < 4; ++j) {
+        prefetch_row(k[j] + static_cast<int64_t>(kAttendPrefetchKeys) * hd, hd / 8);
+        prefetch_row(a0.v + static_cast<int64_t>(j0 + j + kAttendPrefetchKeys) * hd, hd / 8);
+      }
     }
-    for (int q = 0; q < nq; ++q) _mm256_storeu_ps(qs[q].scores + j0, _mm256_mul_ps(scores8(qs[q].q, k, hd), scale));
+    int q = 0;
+    for (; q + 2 <= nq; q += 2) {
+      const float* qp[2] = {qs[q].q, qs[q + 1].q};
+      __m128 s[2];
+      scores4<2>(qp, k, hd, s);
+      _mm_storeu_ps(qs[q].scores + (j0 - begin), _mm_mul_ps(s[0], scale));
+      _mm_storeu_ps(qs[q + 1].scores + (j0 - begin), _mm_mul_ps(s[1], scale));
+    }
+    if (q < nq) {
+      __m128 s[1];
+      scores4<1>(&qs[q].q, k, hd, s);
+      _mm_storeu_ps(qs[q].scores + (j0 - begin), _mm_mul_ps(s[0], scale));
+    }
   }
-  float inv[kMaxAttendQueries];
   for (int q = 0; q < nq; ++q) {
     const AttendArgs& a = qs[q];
-    const int n = prefix + a.num_extra;
+    const int n = a.end;
     auto key = [&](int j) { return j < prefix ? j : a.extra[j - prefix]; };
-    for (int j0 = shared; j0 < n; j0 += 8) {
-      const float* k[8];
-      for (int j = 0; j < 8; ++j) k[j] = a.k + static_cast<int64_t>(key(j0 + j < n ? j0 + j : n - 1)) * hd;
-      const __m256 sc = _mm256_mul_ps(scores8(a.q, k, hd), scale);
-      alignas(32) float tmp[8];
-      _mm256_store_ps(tmp, sc);
-      for (int j = j0; j < n && j < j0 + 8; ++j) a.scores[j] = tmp[j - j0];
+    for (int j0 = shared; j0 < n; j0 += 4) {
+      const float* k[4];
+      for (int j = 0; j < 4; ++j) k[j] = a.k + static_cast<int64_t>(key(j0 + j < n ? j0 + j : n - 1)) * hd;
+      __m128 s[1];
+      scores4<1>(&a.q, k, hd, s);
+      alignas(16) float tmp[4];
+      _mm_store_ps(tmp, _mm_mul_ps(s[0], scale));
+      for (int j = j0; j < n && j < j0 + 4; ++j) a.scores[j - begin] = tmp[j - j0];
     }
-    inv[q] = softmax_scores(a.scores, n);
+    softmax_scores(a.scores, n - begin, a.stats);
   }
-  // Output, 64 dims (8 vectors) per pass.
-  for (int d0 = 0; d0 < hd; d0 += 64) {
-    const int nv = (hd - d0 < 64 ? hd - d0 : 64) / 8;
-    switch (nv) {
-      case 8: attend_values<8>(qs, nq, inv, d0); break;
-      case 7: attend_values<7>(qs, nq, inv, d0); break;
-      case 6: attend_values<6>(qs, nq, inv, d0); break;
-      case 5: attend_values<5>(qs, nq, inv, d0); break;
-      case 4: attend_values<4>(qs, nq, inv, d0); break;
-      case 3: attend_values<3>(qs, nq, inv, d0); break;
-      case 2: attend_values<2>(qs, nq, inv, d0); break;
-      default: attend_values<1>(qs, nq, inv, d0); break;
+  // Output, 32 dims (4 vectors) per pass.
+  for (int d0 = 0; d0 < hd; d0 += 32) {
+    switch ((hd - d0 < 32 ? hd - d0 : 32) / 8) {
+      case 4: attend_values<4>(qs, nq, pe, d0); break;
+      case 3: attend_values<3>(qs, nq, pe, d0); break;
+      case 2: attend_values<2>(qs, nq, pe, d0); break;
+      default: attend_values<1>(qs, nq, pe, d0); break;
     }
   }
 }

@@ -34,10 +34,11 @@ void gemm_generic(const float* x, int ldx, int M, int K, const void* w, WType wt
 }
 
 void attend_one(const AttendArgs& a) {
-  const int n = a.prefix_len + a.num_extra;
+  const int n = a.end - a.begin;
   float mx = -INFINITY;
   for (int j = 0; j < n; ++j) {
-    const int key = j < a.prefix_len ? j : a.extra[j - a.prefix_len];
+    const int pos = a.begin + j;
+    const int key = pos < a.prefix_len ? pos : a.extra[pos - a.prefix_len];
     const float* kr = a.k + static_cast<int64_t>(key) * a.head_dim;
     float s = 0.f;
     for (int d = 0; d < a.head_dim; ++d) s += a.q[d] * kr[d];
@@ -50,13 +51,14 @@ void attend_one(const AttendArgs& a) {
     a.scores[j] = std::exp(a.scores[j] - mx);
     sum += a.scores[j];
   }
-  const float inv = 1.f / sum;
+  a.stats[0] = mx;
+  a.stats[1] = sum;
   for (int d = 0; d < a.head_dim; ++d) a.out[d] = 0.f;
   for (int j = 0; j < n; ++j) {
-    const int key = j < a.prefix_len ? j : a.extra[j - a.prefix_len];
+    const int pos = a.begin + j;
+    const int key = pos < a.prefix_len ? pos : a.extra[pos - a.prefix_len];
     const float* vr = a.v + static_cast<int64_t>(key) * a.head_dim;
-    const float p = a.scores[j] * inv;
-    for (int d = 0; d < a.head_dim; ++d) a.out[d] += p * vr[d];
+    for (int d = 0; d < a.head_dim; ++d) a.out[d] += a.scores[j] * vr[d];
   }
 }
 
