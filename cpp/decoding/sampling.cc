@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 namespace medusa_rt {
 
@@ -24,29 +25,62 @@ double position_uniform(uint64_t seed, int64_t position) {
 
 int32_t sample_token(const float* logits, int vocab, const SamplingParams& params, double u, SamplingScratch& scratch) {
   std::vector<int32_t>& ids = scratch.ids;
-  std::vector<double>& w = scratch.weights;
-  ids.clear();
+  std::vector<float>& w = scratch.weights;
   float top = -INFINITY;
   for (int i = 0; i < vocab; ++i) {
-    if (std::isfinite(logits[i])) {
-      ids.push_back(i);
-      top = std::max(top, logits[i]);
+    if (std::isfinite(logits[i])) top = std::max(top, logits[i]);
+  }
+  if (top == -INFINITY) return 0;
+  // Every token's weight exp((logit - top) / T) once, in float (0 for non-finite logits).
+  w.resize(vocab);
+  const float inv_t = 1.0f / params.temperature;
+  for (int i = 0; i < vocab; ++i) w[i] = std::isfinite(logits[i]) ? std::exp((logits[i] - top) * inv_t) : 0.f;
+  auto before = [logits](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
+  ids.clear();
+  double total = 0;  // of the candidates: the top_k tokens, or all
+  if (params.top_k > 0 && params.top_k < vocab) {
+    for (int i = 0; i < vocab; ++i) {
+      if (std::isfinite(logits[i])) ids.push_back(i);
+    }
+    if (size_t(params.top_k) < ids.size()) {
+      std::nth_element(ids.begin(), ids.begin() + params.top_k, ids.end(), before);
+      ids.resize(params.top_k);
+    }
+    for (int32_t id : ids) total += w[id];
+  } else {
+    for (int i = 0; i < vocab; ++i) total += w[i];
+    // With top_p, only the tokens heavy enough to be in the nucleus are sorted: classes of weight
+    // by power of two, heaviest first, until their sum reaches top_p of the total (with a margin
+    // over any summation order's rounding). The nucleus (the most likely tokens until top_p) is
+    // within those classes, so the selection below gives what it would on the whole vocabulary.
+    float cut = 0.f;
+    if (params.top_p < 1.0f) {
+      constexpr int kClasses = 64;  // class c: weights in [2^-c, 2^(1-c)); the last: all below
+      double sums[kClasses] = {};
+      for (int i = 0; i < vocab; ++i) {
+        uint32_t bits;
+        std::memcpy(&bits, &w[i], sizeof bits);
+        const int c = 127 - static_cast<int>(bits >> 23);  // weights are in [0, 1]: sign bit 0
+        sums[c < kClasses - 1 ? c : kClasses - 1] += w[i];
+      }
+      const double target = double(params.top_p) * total * (1 + 1e-9);
+      double sum = 0;
+      for (int c = 0; c < kClasses - 1; ++c) {
+        sum += sums[c];
+        if (sum >= target) {
+          cut = std::ldexp(1.0f, -c);
+          break;
+        }
+      }
+    }
+    for (int i = 0; i < vocab; ++i) {
+      if (std::isfinite(logits[i]) && w[i] >= cut) ids.push_back(i);
     }
   }
-  if (ids.empty()) return 0;
-  auto before = [logits](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
-  size_t k = ids.size();
-  if (params.top_k > 0 && size_t(params.top_k) < k) {
-    std::nth_element(ids.begin(), ids.begin() + params.top_k, ids.end(), before);
-    k = params.top_k;
-    ids.resize(k);
-  }
-  const double inv_t = 1.0 / params.temperature;
-  auto weight = [&](int32_t id) { return std::exp((double(logits[id]) - double(top)) * inv_t); };
+  const size_t k = ids.size();
   size_t keep = k;
+  double kept = total;
   if (params.top_p < 1.0f) {
-    double total = 0;
-    for (size_t i = 0; i < k; ++i) total += weight(ids[i]);
     const double target = double(params.top_p) * total;
     // The most likely tokens in order, a growing prefix at a time, until they reach top_p.
     for (size_t c = std::min<size_t>(k, 64);; c = std::min(k, c * 4)) {
@@ -54,20 +88,18 @@ int32_t sample_token(const float* logits, int vocab, const SamplingParams& param
       std::sort(ids.begin(), ids.begin() + c, before);
       double cum = 0;
       size_t j = 0;
-      while (j < c && cum < target) cum += weight(ids[j++]);
+      while (j < c && cum < target) cum += w[ids[j++]];
       if (cum >= target || c == k) {
         keep = j;
+        kept = cum;
         break;
       }
     }
   }
-  w.resize(keep);
-  double total = 0;
-  for (size_t i = 0; i < keep; ++i) total += (w[i] = weight(ids[i]));
-  const double at = u * total;
+  const double at = u * kept;
   double cum = 0;
   for (size_t i = 0; i < keep; ++i) {
-    cum += w[i];
+    cum += w[ids[i]];
     if (at < cum) return ids[i];
   }
   return ids[keep - 1];  // u * total rounded up to the sum

@@ -21,7 +21,7 @@ struct SamplingParams {
 // Working memory of sample_token (sized once to the vocabulary: nothing allocated per draw).
 struct SamplingScratch {
   std::vector<int32_t> ids;
-  std::vector<double> weights;
+  std::vector<float> weights;  // [vocab]
   void reserve(int vocab) {
     ids.reserve(vocab);
     weights.reserve(vocab);
