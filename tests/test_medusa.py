@@ -797,20 +797,22 @@ def test_sampling_same_seed_same_tokens_with_or_without_medusa(engine, own_dir, 
                 s.generate(p, max_new_tokens=2, **bad)
 
 
-def test_sampling_follows_the_truncated_softmax(engine, setup):
+@pytest.mark.parametrize("k,top_p", [(12, 0.8), (0, 0.5)], ids=["top_k+top_p", "top_p"])
+def test_sampling_follows_the_truncated_softmax(engine, setup, k, top_p):
     """The first sampled token over many seeds against softmax(logits / T) cut to top_k then
-    top_p: nothing outside the kept set, frequencies within sampling error."""
+    top_p: nothing outside the kept set, frequencies within sampling error. (top_p alone selects
+    among the weight classes that hold the nucleus rather than the whole vocabulary.)"""
     import numpy as np
 
     p = setup["prompts"][0]
     with engine.session() as s:
         logits = s.forward(p)[0].astype(np.float64)
-    T, k, top_p, n = 0.5, 12, 0.8, 3000
-    order = np.lexsort((np.arange(logits.size), -logits))[:k]  # by logit, ties to the lower id
+    T, n = 0.5, 3000
+    order = np.lexsort((np.arange(logits.size), -logits))[:k or logits.size]  # by logit, ties to the lower id
     q = np.exp((logits[order] - logits[order[0]]) / T)
     q /= q.sum()
     keep = int(np.searchsorted(np.cumsum(q), top_p)) + 1
-    assert 2 <= keep < k  # the test exercises both cuts
+    assert 2 <= keep < len(order)  # the test exercises the cuts
     expected = np.zeros(logits.size)
     expected[order[:keep]] = q[:keep] / q[:keep].sum()
     rs = engine.generate_batch([p] * n, max_new_tokens=1, ignore_eos=True, medusa=False, do_sample=True,
@@ -818,3 +820,8 @@ def test_sampling_follows_the_truncated_softmax(engine, setup):
     counts = np.bincount([r.tokens[0] for r in rs], minlength=logits.size) / n
     assert set(np.flatnonzero(counts)) <= set(order[:keep].tolist())
     assert np.abs(counts - expected).max() < 4 * np.sqrt(0.25 / n)
+    # A temperature so small that 1 / T overflows a float still puts all the mass on the argmax.
+    greedy = engine.generate(p, max_new_tokens=8, ignore_eos=True, medusa=False)
+    tiny = engine.generate(p, max_new_tokens=8, ignore_eos=True, medusa=False, do_sample=True, temperature=1e-40,
+                           top_p=top_p, seed=3)
+    assert tiny.tokens == greedy.tokens

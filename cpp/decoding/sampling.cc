@@ -31,10 +31,13 @@ int32_t sample_token(const float* logits, int vocab, const SamplingParams& param
     if (std::isfinite(logits[i])) top = std::max(top, logits[i]);
   }
   if (top == -INFINITY) return 0;
-  // Every token's weight exp((logit - top) / T) once, in float (0 for non-finite logits).
+  // Every token's weight exp((logit - top) / T) once, the exponential in float (0 for non-finite
+  // logits).
   w.resize(vocab);
-  const float inv_t = 1.0f / params.temperature;
-  for (int i = 0; i < vocab; ++i) w[i] = std::isfinite(logits[i]) ? std::exp((logits[i] - top) * inv_t) : 0.f;
+  const double inv_t = 1.0 / params.temperature;  // in double: finite for any temperature > 0
+  for (int i = 0; i < vocab; ++i) {
+    w[i] = std::isfinite(logits[i]) ? std::exp(static_cast<float>((double(logits[i]) - top) * inv_t)) : 0.f;
+  }
   auto before = [logits](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
   ids.clear();
   double total = 0;  // of the candidates: the top_k tokens, or all
