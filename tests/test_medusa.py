@@ -403,7 +403,7 @@ def test_heads_with_a_root_input(setup, tmp_path):
     with SafetensorsFile(heads_file) as f:
         assert f.metadata["format_version"] == "2" and "medusa.3.root.weight" in f.keys()
     tree = [[0], [1], [2], [0, 0], [0, 0, 0]]  # nodes: head 0 ranks 0-2, head 1 rank 0, head 2 rank 0
-    engine = medusa_rt.Engine(d, dtype="fp32", max_seq_len=256, tree=tree, medusa_max_batch=16, prompt_lookup=0)
+    engine = medusa_rt.Engine(d, dtype="fp32", medusa_heads_dtype="fp32", max_seq_len=256, tree=tree, medusa_max_batch=16, prompt_lookup=0)
     heads = RuntimeHeads.load(heads_file)
     assert heads.roots is not None
     plain = RuntimeHeads(heads.blocks, None, heads.metadata)  # the same heads without the root input
@@ -482,7 +482,7 @@ def test_heads_with_a_path_input(setup, tmp_path):
     tree = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [1, 0, 0], [0, 1, 0]]
     nodes = [()] + sorted(map(tuple, tree), key=lambda p: (len(p), p))  # the engine's node order
     assert [list(p) for p in _core.TreeSpec(tree).paths] == [list(p) for p in nodes[1:]]
-    engine = medusa_rt.Engine(d, dtype="fp32", max_seq_len=256, tree=tree, medusa_max_batch=16, prompt_lookup=0)
+    engine = medusa_rt.Engine(d, dtype="fp32", medusa_heads_dtype="fp32", max_seq_len=256, tree=tree, medusa_max_batch=16, prompt_lookup=0)
     heads = RuntimeHeads.load(heads_file)
     assert heads.paths is not None and len(heads.paths[3]) == 3
     lm, emb = load_lm_head(d), load_embedding(d)
@@ -515,8 +515,8 @@ def _five_node_tree_engine(d, heads_file, cfg):
 
     tree = [[0], [1], [0, 0], [1, 0], [0, 0, 0]]
     nodes = [()] + sorted(map(tuple, tree), key=lambda p: (len(p), p))
-    engine = medusa_rt.Engine(d, dtype="fp32", max_seq_len=256, tree=tree, medusa_heads=heads_file,
-                              medusa_max_batch=16, prompt_lookup=0)
+    engine = medusa_rt.Engine(d, dtype="fp32", medusa_heads_dtype="fp32", max_seq_len=256, tree=tree,
+                              medusa_heads=heads_file, medusa_max_batch=16, prompt_lookup=0)
     return tree, nodes, engine, RuntimeHeads.load(heads_file, config=cfg)
 
 
@@ -757,6 +757,26 @@ def test_draft_layer_file_errors(setup, tmp_path):
     with pytest.raises(ModelFormatError, match="draft layer needs"):
         write_heads_file({k: v for k, v in _draft_heads(setup).items() if k != "draft.down.weight"},
                          tmp_path / "x.safetensors", hidden=96, vocab=vocab, dtype="float32")
+
+
+def test_heads_dtype(own_dir, setup):
+    """An fp32 model's heads run in bf16 on the CPU unless asked otherwise (half the bytes their
+    pass reads); they only draft, so the output is plain decoding's either way."""
+    fp32 = medusa_rt.Engine(own_dir, dtype="fp32", max_seq_len=256, medusa_max_batch=16, medusa_heads_dtype="fp32")
+    auto = medusa_rt.Engine(own_dir, dtype="fp32", max_seq_len=256, medusa_max_batch=16)
+    assert (fp32.info.medusa_heads_dtype, auto.info.medusa_heads_dtype) == ("fp32", "bf16")
+    assert medusa_rt.Engine(own_dir, dtype="bf16", max_seq_len=256).info.medusa_heads_dtype == "bf16"
+    assert auto.info.weight_bytes < fp32.info.weight_bytes
+    accepted = 0
+    for p in setup["prompts"][:2] + _unseen(2):
+        plain = fp32.generate(p, max_new_tokens=40, ignore_eos=True, medusa=False).tokens
+        for e in (fp32, auto):
+            r = e.generate(p, max_new_tokens=40, ignore_eos=True)
+            assert r.tokens == plain
+            accepted += sum(r.stats.accepted_per_head)
+    assert accepted > 0
+    with pytest.raises(InvalidArgumentError, match="medusa_heads_dtype"):
+        medusa_rt.Engine(own_dir, dtype="fp32", medusa_heads_dtype="int4")
 
 
 def test_sampling_same_seed_same_tokens_with_or_without_medusa(engine, own_dir, setup):

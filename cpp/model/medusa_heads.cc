@@ -297,7 +297,7 @@ MedusaHeads::MedusaHeads(const std::string& file, const ModelConfig& base, DType
                                std::to_string(i) + " is " + std::to_string(ids[i]));
       }
     }
-    draft_proj_ = arena_.rows_of(base_lm_head_, ids, "Medusa draft vocabulary projection");
+    draft_proj_ = arena_.rows_of(base_lm_head_, ids, dtype, "Medusa draft vocabulary projection");
     draft_ids_ = static_cast<int32_t*>(arena_.buffer(sizeof(int32_t) * size_t(n), "Medusa draft vocabulary"));
     be_.copy_to_device(draft_ids_, ids.data(), sizeof(int32_t) * size_t(n));
     proj_vocab_ = n;

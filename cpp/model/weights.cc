@@ -95,23 +95,23 @@ Matrix WeightArena::matrix(const std::vector<const TensorView*>& parts, int cols
   return m;
 }
 
-Matrix WeightArena::rows_of(const Matrix& src, const std::vector<int32_t>& rows, const char* what) {
-  const size_t es = dtype_size(src.dtype), cols = size_t(src.cols);
+Matrix WeightArena::rows_of(const Matrix& src, const std::vector<int32_t>& rows, DType dtype, const char* what) {
+  const size_t es = dtype_size(dtype), cols = size_t(src.cols);
   std::vector<uint8_t> staging(es * rows.size() * cols);
   std::vector<float> row(cols);
   for (size_t i = 0; i < rows.size(); ++i) {
     be_.matrix_row(src, rows[i], row.data());
     uint8_t* dst = staging.data() + es * i * cols;
-    for (size_t c = 0; c < cols; ++c) {  // fp32 -> the source dtype: exact, the values came from it
-      if (src.dtype == DType::kF32) {
+    for (size_t c = 0; c < cols; ++c) {
+      if (dtype == DType::kF32) {
         std::memcpy(dst + 4 * c, &row[c], 4);
       } else {
-        const uint16_t h = src.dtype == DType::kBF16 ? f32_to_bf16(row[c]) : f32_to_f16(row[c]);
+        const uint16_t h = dtype == DType::kBF16 ? f32_to_bf16(row[c]) : f32_to_f16(row[c]);
         std::memcpy(dst + 2 * c, &h, 2);
       }
     }
   }
-  Matrix m = be_.upload_matrix(staging.data(), src.dtype, static_cast<int>(rows.size()), src.cols, what);
+  Matrix m = be_.upload_matrix(staging.data(), dtype, static_cast<int>(rows.size()), src.cols, what);
   allocations_.push_back(const_cast<void*>(m.data));
   weight_bytes_ += staging.size();
   return m;

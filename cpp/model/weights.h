@@ -26,8 +26,9 @@ class WeightArena {
   // Concatenates the [rows_i, cols] tensors along rows into one matrix of dtype, converted and
   // laid out for the backend.
   Matrix matrix(const std::vector<const TensorView*>& parts, int cols, DType dtype);
-  // Rows `rows` of a backend matrix (in that order) as a new matrix of the same dtype (exact).
-  Matrix rows_of(const Matrix& src, const std::vector<int32_t>& rows, const char* what);
+  // Rows `rows` of a backend matrix (in that order) as a new matrix of dtype (exact when it is
+  // the source's).
+  Matrix rows_of(const Matrix& src, const std::vector<int32_t>& rows, DType dtype, const char* what);
   // Concatenates 1-D tensors into one fp32 vector.
   const float* vector(const std::vector<const TensorView*>& parts);
   // Raw backend buffer.

@@ -61,6 +61,10 @@ struct EngineOptions {
   std::vector<std::vector<int>> tree_paths;
   /// Candidates kept per head; every rank in the tree must be below it.
   int medusa_top_k = 10;
+  /// Precision of the heads' weights in memory: "fp32", "bf16" or "fp16" ("bf16" or "fp16" on
+  /// CUDA). Empty: the model's dtype, except "bf16" for an fp32 model on the CPU. The heads only
+  /// draft (the base model verifies every token), so this changes speed, not the output.
+  std::string medusa_heads_dtype;
   /// Speculation policy: a decode step of more sequences than this verifies no trees (each
   /// sequence decodes one token; a big batch is already compute-bound). 0 = never verify trees.
   /// -1 = measure it at engine creation: the largest batch for which a tree step costs at most
@@ -109,6 +113,7 @@ struct ModelInfo {
   std::size_t kv_cache_bytes = 0;  ///< bytes of the KV cache
   int medusa_heads = 0;            ///< 0 when the engine has no Medusa heads
   bool medusa_shared_lm_head = false;
+  std::string medusa_heads_dtype;  ///< precision of the heads' weights ("" without heads)
   std::string tree;                ///< name of the tree in use ("root" without heads)
   int medusa_max_batch = 0;        ///< batch size up to which steps verify trees (measured or given)
   int tree_nodes = 1;              ///< nodes of that tree, root included

@@ -126,6 +126,9 @@ class Engine:
             ``mc_sim_7b_63`` cut to the number of heads.
         auto_tree_max_nodes: the largest tree ``"auto"`` considers.
         medusa_top_k: candidates kept per head (tree ranks must be below it).
+        medusa_heads_dtype: precision of the heads' weights, ``"fp32"``, ``"bf16"`` or ``"fp16"``;
+            None: the model's dtype, except ``"bf16"`` for an fp32 model on the CPU (the heads
+            only draft, so this changes speed, not the output; ``info.medusa_heads_dtype``).
         medusa_max_batch: a decode step shared by more sequences than this verifies no trees
             (speculation stops paying once a step is compute-bound); 0 = never; None = measure
             it at creation: the largest batch for which a tree step costs at most
@@ -160,6 +163,7 @@ class Engine:
         medusa_heads: Union[None, str, "os.PathLike[str]"] = None,
         tree: Tree = None,
         medusa_top_k: int = 10,
+        medusa_heads_dtype: Optional[str] = None,
         auto_tree_max_nodes: int = 64,
         medusa_max_batch: Optional[int] = None,
         medusa_expected_tokens_per_step: Optional[float] = None,
@@ -177,6 +181,8 @@ class Engine:
             except TypeError:
                 raise InvalidArgumentError("tree must be a tree name or a list of paths (lists of ranks)") from None
         options.medusa_top_k = _check_int("medusa_top_k", medusa_top_k)
+        if medusa_heads_dtype is not None:
+            options.medusa_heads_dtype = _check_str("medusa_heads_dtype", medusa_heads_dtype)
         options.auto_tree_max_nodes = _check_int("auto_tree_max_nodes", auto_tree_max_nodes)
         options.medusa_max_batch = -1 if medusa_max_batch is None else _check_int("medusa_max_batch", medusa_max_batch)
         if medusa_expected_tokens_per_step is not None:
