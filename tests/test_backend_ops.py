@@ -337,12 +337,16 @@ _RANGE_ROWS = (
      (1, 257, 254, [254, 255, 256, 257]), (1, 600, 258, []), (0, 511, 512, [])], 700, (3, 4))
 
 
+@pytest.mark.parametrize("kv_bf16", [False, True], ids=["fp32-kv", "bf16-kv"])
 @pytest.mark.parametrize("case", [_SHORT_ROWS, _LONG_ROWS, _RANGE_ROWS], ids=["short", "long", "ranges"])
-def test_attention_rows_together_same_bits_as_alone(h, case):
+def test_attention_rows_together_same_bits_as_alone(h, case, kv_bf16):
     # A tree step's rows attend together (each block of keys read once for the rows and the q heads
     # of a kv head); each row's result must be the same bits as when it comes alone (a plain
     # decode step), or Medusa's greedy output could differ from plain decoding's; nor on the
-    # number of threads the work is split over.
+    # number of threads the work is split over. A bf16 KV cache (the CPU's kv_dtype="bf16") holds
+    # the values rounded and widens them exactly: the same bits as an fp32 cache of those values.
+    if kv_bf16 and not h.device_name.startswith("cpu"):
+        pytest.skip("the bf16 KV cache is the CPU backend's")
     spec, maxseq, same = case
     heads, kvh, hd, slots_n = 6, 2, 80, 2
     width = (heads + 2 * kvh) * hd
@@ -358,15 +362,23 @@ def test_attention_rows_together_same_bits_as_alone(h, case):
     qkv = RNG.standard_normal((rows, width)).astype(np.float32)
     if same:  # a tree row and a causal row over the same keys get the same query
         qkv[same[1], : heads * hd] = qkv[same[0], : heads * hd]
+    if kv_bf16:  # values a bf16 cache holds exactly
+        kc, vc = round_to(kc, "bf16"), round_to(vc, "bf16")
+        qkv[:, heads * hd:] = round_to(qkv[:, heads * hd:], "bf16")
     args = (width, heads, kvh, maxseq, hd)
     out, k2, v2 = h.attention(qkv.ravel(), rows, *args, slots, cache_index, prefix, extra_offsets, extra,
-                              heads * hd, (heads + kvh) * hd, kc, vc)
+                              heads * hd, (heads + kvh) * hd, kc, vc, kv_bf16=kv_bf16)
     out = arr(out, (rows, heads * hd))
+    if kv_bf16:
+        out32, k32, v32 = h.attention(qkv.ravel(), rows, *args, slots, cache_index, prefix, extra_offsets, extra,
+                                      heads * hd, (heads + kvh) * hd, kc, vc)
+        assert np.array_equal(arr(out32, (rows, heads * hd)), out)
+        assert np.array_equal(arr(k32), arr(k2)) and np.array_equal(arr(v32), arr(v2))
     one_thread = Harness("cpu", 1) if h.device_name.startswith("cpu") else h
     for r in range(rows):
         alone, _, _ = one_thread.attention(qkv[r], 1, *args, [slots[r]], [cache_index[r]], [prefix[r]],
                                            [0, len(ancestors[r])], ancestors[r], heads * hd, (heads + kvh) * hd,
-                                           np.array(k2), np.array(v2))
+                                           np.array(k2), np.array(v2), kv_bf16=kv_bf16)
         assert np.array_equal(arr(alone), out[r]), r
     if same:
         assert np.array_equal(out[same[0]], out[same[1]])  # a tree row and a causal row over the same keys

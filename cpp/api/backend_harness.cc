@@ -210,8 +210,15 @@ std::vector<float> BackendHarness::attention(const std::vector<float>& qkv, int 
     throw InvalidArgumentError("cache size does not match the layout");
   }
   be_->prepare(layout);
+  const bool bf16 = layout.dtype == DType::kBF16;
+  auto to_bf16 = [](const std::vector<float>& x) {
+    std::vector<uint16_t> h(x.size());
+    for (size_t i = 0; i < x.size(); ++i) h[i] = f32_to_bf16(x[i]);
+    return h;
+  };
   auto dq = upload(qkv), ds = upload(slots), dci = upload(cache_index), dp = upload(prefix_len),
-       deo = upload(extra_offsets), de = upload(extra), dk = upload(k_cache), dv = upload(v_cache);
+       deo = upload(extra_offsets), de = upload(extra);
+  auto dk = bf16 ? upload(to_bf16(k_cache)) : upload(k_cache), dv = bf16 ? upload(to_bf16(v_cache)) : upload(v_cache);
   RowsMeta meta;
   meta.rows = rows;
   meta.slots = ds->as<int32_t>();
@@ -220,11 +227,19 @@ std::vector<float> BackendHarness::attention(const std::vector<float>& qkv, int 
   meta.extra_offsets = extra_offsets.empty() ? nullptr : deo->as<int32_t>();
   meta.extra = extra_offsets.empty() ? nullptr : de->as<int32_t>();
   // The rows' own K/V go into the cache first, as in the forward.
-  be_->kv_store(dq->as<float>(), row_stride, k_col0, v_col0, meta, layout, dk->as<float>(), dv->as<float>());
+  be_->kv_store(dq->as<float>(), row_stride, k_col0, v_col0, meta, layout, dk->p, dv->p);
   Buf out(*be_, sizeof(float) * size_t(rows) * heads * layout.head_dim);
-  be_->attention(dq->as<float>(), row_stride, heads, meta, layout, dk->as<float>(), dv->as<float>(), out.as<float>());
-  k_cache = download<float>(*dk, k_cache.size());
-  v_cache = download<float>(*dv, v_cache.size());
+  be_->attention(dq->as<float>(), row_stride, heads, meta, layout, dk->p, dv->p, out.as<float>());
+  auto back = [&](const Buf& b, std::vector<float>& cache) {
+    if (!bf16) {
+      cache = download<float>(b, cache.size());
+      return;
+    }
+    const std::vector<uint16_t> h = download<uint16_t>(b, cache.size());
+    for (size_t i = 0; i < h.size(); ++i) cache[i] = bf16_to_f32(h[i]);
+  };
+  back(*dk, k_cache);
+  back(*dv, v_cache);
   return download<float>(out, size_t(rows) * heads * layout.head_dim);
 }
 

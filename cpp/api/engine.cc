@@ -273,6 +273,11 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
   if (gpu >= 0 && dtype == DType::kF32) {
     throw InvalidArgumentError("dtype=\"fp32\" is not supported on CUDA (weights are bf16 or fp16 there)");
   }
+  const DType kv_dtype = parse_engine_dtype(options.kv_dtype, "kv_dtype");
+  if (kv_dtype == DType::kF16 || (gpu >= 0 && kv_dtype != DType::kF32)) {
+    throw InvalidArgumentError("kv_dtype must be \"fp32\" or \"bf16\" (\"bf16\" on the CPU only), got \"" +
+                               options.kv_dtype + "\"");
+  }
   // The heads only draft (the base model verifies every token), so an fp32 model's heads run in
   // bf16 on the CPU by default: half the bytes per heads pass, the same acceptance (measured).
   const DType heads_dtype = !options.medusa_heads_dtype.empty()
@@ -356,6 +361,7 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
   lim.max_rows = std::max(prefill_chunk, options.max_batch_size * std::max(tree.num_nodes(), 1 + prompt_lookup));
   lim.max_logit_rows = lim.max_rows;
   lim.max_tree_depth = std::max(tree.max_depth(), prompt_lookup);
+  lim.kv_dtype = kv_dtype;
 
   const size_t wbytes = LlamaModel::weight_bytes_for(c, dtype) + heads_bytes;
   const size_t kvbytes = LlamaModel::kv_bytes_for(c, lim) +
@@ -481,6 +487,7 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
   info.medusa_heads = e.heads ? e.heads->num_heads() : 0;
   info.medusa_shared_lm_head = e.heads && e.heads->shared_lm_head();
   info.medusa_heads_dtype = e.heads ? dtype_option_name(heads_dtype) : "";
+  info.kv_dtype = dtype_option_name(kv_dtype);
   info.tree = e.decoder->tree().name();
   info.tree_nodes = e.decoder->tree().num_nodes();
   info.medusa_max_batch = e.medusa_max_batch;

@@ -67,7 +67,8 @@ class BackendHarness {
   // [lse of every row..., entropy of every row...]
   std::vector<float> softmax_stats(const std::vector<float>& logits, int rows, float temperature);
   // kv_store of the rows' K/V (columns k_col0 / v_col0 of qkv) into the caches, then attention;
-  // the caches come back updated.
+  // the caches come back updated. With a bf16 layout the caches are held in bf16 (given values
+  // rounded, returned widened).
   std::vector<float> attention(const std::vector<float>& qkv, int rows, int row_stride, int heads,
                                const KVLayout& layout, const std::vector<int32_t>& slots,
                                const std::vector<int32_t>& cache_index, const std::vector<int32_t>& prefix_len,

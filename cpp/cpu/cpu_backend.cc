@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "core/dtype.h"
 #include "core/thread_pool.h"
 #include "cpu/host_memory.h"
 #include "cpu/kernels.h"
@@ -208,20 +209,31 @@ class CpuBackend final : public Backend {
   }
 
   void kv_store(const float* qkv, int row_stride, int k_col0, int v_col0, const RowsMeta& meta, const KVLayout& L,
-                float* k_cache, float* v_cache) override {
-    const size_t hd_bytes = size_t(L.head_dim) * sizeof(float);
+                void* k_cache, void* v_cache) override {
+    const int hd = L.head_dim;
     for (int r = 0; r < meta.rows; ++r) {
+      const float* row = qkv + int64_t(r) * row_stride;
       for (int h = 0; h < L.kv_heads; ++h) {
-        const size_t dst = ((size_t(meta.slots[r]) * L.kv_heads + h) * L.max_seq + meta.cache_index[r]) * L.head_dim;
-        const float* row = qkv + int64_t(r) * row_stride;
-        std::memcpy(k_cache + dst, row + k_col0 + h * L.head_dim, hd_bytes);
-        std::memcpy(v_cache + dst, row + v_col0 + h * L.head_dim, hd_bytes);
+        const size_t dst = ((size_t(meta.slots[r]) * L.kv_heads + h) * L.max_seq + meta.cache_index[r]) * hd;
+        const float* k = row + k_col0 + h * hd;
+        const float* v = row + v_col0 + h * hd;
+        if (L.dtype == DType::kBF16) {
+          uint16_t* kd = static_cast<uint16_t*>(k_cache) + dst;
+          uint16_t* vd = static_cast<uint16_t*>(v_cache) + dst;
+          for (int d = 0; d < hd; ++d) {
+            kd[d] = f32_to_bf16(k[d]);
+            vd[d] = f32_to_bf16(v[d]);
+          }
+        } else {
+          std::memcpy(static_cast<float*>(k_cache) + dst, k, size_t(hd) * sizeof(float));
+          std::memcpy(static_cast<float*>(v_cache) + dst, v, size_t(hd) * sizeof(float));
+        }
       }
     }
   }
 
   void attention(const float* qkv, int row_stride, int heads, const RowsMeta& meta, const KVLayout& L,
-                 const float* k_cache, const float* v_cache, float* out) override {
+                 const void* k_cache, const void* v_cache, float* out) override {
     constexpr int S = cpu::kAttendRange;
     const int group = heads / L.kv_heads, hd = L.head_dim;
     const float scale = 1.0f / std::sqrt(float(hd));
@@ -280,7 +292,7 @@ class CpuBackend final : public Backend {
       alignas(32) float scores[cpu::kMaxAttendQueries * S];
       float stats[2 * cpu::kMaxAttendQueries];
       cpu::AttendArgs args[cpu::kMaxAttendQueries];
-      const size_t base = (size_t(meta.slots[task.row]) * L.kv_heads + task.kv_head) * L.max_seq * hd;
+      const size_t base = ((size_t(meta.slots[task.row]) * L.kv_heads + task.kv_head) * L.max_seq * hd) * L.elem_bytes();
       int n = 0;
       for (int q = task.q0; q < task.q1; ++q) {
         const int r = task.row + q / group, h = task.kv_head * group + q % group;
@@ -288,8 +300,9 @@ class CpuBackend final : public Backend {
         if (len <= task.range * S) continue;  // this query's list ends in an earlier range
         cpu::AttendArgs& a = args[n];
         a.q = qkv + int64_t(r) * row_stride + int64_t(h) * hd;
-        a.k = k_cache + base;
-        a.v = v_cache + base;
+        a.k = static_cast<const char*>(k_cache) + base;
+        a.v = static_cast<const char*>(v_cache) + base;
+        a.kv_bf16 = L.dtype == DType::kBF16;
         a.head_dim = hd;
         a.prefix_len = meta.prefix_len[r];
         a.extra = meta.extra_offsets ? meta.extra + meta.extra_offsets[r] : nullptr;
@@ -414,17 +427,18 @@ class CpuBackend final : public Backend {
 
   void add_silu(float* x, const float* y, size_t n) override { k_.add_silu(x, y, static_cast<int64_t>(n)); }
 
-  void kv_copy(float* k_cache, float* v_cache, int layers, const KVLayout& L, const int32_t* slots,
+  void kv_copy(void* k_cache, void* v_cache, int layers, const KVLayout& L, const int32_t* slots,
                const int32_t* src, const int32_t* dst, int n) override {
-    const size_t layer_elems = L.layer_elems();
-    const size_t hd_bytes = size_t(L.head_dim) * sizeof(float);
+    const size_t es = L.elem_bytes(), row_bytes = size_t(L.head_dim) * es;
+    char* kc = static_cast<char*>(k_cache);
+    char* vc = static_cast<char*>(v_cache);
     for (int l = 0; l < layers; ++l) {
       for (int i = 0; i < n; ++i) {
         if (src[i] == dst[i]) continue;
         for (int h = 0; h < L.kv_heads; ++h) {
-          const size_t base = layer_elems * l + (size_t(slots[i]) * L.kv_heads + h) * L.max_seq * L.head_dim;
-          std::memcpy(k_cache + base + size_t(dst[i]) * L.head_dim, k_cache + base + size_t(src[i]) * L.head_dim, hd_bytes);
-          std::memcpy(v_cache + base + size_t(dst[i]) * L.head_dim, v_cache + base + size_t(src[i]) * L.head_dim, hd_bytes);
+          const size_t base = L.layer_bytes() * l + (size_t(slots[i]) * L.kv_heads + h) * L.max_seq * row_bytes;
+          std::memcpy(kc + base + size_t(dst[i]) * row_bytes, kc + base + size_t(src[i]) * row_bytes, row_bytes);
+          std::memcpy(vc + base + size_t(dst[i]) * row_bytes, vc + base + size_t(src[i]) * row_bytes, row_bytes);
         }
       }
     }

@@ -26,8 +26,9 @@ constexpr int kAttendRange = 256;
 
 struct AttendArgs {
   const float* q;        // [head_dim]
-  const float* k;        // keys of one kv head: [cache_len][head_dim]
-  const float* v;        // values of one kv head
+  const void* k;         // keys of one kv head: [cache_len][head_dim], fp32 or (kv_bf16) bf16
+  const void* v;         // values of one kv head, the same type
+  bool kv_bf16;
   int head_dim;
   int prefix_len;        // keys [0, prefix_len) are visible
   const int32_t* extra;  // further visible key indices (increasing, all >= prefix_len), may be null
@@ -40,7 +41,7 @@ struct AttendArgs {
   float* stats;          // [2]: m and l of the range
 };
 
-// Queries attend() takes at once: they share k, v, head_dim, prefix_len, begin and scale, and
+// Queries attend() takes at once: they share k, v, kv_bf16, head_dim, prefix_len, begin and scale, and
 // end wherever it is at most prefix_len (the q heads of one kv head, for the rows of one
 // sequence's step), so each block of prefix keys and values is read once for all of them.
 constexpr int kMaxAttendQueries = 16;

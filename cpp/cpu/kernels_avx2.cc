@@ -199,12 +199,25 @@ inline __m256 exp256(__m256 x) {
   return _mm256_andnot_ps(underflow, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
 }
 
-// Scores of 4 keys (rows k[0..3] of head_dim floats) against QB queries: per (query, key) one
+// Loads of 8 consecutive cache values as fp32: a KV cache in fp32, or in bf16 (widened exactly).
+struct KVF32 {
+  using T = float;
+  static inline __m256 load8(const T* p) { return _mm256_loadu_ps(p); }
+};
+struct KVBF16 {
+  using T = uint16_t;
+  static inline __m256 load8(const T* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+};
+
+// Scores of 4 keys (rows k[0..3] of head_dim values) against QB queries: per (query, key) one
 // 8-lane FMA chain over d in order, then the fixed lane reduction ((l0 + l1) + (l2 + l3)) +
 // ((l4 + l5) + (l6 + l7)); so a key's score depends neither on the other keys nor on the other
 // queries. Two queries share each key load (QB = 2: 8 chains in registers, with the loads).
-template <int QB>
-inline void scores4(const float* const* q, const float* const* k, int hd, __m128* out) {
+template <class KV, int QB>
+inline void scores4(const float* const* q, const typename KV::T* const* k, int hd, __m128* out) {
   __m256 a[QB][4];
 #pragma GCC unroll 4
   for (int i = 0; i < QB; ++i) {
@@ -217,7 +230,7 @@ inline void scores4(const float* const* q, const float* const* k, int hd, __m128
     for (int i = 0; i < QB; ++i) qv[i] = _mm256_loadu_ps(q[i] + d);
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
-      const __m256 kv = _mm256_loadu_ps(k[j] + d);
+      const __m256 kv = KV::load8(k[j] + d);
 #pragma GCC unroll 4
       for (int i = 0; i < QB; ++i) a[i][j] = _mm256_fmadd_ps(qv[i], kv, a[i][j]);
     }
@@ -263,10 +276,10 @@ inline void softmax_scores(float* scores, int n, float* stats) {
 // without it a core streamed the cache at about half the rate the GEMM reaches).
 constexpr int kAttendPrefetchKeys = 16;
 
-// Prefetches the 8 * nv floats at p (a key or value row, or the part of it a pass reads), a cache
-// line at a time.
-inline void prefetch_row(const float* p, int nv) {
-  for (int l = 0; l < nv * 8; l += 16) _mm_prefetch(reinterpret_cast<const char*>(p + l), _MM_HINT_T0);
+// Prefetches `bytes` at p (a key or value row, or the part of it a pass reads), a cache line at
+// a time.
+inline void prefetch_row(const void* p, int bytes) {
+  for (int l = 0; l < bytes; l += 64) _mm_prefetch(static_cast<const char*>(p) + l, _MM_HINT_T0);
 }
 
 // Values in chunks of this many keys (16 KB of a 64-dim head): every query passes over a chunk
@@ -277,9 +290,11 @@ constexpr int kValueChunk = 64;
 // extra keys of a query coming alone): for each dim, one FMA chain over the positions in order,
 // continued from the partial sums in out unless `first`. Each value vector is loaded once for the
 // QB queries (QB = 3, NV = 4: 12 accumulators in registers).
-template <int QB, int NV>
+template <class KV, int QB, int NV>
 inline void values_block(const AttendArgs* const* a, int j0, int j1, int d0, bool first, bool prefetch) {
+  using T = typename KV::T;
   const int hd = a[0]->head_dim, begin = a[0]->begin, prefix = a[0]->prefix_len;
+  const T* vc = static_cast<const T*>(a[0]->v);
   __m256 acc[QB][NV];
 #pragma GCC unroll 4
   for (int i = 0; i < QB; ++i) {
@@ -288,16 +303,16 @@ inline void values_block(const AttendArgs* const* a, int j0, int j1, int d0, boo
   }
   for (int jj = j0; jj < j1; ++jj) {
     if (prefetch && jj + kAttendPrefetchKeys < j1) {
-      prefetch_row(a[0]->v + static_cast<int64_t>(jj + kAttendPrefetchKeys) * hd + d0, NV);
+      prefetch_row(vc + static_cast<int64_t>(jj + kAttendPrefetchKeys) * hd + d0, 8 * NV * int(sizeof(T)));
     }
     __m256 p[QB];
 #pragma GCC unroll 4
     for (int i = 0; i < QB; ++i) p[i] = _mm256_broadcast_ss(a[i]->scores + (jj - begin));
     const int key = jj < prefix ? jj : a[0]->extra[jj - prefix];
-    const float* vr = a[0]->v + static_cast<int64_t>(key) * hd + d0;
+    const T* vr = vc + static_cast<int64_t>(key) * hd + d0;
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
-      const __m256 vv = _mm256_loadu_ps(vr + 8 * v);
+      const __m256 vv = KV::load8(vr + 8 * v);
 #pragma GCC unroll 4
       for (int i = 0; i < QB; ++i) acc[i][v] = _mm256_fmadd_ps(p[i], vv, acc[i][v]);
     }
@@ -312,7 +327,7 @@ inline void values_block(const AttendArgs* const* a, int j0, int j1, int d0, boo
 // Values of dims [d0, d0 + 8 NV) for all queries: the shared prefix keys [begin, pe) in chunks,
 // all queries per chunk in blocks of 3 (a query's partial sums wait in its out row), then each
 // query's extra keys.
-template <int NV>
+template <class KV, int NV>
 void attend_values(const AttendArgs* qs, int nq, int pe, int d0) {
   constexpr int QB = 3;
   const int begin = qs[0].begin;
@@ -321,26 +336,27 @@ void attend_values(const AttendArgs* qs, int nq, int pe, int d0) {
     int q = 0;
     for (; q + QB <= nq; q += QB) {  // the first block streams the chunk from memory: it prefetches
       const AttendArgs* a[QB] = {&qs[q], &qs[q + 1], &qs[q + 2]};
-      values_block<QB, NV>(a, c0, c1, d0, c0 == begin, q == 0);
+      values_block<KV, QB, NV>(a, c0, c1, d0, c0 == begin, q == 0);
     }
     for (; q < nq; ++q) {
       const AttendArgs* a[1] = {&qs[q]};
-      values_block<1, NV>(a, c0, c1, d0, c0 == begin, q == 0);
+      values_block<KV, 1, NV>(a, c0, c1, d0, c0 == begin, q == 0);
     }
   }
   for (int q = 0; q < nq; ++q) {
     const AttendArgs* a[1] = {&qs[q]};
-    values_block<1, NV>(a, pe, qs[q].end, d0, pe == begin, false);
+    values_block<KV, 1, NV>(a, pe, qs[q].end, d0, pe == begin, false);
   }
 }
 
-void attend_avx2(const AttendArgs* qs, int nq) {
+template <class KV>
+void attend_t(const AttendArgs* qs, int nq) {
+  using T = typename KV::T;
   const AttendArgs& a0 = qs[0];
   const int hd = a0.head_dim, begin = a0.begin, prefix = a0.prefix_len;
-  if (hd % 8 != 0) {  // not seen in practice; the portable kernel keeps the contract
-    generic_kernels().attend(qs, nq);
-    return;
-  }
+  const T* kc = static_cast<const T*>(a0.k);
+  const T* vc = static_cast<const T*>(a0.v);
+  const int row_bytes = hd * int(sizeof(T));
   // The prefix keys every query of the call covers: [begin, pe).
   const int pe = prefix < begin + kAttendRange ? (prefix > begin ? prefix : begin) : begin + kAttendRange;
   const __m128 scale = _mm_set1_ps(a0.scale);
@@ -350,25 +366,25 @@ void attend_avx2(const AttendArgs* qs, int nq) {
   // key in the unused lanes). A key's score does not depend on its block or on the queries beside.
   const int shared = begin + (pe - begin) / 4 * 4;
   for (int j0 = begin; j0 < shared; j0 += 4) {
-    const float* k[4];
-    for (int j = 0; j < 4; ++j) k[j] = a0.k + static_cast<int64_t>(j0 + j) * hd;
+    const T* k[4];
+    for (int j = 0; j < 4; ++j) k[j] = kc + static_cast<int64_t>(j0 + j) * hd;
     if (j0 + kAttendPrefetchKeys + 4 <= pe) {
       for (int j = 0; j < 4; ++j) {
-        prefetch_row(k[j] + static_cast<int64_t>(kAttendPrefetchKeys) * hd, hd / 8);
-        prefetch_row(a0.v + static_cast<int64_t>(j0 + j + kAttendPrefetchKeys) * hd, hd / 8);
+        prefetch_row(k[j] + static_cast<int64_t>(kAttendPrefetchKeys) * hd, row_bytes);
+        prefetch_row(vc + static_cast<int64_t>(j0 + j + kAttendPrefetchKeys) * hd, row_bytes);
       }
     }
     int q = 0;
     for (; q + 2 <= nq; q += 2) {
       const float* qp[2] = {qs[q].q, qs[q + 1].q};
       __m128 s[2];
-      scores4<2>(qp, k, hd, s);
+      scores4<KV, 2>(qp, k, hd, s);
       _mm_storeu_ps(qs[q].scores + (j0 - begin), _mm_mul_ps(s[0], scale));
       _mm_storeu_ps(qs[q + 1].scores + (j0 - begin), _mm_mul_ps(s[1], scale));
     }
     if (q < nq) {
       __m128 s[1];
-      scores4<1>(&qs[q].q, k, hd, s);
+      scores4<KV, 1>(&qs[q].q, k, hd, s);
       _mm_storeu_ps(qs[q].scores + (j0 - begin), _mm_mul_ps(s[0], scale));
     }
   }
@@ -377,10 +393,10 @@ void attend_avx2(const AttendArgs* qs, int nq) {
     const int n = a.end;
     auto key = [&](int j) { return j < prefix ? j : a.extra[j - prefix]; };
     for (int j0 = shared; j0 < n; j0 += 4) {
-      const float* k[4];
-      for (int j = 0; j < 4; ++j) k[j] = a.k + static_cast<int64_t>(key(j0 + j < n ? j0 + j : n - 1)) * hd;
+      const T* k[4];
+      for (int j = 0; j < 4; ++j) k[j] = kc + static_cast<int64_t>(key(j0 + j < n ? j0 + j : n - 1)) * hd;
       __m128 s[1];
-      scores4<1>(&a.q, k, hd, s);
+      scores4<KV, 1>(&a.q, k, hd, s);
       alignas(16) float tmp[4];
       _mm_store_ps(tmp, _mm_mul_ps(s[0], scale));
       for (int j = j0; j < n && j < j0 + 4; ++j) a.scores[j - begin] = tmp[j - j0];
@@ -390,11 +406,21 @@ void attend_avx2(const AttendArgs* qs, int nq) {
   // Output, 32 dims (4 vectors) per pass.
   for (int d0 = 0; d0 < hd; d0 += 32) {
     switch ((hd - d0 < 32 ? hd - d0 : 32) / 8) {
-      case 4: attend_values<4>(qs, nq, pe, d0); break;
-      case 3: attend_values<3>(qs, nq, pe, d0); break;
-      case 2: attend_values<2>(qs, nq, pe, d0); break;
-      default: attend_values<1>(qs, nq, pe, d0); break;
+      case 4: attend_values<KV, 4>(qs, nq, pe, d0); break;
+      case 3: attend_values<KV, 3>(qs, nq, pe, d0); break;
+      case 2: attend_values<KV, 2>(qs, nq, pe, d0); break;
+      default: attend_values<KV, 1>(qs, nq, pe, d0); break;
     }
+  }
+}
+
+void attend_avx2(const AttendArgs* qs, int nq) {
+  if (qs[0].head_dim % 8 != 0) {  // not seen in practice; the portable kernel keeps the contract
+    generic_kernels().attend(qs, nq);
+  } else if (qs[0].kv_bf16) {
+    attend_t<KVBF16>(qs, nq);
+  } else {
+    attend_t<KVF32>(qs, nq);
   }
 }
 

@@ -33,15 +33,24 @@ void gemm_generic(const float* x, int ldx, int M, int K, const void* w, WType wt
   }
 }
 
+template <class T>
 void attend_one(const AttendArgs& a) {
+  const T* kc = static_cast<const T*>(a.k);
+  const T* vc = static_cast<const T*>(a.v);
+  auto val = [](const T* p, int64_t i) {
+    if constexpr (sizeof(T) == 2) {
+      return bf16_to_f32(p[i]);
+    } else {
+      return p[i];
+    }
+  };
   const int n = a.end - a.begin;
   float mx = -INFINITY;
   for (int j = 0; j < n; ++j) {
     const int pos = a.begin + j;
-    const int key = pos < a.prefix_len ? pos : a.extra[pos - a.prefix_len];
-    const float* kr = a.k + static_cast<int64_t>(key) * a.head_dim;
+    const int64_t key = pos < a.prefix_len ? pos : a.extra[pos - a.prefix_len];
     float s = 0.f;
-    for (int d = 0; d < a.head_dim; ++d) s += a.q[d] * kr[d];
+    for (int d = 0; d < a.head_dim; ++d) s += a.q[d] * val(kc, key * a.head_dim + d);
     s *= a.scale;
     a.scores[j] = s;
     mx = s > mx ? s : mx;
@@ -56,14 +65,19 @@ void attend_one(const AttendArgs& a) {
   for (int d = 0; d < a.head_dim; ++d) a.out[d] = 0.f;
   for (int j = 0; j < n; ++j) {
     const int pos = a.begin + j;
-    const int key = pos < a.prefix_len ? pos : a.extra[pos - a.prefix_len];
-    const float* vr = a.v + static_cast<int64_t>(key) * a.head_dim;
-    for (int d = 0; d < a.head_dim; ++d) a.out[d] += a.scores[j] * vr[d];
+    const int64_t key = pos < a.prefix_len ? pos : a.extra[pos - a.prefix_len];
+    for (int d = 0; d < a.head_dim; ++d) a.out[d] += a.scores[j] * val(vc, key * a.head_dim + d);
   }
 }
 
 void attend_generic(const AttendArgs* a, int nq) {
-  for (int i = 0; i < nq; ++i) attend_one(a[i]);
+  for (int i = 0; i < nq; ++i) {
+    if (a[i].kv_bf16) {
+      attend_one<uint16_t>(a[i]);
+    } else {
+      attend_one<float>(a[i]);
+    }
+  }
 }
 
 void silu_mul_generic(const float* g, const float* u, float* out, int64_t n) {

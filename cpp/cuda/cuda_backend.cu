@@ -225,24 +225,33 @@ class CudaBackend final : public Backend {
     MRT_CUDA_LAUNCHED("rope");
   }
 
+  // The KV cache is fp32 on CUDA (the engine refuses another kv_dtype there).
+  static float* fp32_cache(void* p, const KVLayout& L) {
+    if (L.dtype != DType::kF32) throw Error("internal: the CUDA backend keeps an fp32 KV cache");
+    return static_cast<float*>(p);
+  }
+  static const float* fp32_cache(const void* p, const KVLayout& L) { return fp32_cache(const_cast<void*>(p), L); }
+
   void kv_store(const float* qkv, int row_stride, int k_col0, int v_col0, const RowsMeta& meta, const KVLayout& L,
-                float* k_cache, float* v_cache) override {
+                void* k_cache, void* v_cache) override {
     bind_device(device_);
     if (meta.rows <= 0) return;
     kv_store_kernel<<<meta.rows, kBlock, 0, stream_>>>(qkv, row_stride, k_col0, v_col0, meta.slots, meta.cache_index,
-                                                       L.kv_heads, L.max_seq, L.head_dim, k_cache, v_cache);
+                                                       L.kv_heads, L.max_seq, L.head_dim, fp32_cache(k_cache, L),
+                                                       fp32_cache(v_cache, L));
     MRT_CUDA_LAUNCHED("kv_store");
   }
 
   void attention(const float* qkv, int row_stride, int heads, const RowsMeta& meta, const KVLayout& L,
-                 const float* k_cache, const float* v_cache, float* out) override {
+                 const void* k_cache, const void* v_cache, float* out) override {
     bind_device(device_);
     if (meta.rows <= 0) return;
     if (!attn_smem_) throw Error("internal: CudaBackend::prepare() was not called");
     const dim3 grid(meta.rows, heads);
     attention_kernel<<<grid, kBlock, attn_smem_, stream_>>>(
         qkv, row_stride, heads, heads / L.kv_heads, meta.slots, meta.prefix_len, meta.extra_offsets, meta.extra,
-        L.kv_heads, L.max_seq, L.head_dim, 1.0f / std::sqrt(float(L.head_dim)), k_cache, v_cache, out);
+        L.kv_heads, L.max_seq, L.head_dim, 1.0f / std::sqrt(float(L.head_dim)), fp32_cache(k_cache, L),
+        fp32_cache(v_cache, L), out);
     MRT_CUDA_LAUNCHED("attention");
   }
 
@@ -313,12 +322,13 @@ class CudaBackend final : public Backend {
     MRT_CUDA_LAUNCHED("add_silu");
   }
 
-  void kv_copy(float* k_cache, float* v_cache, int layers, const KVLayout& L, const int32_t* slots, const int32_t* src,
+  void kv_copy(void* k_cache, void* v_cache, int layers, const KVLayout& L, const int32_t* slots, const int32_t* src,
                const int32_t* dst, int n) override {
     bind_device(device_);
     if (n <= 0) return;
     const size_t threads = size_t(layers) * L.kv_heads * L.head_dim;
-    kv_copy_kernel<<<blocks_for(threads), kBlock, 0, stream_>>>(k_cache, v_cache, layers, L.kv_heads, L.max_seq, L.head_dim,
+    kv_copy_kernel<<<blocks_for(threads), kBlock, 0, stream_>>>(fp32_cache(k_cache, L), fp32_cache(v_cache, L), layers,
+                                                               L.kv_heads, L.max_seq, L.head_dim,
                                                                L.layer_elems(), slots, src, dst, n);
     MRT_CUDA_LAUNCHED("kv_copy");
   }

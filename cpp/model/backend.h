@@ -36,12 +36,17 @@ struct RowsMeta {
   const int32_t* extra = nullptr;          // further visible cache indices, increasing per row
 };
 
+// One layer's KV cache: [slots][kv_heads][max_seq][head_dim] keys, and values alike, in dtype
+// (kF32, or kBF16: K/V rounded to bf16 when stored, widened exactly when read).
 struct KVLayout {
   int slots = 0;
   int kv_heads = 0;
   int max_seq = 0;
   int head_dim = 0;
+  DType dtype = DType::kF32;
   size_t layer_elems() const { return size_t(slots) * kv_heads * max_seq * head_dim; }
+  size_t elem_bytes() const { return dtype == DType::kF32 ? 4 : 2; }
+  size_t layer_bytes() const { return layer_elems() * elem_bytes(); }
 };
 
 // A decode step's tree rows built on the device (Backend::tree_rows): n sequences, each with the
@@ -137,11 +142,11 @@ class Backend {
   // Writes K and V of each row (columns k_col0 / v_col0 of qkv, kv_heads x head_dim each)
   // into the layer's caches at (slots[r], cache_index[r]).
   virtual void kv_store(const float* qkv, int row_stride, int k_col0, int v_col0, const RowsMeta& meta,
-                        const KVLayout& layout, float* k_cache, float* v_cache) = 0;
+                        const KVLayout& layout, void* k_cache, void* v_cache) = 0;
   // Attention of the query heads (columns [0, heads*head_dim) of qkv) over the visible keys
   // of each row's slot; writes [rows, heads*head_dim] to out.
   virtual void attention(const float* qkv, int row_stride, int heads, const RowsMeta& meta, const KVLayout& layout,
-                         const float* k_cache, const float* v_cache, float* out) = 0;
+                         const void* k_cache, const void* v_cache, float* out) = 0;
   // out[r, i] = silu(gu[r, i]) * gu[r, dim + i]
   virtual void silu_mul(const float* gu, int rows, int dim, float* out) = 0;
   // x += y
@@ -174,7 +179,7 @@ class Backend {
   virtual void add_silu(float* x, const float* y, size_t n) = 0;
   // Copies K/V of every layer within sequence slots: (slots[i], src[i]) -> (slots[i], dst[i]),
   // for i = 0..n-1 in order (KV compaction after tree verification).
-  virtual void kv_copy(float* k_cache, float* v_cache, int layers, const KVLayout& layout, const int32_t* slots,
+  virtual void kv_copy(void* k_cache, void* v_cache, int layers, const KVLayout& layout, const int32_t* slots,
                        const int32_t* src, const int32_t* dst, int n) = 0;
 
   // The fused decode step's device-side parts (see TreeRowsArgs, AcceptArgs).

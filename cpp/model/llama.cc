@@ -37,7 +37,8 @@ size_t LlamaModel::weight_bytes_for(const ModelConfig& c, DType dtype) {
 }
 
 size_t LlamaModel::kv_bytes_for(const ModelConfig& c, const ModelLimits& lim) {
-  return 2 * sizeof(float) * size_t(c.num_layers) * lim.slots * c.num_kv_heads * size_t(lim.max_seq) * c.head_dim;
+  const KVLayout layer{lim.slots, c.num_kv_heads, lim.max_seq, c.head_dim, lim.kv_dtype};
+  return 2 * layer.layer_bytes() * size_t(c.num_layers);
 }
 
 size_t LlamaModel::workspace_bytes_for(const ModelConfig& c, const ModelLimits& lim) {
@@ -147,13 +148,13 @@ LlamaModel::LlamaModel(const ModelConfig& cfg, const TensorStore& store, DType d
     }
     weight_bytes_ = arena_.weight_bytes();
 
-    kv_layout_ = KVLayout{lim.slots, cfg.num_kv_heads, lim.max_seq, hd};
-    const size_t kv_elems = kv_layout_.layer_elems() * cfg.num_layers;
-    k_cache_ = alloc<float>(kv_elems, "the KV cache (keys)");
-    v_cache_ = alloc<float>(kv_elems, "the KV cache (values)");
-    be_.fill_zero(k_cache_, kv_elems * sizeof(float));  // commit the pages now, not mid-generation
-    be_.fill_zero(v_cache_, kv_elems * sizeof(float));
-    kv_bytes_ = 2 * kv_elems * sizeof(float);
+    kv_layout_ = KVLayout{lim.slots, cfg.num_kv_heads, lim.max_seq, hd, lim.kv_dtype};
+    const size_t kv_bytes = kv_layout_.layer_bytes() * cfg.num_layers;
+    k_cache_ = alloc<char>(kv_bytes, "the KV cache (keys)");
+    v_cache_ = alloc<char>(kv_bytes, "the KV cache (values)");
+    be_.fill_zero(k_cache_, kv_bytes);  // commit the pages now, not mid-generation
+    be_.fill_zero(v_cache_, kv_bytes);
+    kv_bytes_ = 2 * kv_bytes;
     build_rope_tables();
 
     const size_t R = lim.max_rows, LR = lim.max_logit_rows;
@@ -191,10 +192,19 @@ void LlamaModel::read_kv(int slot, int layer, int length, std::vector<float>& k,
   const size_t row = size_t(length) * L.head_dim;
   k.resize(size_t(L.kv_heads) * row);
   v.resize(k.size());
+  std::vector<uint16_t> half(L.dtype == DType::kF32 ? 0 : row);
+  auto read = [&](const char* cache, size_t base, float* out) {
+    if (L.dtype == DType::kF32) {
+      be_.copy_to_host(out, cache + base, row * sizeof(float));
+      return;
+    }
+    be_.copy_to_host(half.data(), cache + base, row * sizeof(uint16_t));
+    for (size_t i = 0; i < row; ++i) out[i] = bf16_to_f32(half[i]);
+  };
   for (int h = 0; h < L.kv_heads; ++h) {
-    const size_t base = kv_layout_.layer_elems() * layer + (size_t(slot) * L.kv_heads + h) * L.max_seq * L.head_dim;
-    be_.copy_to_host(k.data() + h * row, k_cache_ + base, row * sizeof(float));
-    be_.copy_to_host(v.data() + h * row, v_cache_ + base, row * sizeof(float));
+    const size_t base = L.layer_bytes() * layer + (size_t(slot) * L.kv_heads + h) * L.max_seq * L.head_dim * L.elem_bytes();
+    read(k_cache_, base, k.data() + h * row);
+    read(v_cache_, base, v.data() + h * row);
   }
 }
 
@@ -283,12 +293,12 @@ void LlamaModel::run(int R, int NL, int logits_from, bool has_extra, int32_t* ar
   // MEDUSA_RT_PROFILE=1: time of every op kind, printed when the model is destroyed.
   OpTimer t(prof_.get());
   t.run(OpTimer::kEmbed, [&] { be_.embed(embed_, d_tokens_, R, x_); });
-  const size_t layer_elems = kv_layout_.layer_elems();
+  const size_t layer_bytes = kv_layout_.layer_bytes();
   t.run(OpTimer::kNorm, [&] { be_.rmsnorm(x_, layers_[0].ln1, R, H, eps, xn_); });
   for (int l = 0; l < cfg_.num_layers; ++l) {
     const Layer& L = layers_[l];
-    float* kc = k_cache_ + layer_elems * l;
-    float* vc = v_cache_ + layer_elems * l;
+    char* kc = k_cache_ + layer_bytes * l;
+    char* vc = v_cache_ + layer_bytes * l;
     // xn_ holds ln1(x): every residual add is fused with the norm that follows it.
     t.run(OpTimer::kGemm, [&] { be_.linear(xn_, R, L.qkv, L.qkv_bias, qkv_); });
     t.run(OpTimer::kRope, [&] {

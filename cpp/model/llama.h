@@ -30,6 +30,7 @@ struct ModelLimits {
   int slots = 0;           // sequences in the KV cache
   int max_seq = 0;         // tokens per sequence
   int max_tree_depth = 0;  // deepest tree a forward carries (rows see at most depth + 1 tree keys)
+  DType kv_dtype = DType::kF32;  // the KV cache's element type (KVLayout::dtype)
 };
 
 // RoPE tables cos, sin [positions][head_dim / 2] (fp32, host) for a rope configuration, as
@@ -126,8 +127,8 @@ class LlamaModel {
   const float* final_norm_ = nullptr;
   std::vector<Layer> layers_;
   KVLayout kv_layout_;
-  float* k_cache_ = nullptr;
-  float* v_cache_ = nullptr;
+  char* k_cache_ = nullptr;  // [layer] KVLayout caches, kv_layout_.layer_bytes() each
+  char* v_cache_ = nullptr;
   float* rope_cos_ = nullptr;
   float* rope_sin_ = nullptr;
 

@@ -68,12 +68,18 @@ void register_testing(py::module_& m) {
       .def("attention",
            [layout](BackendHarness& h, const F& qkv, int rows, int row_stride, int heads, int kv_heads, int max_seq,
                     int head_dim, const I& slots, const I& cache_index, const I& prefix_len, const I& extra_offsets,
-                    const I& extra, int k_col0, int v_col0, F k_cache, F v_cache) {
+                    const I& extra, int k_col0, int v_col0, F k_cache, F v_cache, bool kv_bf16) {
              const int nslots = static_cast<int>(k_cache.size() / (size_t(kv_heads) * max_seq * head_dim));
-             F out = h.attention(qkv, rows, row_stride, heads, layout(nslots, kv_heads, max_seq, head_dim), slots,
-                                 cache_index, prefix_len, extra_offsets, extra, k_col0, v_col0, k_cache, v_cache);
+             KVLayout L = layout(nslots, kv_heads, max_seq, head_dim);
+             if (kv_bf16) L.dtype = DType::kBF16;
+             F out = h.attention(qkv, rows, row_stride, heads, L, slots, cache_index, prefix_len, extra_offsets, extra,
+                                 k_col0, v_col0, k_cache, v_cache);
              return py::make_tuple(out, k_cache, v_cache);
-           })
+           },
+           py::arg("qkv"), py::arg("rows"), py::arg("row_stride"), py::arg("heads"), py::arg("kv_heads"),
+           py::arg("max_seq"), py::arg("head_dim"), py::arg("slots"), py::arg("cache_index"), py::arg("prefix_len"),
+           py::arg("extra_offsets"), py::arg("extra"), py::arg("k_col0"), py::arg("v_col0"), py::arg("k_cache"),
+           py::arg("v_cache"), py::arg("kv_bf16") = false)
       .def("kv_copy", [layout](BackendHarness& h, F k_cache, F v_cache, int layers, int slots, int kv_heads,
                                int max_seq, int head_dim, const I& slot, const I& src, const I& dst) {
         h.kv_copy(k_cache, v_cache, layers, layout(slots, kv_heads, max_seq, head_dim), slot, src, dst);

@@ -35,6 +35,10 @@ struct EngineOptions {
   /// Arithmetic and activations are fp32 (on CUDA the GEMM inputs are rounded to the weight
   /// type, with fp32 accumulation).
   std::string dtype = "bf16";
+  /// KV cache precision: "fp32", or "bf16" (CPU only): keys and values are rounded to bf16 when
+  /// stored, which halves the cache's memory and the bytes attention reads (long contexts, many
+  /// sequences). Medusa stays lossless against plain decoding with the same cache.
+  std::string kv_dtype = "fp32";
   /// Number of sequence slots (sessions that can exist at once).
   int max_batch_size = 1;
   /// Tokens per sequence (prompt + generated). 0 = min(model's max_position_embeddings, 4096).
@@ -111,6 +115,7 @@ struct ModelInfo {
   int32_t bos_token_id = -1;  ///< -1 if the model has none
   std::size_t weight_bytes = 0;    ///< bytes of weights held by the engine (heads included)
   std::size_t kv_cache_bytes = 0;  ///< bytes of the KV cache
+  std::string kv_dtype;            ///< the KV cache's precision, "fp32" or "bf16"
   int medusa_heads = 0;            ///< 0 when the engine has no Medusa heads
   bool medusa_shared_lm_head = false;
   std::string medusa_heads_dtype;  ///< precision of the heads' weights ("" without heads)

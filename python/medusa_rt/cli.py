@@ -60,6 +60,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     engine = Engine(
         args.model,
         dtype=args.dtype,
+        kv_dtype=args.kv_dtype,
         max_seq_len=args.max_seq_len,
         num_threads=args.threads,
         medusa_heads=args.medusa_heads,
@@ -297,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     engine_args(sp)
     sp.add_argument("--max-new-tokens", "-n", type=int, default=128)
     sp.add_argument("--threads", type=int, default=0)
+    sp.add_argument("--kv-dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="KV cache precision (bf16: half the cache memory, CPU only)")
     sp.add_argument("--stop", action="append", help="stop string (repeatable)")
     sp.add_argument("--medusa-heads", help="Medusa heads file to use instead of the model's own")
     sp.add_argument("--tree", help="Medusa tree: a built-in name or a JSON list of paths")

@@ -113,6 +113,9 @@ class Engine:
             ``"fp16"`` on CUDA); arithmetic is fp32.
         device: ``"cpu"``, or ``"cuda"`` / ``"cuda:N"`` in builds with the CUDA backend
             (:func:`medusa_rt.cuda_device_count`).
+        kv_dtype: KV cache precision, ``"fp32"`` or ``"bf16"`` (CPU only: keys and values rounded
+            to bf16 when stored; half the cache memory and the bytes attention reads, for long
+            contexts and many sequences; ``info.kv_dtype``).
         max_batch_size: number of sessions that can exist at once (sequence slots).
         max_seq_len: tokens per sequence, prompt included; 0 picks min(model limit, 4096).
         num_threads: CPU threads; 0 uses every available core.
@@ -156,6 +159,7 @@ class Engine:
         *,
         device: str = "cpu",
         dtype: str = "bf16",
+        kv_dtype: str = "fp32",
         max_batch_size: int = 1,
         max_seq_len: int = 0,
         num_threads: int = 0,
@@ -190,6 +194,7 @@ class Engine:
                 "medusa_expected_tokens_per_step", medusa_expected_tokens_per_step)
         options.device = _check_str("device", device)
         options.dtype = _check_str("dtype", dtype)
+        options.kv_dtype = _check_str("kv_dtype", kv_dtype)
         options.max_batch_size = _check_int("max_batch_size", max_batch_size)
         options.max_seq_len = _check_int("max_seq_len", max_seq_len)
         options.num_threads = _check_int("num_threads", num_threads)
