@@ -392,3 +392,17 @@ def test_attention_rows_together_same_bits_as_alone(h, case, kv_bf16):
             s = kk @ qkv[r, hh * hd:(hh + 1) * hd].astype(np.float64) / np.sqrt(hd)
             p = np.exp(s - s.max())
             np.testing.assert_allclose(out[r, hh * hd:(hh + 1) * hd], (p / p.sum()) @ vv, rtol=1e-4, atol=1e-5)
+
+
+def test_thread_pool_runs_every_task_once():
+    """Jobs of 1-64 tasks back to back, on more pool threads than cores (so threads get
+    preempted between jobs): every task runs exactly once per job. A thread still looking for work
+    in a finished job must not take a task of the next one (it once could, when the next job's task
+    count was already set: its last task then ran twice and the job could end while it ran)."""
+    import os
+
+    from medusa_rt import _core
+
+    threads = max(4, 2 * (os.cpu_count() or 1))
+    assert _core._testing.thread_pool_check(threads, 400_000, 64) == 0
+

@@ -2,6 +2,7 @@
 #include "medusa_rt/engine.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -955,6 +956,19 @@ double fma_peak(int threads, int reps) {
   }
   if (sink[0] == 42.f) return 0;  // keeps the chains observable
   return 192.0 * double(kIters) * threads / best;
+}
+
+int thread_pool_check(int threads, int jobs, int max_tasks) {
+  ThreadPool pool(threads);
+  std::vector<std::atomic<int>> runs(std::max(1, max_tasks));
+  int wrong = 0;
+  for (int j = 0; j < jobs; ++j) {
+    const int n = 1 + j % std::max(1, max_tasks);  // jobs of 1 .. max_tasks tasks, back to back
+    for (int t = 0; t < n; ++t) runs[t].store(0);
+    pool.parallel_for(n, [&](int t) { runs[t].fetch_add(1); });
+    for (int t = 0; t < n; ++t) wrong += runs[t].load() != 1;
+  }
+  return wrong;
 }
 
 }  // namespace testing

@@ -37,14 +37,18 @@ ThreadPool::~ThreadPool() {
   for (auto& t : workers_) t.join();
 }
 
-void ThreadPool::run_tasks() {
+void ThreadPool::run_tasks(uint32_t job) {
+  // acquire pairs with the release store in parallel_for: a thread that claims a task of a job
+  // sees that job's fn and task count.
+  uint64_t v = next_task_.load(std::memory_order_acquire);
   while (true) {
-    // acquire pairs with the release reset in parallel_for: a worker that takes a task
-    // of a new job sees that job's fn and task count.
-    int t = next_task_.fetch_add(1, std::memory_order_acq_rel);
-    if (t >= num_tasks_) break;
+    if (uint32_t(v >> 32) != job) return;  // a later job has started (this one is done)
+    const int t = static_cast<int>(uint32_t(v));
+    if (t >= num_tasks_.load(std::memory_order_acquire)) return;
+    if (!next_task_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
     (*job_)(t);
     done_tasks_.fetch_add(1, std::memory_order_release);
+    v = next_task_.load(std::memory_order_acquire);
   }
 }
 
@@ -70,7 +74,7 @@ void ThreadPool::worker_loop() {
     }
     seen = generation_.load(std::memory_order_acquire);
     if (stop_.load()) return;
-    run_tasks();
+    run_tasks(static_cast<uint32_t>(seen));
   }
 }
 
@@ -80,17 +84,23 @@ void ThreadPool::parallel_for(int num_tasks, const std::function<void(int)>& fn)
     for (int t = 0; t < num_tasks; ++t) fn(t);
     return;
   }
+  const uint64_t gen = generation_.load(std::memory_order_relaxed) + 1;
+  const uint64_t tag = uint64_t(uint32_t(gen)) << 32;
+  // Close the previous job's counter before its task count changes: a thread still looking for
+  // work there (there is none left) reads either the old count or, after this store, the new one,
+  // and its claim then fails on the new tag.
+  next_task_.store(tag | 0x7fffffffu, std::memory_order_seq_cst);
   job_ = &fn;
-  num_tasks_ = num_tasks;
+  num_tasks_.store(num_tasks, std::memory_order_release);
   done_tasks_.store(0, std::memory_order_relaxed);
-  next_task_.store(0, std::memory_order_release);
+  next_task_.store(tag, std::memory_order_release);
   if (sleepers_.load() > 0) {
-    { std::lock_guard<std::mutex> lock(mu_); generation_.fetch_add(1, std::memory_order_release); }
+    { std::lock_guard<std::mutex> lock(mu_); generation_.store(gen, std::memory_order_release); }
     cv_.notify_all();
   } else {
-    generation_.fetch_add(1, std::memory_order_release);
+    generation_.store(gen, std::memory_order_release);
   }
-  run_tasks();
+  run_tasks(static_cast<uint32_t>(gen));
   // Wait for the workers; yield now and then so that a worker sharing this core (an
   // oversubscribed machine) gets to run.
   for (int spins = 0; done_tasks_.load(std::memory_order_acquire) < num_tasks; ++spins) {

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <atomic>
+#include <cstdint>
 #include <condition_variable>
 #include <functional>
 #include <mutex>
@@ -28,12 +29,14 @@ class ThreadPool {
 
  private:
   void worker_loop();
-  void run_tasks();
+  void run_tasks(uint32_t job);
 
   std::vector<std::thread> workers_;
   const std::function<void(int)>* job_ = nullptr;
-  int num_tasks_ = 0;
-  std::atomic<int> next_task_{0};
+  std::atomic<int> num_tasks_{0};
+  // (job << 32) | next task: a task is claimed by a compare-exchange that also checks the job, so
+  // a thread still looking for work in a finished job cannot take (or skip) a task of the next.
+  std::atomic<uint64_t> next_task_{0};
   std::atomic<int> done_tasks_{0};
   std::atomic<uint64_t> generation_{0};
   std::atomic<int> sleepers_{0};

@@ -31,6 +31,8 @@ void register_testing(py::module_& m) {
         py::arg("context") = 0, py::call_guard<py::gil_scoped_release>());
   t.def("stream_bandwidth", &testing::stream_bandwidth, py::arg("bytes") = size_t(1) << 29, py::arg("threads") = 0,
         py::arg("reps") = 3, py::call_guard<py::gil_scoped_release>());
+  t.def("thread_pool_check", &testing::thread_pool_check, py::arg("threads"), py::arg("jobs"), py::arg("max_tasks"),
+        py::call_guard<py::gil_scoped_release>());
   t.def("fma_peak", &testing::fma_peak, py::arg("threads") = 0, py::arg("reps") = 3,
         py::call_guard<py::gil_scoped_release>());
   t.def("read_kv", [](Session& s, int layer, int length) {
