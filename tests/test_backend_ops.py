@@ -83,6 +83,27 @@ def test_linear(h, dev, dtype, k):
     assert np.array_equal(one, y[40:41])
 
 
+@pytest.mark.parametrize("k", [96, 101, 600])
+def test_linear_bf16_inputs(k):
+    """matmul_inputs="bf16" (CPUs with AVX512-BF16): bf16 weights times the inputs rounded to
+    bf16, accumulated in fp32; odd k, partial panels and row blocks; each row the same bits
+    whatever the batch (tree rows = plain rows)."""
+    try:
+        h = Harness("cpu-bf16-inputs", 2)
+    except InvalidArgumentError as e:
+        pytest.skip(str(e))
+    n, rows = 200, 70
+    x = RNG.standard_normal((rows, k)).astype(np.float32)
+    w = (RNG.standard_normal((n, k)) * 0.1).astype(np.float32)
+    b = RNG.standard_normal(n).astype(np.float32)
+    y = arr(h.linear(x.ravel(), rows, w.ravel(), n, k, "bf16", b), (rows, n))
+    ref = round_to(x, "bf16").astype(np.float64) @ round_to(w, "bf16").T.astype(np.float64) + b
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+    for m in (1, 3, 9, 17):
+        assert np.array_equal(arr(h.linear(x[:m].ravel(), m, w.ravel(), n, k, "bf16", b), (m, n)), y[:m])
+    assert np.array_equal(arr(h.linear(x[40:41].ravel(), 1, w.ravel(), n, k, "bf16", b), (1, n)), y[40:41])
+
+
 _ISA_GEMM = """
 import sys, numpy as np
 from medusa_rt import _core

@@ -809,6 +809,39 @@ def test_bf16_kv_cache(own_dir, setup):
             medusa_rt.Engine(own_dir, kv_dtype=bad)
 
 
+def test_bf16_matmul_inputs(own_dir, setup):
+    """matmul_inputs="bf16" (bf16 weights on a CPU with AVX512-BF16): Medusa trees, prompt lookup
+    and batches still give exactly plain decoding's tokens; logits close to the exact inputs'."""
+    import numpy as np
+
+    kw = dict(dtype="bf16", max_seq_len=256, max_batch_size=2, medusa_max_batch=16, prompt_lookup=3)
+    with pytest.raises(InvalidArgumentError, match="matmul_inputs"):
+        medusa_rt.Engine(own_dir, dtype="fp32", matmul_inputs="bf16")
+    with pytest.raises(InvalidArgumentError, match="matmul_inputs"):
+        medusa_rt.Engine(own_dir, dtype="bf16", matmul_inputs="fp16")
+    try:
+        fast = medusa_rt.Engine(own_dir, matmul_inputs="bf16", **kw)
+    except InvalidArgumentError as e:
+        assert "AVX512-BF16" in str(e)
+        pytest.skip(str(e))
+    exact = medusa_rt.Engine(own_dir, **kw)
+    assert (fast.info.matmul_inputs, exact.info.matmul_inputs) == ("bf16", "fp32")
+    prompts = setup["prompts"][:2] + _unseen(2)
+    accepted = 0
+    for p in prompts:
+        plain = fast.generate(p, max_new_tokens=40, ignore_eos=True, medusa=False)
+        med = fast.generate(p, max_new_tokens=40, ignore_eos=True)
+        assert med.tokens == plain.tokens and med.stats.medusa
+        accepted += sum(med.stats.accepted_per_head)
+        with fast.session() as a, exact.session() as b:
+            la, lb = a.forward(p)[-1], b.forward(p)[-1]
+            np.testing.assert_allclose(la, lb, rtol=0.05, atol=0.05 * float(np.abs(lb).max()))
+    assert accepted > 0
+    got = fast.generate_batch(prompts, max_new_tokens=40, ignore_eos=True)
+    assert [r.tokens for r in got] == [fast.generate(p, max_new_tokens=40, ignore_eos=True, medusa=False).tokens
+                                       for p in prompts]
+
+
 def test_sampling_same_seed_same_tokens_with_or_without_medusa(engine, own_dir, setup):
     """do_sample: each position's draw is fixed by (seed, position) and a draft token is accepted
     when it equals the token drawn at its position, so Medusa trees, prompt lookup and batching

@@ -33,8 +33,8 @@ struct BackendHarness::Buf {
 };
 
 BackendHarness::BackendHarness(const std::string& device, int num_threads) {
-  if (device == "cpu") {
-    be_ = make_cpu_backend(num_threads);
+  if (device == "cpu" || device == "cpu-bf16-inputs") {  // the latter: EngineOptions::matmul_inputs "bf16"
+    be_ = make_cpu_backend(num_threads, device == "cpu-bf16-inputs");
   } else if (device == "cuda" || device.rfind("cuda:", 0) == 0) {
 #ifdef MEDUSA_RT_HAVE_CUDA
     be_ = make_cuda_backend(device == "cuda" ? 0 : std::stoi(device.substr(5)));
@@ -42,7 +42,7 @@ BackendHarness::BackendHarness(const std::string& device, int num_threads) {
     throw InvalidArgumentError("this build has no CUDA backend");
 #endif
   } else {
-    throw InvalidArgumentError("device must be cpu or cuda[:N], got " + device);
+    throw InvalidArgumentError("device must be cpu, cpu-bf16-inputs or cuda[:N], got " + device);
   }
 }
 

@@ -274,6 +274,14 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
   if (gpu >= 0 && dtype == DType::kF32) {
     throw InvalidArgumentError("dtype=\"fp32\" is not supported on CUDA (weights are bf16 or fp16 there)");
   }
+  if (options.matmul_inputs != "fp32" && options.matmul_inputs != "bf16") {
+    throw InvalidArgumentError("matmul_inputs must be \"fp32\" or \"bf16\", got \"" + options.matmul_inputs + "\"");
+  }
+  const bool bf16_inputs = options.matmul_inputs == "bf16";
+  if (bf16_inputs && (gpu >= 0 || dtype != DType::kBF16)) {
+    throw InvalidArgumentError("matmul_inputs=\"bf16\" is for bf16 weights on the CPU (dtype=\"bf16\"; CUDA always "
+                               "rounds the inputs to the weight type)");
+  }
   const DType kv_dtype = parse_engine_dtype(options.kv_dtype, "kv_dtype");
   if (kv_dtype == DType::kF16 || (gpu >= 0 && kv_dtype != DType::kF32)) {
     throw InvalidArgumentError("kv_dtype must be \"fp32\" or \"bf16\" (\"bf16\" on the CPU only), got \"" +
@@ -352,7 +360,7 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
     tree.check_fits(heads_meta.num_heads, options.medusa_top_k);
   }
 
-  e.backend = gpu >= 0 ? make_cuda_backend(gpu) : make_cpu_backend(threads);
+  e.backend = gpu >= 0 ? make_cuda_backend(gpu) : make_cpu_backend(threads, bf16_inputs);
   const size_t heads_bytes = heads_file.empty() ? 0 : MappedFile(heads_file).size();
   ModelLimits lim;
   lim.slots = options.max_batch_size;
@@ -489,6 +497,7 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
   info.medusa_shared_lm_head = e.heads && e.heads->shared_lm_head();
   info.medusa_heads_dtype = e.heads ? dtype_option_name(heads_dtype) : "";
   info.kv_dtype = dtype_option_name(kv_dtype);
+  info.matmul_inputs = options.matmul_inputs;
   info.tree = e.decoder->tree().name();
   info.tree_nodes = e.decoder->tree().num_nodes();
   info.medusa_max_batch = e.medusa_max_batch;

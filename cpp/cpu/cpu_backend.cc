@@ -47,9 +47,17 @@ size_t mem_available_bytes() {
 
 class CpuBackend final : public Backend {
  public:
-  explicit CpuBackend(int num_threads) : pool_(num_threads), k_(cpu::kernels()) {}
+  CpuBackend(int num_threads, bool bf16_matmul_inputs)
+      : pool_(num_threads), k_(cpu::kernels()), bf16_pairs_(bf16_matmul_inputs) {
+    if (bf16_pairs_ && !cpu::bf16_pairs_supported()) {
+      throw InvalidArgumentError(std::string("matmul_inputs=\"bf16\" needs the AVX512-BF16 dot product, which this "
+                                             "CPU or kernel set (") + k_.isa + ") does not have");
+    }
+  }
 
   std::string name() const override { return std::string("cpu/") + k_.isa; }
+  // The packed type of a weight dtype: bf16 weights by k pairs when the inputs are rounded to bf16.
+  cpu::WType wt_of(DType d) const { return d == DType::kBF16 && bf16_pairs_ ? cpu::WType::kBF16Pairs : wtype(d); }
   std::string device_name() const override {
     return "cpu (" + std::to_string(pool_.num_threads()) + " threads, " + k_.isa + ")";
   }
@@ -72,14 +80,14 @@ class CpuBackend final : public Backend {
   void prepare(const KVLayout&) override {}  // attention's scratch lives on the stack of its tasks
 
   Matrix upload_matrix(const void* host, DType dtype, int rows, int cols, const char* what) override {
-    const cpu::WType wt = wtype(dtype);
+    const cpu::WType wt = wt_of(dtype);
     void* p = allocate(cpu::packed_bytes(rows, cols, wt), what);
     cpu::pack_rows(host, rows, cols, wt, p);
     return Matrix{p, dtype, rows, cols};
   }
 
   void embed(const Matrix& table, const int32_t* tokens, int rows, float* out) override {
-    const cpu::WType wt = wtype(table.dtype);
+    const cpu::WType wt = wt_of(table.dtype);
     for (int r = 0; r < rows; ++r) {
       cpu::unpack_row(table.data, table.rows, table.cols, wt, tokens[r], out + int64_t(r) * table.cols);
     }
@@ -108,7 +116,7 @@ class CpuBackend final : public Backend {
   }
 
   void linear(const float* x, int rows, const Matrix& w, const float* bias, float* y) override {
-    const cpu::WType wt = wtype(w.dtype);
+    const cpu::WType wt = wt_of(w.dtype);
     const int N = w.rows, K = w.cols;
     const int T = pool_.num_threads();
     // Split the output columns evenly, in whole 16-column panels (the kernels take a partial
@@ -132,7 +140,7 @@ class CpuBackend final : public Backend {
   }
 
   void linear_argmax(const float* x, int rows, const Matrix& w, float* /*logits*/, int32_t* out) override {
-    const cpu::WType wt = wtype(w.dtype);
+    const cpu::WType wt = wt_of(w.dtype);
     const int N = w.rows, K = w.cols;
     if (rows <= 0 || N <= 0) return;
     reserve_rows(rows);  // no-op in steps: the model reserved its rows at creation
@@ -140,7 +148,7 @@ class CpuBackend final : public Backend {
     const int panels = (N + 15) / 16;
     const int span = (panels + T - 1) / T * 16;
     const int tasks = (N + span - 1) / span;
-    const size_t panel_bytes = size_t(cpu::panel_elems(K)) * cpu::wtype_size(wt);
+    const size_t panel_bytes = size_t(cpu::panel_elems(K, wt)) * cpu::wtype_size(wt);
     // Each task: its columns in chunks of kArgmaxCols (whole panels: a chunk is the packed matrix
     // from its first panel on, columns [0, width)), each reduced into a running first-max per row
     // while in L1. The per-element operations are the GEMM's, so the values are linear()'s.
@@ -364,7 +372,7 @@ class CpuBackend final : public Backend {
   }
 
   void matrix_row(const Matrix& m, int row, float* out) override {
-    cpu::unpack_row(m.data, m.rows, m.cols, wtype(m.dtype), row, out);
+    cpu::unpack_row(m.data, m.rows, m.cols, wt_of(m.dtype), row, out);
   }
 
   void map_ids(int32_t* ids, size_t n, const int32_t* table) override {
@@ -476,6 +484,7 @@ class CpuBackend final : public Backend {
   cpu::HostMemory memory_;  // declared first: destroyed after everything that may hold its blocks
   ThreadPool pool_;
   const cpu::Kernels& k_;
+  const bool bf16_pairs_;  // bf16 weights as kBF16Pairs: matmul inputs rounded to bf16
   // Attention work items: range `range` of queries q0..q1-1 of the group starting at `row`
   // (query q: row row + q / group, q head kv_head * group + q % group).
   struct AttendTask {
@@ -502,6 +511,8 @@ class CpuBackend final : public Backend {
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cpu_backend(int num_threads) { return std::make_unique<CpuBackend>(num_threads); }
+std::unique_ptr<Backend> make_cpu_backend(int num_threads, bool bf16_matmul_inputs) {
+  return std::make_unique<CpuBackend>(num_threads, bf16_matmul_inputs);
+}
 
 }  // namespace medusa_rt

@@ -41,6 +41,15 @@ const Kernels* avx512_kernels() {
 #endif
 }
 
+bool bf16_pairs_supported() {
+#if defined(MEDUSA_RT_HAVE_AVX512BF16_TU) && (defined(__x86_64__) || defined(__i386__))
+  static const bool ok = &kernels() == avx512_kernels() && __builtin_cpu_supports("avx512bf16");
+  return ok;
+#else
+  return false;
+#endif
+}
+
 const Kernels& kernels() {
   static const Kernels* chosen = [] {
     const char* force = std::getenv("MEDUSA_RT_ISA");

@@ -14,7 +14,9 @@
 
 namespace medusa_rt::cpu {
 
-enum class WType { kF32, kBF16, kF16 };
+// Weight types of the packed GEMM. kBF16Pairs: bf16 weights packed by pairs of k for the
+// AVX512-BF16 dot product; the inputs x are rounded to bf16 too (EngineOptions::matmul_inputs).
+enum class WType { kF32, kBF16, kF16, kBF16Pairs };
 
 // A query's keys form a list: the visible prefix keys 0 .. prefix_len-1 in order, then its extra
 // keys. Attention works on ranges of that list that start at multiples of kAttendRange (fixed
@@ -71,6 +73,8 @@ struct Kernels {
 };
 
 const Kernels& kernels();
+// True when kernels() can run kBF16Pairs GEMMs (the AVX-512 set and the CPU's AVX512-BF16).
+bool bf16_pairs_supported();
 const Kernels& generic_kernels();
 // nullptr when this build or this CPU has no AVX2/FMA/F16C.
 const Kernels* avx2_kernels();

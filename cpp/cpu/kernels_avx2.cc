@@ -175,6 +175,7 @@ void gemm_avx2(const float* x, int ldx, int M, int K, const void* w, WType wt, c
     case WType::kF32: gemm_t<F32W>(x, ldx, M, K, w, bias, n0, n1, y, ldy); break;
     case WType::kBF16: gemm_t<BF16W>(x, ldx, M, K, w, bias, n0, n1, y, ldy); break;
     case WType::kF16: gemm_t<F16W>(x, ldx, M, K, w, bias, n0, n1, y, ldy); break;
+    case WType::kBF16Pairs: generic_kernels().gemm(x, ldx, M, K, w, wt, bias, n0, n1, y, ldy); break;
   }
 }
 

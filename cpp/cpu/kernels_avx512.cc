@@ -159,12 +159,24 @@ void gemm_t(const float* x, int ldx, int M, int K, const void* wv, const float* 
 
 }  // namespace
 
+#ifdef MEDUSA_RT_HAVE_AVX512BF16_TU
+void gemm_avx512_bf16_pairs(const float* x, int ldx, int M, int K, const void* w, const float* bias, int n0, int n1,
+                            float* y, int ldy);  // kernels_avx512_bf16.cc
+#endif
+
 void gemm_avx512(const float* x, int ldx, int M, int K, const void* w, WType wt, const float* bias, int n0, int n1,
                  float* y, int ldy) {
   switch (wt) {
     case WType::kF32: gemm_t<F32W>(x, ldx, M, K, w, bias, n0, n1, y, ldy); break;
     case WType::kBF16: gemm_t<BF16W>(x, ldx, M, K, w, bias, n0, n1, y, ldy); break;
     case WType::kF16: gemm_t<F16W>(x, ldx, M, K, w, bias, n0, n1, y, ldy); break;
+    case WType::kBF16Pairs:
+#ifdef MEDUSA_RT_HAVE_AVX512BF16_TU
+      gemm_avx512_bf16_pairs(x, ldx, M, K, w, bias, n0, n1, y, ldy);
+#else
+      generic_kernels().gemm(x, ldx, M, K, w, wt, bias, n0, n1, y, ldy);
+#endif
+      break;
   }
 }
 

@@ -12,22 +12,27 @@ namespace {
 inline float load_w(const void* w, WType wt, int64_t i) {
   switch (wt) {
     case WType::kF32: return static_cast<const float*>(w)[i];
-    case WType::kBF16: return bf16_to_f32(static_cast<const uint16_t*>(w)[i]);
+    case WType::kBF16:
+    case WType::kBF16Pairs: return bf16_to_f32(static_cast<const uint16_t*>(w)[i]);
     case WType::kF16: return f16_to_f32(static_cast<const uint16_t*>(w)[i]);
   }
   return 0.f;
 }
 
 // Same packed layout and the same per-element order (one chain over k, then the bias) as the
-// AVX2 kernel, with separate multiply and add instead of fused multiply-add.
+// AVX2 kernel, with separate multiply and add instead of fused multiply-add. kBF16Pairs (the
+// AVX512-BF16 kernel's type, run here only as a fallback): the inputs rounded to bf16 likewise,
+// products summed in k order (the dot-product instruction may round its pair sums differently).
 void gemm_generic(const float* x, int ldx, int M, int K, const void* w, WType wt, const float* bias, int n0, int n1,
                   float* y, int ldy) {
   for (int n = n0; n < n1; ++n) {
-    const int64_t base = packed_offset(n, K, wt);
     for (int m = 0; m < M; ++m) {
       const float* xm = x + static_cast<int64_t>(m) * ldx;
       float s = 0.f;
-      for (int k = 0; k < K; ++k) s += xm[k] * load_w(w, wt, base + int64_t(k) * kPanel);
+      for (int k = 0; k < K; ++k) {
+        const float xv = wt == WType::kBF16Pairs ? bf16_to_f32(f32_to_bf16(xm[k])) : xm[k];
+        s += xv * load_w(w, wt, packed_index(n, k, K, wt));
+      }
       y[static_cast<int64_t>(m) * ldy + n] = bias ? s + bias[n] : s;
     }
   }

@@ -201,7 +201,9 @@ class Backend {
   virtual bool graph_end(uint64_t key, bool keep) { return false; }
 };
 
-std::unique_ptr<Backend> make_cpu_backend(int num_threads);
+// bf16_matmul_inputs: bf16 weights multiply inputs rounded to bf16 (the AVX512-BF16 dot product;
+// InvalidArgumentError where the CPU lacks it).
+std::unique_ptr<Backend> make_cpu_backend(int num_threads, bool bf16_matmul_inputs = false);
 // The CUDA backend on GPU `device` (cpp/cuda; only in builds with MEDUSA_RT_CUDA=ON). Throws
 // InvalidArgumentError when there is no such GPU.
 std::unique_ptr<Backend> make_cuda_backend(int device);

@@ -113,6 +113,10 @@ class Engine:
             ``"fp16"`` on CUDA); arithmetic is fp32.
         device: ``"cpu"``, or ``"cuda"`` / ``"cuda:N"`` in builds with the CUDA backend
             (:func:`medusa_rt.cuda_device_count`).
+        matmul_inputs: ``"fp32"`` (exact), or ``"bf16"``: with bf16 weights on a CPU with
+            AVX512-BF16, the matrix products' inputs are rounded to bf16 and use its dot-product
+            instruction (twice the multiply-adds: faster tree verification and prefill; outputs
+            change slightly, as on CUDA; Medusa stays lossless). ``info.matmul_inputs``.
         kv_dtype: KV cache precision, ``"fp32"`` or ``"bf16"`` (CPU only: keys and values rounded
             to bf16 when stored; half the cache memory and the bytes attention reads, for long
             contexts and many sequences; ``info.kv_dtype``).
@@ -160,6 +164,7 @@ class Engine:
         device: str = "cpu",
         dtype: str = "bf16",
         kv_dtype: str = "fp32",
+        matmul_inputs: str = "fp32",
         max_batch_size: int = 1,
         max_seq_len: int = 0,
         num_threads: int = 0,
@@ -195,6 +200,7 @@ class Engine:
         options.device = _check_str("device", device)
         options.dtype = _check_str("dtype", dtype)
         options.kv_dtype = _check_str("kv_dtype", kv_dtype)
+        options.matmul_inputs = _check_str("matmul_inputs", matmul_inputs)
         options.max_batch_size = _check_int("max_batch_size", max_batch_size)
         options.max_seq_len = _check_int("max_seq_len", max_seq_len)
         options.num_threads = _check_int("num_threads", num_threads)
