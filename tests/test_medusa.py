@@ -779,31 +779,36 @@ def test_heads_dtype(own_dir, setup):
         medusa_rt.Engine(own_dir, dtype="fp32", medusa_heads_dtype="int4")
 
 
+def _lossless_and_close(engine, reference, prompts, tol):
+    """engine's Medusa trees, prompt lookup and batches give exactly its plain decoding's tokens
+    (drafts accepted along the way), and its logits are within tol (relative) of reference's."""
+    import numpy as np
+
+    accepted = 0
+    for p in prompts:
+        plain = engine.generate(p, max_new_tokens=40, ignore_eos=True, medusa=False)
+        med = engine.generate(p, max_new_tokens=40, ignore_eos=True)
+        assert med.tokens == plain.tokens and med.stats.medusa
+        accepted += sum(med.stats.accepted_per_head)
+        with engine.session() as a, reference.session() as b:
+            la, lb = a.forward(p)[-1], b.forward(p)[-1]
+            np.testing.assert_allclose(la, lb, rtol=tol, atol=tol * float(np.abs(lb).max()))
+    assert accepted > 0
+    got = engine.generate_batch(prompts, max_new_tokens=40, ignore_eos=True)
+    assert [r.tokens for r in got] == [engine.generate(p, max_new_tokens=40, ignore_eos=True, medusa=False).tokens
+                                       for p in prompts]
+
+
 def test_bf16_kv_cache(own_dir, setup):
     """kv_dtype="bf16" keeps keys and values in bf16 (half the cache): Medusa trees, prompt lookup
     and batches still give exactly plain decoding's tokens over that cache, and the logits stay
     close to the fp32 cache's."""
-    import numpy as np
-
     kw = dict(dtype="fp32", max_seq_len=256, max_batch_size=2, medusa_max_batch=16, prompt_lookup=3)
     e16 = medusa_rt.Engine(own_dir, kv_dtype="bf16", **kw)
     e32 = medusa_rt.Engine(own_dir, **kw)
     assert (e16.info.kv_dtype, e32.info.kv_dtype) == ("bf16", "fp32")
     assert 2 * e16.info.kv_cache_bytes == e32.info.kv_cache_bytes
-    prompts = setup["prompts"][:2] + _unseen(2)
-    accepted = 0
-    for p in prompts:
-        plain = e16.generate(p, max_new_tokens=40, ignore_eos=True, medusa=False)
-        med = e16.generate(p, max_new_tokens=40, ignore_eos=True)
-        assert med.tokens == plain.tokens and med.stats.medusa
-        accepted += sum(med.stats.accepted_per_head)
-        with e16.session() as a, e32.session() as b:
-            la, lb = a.forward(p)[-1], b.forward(p)[-1]
-            np.testing.assert_allclose(la, lb, rtol=0.02, atol=0.02 * float(np.abs(lb).max()))
-    assert accepted > 0
-    got = e16.generate_batch(prompts, max_new_tokens=40, ignore_eos=True)
-    assert [r.tokens for r in got] == [e16.generate(p, max_new_tokens=40, ignore_eos=True, medusa=False).tokens
-                                       for p in prompts]
+    _lossless_and_close(e16, e32, setup["prompts"][:2] + _unseen(2), tol=0.02)
     for bad in ("fp16", "int8"):
         with pytest.raises(InvalidArgumentError, match="kv_dtype"):
             medusa_rt.Engine(own_dir, kv_dtype=bad)
@@ -812,8 +817,6 @@ def test_bf16_kv_cache(own_dir, setup):
 def test_bf16_matmul_inputs(own_dir, setup):
     """matmul_inputs="bf16" (bf16 weights on a CPU with AVX512-BF16): Medusa trees, prompt lookup
     and batches still give exactly plain decoding's tokens; logits close to the exact inputs'."""
-    import numpy as np
-
     kw = dict(dtype="bf16", max_seq_len=256, max_batch_size=2, medusa_max_batch=16, prompt_lookup=3)
     with pytest.raises(InvalidArgumentError, match="matmul_inputs"):
         medusa_rt.Engine(own_dir, dtype="fp32", matmul_inputs="bf16")
@@ -826,20 +829,7 @@ def test_bf16_matmul_inputs(own_dir, setup):
         pytest.skip(str(e))
     exact = medusa_rt.Engine(own_dir, **kw)
     assert (fast.info.matmul_inputs, exact.info.matmul_inputs) == ("bf16", "fp32")
-    prompts = setup["prompts"][:2] + _unseen(2)
-    accepted = 0
-    for p in prompts:
-        plain = fast.generate(p, max_new_tokens=40, ignore_eos=True, medusa=False)
-        med = fast.generate(p, max_new_tokens=40, ignore_eos=True)
-        assert med.tokens == plain.tokens and med.stats.medusa
-        accepted += sum(med.stats.accepted_per_head)
-        with fast.session() as a, exact.session() as b:
-            la, lb = a.forward(p)[-1], b.forward(p)[-1]
-            np.testing.assert_allclose(la, lb, rtol=0.05, atol=0.05 * float(np.abs(lb).max()))
-    assert accepted > 0
-    got = fast.generate_batch(prompts, max_new_tokens=40, ignore_eos=True)
-    assert [r.tokens for r in got] == [fast.generate(p, max_new_tokens=40, ignore_eos=True, medusa=False).tokens
-                                       for p in prompts]
+    _lossless_and_close(fast, exact, setup["prompts"][:2] + _unseen(2), tol=0.05)
 
 
 def test_sampling_same_seed_same_tokens_with_or_without_medusa(engine, own_dir, setup):
