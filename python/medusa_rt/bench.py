@@ -16,6 +16,9 @@ Sections (SmolLM2-135M by default, greedy, 128 new tokens):
   plain decode step, both after 256 cached tokens (median ratios over interleaved rounds), and
   each size's compute floor (its matrix products' flops at the FMA peak measured just before);
 - prefill: prompt tokens/s (512-token prompt, or shorter within the model's context);
+- bf16_inputs: bf16 weights with exact inputs against ``matmul_inputs="bf16"`` (the AVX512-BF16
+  dot product), side by side in one process: plain decode tokens/s (interleaved per prompt),
+  prefill tokens/s and a batch of 8 sequences' tokens/s (skipped where the CPU lacks it);
 - peers: HF transformers fp32 decode (needs torch + transformers), llama.cpp through
   ``llama-cpp-python`` when it is installed (else reported as skipped) on F32 and BF16 GGUFs of
   the same weights (written once into the cache), same prompt token ids, same thread count,
@@ -233,6 +236,43 @@ def bench_prefill(model: str, dtype: str, tokens: int = 512) -> Dict:
     return {"prompt_tokens": len(ids), "tokens_per_second": len(ids) / best}
 
 
+def bench_bf16_inputs(model: str, prompts: List[List[int]], new_tokens: int, seq: int) -> Dict:
+    """bf16 weights with exact and with bf16-rounded matmul inputs, side by side."""
+    from .errors import InvalidArgumentError
+
+    try:
+        fast = Engine(model, dtype="bf16", matmul_inputs="bf16", max_seq_len=seq, max_batch_size=8,
+                      medusa_max_batch=0, progress=False)
+    except InvalidArgumentError as e:
+        log(f"bf16 inputs: skipped ({e})")
+        return {"skipped": str(e)}
+    exact = Engine(model, dtype="bf16", max_seq_len=seq, max_batch_size=8, medusa_max_batch=0, progress=False)
+    engines = {"exact": exact, "bf16_inputs": fast}
+    decode: Dict[str, List[float]] = {k: [] for k in engines}
+    for i, p in enumerate(prompts):  # interleaved, alternating which goes first
+        for k in (list(engines) if i % 2 == 0 else list(engines)[::-1]):
+            r = engines[k].generate(p, max_new_tokens=new_tokens, ignore_eos=True, medusa=False)
+            decode[k].append(r.stats.decode_tokens_per_second)
+    long_ids = (prompts * (1 + 512 // max(1, sum(len(p) for p in prompts))))
+    ids = [t for p in long_ids for t in p][:min(512, seq - 16)]
+    out: Dict[str, object] = {"prompt_tokens": len(ids), "batch": 8}
+    for k, e in engines.items():
+        with e.session() as s:
+            pre = min(s.generate(ids, max_new_tokens=1, medusa=False).stats.prefill_seconds for _ in range(2))
+        t0 = time.perf_counter()
+        rs = e.generate_batch([prompts[j % len(prompts)] for j in range(8)], max_new_tokens=new_tokens,
+                              ignore_eos=True, medusa=False)
+        batch = sum(len(r.tokens) for r in rs) / (time.perf_counter() - t0)
+        out[k] = {"decode_tokens_per_second": statistics.median(decode[k]), "prefill_tokens_per_second": len(ids) / pre,
+                  "batch_tokens_per_second": batch}
+    x, f = out["exact"], out["bf16_inputs"]
+    for key in ("decode", "prefill", "batch"):
+        out[f"{key}_speedup"] = f[f"{key}_tokens_per_second"] / x[f"{key}_tokens_per_second"]  # type: ignore[index]
+    log(f"bf16 inputs vs exact (bf16 weights): decode {out['decode_speedup']:.2f}x, prefill {out['prefill_speedup']:.2f}x, "
+        f"batch of 8 {out['batch_speedup']:.2f}x")
+    return out
+
+
 def bench_hf(model_dir: Path, new_tokens: int, repeats: int) -> Dict:
     try:
         import torch
@@ -400,6 +440,7 @@ def run_suite(model: str = "smollm2-135m", *, new_tokens: int = 128, repeats: in
     report["verify_bf16"] = bench_verify(model, "bf16", seq, fma_peak=_core._testing.fma_peak(threads, 5)) if heads \
         else no_heads
     report["prefill"] = {d: bench_prefill(model, d, min(512, seq - 16)) for d in ("bf16", "fp32")}
+    report["bf16_inputs"] = bench_bf16_inputs(model, decode_prompts, new_tokens, seq)
     report["peers"] = {"hf_transformers_fp32": bench_hf(Path(model_dir), new_tokens, repeats) if hf
                        else {"skipped": "--no-hf"},
                        "llama_cpp": bench_llama_cpp(model, decode_prompts, new_tokens, repeats, threads, tree, seq=seq)
@@ -428,6 +469,10 @@ def run_suite(model: str = "smollm2-135m", *, new_tokens: int = 128, repeats: in
                 ratios[f"medusa_{d}_vs_llama_cpp_{d}"] = lc[d]["engine_medusa_vs_llama_cpp"]  # type: ignore[index]
     for d in dtypes:
         ratios[f"decode_{d}_fraction_of_bandwidth_bound"] = dec[d]["fraction_of_bound"]  # type: ignore[index]
+    bi = report["bf16_inputs"]
+    if "decode_speedup" in bi:  # type: ignore[operator]
+        for key in ("decode", "prefill", "batch"):
+            ratios[f"bf16_inputs_vs_exact_{key}"] = bi[f"{key}_speedup"]  # type: ignore[index]
     report["ratios"] = ratios
     report["seconds"] = time.time() - t0
     return report
@@ -463,6 +508,13 @@ def print_table(r: Dict, file=sys.stderr) -> None:
             print(f"  compute floor at {v['fma_peak_GFLOPs']:.0f} GFLOP/s (fp32 FMA peak measured before it), x decode step: "
                   + "  ".join(f"{row['nodes']}: {row['compute_floor_x_decode_step']:.2f}" for row in v["rows"]), file=file)
     print("prefill tok/s: " + ", ".join(f"{d} {x['tokens_per_second']:.0f}" for d, x in r["prefill"].items()), file=file)
+    bi = r.get("bf16_inputs", {"skipped": "not measured"})
+    if "skipped" in bi:
+        print(f"bf16 inputs (AVX512-BF16): skipped ({bi['skipped']})", file=file)
+    else:
+        print(f"bf16 inputs (AVX512-BF16) vs exact, bf16 weights: decode {bi['decode_speedup']:.2f}x, "
+              f"prefill {bi['prefill_speedup']:.2f}x ({bi['bf16_inputs']['prefill_tokens_per_second']:.0f} tok/s), "
+              f"batch of {bi['batch']} {bi['batch_speedup']:.2f}x", file=file)
     for name, x in r["peers"].items():
         if "skipped" in x:
             text = x["skipped"]
