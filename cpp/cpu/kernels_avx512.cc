@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "cpu/avx512_tile.h"
 #include "cpu/gemm_blocking.h"
 #include "cpu/kernels.h"
 
@@ -45,7 +46,6 @@ inline __m512i bf16_index() {
   return _mm512_load_si512(idx);
 }
 
-inline __mmask16 valid_mask(int valid) { return static_cast<__mmask16>(valid >= 16 ? 0xffffu : (1u << valid) - 1u); }
 
 // Software prefetch distance in each panel's stream (measured: 2 KB beat 4 KB here with eight
 // panels in flight per core).
@@ -84,16 +84,7 @@ __attribute__((always_inline)) inline void tile(const float* x, int ldx, int K, 
       for (int p = 0; p < NP; ++p) acc[i][p] = _mm512_fmadd_ps(xv, w[p], acc[i][p]);
     }
   }
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) {
-#pragma GCC unroll 8
-    for (int p = 0; p < NP; ++p) {
-      const __mmask16 m = valid_mask(p == NP - 1 ? valid : 16);
-      __m512 v = acc[i][p];
-      if (finish && bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias + n + 16 * p));
-      _mm512_mask_storeu_ps(y + static_cast<int64_t>(i) * ldy + n + 16 * p, m, v);
-    }
-  }
+  store_tile<MR, NP>(acc, y, ldy, n, valid, finish ? bias : nullptr);
 }
 
 // Panels per tile for a block of MR rows: 12-16 independent chains where the rows allow

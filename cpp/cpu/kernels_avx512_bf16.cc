@@ -11,13 +11,12 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/avx512_tile.h"
 #include "cpu/kernels.h"
 #include "cpu/packing.h"
 
 namespace medusa_rt::cpu {
 namespace {
-
-inline __mmask16 valid_mask(int valid) { return static_cast<__mmask16>(valid >= 16 ? 0xffffu : (1u << valid) - 1u); }
 
 constexpr int kPrefetchBytes = 2048;
 
@@ -47,16 +46,7 @@ __attribute__((always_inline)) inline void tile(const uint32_t* xp, int kp, cons
       for (int p = 0; p < NP; ++p) acc[i][p] = _mm512_dpbf16_ps(acc[i][p], (__m512bh)w[p], xv);
     }
   }
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) {
-#pragma GCC unroll 8
-    for (int p = 0; p < NP; ++p) {
-      const __mmask16 m = valid_mask(p == NP - 1 ? valid : 16);
-      __m512 v = acc[i][p];
-      if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias + n + 16 * p));
-      _mm512_mask_storeu_ps(y + int64_t(i) * ldy + n + 16 * p, m, v);
-    }
-  }
+  store_tile<MR, NP>(acc, y, ldy, n, valid, bias);
 }
 
 // Panels per tile: 24 accumulators at 8 rows, more panels for fewer rows (chains in flight).
