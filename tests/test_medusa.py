@@ -827,8 +827,10 @@ def test_bf16_matmul_inputs(own_dir, setup):
     except InvalidArgumentError as e:
         assert "AVX512-BF16" in str(e)
         pytest.skip(str(e))
-    exact = medusa_rt.Engine(own_dir, **kw)
+    exact = medusa_rt.Engine(own_dir, matmul_inputs="fp32", **kw)
     assert (fast.info.matmul_inputs, exact.info.matmul_inputs) == ("bf16", "fp32")
+    assert medusa_rt.Engine(own_dir, **kw).info.matmul_inputs == "bf16"  # "auto" takes it where the CPU has it
+    assert medusa_rt.Engine(own_dir, dtype="fp32").info.matmul_inputs == "fp32"
     _lossless_and_close(fast, exact, setup["prompts"][:2] + _unseen(2), tol=0.05)
 
 

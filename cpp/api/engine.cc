@@ -274,11 +274,15 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
   if (gpu >= 0 && dtype == DType::kF32) {
     throw InvalidArgumentError("dtype=\"fp32\" is not supported on CUDA (weights are bf16 or fp16 there)");
   }
-  if (options.matmul_inputs != "fp32" && options.matmul_inputs != "bf16") {
-    throw InvalidArgumentError("matmul_inputs must be \"fp32\" or \"bf16\", got \"" + options.matmul_inputs + "\"");
+  const std::string& mi = options.matmul_inputs;
+  if (mi != "auto" && mi != "fp32" && mi != "bf16") {
+    throw InvalidArgumentError("matmul_inputs must be \"auto\", \"fp32\" or \"bf16\", got \"" + mi + "\"");
   }
-  const bool bf16_inputs = options.matmul_inputs == "bf16";
-  if (bf16_inputs && (gpu >= 0 || dtype != DType::kBF16)) {
+  // "auto": bf16 inputs where the CPU multiplies bf16 pairs natively (AVX512-BF16) and the weights
+  // are bf16, exact fp32 inputs otherwise.
+  const bool bf16_inputs =
+      mi == "bf16" || (mi == "auto" && gpu < 0 && dtype == DType::kBF16 && cpu::bf16_pairs_supported());
+  if (mi == "bf16" && (gpu >= 0 || dtype != DType::kBF16)) {
     throw InvalidArgumentError("matmul_inputs=\"bf16\" is for bf16 weights on the CPU (dtype=\"bf16\"; CUDA always "
                                "rounds the inputs to the weight type)");
   }
@@ -497,7 +501,7 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
   info.medusa_shared_lm_head = e.heads && e.heads->shared_lm_head();
   info.medusa_heads_dtype = e.heads ? dtype_option_name(heads_dtype) : "";
   info.kv_dtype = dtype_option_name(kv_dtype);
-  info.matmul_inputs = options.matmul_inputs;
+  info.matmul_inputs = bf16_inputs ? "bf16" : "fp32";
   info.tree = e.decoder->tree().name();
   info.tree_nodes = e.decoder->tree().num_nodes();
   info.medusa_max_batch = e.medusa_max_batch;

@@ -246,7 +246,8 @@ def bench_bf16_inputs(model: str, prompts: List[List[int]], new_tokens: int, seq
     except InvalidArgumentError as e:
         log(f"bf16 inputs: skipped ({e})")
         return {"skipped": str(e)}
-    exact = Engine(model, dtype="bf16", max_seq_len=seq, max_batch_size=8, medusa_max_batch=0, progress=False)
+    exact = Engine(model, dtype="bf16", matmul_inputs="fp32", max_seq_len=seq, max_batch_size=8, medusa_max_batch=0,
+                   progress=False)
     engines = {"exact": exact, "bf16_inputs": fast}
     decode: Dict[str, List[float]] = {k: [] for k in engines}
     for i, p in enumerate(prompts):  # interleaved, alternating which goes first

@@ -301,9 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=int, default=0)
     sp.add_argument("--kv-dtype", default="fp32", choices=["fp32", "bf16"],
                     help="KV cache precision (bf16: half the cache memory, CPU only)")
-    sp.add_argument("--matmul-inputs", default="fp32", choices=["fp32", "bf16"],
-                    help="bf16: round the matrix products' inputs to bf16 and use AVX512-BF16 (bf16 weights; "
-                         "about 2x prefill, faster decoding; outputs change slightly)")
+    sp.add_argument("--matmul-inputs", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="fp32: exact; bf16: round the matrix products' inputs to bf16 and use AVX512-BF16 (bf16 "
+                         "weights; about 2x prefill, faster decoding; outputs change slightly); auto: bf16 where "
+                         "the CPU has it")
     sp.add_argument("--stop", action="append", help="stop string (repeatable)")
     sp.add_argument("--medusa-heads", help="Medusa heads file to use instead of the model's own")
     sp.add_argument("--tree", help="Medusa tree: a built-in name or a JSON list of paths")
