@@ -58,10 +58,56 @@ def test_generate_result_and_stats(engine):
 
 def test_generate_is_deterministic_and_fresh(engine):
     with engine.session() as s:
-        a = s.generate(PROMPT, max_new_tokens=15, ignore_eos=True).tokens
-        s.forward([1, 2, 3])  # leaves context behind; generate starts fresh anyway
-        b = s.generate(PROMPT, max_new_tokens=15, ignore_eos=True).tokens
-    assert a == b
+        a = s.generate(PROMPT, max_new_tokens=15, ignore_eos=True)
+        assert a.stats.cached_prompt_tokens == 0
+        s.forward([1, 2, 3])  # leaves context behind: the prompt's start is reused, the rest dropped
+        b = s.generate(PROMPT, max_new_tokens=15, ignore_eos=True)
+        assert b.stats.cached_prompt_tokens == len(PROMPT) - 1  # the last prompt token always runs
+        c = s.generate(PROMPT, max_new_tokens=15, ignore_eos=True, reuse_context=False)
+        assert c.stats.cached_prompt_tokens == 0
+        s.reset()
+        d = s.generate(PROMPT, max_new_tokens=15, ignore_eos=True)
+        assert d.stats.cached_prompt_tokens == 0
+    assert a.tokens == b.tokens == c.tokens == d.tokens
+
+
+def test_session_context_carries_to_the_next_request(engine):
+    """The next prompt is prefilled only after the start the session's context holds: the
+    previous prompt and answer (but its last token), or what forward() appended."""
+    with engine.session() as s, engine.session() as fresh:
+        r1 = s.generate(PROMPT, max_new_tokens=12, ignore_eos=True, medusa=False)
+        assert s.context_length == len(PROMPT) + 11
+        turn2 = PROMPT + r1.tokens + [9, 8, 7]
+        r2 = s.generate(turn2, max_new_tokens=12, ignore_eos=True)
+        assert r2.stats.cached_prompt_tokens == len(PROMPT) + 11 and r2.stats.prompt_tokens == len(turn2)
+        assert r2.tokens == fresh.generate(turn2, max_new_tokens=12, ignore_eos=True, reuse_context=False).tokens
+        # A prompt that leaves the context early reuses up to there.
+        other = PROMPT[:3] + [1, 1, 1]
+        r3 = s.generate(other, max_new_tokens=5, ignore_eos=True)
+        assert r3.stats.cached_prompt_tokens == 3
+        assert r3.tokens == fresh.generate(other, max_new_tokens=5, ignore_eos=True, reuse_context=False).tokens
+        # max_new_tokens 0 leaves the shared start; forward() continues from any context.
+        s.generate(PROMPT, max_new_tokens=0)
+        assert s.context_length == 3
+        s.forward(PROMPT[3:])
+        assert s.generate(PROMPT + [4], max_new_tokens=4, ignore_eos=True).stats.cached_prompt_tokens == len(PROMPT)
+
+
+def test_chat_messages_and_multi_turn(engine):
+    tok = engine.tokenizer
+    turn1 = [{"role": "user", "content": "hi there"}]
+    with engine.session() as s:
+        r1 = s.generate(turn1, max_new_tokens=6, ignore_eos=True)
+        assert r1.stats.prompt_tokens == len(tok.encode_chat(turn1))
+        assert r1.tokens == engine.generate("hi there", chat=True, max_new_tokens=6, ignore_eos=True).tokens
+        turn2 = turn1 + [{"role": "assistant", "content": r1.text}, {"role": "user", "content": "and then?"}]
+        r2 = s.generate(turn2, max_new_tokens=6, ignore_eos=True)
+        assert r2.stats.cached_prompt_tokens >= len(tok.encode_chat(turn1))  # the first turn is not prefilled again
+        assert r2.tokens == engine.generate(turn2, max_new_tokens=6, ignore_eos=True, reuse_context=False).tokens
+    with pytest.raises(medusa_rt.errors.InvalidArgumentError, match="mixes chat messages"):
+        engine.generate([{"role": "user", "content": "x"}, 5], max_new_tokens=2)
+    with pytest.raises(medusa_rt.errors.InvalidArgumentError, match="role"):
+        engine.generate([{"content": "x"}], max_new_tokens=2)
 
 
 def test_forward_matches_generate(engine):
@@ -140,6 +186,7 @@ def test_callback_error_propagates(engine):
     with engine.session() as s:
         with pytest.raises(RuntimeError, match="callback failed"):
             s._core().generate(PROMPT, cfg, boom)
+        assert s.context_length == 0  # a failed generation leaves no context to reuse
         assert len(s.generate(PROMPT, max_new_tokens=2, ignore_eos=True).tokens) == 2
 
 

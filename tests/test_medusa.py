@@ -181,6 +181,36 @@ def test_prompt_lookup_is_lossless_and_accepts(own_dir, setup):
             medusa_rt.Engine(setup["base"], dtype="fp32", max_seq_len=64, prompt_lookup=bad)
 
 
+def test_session_reuses_its_context_losslessly(own_dir, setup):
+    """A session's next request reuses the context its trees, looked-up chains and plain steps
+    left in the cache: the same tokens as a fresh session (greedy and sampled), and the cached
+    entries bit for bit those a prefill of the same tokens writes."""
+    import numpy as np
+
+    engine = medusa_rt.Engine(own_dir, dtype="fp32", max_seq_len=256, max_batch_size=2, medusa_max_batch=16,
+                              prompt_lookup=4)
+    p, q = setup["prompts"][0], _unseen(1)[0]
+    for kw in ({}, {"medusa": False}, {"do_sample": True, "temperature": 0.8, "seed": 3}):
+        with engine.session() as s, engine.session() as fresh:
+            r1 = s.generate(p, max_new_tokens=40, ignore_eos=True, **kw)
+            turn2 = p + r1.tokens + q[:5]
+            r2 = s.generate(turn2, max_new_tokens=40, ignore_eos=True, **kw)
+            ref = fresh.generate(turn2, max_new_tokens=40, ignore_eos=True, reuse_context=False, **kw)
+            assert r2.tokens == ref.tokens and ref.stats.cached_prompt_tokens == 0
+            # The cache holds the answer but its last token, and may hold tokens a last step
+            # accepted past max_new_tokens.
+            assert r2.stats.cached_prompt_tokens >= len(p) + len(r1.tokens) - 1
+            assert (r1.stats.tree_steps > 0) == (kw.get("medusa") is not False)
+    with engine.session() as s, engine.session() as fresh:
+        full = fresh.generate(p, max_new_tokens=80, ignore_eos=True, medusa=False).tokens
+        r = s.generate(p, max_new_tokens=40, ignore_eos=True)
+        assert r.stats.tree_steps > 0 and r.tokens == full[:40]
+        ctx = (p + full)[:s.context_length]
+        fresh.reset()
+        np.testing.assert_array_equal(s.forward(q[:3], all_logits=True),
+                                      fresh.forward(ctx + q[:3], all_logits=True)[-3:])
+
+
 @pytest.mark.parametrize("layout", ["safetensors", "pt", "full", "version2"])
 def test_head_layouts(setup, layout):
     tmp = setup["tmp"]

@@ -547,19 +547,22 @@ class Generation {
     max_new_tokens_ = config.max_new_tokens;
   }
 
-  // Prefills the prompt (from an empty context) and takes the first token.
-  void start(const std::vector<int32_t>& prompt) {
+  // Prefills the prompt after its first `cached` tokens (which the sequence's cache holds
+  // already: at most prompt.size() - 1) and takes the first token.
+  void start(const std::vector<int32_t>& prompt, int cached = 0) {
     t0_ = Clock::now();
     fwd0_ = e_.decoder->forward_seconds();
     result_.stats.prompt_tokens = static_cast<int>(prompt.size());
-    s_.length = 0;
+    s_.length = cached;
     if (max_new_tokens_ == 0) {
       done_ = true;
       return;
     }
+    result_.stats.cached_prompt_tokens = cached;
     {
       std::lock_guard<std::mutex> lock(e_.forward_mu);
-      e_.decoder->append(s_, prompt.data(), static_cast<int>(prompt.size()), s_.options.medusa, nullptr, false);
+      e_.decoder->append(s_, prompt.data() + cached, static_cast<int>(prompt.size()) - cached, s_.options.medusa,
+                         nullptr, false);
     }
     t_first_ = Clock::now();
     result_.stats.prefill_seconds = std::chrono::duration<double>(t_first_ - t0_).count();
@@ -786,9 +789,13 @@ GenerationResult Session::generate(const std::vector<int32_t>& prompt, const Gen
   Engine::Impl& e = *state_->engine;
   validate_request(e, prompt, config);
   SequenceState& s = state_->seq;
-  Generation g(e, s, config, &on_tokens);
-  g.start(prompt);
-  if (g.done()) return g.finish();
+  // The start of the prompt the cache holds already; the last prompt token always runs (its
+  // logits give the first new token).
+  int cached = 0;
+  if (config.reuse_context) {
+    const int n = std::min({s.length, static_cast<int>(s.history.size()), static_cast<int>(prompt.size()) - 1});
+    while (cached < n && s.history[cached] == prompt[cached]) ++cached;
+  }
   struct Active {  // this session counts as generating while it steps (the leader waits for it)
     Engine::Impl& e;
     explicit Active(Engine::Impl& impl) : e(impl) {
@@ -800,10 +807,20 @@ GenerationResult Session::generate(const std::vector<int32_t>& prompt, const Gen
       --e.generating;
       e.sched_cv.notify_all();
     }
-  } active(e);
-  while (!g.done()) {
-    e.step_shared(&s);
-    g.after_step();
+  };
+  Generation g(e, s, config, &on_tokens);
+  try {
+    g.start(prompt, cached);
+    if (!g.done()) {
+      Active active(e);
+      while (!g.done()) {
+        e.step_shared(&s);
+        g.after_step();
+      }
+    }
+  } catch (...) {
+    s.length = 0;  // a context not known to be whole: the next request starts afresh
+    throw;
   }
   return g.finish();
 }

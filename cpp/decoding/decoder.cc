@@ -255,13 +255,11 @@ void Decoder::append(SequenceState& s, const int32_t* tokens, int n, bool with_h
   Backend& be = model_.backend();
   const int chunk = model_.limits().max_rows;
   const int start = s.length;
-  if (lookup_tokens_ > 0) {
-    // Once per sequence: room for the whole context, so that steps append without allocating.
-    if (s.history.capacity() < size_t(model_.limits().max_seq)) s.history.reserve(model_.limits().max_seq);
-    if (s.lookup.capacity() < size_t(lookup_tokens_)) s.lookup.reserve(lookup_tokens_);
-    s.history.resize(start);
-    s.history.insert(s.history.end(), tokens, tokens + n);
-  }
+  // Once per sequence: room for the whole context, so that steps append without allocating.
+  if (s.history.capacity() < size_t(model_.limits().max_seq)) s.history.reserve(model_.limits().max_seq);
+  if (lookup_tokens_ > 0 && s.lookup.capacity() < size_t(lookup_tokens_)) s.lookup.reserve(lookup_tokens_);
+  s.history.resize(start);
+  s.history.insert(s.history.end(), tokens, tokens + n);
   for (int off = 0; off < n; off += chunk) {
     const int c = std::min(chunk, n - off);
     rows_.clear();
@@ -444,7 +442,7 @@ bool Decoder::step_fused(SequenceState* const* seqs, int n, bool allow_trees) {
     const int32_t* out = out_host_.data() + size_t(i) * (D + 2);
     const int a = out[0];
     s.new_tokens.assign(out + 1, out + 2 + a);
-    if (lookup_tokens_ > 0) commit_history(s);
+    commit_history(s);
     s.lookup_step = false;
     s.lookup_accepted = 0;
     s.root = s.new_tokens.back();
@@ -667,7 +665,7 @@ void Decoder::step(SequenceState* const* seqs, int n, bool allow_trees, bool all
     if (lt) {
       for (int u : path) s.lookup_accepted += lt->src[u] < 0;
     }
-    if (lookup_tokens_ > 0) commit_history(s);
+    commit_history(s);
     if (s.record) {
       SequenceState::StepRecord rec;
       rec.tokens.assign(toks, toks + T);

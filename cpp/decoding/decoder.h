@@ -42,8 +42,9 @@ struct SequenceState {
   std::vector<int32_t> new_tokens;
   int accepted = 0;       // speculative tokens accepted in the last step
   bool tree_step = false;  // whether the last step verified a tree
-  // Prompt lookup (Decoder with lookup_tokens > 0): the tokens in the slot's cache (its first
-  // `length` entries are current), the chain the next step verifies, and what the last step did.
+  // The tokens in the slot's cache (its first `length` entries are current: what prompt lookup
+  // searches and a session's next prompt is matched against), then for prompt lookup (Decoder with
+  // lookup_tokens > 0) the chain the next step verifies and what the last step did.
   std::vector<int32_t> history;
   std::vector<int32_t> lookup;
   bool lookup_step = false;  // the last step verified a looked-up chain

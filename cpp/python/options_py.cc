@@ -51,10 +51,12 @@ void register_options(py::module_& m) {
       .def_readwrite("top_k", &GenerationConfig::top_k)
       .def_readwrite("top_p", &GenerationConfig::top_p)
       .def_readwrite("seed", &GenerationConfig::seed)
-      .def_readwrite("prompt_lookup", &GenerationConfig::prompt_lookup);
+      .def_readwrite("prompt_lookup", &GenerationConfig::prompt_lookup)
+      .def_readwrite("reuse_context", &GenerationConfig::reuse_context);
 
   py::class_<GenerationStats>(m, "GenerationStats")
       .def_readonly("prompt_tokens", &GenerationStats::prompt_tokens)
+      .def_readonly("cached_prompt_tokens", &GenerationStats::cached_prompt_tokens)
       .def_readonly("new_tokens", &GenerationStats::new_tokens)
       .def_readonly("steps", &GenerationStats::steps)
       .def_readonly("prefill_seconds", &GenerationStats::prefill_seconds)

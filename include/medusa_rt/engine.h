@@ -183,6 +183,12 @@ struct GenerationConfig {
   /// Use the engine's prompt lookup (EngineOptions::prompt_lookup) for this request (unless
   /// medusa is false).
   bool prompt_lookup = true;
+  /// Session::generate: keep the longest start of the prompt that the session's context already
+  /// holds (the previous request's prompt and answer, or what forward() appended) and prefill
+  /// only the rest; a multi-turn chat then prefills just the new turn. The cached entries are
+  /// bit for bit what a prefill of the same tokens writes, so the output is the same either
+  /// way. false: prefill the whole prompt from an empty context.
+  bool reuse_context = true;
 };
 
 /// Why a generation ended.
@@ -204,6 +210,8 @@ const char* to_string(Acceptance acceptance);
 /// Statistics of one generation.
 struct GenerationStats {
   int prompt_tokens = 0;
+  /// Prompt tokens taken from the session's context instead of prefilled (reuse_context).
+  int cached_prompt_tokens = 0;
   int new_tokens = 0;
   int steps = 0;                ///< decode steps (forwards after the prefill)
   bool medusa = false;          ///< whether Medusa decoding was on for this generation
@@ -283,7 +291,10 @@ class Session {
   Session& operator=(Session&&) noexcept;
   ~Session();
 
-  /// Generates a continuation of prompt (token ids). Starts from an empty context.
+  /// Generates a continuation of prompt (token ids). The context becomes the prompt, prefilled
+  /// after the start it shares with the session's context (all of it without
+  /// config.reuse_context). Afterwards it holds the prompt and the generated tokens but the last
+  /// (which is not fed back until the next step; tokens past a stop may follow in it).
   /// With Medusa heads and config.medusa, each step verifies the engine's tree in one forward.
   /// Greedy acceptance gives exactly the tokens of plain greedy decoding.
   /// Throws InvalidArgumentError (empty prompt, token id out of range, negative max_new_tokens,

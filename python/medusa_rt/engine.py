@@ -12,7 +12,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -21,7 +21,8 @@ from .errors import InvalidArgumentError, ModelFormatError
 from .registry import invalidate, is_known_model, resolve_model
 from .tokenizer import Tokenizer
 
-Prompt = Union[str, Sequence[int]]
+Message = Mapping[str, Any]
+Prompt = Union[str, Sequence[int], Sequence[Message]]
 Stop = Union[None, str, int, Sequence[Union[str, int]]]
 Tree = Union[None, str, Sequence[Sequence[int]]]
 
@@ -40,6 +41,8 @@ class GenerationStats:
     ``accepted_per_head[d]`` is the number of steps in which d + 1 or more speculative tokens
     were accepted. ``lookup_steps`` counts the steps that verified tokens looked up in the
     context (prompt lookup), ``lookup_tokens`` the looked-up tokens accepted.
+    ``cached_prompt_tokens`` is the start of the prompt taken from the session's context instead
+    of prefilled (``reuse_context``).
     ``forward_seconds`` is the time spent in model and head forwards, ``other_seconds`` the rest.
     """
 
@@ -59,6 +62,7 @@ class GenerationStats:
     lookup_tokens: int = 0
     forward_seconds: float = 0.0
     other_seconds: float = 0.0
+    cached_prompt_tokens: int = 0
 
     @classmethod
     def _from_core(cls, s: "_core.GenerationStats") -> "GenerationStats":
@@ -79,6 +83,7 @@ class GenerationStats:
             lookup_tokens=s.lookup_tokens,
             forward_seconds=s.forward_seconds,
             other_seconds=s.other_seconds,
+            cached_prompt_tokens=s.cached_prompt_tokens,
         )
 
 
@@ -313,12 +318,21 @@ class Session:
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int = -1,
+        reuse_context: bool = True,
     ) -> GenerationResult:
-        """Generates a continuation of ``prompt`` (greedily unless ``do_sample``), from an empty
-        context.
+        """Generates a continuation of ``prompt`` (greedily unless ``do_sample``).
+
+        The session's context becomes the prompt, and afterwards holds the prompt and the answer
+        (but its last token), so the next request can pick up from it: with ``reuse_context``
+        the start of the prompt that the context already holds is not prefilled again. In a
+        multi-turn chat, pass the whole conversation each turn and only the new turn is
+        prefilled. The output is the same either way (the cached entries are bit for bit those a
+        prefill writes); ``stats.cached_prompt_tokens`` says how many prompt tokens were reused.
 
         Args:
-            prompt: text, or token ids used as they are.
+            prompt: text, token ids used as they are, or chat messages (a list of
+                ``{"role": ..., "content": ...}`` dicts, rendered with the model's chat template
+                and its generation prompt).
             max_new_tokens: upper bound on new tokens (>= 0).
             stop: stop strings and/or token ids; the model's EOS tokens always stop unless
                 ``ignore_eos``. A stop string is matched as the token sequence it encodes to.
@@ -343,6 +357,8 @@ class Session:
                 temperature > 0.
             seed: seed of the draws (>= 0), or -1 for a random one per request;
                 :meth:`Engine.generate_batch` gives request i the seed ``seed + i``.
+            reuse_context: keep the start of the prompt that the session's context holds (see
+                above); False prefills the whole prompt. Batches always start afresh.
 
         Raises:
             InvalidArgumentError: bad prompt or options (empty prompt, token id out of range,
@@ -351,7 +367,7 @@ class Session:
         """
         ids, config = self._prepare(prompt, max_new_tokens, stop, chat, ignore_eos, medusa, acceptance,
                                     posterior_threshold, posterior_alpha, temperature, prompt_lookup, do_sample,
-                                    top_k, top_p, seed)
+                                    top_k, top_p, seed, reuse_context)
         return self._result(self._core().generate(ids, config))
 
     def stream(
@@ -372,6 +388,7 @@ class Session:
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int = -1,
+        reuse_context: bool = True,
     ) -> Iterator[str]:
         """Like :meth:`generate`, but yields text pieces as tokens are decoded.
 
@@ -380,7 +397,7 @@ class Session:
         """
         ids, config = self._prepare(prompt, max_new_tokens, stop, chat, ignore_eos, medusa, acceptance,
                                     posterior_threshold, posterior_alpha, temperature, prompt_lookup, do_sample,
-                                    top_k, top_p, seed)
+                                    top_k, top_p, seed, reuse_context)
         core = self._core()
         # A short queue: the engine runs at most a block or two ahead of the consumer, and a
         # consumer that stops (closes the iterator) cancels the generation at its next block.
@@ -496,11 +513,12 @@ def _prepare_request(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int = -1,
+    reuse_context: bool = True,
 ) -> "tuple[List[int], _core.GenerationConfig]":
     """Token ids and the engine's GenerationConfig for one request (see Session.generate)."""
     ids = _encode_prompt(engine, prompt, chat)
     config = _make_config(engine, max_new_tokens, stop, ignore_eos, medusa, acceptance, posterior_threshold,
-                          posterior_alpha, temperature, prompt_lookup, do_sample, top_k, top_p, seed)
+                          posterior_alpha, temperature, prompt_lookup, do_sample, top_k, top_p, seed, reuse_context)
     return ids, config
 
 
@@ -511,12 +529,18 @@ def _encode_prompt(engine: Engine, prompt: Prompt, chat: bool) -> List[int]:
             ids = tok.encode(tok.apply_chat_template(prompt), add_special_tokens=False)
         else:
             ids = tok.encode(prompt)
+    elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, Mapping) for m in prompt):
+        ids = tok.encode_chat(prompt)  # chat messages: always through the template
     elif isinstance(prompt, (list, tuple, np.ndarray)):
+        if any(isinstance(m, Mapping) for m in prompt):
+            raise InvalidArgumentError("prompt mixes chat messages (dicts) with other items: give a list of "
+                                       "{'role', 'content'} dicts, a text or token ids")
         if chat:
-            raise InvalidArgumentError("chat=True needs a text prompt, not token ids")
+            raise InvalidArgumentError("chat=True needs a text prompt or chat messages, not token ids")
         ids = [_check_int("prompt token", t) for t in prompt]
     else:
-        raise InvalidArgumentError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+        raise InvalidArgumentError(f"prompt must be a str, a list of token ids or a list of chat messages, "
+                                   f"got {type(prompt).__name__}")
     return ids
 
 
@@ -535,6 +559,7 @@ def _make_config(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int = -1,
+    reuse_context: bool = True,
 ) -> "_core.GenerationConfig":
     tok = engine.tokenizer
     config = _core.GenerationConfig()
@@ -568,6 +593,7 @@ def _make_config(
     config.top_k = _check_int("top_k", top_k)
     config.top_p = _check_float("top_p", top_p)
     config.seed = _check_int("seed", seed, bits=64)
+    config.reuse_context = bool(reuse_context)
     return config
 
 
