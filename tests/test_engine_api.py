@@ -284,6 +284,22 @@ def test_cli_generate_and_errors(model_dir):
     assert p.returncode == 0 and '"vocab_size": 384' in p.stdout
 
 
+def test_cli_chat_keeps_the_conversation(model_dir):
+    """`medusa-rt chat`: one user turn per stdin line; later turns prefill only themselves, old
+    turns are dropped when the conversation outgrows the cache, a message too long for it is
+    refused and the conversation goes on."""
+    cli = [sys.executable, "-m", "medusa_rt.cli", "chat", "--model", str(model_dir), "--dtype", "fp32",
+           "--max-seq-len", "96", "-n", "12", "--system", "be brief"]
+    turns = ["hello there", "and then what", "tell me more about it", "x " * 200, "why", "ok"]
+    p = subprocess.run(cli, input="\n".join(turns) + "\n", capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    stats = [line for line in p.stderr.splitlines() if " tokens in " in line]
+    assert len(stats) == 5 and "cached" not in stats[0] and "cached" in stats[1]
+    assert p.stderr.count("CapacityError") == 1
+    p = subprocess.run(cli + ["--temperature", "0.7", "--seed", "1"], input="hi\n", capture_output=True, text=True)
+    assert p.returncode == 0 and " tokens in " in p.stderr, p.stderr
+
+
 def test_session_refuses_concurrent_use(engine):
     """A second call on a busy session is refused with a clear error, not run on shared state."""
     cfg = _core.GenerationConfig()

@@ -1,13 +1,16 @@
-"""The ``medusa-rt`` command line: pull, export, generate, info, train-heads, fit-tree, eval-heads."""
+"""The ``medusa-rt`` command line: pull, export, generate, chat, info, train-heads, fit-tree, eval-heads."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 from .errors import InvalidArgumentError, MedusaError
+
+if TYPE_CHECKING:
+    from .engine import Engine, GenerationResult
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
@@ -54,10 +57,11 @@ def _cmd_export_heads(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
+def _decoding_engine(args: argparse.Namespace) -> "Engine":
+    """The engine of `generate` and `chat` (their shared options)."""
     from .engine import Engine
 
-    engine = Engine(
+    return Engine(
         args.model,
         dtype=args.dtype,
         kv_dtype=args.kv_dtype,
@@ -69,34 +73,103 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         prompt_lookup=args.prompt_lookup,
         progress=not args.quiet,
     )
-    chat = args.chat if args.chat is not None else engine.tokenizer.chat_template is not None
-    with engine.session() as session:
-        for piece in session.stream(
-            args.prompt, max_new_tokens=args.max_new_tokens, stop=args.stop or None, chat=chat,
-            medusa=False if args.no_medusa else None, acceptance=args.acceptance,
-            do_sample=args.temperature > 0 and args.acceptance == "greedy",
-            temperature=args.temperature if args.temperature > 0 else 1.0, top_k=args.top_k, top_p=args.top_p,
-            seed=args.seed,
-        ):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        result = session.last_result
-    assert result is not None
+
+
+def _decoding_options(args: argparse.Namespace) -> dict:
+    """Session.generate / stream keyword arguments of `generate` and `chat`."""
+    return dict(max_new_tokens=args.max_new_tokens, stop=args.stop or None, medusa=False if args.no_medusa else None,
+                acceptance=args.acceptance, do_sample=args.temperature > 0 and args.acceptance == "greedy",
+                temperature=args.temperature if args.temperature > 0 else 1.0, top_k=args.top_k, top_p=args.top_p,
+                seed=args.seed)
+
+
+def _stats_line(engine: "Engine", result: "GenerationResult") -> str:
     s = result.stats
     info = engine.info
     mode = (f"Medusa {info.medusa_heads} heads, tree {info.tree} ({info.tree_nodes} nodes), "
             f"{s.tokens_per_step:.2f} tokens/step" if s.medusa else "plain decoding")
     if info.prompt_lookup:
         mode += f"; prompt lookup: {s.lookup_tokens} tokens in {s.lookup_steps} steps"
+    cached = f" after {s.cached_prompt_tokens} cached," if s.cached_prompt_tokens else ""
+    return (f"[{s.new_tokens} tokens in {s.seconds:.2f} s: {s.tokens_per_second:.1f} tokens/s "
+            f"(decode {s.decode_tokens_per_second:.1f} tokens/s, prefill of "
+            f"{s.prompt_tokens - s.cached_prompt_tokens} tokens{cached} {s.prefill_seconds * 1000:.0f} ms); {mode}; "
+            f"finish: {result.finish_reason}; {info.dtype} weights, {info.isa}, {info.num_threads} threads]")
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    engine = _decoding_engine(args)
+    chat = args.chat if args.chat is not None else engine.tokenizer.chat_template is not None
+    with engine.session() as session:
+        for piece in session.stream(args.prompt, chat=chat, **_decoding_options(args)):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        result = session.last_result
+    assert result is not None
     sys.stdout.write("\n")
-    print(
-        f"[{s.new_tokens} tokens in {s.seconds:.2f} s: {s.tokens_per_second:.1f} tokens/s "
-        f"(decode {s.decode_tokens_per_second:.1f} tokens/s, prefill of {s.prompt_tokens} tokens "
-        f"{s.prefill_seconds * 1000:.0f} ms); {mode}; finish: {result.finish_reason}; "
-        f"{info.dtype} weights, {info.isa}, {info.num_threads} threads]",
-        file=sys.stderr,
-    )
+    print(_stats_line(engine, result), file=sys.stderr)
     return 0
+
+
+def _fit_conversation(engine: "Engine", messages: List[dict], room: int) -> List[dict]:
+    """The conversation's latest turns whose prompt leaves ``room`` tokens in the engine's cache
+    (a system message stays first); raises CapacityError when the last user turn alone does not."""
+    from .errors import CapacityError
+
+    system = messages[:1] if messages and messages[0].get("role") == "system" else []
+    turns = messages[len(system):]
+    limit = engine.info.max_seq_len - room
+    while len(engine.tokenizer.encode_chat(system + turns)) > limit:
+        if len(turns) <= 1:
+            raise CapacityError(f"the message needs more than the {limit} prompt tokens max_seq_len "
+                                f"{engine.info.max_seq_len} leaves beside --max-new-tokens {room}")
+        turns = turns[2:]  # the oldest user turn and its answer
+    return system + turns
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    """A conversation on stdin: each line is a user turn; the answer streams to stdout. The
+    session keeps the conversation's cache, so each turn prefills only itself."""
+    engine = _decoding_engine(args)
+    if engine.tokenizer.chat_template is None:
+        raise InvalidArgumentError(f"the model at {engine.model_dir} has no chat template")
+    options = _decoding_options(args)
+    interactive = sys.stdin.isatty()
+    base = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(base)
+    if interactive:
+        print("[one message per line; /reset starts a new conversation, an empty line or Ctrl-D ends]",
+              file=sys.stderr)
+    with engine.session() as session:
+        while True:
+            if interactive:
+                sys.stderr.write("> ")
+                sys.stderr.flush()
+            line = sys.stdin.readline()
+            if not line or (interactive and not line.strip()):
+                return 0
+            text = line.rstrip("\n")
+            if text.strip() == "/reset":
+                messages = list(base)
+                continue
+            if not text.strip():
+                continue
+            try:
+                messages = _fit_conversation(engine, messages + [{"role": "user", "content": text}],
+                                             args.max_new_tokens)
+            except MedusaError as exc:
+                print(f"medusa-rt: {type(exc).__name__}: {exc}", file=sys.stderr)
+                continue
+            for piece in session.stream(messages, **options):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            result = session.last_result
+            assert result is not None
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            messages.append({"role": "assistant", "content": result.text})
+            if not args.quiet:
+                print(_stats_line(engine, result), file=sys.stderr)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -294,36 +367,45 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
         sp.add_argument("--max-seq-len", type=int, default=0)
 
+    def decoding_args(sp: argparse.ArgumentParser) -> None:
+        engine_args(sp)
+        sp.add_argument("--max-new-tokens", "-n", type=int, default=128)
+        sp.add_argument("--threads", type=int, default=0)
+        sp.add_argument("--kv-dtype", default="fp32", choices=["fp32", "bf16"],
+                        help="KV cache precision (bf16: half the cache memory, CPU only)")
+        sp.add_argument("--matmul-inputs", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="fp32: exact; bf16: round the matrix products' inputs to bf16 and use AVX512-BF16 (bf16 "
+                             "weights; about 2x prefill, faster decoding; outputs change slightly); auto: bf16 where "
+                             "the CPU has it")
+        sp.add_argument("--stop", action="append", help="stop string (repeatable)")
+        sp.add_argument("--medusa-heads", help="Medusa heads file to use instead of the model's own")
+        sp.add_argument("--tree", help="Medusa tree: a built-in name or a JSON list of paths")
+        sp.add_argument("--no-medusa", action="store_true", help="plain decoding even when the model has heads")
+        sp.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
+                        help="also verify up to N tokens looked up in the context (0: off; default: the "
+                             "device's, 4 on the CPU)")
+        sp.add_argument("--acceptance", default="greedy", choices=["greedy", "typical"])
+        sp.add_argument("--temperature", type=float, default=0.0,
+                        help="sample at this temperature (0: greedy); with --acceptance typical, the "
+                             "temperature of its probabilities (default 1)")
+        sp.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0: all)")
+        sp.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens reaching P")
+        sp.add_argument("--seed", type=int, default=-1, help="seed of the draws (-1: random)")
+
     sp = sub.add_parser("generate", help="generate text (streams it, then prints tokens/s)")
     sp.add_argument("prompt")
-    engine_args(sp)
-    sp.add_argument("--max-new-tokens", "-n", type=int, default=128)
-    sp.add_argument("--threads", type=int, default=0)
-    sp.add_argument("--kv-dtype", default="fp32", choices=["fp32", "bf16"],
-                    help="KV cache precision (bf16: half the cache memory, CPU only)")
-    sp.add_argument("--matmul-inputs", default="auto", choices=["auto", "fp32", "bf16"],
-                    help="fp32: exact; bf16: round the matrix products' inputs to bf16 and use AVX512-BF16 (bf16 "
-                         "weights; about 2x prefill, faster decoding; outputs change slightly); auto: bf16 where "
-                         "the CPU has it")
-    sp.add_argument("--stop", action="append", help="stop string (repeatable)")
-    sp.add_argument("--medusa-heads", help="Medusa heads file to use instead of the model's own")
-    sp.add_argument("--tree", help="Medusa tree: a built-in name or a JSON list of paths")
-    sp.add_argument("--no-medusa", action="store_true", help="plain decoding even when the model has heads")
-    sp.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
-                    help="also verify up to N tokens looked up in the context (0: off; default: the "
-                         "device's, 4 on the CPU)")
-    sp.add_argument("--acceptance", default="greedy", choices=["greedy", "typical"])
-    sp.add_argument("--temperature", type=float, default=0.0,
-                    help="sample at this temperature (0: greedy); with --acceptance typical, the "
-                         "temperature of its probabilities (default 1)")
-    sp.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0: all)")
-    sp.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens reaching P")
-    sp.add_argument("--seed", type=int, default=-1, help="seed of the draws (-1: random)")
+    decoding_args(sp)
     chat = sp.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=None,
                       help="apply the chat template (default when the model has one)")
     chat.add_argument("--raw", dest="chat", action="store_false", help="use the prompt as plain text")
     sp.set_defaults(fn=_cmd_generate)
+
+    sp = sub.add_parser("chat", help="a conversation: one user message per line of stdin, answers streamed "
+                                     "(each turn prefills only itself)")
+    decoding_args(sp)
+    sp.add_argument("--system", help="system message opening the conversation")
+    sp.set_defaults(fn=_cmd_chat)
 
     sp = sub.add_parser("info", help="load a model and print the engine's facts as JSON")
     engine_args(sp)
