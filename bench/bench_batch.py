@@ -52,7 +52,9 @@ def main() -> int:
                 engine.generate_batch(batch[:1], max_new_tokens=4, ignore_eos=True, medusa=medusa)  # warm-up
                 log(f"medusa={medusa} batch {b} ...")
                 t = time.perf_counter()
-                res = engine.generate_batch(batch, max_new_tokens=args.new_tokens, ignore_eos=True, medusa=medusa)
+                # Every request prefills its whole prompt (the warm-up left the first one cached).
+                res = engine.generate_batch(batch, max_new_tokens=args.new_tokens, ignore_eos=True, medusa=medusa,
+                                            reuse_context=False)
                 wall = time.perf_counter() - t
                 total = sum(r.stats.new_tokens for r in res)
                 rows.append({

@@ -29,12 +29,18 @@ def test_bench_suite_runs_on_a_tiny_model(tmp_path):
     assert r["prefill"]["fp32"]["tokens_per_second"] > 0
     bi = r["bf16_inputs"]  # measured where the CPU has AVX512-BF16, else skipped with the reason
     assert "AVX512-BF16" in bi["skipped"] if "skipped" in bi else bi["prefill_speedup"] > 0 and bi["batch_speedup"] > 0
+    pc = r["prompt_cache"]  # a chat's later turns: their start comes from the cache, the answers are the same
+    n = len(pc["turns"]) + 1
+    assert n >= 2 and pc["identical_outputs"] == f"{n}/{n}"
+    assert all(0 < t["cached_prompt_tokens"] < t["prompt_tokens"] for t in pc["turns"])
+    assert r["ratios"]["prompt_cache_ttft_speedup"] == pc["ttft_speedup"] > 0
     assert r["peers"] == {"hf_transformers_fp32": {"skipped": "--no-hf"}, "llama_cpp": {"skipped": "--no-llama-cpp"}}
     assert r["ratios"]["decode_fp32_fraction_of_bandwidth_bound"] == d["fraction_of_bound"]
     out = io.StringIO()
     print_table(r, file=out)
     assert "decode" in out.getvalue() and "peer llama_cpp: --no-llama-cpp" in out.getvalue()
     assert f"{r['machine']['isa']} kernels" in out.getvalue() and "bf16 inputs (AVX512-BF16)" in out.getvalue()
+    assert f"prompt cache (bf16, a {n}-turn chat" in out.getvalue()
 
 
 def test_bench_verify_interleaves_rounds_after_a_context(tmp_path):

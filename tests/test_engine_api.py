@@ -65,9 +65,10 @@ def test_generate_is_deterministic_and_fresh(engine):
         assert b.stats.cached_prompt_tokens == len(PROMPT) - 1  # the last prompt token always runs
         c = s.generate(PROMPT, max_new_tokens=15, ignore_eos=True, reuse_context=False)
         assert c.stats.cached_prompt_tokens == 0
-        s.reset()
+        s.reset()  # an empty context, but the cache still holds the entries
+        assert s.context_length == 0
         d = s.generate(PROMPT, max_new_tokens=15, ignore_eos=True)
-        assert d.stats.cached_prompt_tokens == 0
+        assert d.stats.cached_prompt_tokens == len(PROMPT) - 1
     assert a.tokens == b.tokens == c.tokens == d.tokens
 
 
@@ -91,6 +92,33 @@ def test_session_context_carries_to_the_next_request(engine):
         assert s.context_length == 3
         s.forward(PROMPT[3:])
         assert s.generate(PROMPT + [4], max_new_tokens=4, ignore_eos=True).stats.cached_prompt_tokens == len(PROMPT)
+
+
+def test_slots_keep_their_cache_for_the_next_session_and_batch(model_dir):
+    """A slot's cache outlives its session: a one-off request (or a session given its first
+    prompt) takes the free slot sharing the longest start with its prompt; batch requests too, so
+    a shared prefix is prefilled once per slot. Always the tokens of a fresh prefill."""
+    engine = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=128, max_batch_size=3)
+    with engine.session() as s:
+        r1 = s.generate(PROMPT, max_new_tokens=10, ignore_eos=True)
+        assert s.context_length == len(PROMPT) + 9
+    turn2 = PROMPT + r1.tokens + [11, 12]
+    with engine.session() as s:  # no prompt given: the slot let go longest ago (not the one above)
+        assert s.context_length == 0
+        assert s.generate(turn2, max_new_tokens=4, ignore_eos=True).stats.cached_prompt_tokens == 0
+    want = engine.generate(turn2, max_new_tokens=10, ignore_eos=True, reuse_context=False)
+    r2 = engine.generate(turn2, max_new_tokens=10, ignore_eos=True)
+    assert r2.stats.cached_prompt_tokens == len(turn2) - 1 and r2.tokens == want.tokens
+    with engine.session(prompt=turn2 + [13]) as s:
+        assert s.context_length == 0
+        assert s.generate(turn2 + [13], max_new_tokens=3, ignore_eos=True).stats.cached_prompt_tokens == len(turn2)
+    prefix = [7, 3, 9, 200, 150, 33, 2, 90, 91, 92]
+    prompts = [prefix + [i, i + 1] for i in range(20, 29)]
+    fresh = engine.generate_batch(prompts, max_new_tokens=6, ignore_eos=True, reuse_context=False)
+    got = engine.generate_batch(prompts, max_new_tokens=6, ignore_eos=True)
+    assert [r.tokens for r in got] == [r.tokens for r in fresh]
+    assert all(r.stats.cached_prompt_tokens == 0 for r in fresh)
+    assert all(r.stats.cached_prompt_tokens >= len(prefix) for r in got)  # the slots hold the prefix now
 
 
 def test_chat_messages_and_multi_turn(engine):

@@ -209,6 +209,13 @@ def test_session_reuses_its_context_losslessly(own_dir, setup):
         fresh.reset()
         np.testing.assert_array_equal(s.forward(q[:3], all_logits=True),
                                       fresh.forward(ctx + q[:3], all_logits=True)[-3:])
+    # What writes a slot's cache outside a sequence (timing hooks) drops the slot's cached tokens.
+    one = medusa_rt.Engine(own_dir, dtype="fp32", max_seq_len=256, medusa_max_batch=16)
+    want = one.generate(p, max_new_tokens=20, ignore_eos=True)
+    assert one.generate(p, max_new_tokens=20, ignore_eos=True).stats.cached_prompt_tokens == len(p) - 1
+    medusa_rt._core._testing.time_tree_step(one._engine, 4, 1, 0)
+    again = one.generate(p, max_new_tokens=20, ignore_eos=True)
+    assert again.stats.cached_prompt_tokens == 0 and again.tokens == want.tokens
 
 
 @pytest.mark.parametrize("layout", ["safetensors", "pt", "full", "version2"])

@@ -65,6 +65,21 @@ const char* dtype_option_name(DType d) { return d == DType::kF32 ? "fp32" : d ==
 
 std::string mib(size_t b) { return std::to_string((b + (1 << 20) - 1) >> 20) + " MiB"; }
 
+// Length of the longest common start of a and b.
+size_t common_prefix(const std::vector<int32_t>& a, const std::vector<int32_t>& b) {
+  const size_t n = std::min(a.size(), b.size());
+  size_t i = 0;
+  while (i < n && a[i] == b[i]) ++i;
+  return i;
+}
+
+// How many of the prompt's first tokens s's cache holds already (s.history): reused unless the
+// request says otherwise. The last prompt token always runs: its logits give the first new token.
+int cached_prompt(const SequenceState& s, const std::vector<int32_t>& prompt, bool reuse) {
+  if (!reuse || prompt.empty()) return 0;
+  return static_cast<int>(std::min(common_prefix(s.history, prompt), prompt.size() - 1));
+}
+
 }  // namespace
 
 struct Engine::Impl {
@@ -79,6 +94,13 @@ struct Engine::Impl {
   std::mutex slot_mu;
   std::condition_variable slot_cv;
   std::vector<bool> slot_used;
+  // What each free slot's cache holds: the tokens of the valid entries its last sequence left
+  // (SequenceState::history), handed to the next sequence that takes the slot, whose first
+  // request then prefills only what follows the start it shares with them. Anything else that
+  // writes a slot's cache clears them.
+  std::vector<std::vector<int32_t>> slot_tokens;
+  std::vector<uint64_t> slot_released;  // when each slot was let go (a counter): the oldest is taken first
+  uint64_t releases = 0;
   int medusa_max_batch = 0;
   int prompt_lookup = 0;  // EngineOptions::prompt_lookup
 
@@ -92,17 +114,30 @@ struct Engine::Impl {
   int generating = 0;  // sessions inside generate()
   bool stepping = false;
 
-  // A free slot, waiting up to wait_seconds for one; -1 if none.
-  int acquire_slot(double wait_seconds = 0) {
+  // A free slot for s, waiting up to wait_seconds for one; -1 if none. The one whose cached
+  // tokens share the longest start with `prompt` (the request s will make first, if known), else
+  // the one let go longest ago; its cached tokens become s's (s's context stays empty).
+  int acquire_slot(SequenceState& s, double wait_seconds = 0, const std::vector<int32_t>* prompt = nullptr) {
     std::unique_lock<std::mutex> lock(slot_mu);
     auto take = [&]() -> int {
+      int best = -1;
+      size_t best_len = 0;
       for (size_t i = 0; i < slot_used.size(); ++i) {
-        if (!slot_used[i]) {
-          slot_used[i] = true;
-          return static_cast<int>(i);
+        if (slot_used[i]) continue;
+        const size_t len = prompt ? common_prefix(slot_tokens[i], *prompt) : 0;
+        if (best < 0 || len > best_len || (len == best_len && slot_released[i] < slot_released[best])) {
+          best = static_cast<int>(i);
+          best_len = len;
         }
       }
-      return -1;
+      if (best >= 0) {
+        slot_used[best] = true;
+        s.slot = best;
+        s.length = 0;
+        s.history.swap(slot_tokens[best]);
+        slot_tokens[best].clear();
+      }
+      return best;
     };
     int slot = take();
     if (slot < 0 && wait_seconds > 0) {
@@ -112,11 +147,17 @@ struct Engine::Impl {
     }
     return slot;
   }
-  void release_slot(int slot) {
+  // Lets s's slot go, keeping what its cache holds for the next sequence (nothing if `keep` is
+  // false: after a failure).
+  void release_slot(SequenceState& s, bool keep = true) {
     {
       std::lock_guard<std::mutex> lock(slot_mu);
-      slot_used[slot] = false;
+      slot_used[s.slot] = false;
+      slot_released[s.slot] = ++releases;
+      slot_tokens[s.slot].clear();
+      if (keep) slot_tokens[s.slot].swap(s.history);
     }
+    s.slot = -1;
     slot_cv.notify_one();
   }
 
@@ -475,6 +516,8 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
     e.medusa_max_batch = auto_tree && !trees_lose ? std::max(1, measured) : measured;
   }
   e.slot_used.assign(lim.slots, false);
+  e.slot_tokens.assign(lim.slots, {});
+  e.slot_released.assign(lim.slots, 0);
 
   ModelInfo& info = e.info;
   info.architecture = c.architecture;
@@ -701,17 +744,15 @@ struct Session::State {
     return lock;
   }
   ~State() {
-    if (engine && seq.slot >= 0) engine->release_slot(seq.slot);
+    if (engine && seq.slot >= 0) engine->release_slot(seq);
   }
 };
 
-Session Engine::session(double wait_seconds) {
+Session Engine::session(double wait_seconds, const std::vector<int32_t>& prompt) {
   if (!(wait_seconds >= 0)) throw InvalidArgumentError("wait_seconds must be >= 0");
-  const int slot = impl_->acquire_slot(wait_seconds);
-  if (slot >= 0) {
-    auto st = std::make_unique<Session::State>();
+  auto st = std::make_unique<Session::State>();
+  if (impl_->acquire_slot(st->seq, wait_seconds, prompt.empty() ? nullptr : &prompt) >= 0) {
     st->engine = impl_.get();
-    st->seq.slot = slot;
     return Session(std::move(st));
   }
   throw CapacityError("all " + std::to_string(impl_->slot_used.size()) +
@@ -789,13 +830,7 @@ GenerationResult Session::generate(const std::vector<int32_t>& prompt, const Gen
   Engine::Impl& e = *state_->engine;
   validate_request(e, prompt, config);
   SequenceState& s = state_->seq;
-  // The start of the prompt the cache holds already; the last prompt token always runs (its
-  // logits give the first new token).
-  int cached = 0;
-  if (config.reuse_context) {
-    const int n = std::min({s.length, static_cast<int>(s.history.size()), static_cast<int>(prompt.size()) - 1});
-    while (cached < n && s.history[cached] == prompt[cached]) ++cached;
-  }
+  const int cached = cached_prompt(s, prompt, config.reuse_context);
   struct Active {  // this session counts as generating while it steps (the leader waits for it)
     Engine::Impl& e;
     explicit Active(Engine::Impl& impl) : e(impl) {
@@ -819,7 +854,8 @@ GenerationResult Session::generate(const std::vector<int32_t>& prompt, const Gen
       }
     }
   } catch (...) {
-    s.length = 0;  // a context not known to be whole: the next request starts afresh
+    s.length = 0;  // a cache not known to be whole: the next request starts afresh
+    s.history.clear();
     throw;
   }
   return g.finish();
@@ -847,23 +883,24 @@ std::vector<GenerationResult> Engine::generate_batch(const std::vector<std::vect
   size_t next = 0;
   auto release = [&](size_t i) {
     results[i] = gens[i]->finish();
-    e.release_slot(seqs[i]->slot);
-    seqs[i]->slot = -1;
+    e.release_slot(*seqs[i]);
   };
   try {
     while (next < n || !active.empty()) {
       // Admit waiting requests into free slots (continuous admission between steps).
       while (next < n) {
-        const int slot = e.acquire_slot();
-        if (slot < 0) break;
+        auto seq = std::make_unique<SequenceState>();
+        if (e.acquire_slot(*seq, 0, &prompts[next]) < 0) break;
         const size_t i = next++;
-        seqs[i] = std::make_unique<SequenceState>();
-        seqs[i]->slot = slot;
+        seqs[i] = std::move(seq);
         if (on_tokens) callbacks[i] = [&on_tokens, i](const std::vector<int32_t>& t) { return on_tokens(i, t); };
         gens[i] = std::make_unique<Generation>(e, *seqs[i], config, &callbacks[i], i);
-        gens[i]->start(prompts[i]);
-        if (gens[i]->done()) release(i);
-        else active.push_back(i);
+        active.push_back(i);  // from here a failure releases its slot
+        gens[i]->start(prompts[i], cached_prompt(*seqs[i], prompts[i], config.reuse_context));
+        if (gens[i]->done()) {
+          active.pop_back();
+          release(i);
+        }
       }
       if (active.empty()) {
         if (next < n) {
@@ -884,7 +921,7 @@ std::vector<GenerationResult> Engine::generate_batch(const std::vector<std::vect
       active.swap(still);
     }
   } catch (...) {
-    for (size_t i : active) e.release_slot(seqs[i]->slot);
+    for (size_t i : active) e.release_slot(*seqs[i], false);
     throw;
   }
   return results;
@@ -937,9 +974,11 @@ std::vector<double> time_tree_step(Engine& engine, int nodes, int reps, int cont
                                std::to_string(e.model->limits().max_seq) + ")");
   }
   std::lock_guard<std::mutex> lock(e.forward_mu);
+  std::lock_guard<std::mutex> slots(e.slot_mu);  // no slot is taken meanwhile
   for (bool used : e.slot_used) {
     if (used) throw InvalidArgumentError("time_tree_step needs an idle engine (it writes slot 0's cache)");
   }
+  e.slot_tokens[0].clear();
   const TreeSpec t = tree.truncated(nodes);
   return {e.decoder->time_forward(1, t, nodes, reps, context),
           nodes > 1 ? e.decoder->time_heads(1, reps, &t) : 0.0};

@@ -260,6 +260,15 @@ void Decoder::append(SequenceState& s, const int32_t* tokens, int n, bool with_h
   if (lookup_tokens_ > 0 && s.lookup.capacity() < size_t(lookup_tokens_)) s.lookup.reserve(lookup_tokens_);
   s.history.resize(start);
   s.history.insert(s.history.end(), tokens, tokens + n);
+  // A forward that fails part way leaves the cache valid up to `start` only.
+  struct TrimOnThrow {
+    SequenceState& s;
+    int start;
+    bool armed = true;
+    ~TrimOnThrow() {
+      if (armed) s.history.resize(std::min(s.history.size(), size_t(start)));
+    }
+  } trim{s, start};
   for (int off = 0; off < n; off += chunk) {
     const int c = std::min(chunk, n - off);
     rows_.clear();
@@ -308,6 +317,7 @@ void Decoder::append(SequenceState& s, const int32_t* tokens, int n, bool with_h
     }
     if (last) {
       s.length = start + n;
+      trim.armed = false;
       s.device_synced = false;
       if (s.options.sample) {
         s.root = draw(s, nl - 1, s.length);

@@ -16,8 +16,8 @@ void register_engine(py::module_& m) {
            py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("info", &Engine::info, py::return_value_policy::reference_internal)
       // The session keeps its engine alive.
-      .def("session", &Engine::session, py::arg("wait_seconds") = 0.0, py::keep_alive<0, 1>(),
-           py::call_guard<py::gil_scoped_release>())
+      .def("session", &Engine::session, py::arg("wait_seconds") = 0.0, py::arg("prompt") = std::vector<int32_t>{},
+           py::keep_alive<0, 1>(), py::call_guard<py::gil_scoped_release>())
       .def(
           "generate_batch",
           [](Engine& e, const std::vector<std::vector<int32_t>>& prompts, const GenerationConfig& config,

@@ -183,11 +183,11 @@ struct GenerationConfig {
   /// Use the engine's prompt lookup (EngineOptions::prompt_lookup) for this request (unless
   /// medusa is false).
   bool prompt_lookup = true;
-  /// Session::generate: keep the longest start of the prompt that the session's context already
-  /// holds (the previous request's prompt and answer, or what forward() appended) and prefill
-  /// only the rest; a multi-turn chat then prefills just the new turn. The cached entries are
-  /// bit for bit what a prefill of the same tokens writes, so the output is the same either
-  /// way. false: prefill the whole prompt from an empty context.
+  /// Keep the longest start of the prompt that the sequence slot's cache already holds (the
+  /// previous request's prompt and answer, or what forward() appended, in this session or the
+  /// last one that held the slot) and prefill only the rest; a multi-turn chat then prefills
+  /// just the new turn. The cached entries are bit for bit what a prefill of the same tokens
+  /// writes, so the output is the same either way. false: prefill the whole prompt.
   bool reuse_context = true;
 };
 
@@ -265,14 +265,20 @@ class Engine {
   /// Acquires a free sequence slot, waiting up to wait_seconds for one to come free. Throws
   /// CapacityError if none does (all max_batch_size slots are held). The slot is released when
   /// the Session is destroyed. The Engine must outlive its sessions.
-  Session session(double wait_seconds = 0);
+  /// A slot keeps its cache when let go: the session starts with an empty context, and its first
+  /// request reuses what the cache holds like any later one (GenerationConfig::reuse_context).
+  /// prompt (optional): the first request's prompt, so that the free slot whose cache shares the
+  /// longest start with it is taken (a conversation's next turn finds its previous turns there).
+  Session session(double wait_seconds = 0, const std::vector<int32_t>& prompt = {});
 
   /// Generates a continuation of every prompt, batched: the requests share decode steps (up to
   /// max_batch_size at once, in the slots no session holds), each with its own acceptance,
   /// stop handling and finish; waiting requests are prefilled and join between steps as slots
   /// free up. Results come in input order. on_tokens (if given) streams each request's tokens;
   /// returning false cancels that request only. Throws like Session::generate (naming the
-  /// request), or CapacityError when sessions hold every slot.
+  /// request), or CapacityError when sessions hold every slot. Each request takes the free slot
+  /// whose cache shares the longest start with its prompt and prefills only the rest
+  /// (config.reuse_context): a shared instruction or few-shot prefix is prefilled once per slot.
   std::vector<GenerationResult> generate_batch(const std::vector<std::vector<int32_t>>& prompts,
                                                const GenerationConfig& config,
                                                const BatchCallback& on_tokens = BatchCallback());
@@ -292,7 +298,7 @@ class Session {
   ~Session();
 
   /// Generates a continuation of prompt (token ids). The context becomes the prompt, prefilled
-  /// after the start it shares with the session's context (all of it without
+  /// after the start it shares with what the slot's cache holds (all of it without
   /// config.reuse_context). Afterwards it holds the prompt and the generated tokens but the last
   /// (which is not fed back until the next step; tokens past a stop may follow in it).
   /// With Medusa heads and config.medusa, each step verifies the engine's tree in one forward.

@@ -19,6 +19,8 @@ Sections (SmolLM2-135M by default, greedy, 128 new tokens):
 - bf16_inputs: bf16 weights with exact inputs against ``matmul_inputs="bf16"`` (the AVX512-BF16
   dot product), side by side in one process: plain decode tokens/s (interleaved per prompt),
   prefill tokens/s and a batch of 8 sequences' tokens/s (skipped where the CPU lacks it);
+- prompt_cache: a 5-turn chat sent whole every turn, bf16: time to the first token of turns 2-5
+  with the cached start reused (``reuse_context``) and with a full prefill, side by side per turn;
 - peers: HF transformers fp32 decode (needs torch + transformers), llama.cpp through
   ``llama-cpp-python`` when it is installed (else reported as skipped) on F32 and BF16 GGUFs of
   the same weights (written once into the cache), same prompt token ids, same thread count,
@@ -50,6 +52,8 @@ DECODE_PROMPTS = [
 TREE_SIZES = [1, 2, 4, 8, 16, 32, 64]
 VERIFY_CONTEXT = 256  # cached tokens before a timed verify step (a typical chat turn)
 SAMPLED = {"do_sample": True, "temperature": 0.7, "top_p": 0.9}  # the sampled Medusa runs' settings
+CHAT_TURNS = ["Explain how a CPU cache works.", "And what is a cache miss?", "How do programmers avoid them?",
+              "Give a short example in C.", "Summarise this conversation in two sentences."]
 
 
 def log(msg: str) -> None:
@@ -230,10 +234,42 @@ def bench_prefill(model: str, dtype: str, tokens: int = 512) -> Dict:
     best = 1e30
     with engine.session() as s:
         for _ in range(2):
-            r = s.generate(ids, max_new_tokens=1, medusa=False)
+            r = s.generate(ids, max_new_tokens=1, medusa=False, reuse_context=False)  # all of it, each time
             best = min(best, r.stats.prefill_seconds)
     log(f"prefill {dtype}: {len(ids) / best:.0f} tok/s")
     return {"prompt_tokens": len(ids), "tokens_per_second": len(ids) / best}
+
+
+def bench_prompt_cache(model: str, dtype: str, new_tokens: int, seq: int) -> Dict:
+    """Time to the first token of each turn of a conversation sent whole every turn (as chat
+    clients do), with the cached start reused and with a full prefill, side by side per turn
+    (two sessions of one engine, the same answers)."""
+    engine = Engine(model, dtype=dtype, max_seq_len=seq, max_batch_size=2, progress=False)
+    msgs: List[Dict[str, str]] = []
+    turns = []
+    same = done = 0
+    with engine.session() as cached, engine.session() as full:
+        for i, text in enumerate(CHAT_TURNS):
+            msgs.append({"role": "user", "content": text})
+            if len(engine.tokenizer.encode_chat(msgs)) + new_tokens > seq:
+                break  # the conversation no longer fits the engine's max_seq_len
+            done += 1
+            order = [(cached, True), (full, False)] if i % 2 == 0 else [(full, False), (cached, True)]
+            res = {reuse: s.generate(msgs, max_new_tokens=new_tokens, reuse_context=reuse) for s, reuse in order}
+            same += int(res[True].tokens == res[False].tokens)
+            msgs.append({"role": "assistant", "content": res[True].text})
+            if i:  # the first turn has nothing cached
+                turns.append({"prompt_tokens": res[True].stats.prompt_tokens,
+                              "cached_prompt_tokens": res[True].stats.cached_prompt_tokens,
+                              "ttft_seconds": res[True].stats.prefill_seconds,
+                              "full_prefill_ttft_seconds": res[False].stats.prefill_seconds})
+    if not turns:
+        return {"skipped": f"two turns of the chat do not fit in max_seq_len {seq}"}
+    speedup = sum(t["full_prefill_ttft_seconds"] for t in turns) / max(sum(t["ttft_seconds"] for t in turns), 1e-9)
+    log(f"prompt cache {dtype}: turns 2-{done} first token {speedup:.1f}x sooner "
+        f"(last turn {turns[-1]['prompt_tokens']} prompt tokens, {turns[-1]['cached_prompt_tokens']} cached)")
+    return {"dtype": dtype, "new_tokens": new_tokens, "turns": turns, "ttft_speedup": speedup,
+            "identical_outputs": f"{same}/{done}"}
 
 
 def bench_bf16_inputs(model: str, prompts: List[List[int]], new_tokens: int, seq: int) -> Dict:
@@ -259,10 +295,11 @@ def bench_bf16_inputs(model: str, prompts: List[List[int]], new_tokens: int, seq
     out: Dict[str, object] = {"prompt_tokens": len(ids), "batch": 8}
     for k, e in engines.items():
         with e.session() as s:
-            pre = min(s.generate(ids, max_new_tokens=1, medusa=False).stats.prefill_seconds for _ in range(2))
+            pre = min(s.generate(ids, max_new_tokens=1, medusa=False, reuse_context=False).stats.prefill_seconds
+                      for _ in range(2))
         t0 = time.perf_counter()
         rs = e.generate_batch([prompts[j % len(prompts)] for j in range(8)], max_new_tokens=new_tokens,
-                              ignore_eos=True, medusa=False)
+                              ignore_eos=True, medusa=False, reuse_context=False)
         batch = sum(len(r.tokens) for r in rs) / (time.perf_counter() - t0)
         out[k] = {"decode_tokens_per_second": statistics.median(decode[k]), "prefill_tokens_per_second": len(ids) / pre,
                   "batch_tokens_per_second": batch}
@@ -442,6 +479,7 @@ def run_suite(model: str = "smollm2-135m", *, new_tokens: int = 128, repeats: in
         else no_heads
     report["prefill"] = {d: bench_prefill(model, d, min(512, seq - 16)) for d in ("bf16", "fp32")}
     report["bf16_inputs"] = bench_bf16_inputs(model, decode_prompts, new_tokens, seq)
+    report["prompt_cache"] = bench_prompt_cache(model, "bf16", min(new_tokens, 96), seq)
     report["peers"] = {"hf_transformers_fp32": bench_hf(Path(model_dir), new_tokens, repeats) if hf
                        else {"skipped": "--no-hf"},
                        "llama_cpp": bench_llama_cpp(model, decode_prompts, new_tokens, repeats, threads, tree, seq=seq)
@@ -474,6 +512,8 @@ def run_suite(model: str = "smollm2-135m", *, new_tokens: int = 128, repeats: in
     if "decode_speedup" in bi:  # type: ignore[operator]
         for key in ("decode", "prefill", "batch"):
             ratios[f"bf16_inputs_vs_exact_{key}"] = bi[f"{key}_speedup"]  # type: ignore[index]
+    if "ttft_speedup" in report["prompt_cache"]:  # type: ignore[operator]
+        ratios["prompt_cache_ttft_speedup"] = report["prompt_cache"]["ttft_speedup"]  # type: ignore[index]
     report["ratios"] = ratios
     report["seconds"] = time.time() - t0
     return report
@@ -516,6 +556,15 @@ def print_table(r: Dict, file=sys.stderr) -> None:
         print(f"bf16 inputs (AVX512-BF16) vs exact, bf16 weights: decode {bi['decode_speedup']:.2f}x, "
               f"prefill {bi['prefill_speedup']:.2f}x ({bi['bf16_inputs']['prefill_tokens_per_second']:.0f} tok/s), "
               f"batch of {bi['batch']} {bi['batch_speedup']:.2f}x", file=file)
+    pc = r.get("prompt_cache", {"skipped": "not measured"})
+    if "skipped" in pc:
+        print(f"prompt cache: skipped ({pc['skipped']})", file=file)
+    else:
+        print(f"prompt cache ({pc['dtype']}, a {len(pc['turns']) + 1}-turn chat, {pc['new_tokens']} tokens per answer): "
+              "first token of turns 2+, reused vs full prefill: "
+              + ", ".join(f"{1e3 * t['ttft_seconds']:.0f} vs {1e3 * t['full_prefill_ttft_seconds']:.0f} ms "
+                          f"({t['prompt_tokens']} tokens)" for t in pc["turns"])
+              + f"; {pc['ttft_speedup']:.1f}x, identical outputs {pc['identical_outputs']}", file=file)
     for name, x in r["peers"].items():
         if "skipped" in x:
             text = x["skipped"]

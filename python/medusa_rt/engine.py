@@ -232,18 +232,27 @@ class Engine:
         """Model and engine facts: dimensions, max_seq_len, dtype, ISA, memory use."""
         return self._engine.info
 
-    def session(self, *, wait: float = 0.0) -> "Session":
+    def session(self, *, wait: float = 0.0, prompt: Optional[Prompt] = None, chat: bool = False) -> "Session":
         """Acquires a sequence slot, waiting up to ``wait`` seconds for one to come free.
         Raises CapacityError when none does (all ``max_batch_size`` slots are taken).
 
-        Close the session (or use it as a context manager) to free the slot.
+        Close the session (or use it as a context manager) to free the slot. A slot keeps its
+        cache when let go: the new session's context is empty, but its first request reuses
+        what the cache holds (``reuse_context``). ``prompt`` (with ``chat`` as in
+        :meth:`Session.generate`), the first request's prompt if known, picks the free slot
+        whose cache shares the longest start with it: a conversation's next turn finds its
+        earlier turns there.
         """
-        return Session(self, self._engine.session(_check_float("wait", wait)))
+        ids = [] if prompt is None else _encode_prompt(self, prompt, chat)
+        return Session(self, self._engine.session(_check_float("wait", wait), ids))
 
     def generate(self, prompt: Prompt, **kwargs) -> GenerationResult:
-        """Shorthand for a one-off generation on a fresh session (see :meth:`Session.generate`)."""
-        with self.session() as s:
-            return s.generate(prompt, **kwargs)
+        """A one-off generation on a session of its own (see :meth:`Session.generate`), in the
+        free slot whose cache shares the longest start with the prompt: stateless requests that
+        continue a conversation, or share an instruction prefix, prefill only what is new."""
+        ids = _encode_prompt(self, prompt, kwargs.pop("chat", False))
+        with self.session(prompt=ids) as s:
+            return s.generate(ids, **kwargs)
 
     def generate_batch(
         self,
@@ -258,7 +267,9 @@ class Engine:
 
         Keyword arguments are those of :meth:`Session.generate` and apply to every request.
         ``on_tokens(index, tokens)`` (called from the engine while it works) receives each
-        request's new tokens; returning False cancels that request only.
+        request's new tokens; returning False cancels that request only. Each request takes the
+        free slot whose cache shares the longest start with its prompt and prefills only the rest
+        (``reuse_context``): a shared instruction or few-shot prefix is prefilled once per slot.
         """
         # The options are shared: one config; only the prompts differ.
         chat = kwargs.pop("chat", False)
@@ -324,7 +335,7 @@ class Session:
 
         The session's context becomes the prompt, and afterwards holds the prompt and the answer
         (but its last token), so the next request can pick up from it: with ``reuse_context``
-        the start of the prompt that the context already holds is not prefilled again. In a
+        the start of the prompt that the slot's cache already holds is not prefilled again. In a
         multi-turn chat, pass the whole conversation each turn and only the new turn is
         prefilled. The output is the same either way (the cached entries are bit for bit those a
         prefill writes); ``stats.cached_prompt_tokens`` says how many prompt tokens were reused.
@@ -357,8 +368,9 @@ class Session:
                 temperature > 0.
             seed: seed of the draws (>= 0), or -1 for a random one per request;
                 :meth:`Engine.generate_batch` gives request i the seed ``seed + i``.
-            reuse_context: keep the start of the prompt that the session's context holds (see
-                above); False prefills the whole prompt. Batches always start afresh.
+            reuse_context: keep the start of the prompt that the slot's cache holds (see
+                above; also what an earlier session or batch request left in the slot); False
+                prefills the whole prompt.
 
         Raises:
             InvalidArgumentError: bad prompt or options (empty prompt, token id out of range,
