@@ -121,6 +121,41 @@ def test_slots_keep_their_cache_for_the_next_session_and_batch(model_dir):
     assert all(r.stats.cached_prompt_tokens >= len(prefix) for r in got)  # the slots hold the prefix now
 
 
+def test_asyncio_generation(model_dir):
+    """agenerate / astream run the engine in worker threads: the same tokens as generate,
+    concurrent calls batched (more than the slots wait for one), early exit and cancellation
+    free the slot, a slot that does not come free in time is a CapacityError."""
+    import asyncio
+
+    engine = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=128, max_batch_size=2)
+    prompts = [PROMPT, [9, 8, 7, 6], [100, 101, 102], [5, 5, 5, 5, 5]]
+    want = [engine.generate(p, max_new_tokens=24, ignore_eos=True).tokens for p in prompts]
+
+    async def main() -> None:
+        pieces: list = []
+        r = await engine.agenerate(PROMPT, max_new_tokens=24, ignore_eos=True, on_text=pieces.append)
+        assert r.tokens == want[0] and "".join(pieces) == r.text and r.stats.new_tokens == 24
+        assert "".join([p async for p in engine.astream(PROMPT, max_new_tokens=24, ignore_eos=True)]) == r.text
+        # Four requests on two slots: two wait, all finish with their own tokens.
+        rs = await asyncio.gather(*(engine.agenerate(p, max_new_tokens=24, ignore_eos=True) for p in prompts))
+        assert [x.tokens for x in rs] == want
+        # Leaving a stream early cancels its generation, and a cancelled task too: the slots come free.
+        async for _ in engine.astream(PROMPT, max_new_tokens=120, ignore_eos=True):
+            break
+        task = asyncio.create_task(engine.agenerate(PROMPT, max_new_tokens=120, ignore_eos=True))
+        await asyncio.sleep(0)  # the task starts its worker and waits for tokens
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        with engine.session(wait=10), engine.session(wait=10):
+            with pytest.raises(medusa_rt.errors.CapacityError):
+                await engine.agenerate(PROMPT, max_new_tokens=2, wait=0.1)
+        with pytest.raises(TypeError):
+            await engine.agenerate(PROMPT, max_new_tokenz=2)
+
+    asyncio.run(main())
+
+
 def test_chat_messages_and_multi_turn(engine):
     tok = engine.tokenizer
     turn1 = [{"role": "user", "content": "hi there"}]

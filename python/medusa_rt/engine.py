@@ -7,12 +7,13 @@ a text stream. The GIL is released while the engine computes.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, AsyncIterator, Callable, Iterator, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -253,6 +254,32 @@ class Engine:
         ids = _encode_prompt(self, prompt, kwargs.pop("chat", False))
         with self.session(prompt=ids) as s:
             return s.generate(ids, **kwargs)
+
+    async def agenerate(self, prompt: Prompt, *, wait: float = 60.0,
+                        on_text: Optional[Callable[[str], Any]] = None, **kwargs) -> GenerationResult:
+        """:meth:`generate` for asyncio code: the engine works in a thread of its own (it releases
+        the GIL), so the event loop stays free, and concurrent calls share decode steps like
+        sessions in threads (up to ``max_batch_size`` at once). Waits up to ``wait`` seconds for
+        a free slot (CapacityError after that). ``on_text(piece)``, if given, is called in the
+        event loop with the text as it is decoded. Cancelling the awaiting task cancels the
+        generation at its next token block. Keyword arguments are those of
+        :meth:`Session.generate`."""
+        result: Optional[GenerationResult] = None
+        async for kind, payload in _generate_in_thread(self, prompt, wait, kwargs):
+            if kind == "text" and on_text is not None:
+                on_text(payload)  # type: ignore[arg-type]
+            elif kind == "done":
+                result = payload  # type: ignore[assignment]
+        assert result is not None
+        return result
+
+    async def astream(self, prompt: Prompt, *, wait: float = 60.0, **kwargs) -> AsyncIterator[str]:
+        """Text pieces as they are decoded, for ``async for`` (see :meth:`agenerate`; use it with
+        ``on_text`` to get the statistics as well). Leaving the loop early (closing the
+        iterator) cancels the generation at its next token block."""
+        async for kind, payload in _generate_in_thread(self, prompt, wait, kwargs):
+            if kind == "text":
+                yield payload  # type: ignore[misc]
 
     def generate_batch(
         self,
@@ -506,6 +533,60 @@ class Session:
     def context_length(self) -> int:
         """Tokens currently in the session's context."""
         return self._core().context_length
+
+
+async def _generate_in_thread(engine: Engine, prompt: Prompt, wait: float,
+                              kwargs: dict) -> AsyncIterator["tuple[str, object]"]:
+    """One generation on a session of its own, run in a worker thread: yields ("text", piece) as
+    tokens are decoded, then ("done", GenerationResult); raises what the generation raised. On
+    leaving early the worker is told to stop at its next token block (and releases its slot)."""
+    ids, config = _prepare_request(engine, prompt, **kwargs)
+    wait = _check_float("wait", wait)
+    loop = asyncio.get_running_loop()
+    events: "asyncio.Queue[tuple[str, object]]" = asyncio.Queue()
+    cancel = threading.Event()
+
+    def post(item: "tuple[str, object]") -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            cancel.set()
+
+    def on_tokens(tokens: List[int]) -> bool:
+        if cancel.is_set():
+            return False
+        post(("tokens", list(tokens)))
+        return True
+
+    def work() -> None:
+        try:
+            with engine.session(wait=wait, prompt=ids) as s:
+                if cancel.is_set():  # given up while waiting for the slot
+                    return
+                item: "tuple[str, object]" = ("done", s._result(s._core().generate(ids, config, on_tokens)))
+        except BaseException as exc:  # re-raised in the event loop
+            item = ("error", exc)
+        post(item)
+
+    threading.Thread(target=work, name="medusa_rt-async", daemon=True).start()
+    decoder = engine.tokenizer.incremental_decoder()
+    try:
+        while True:
+            kind, payload = await events.get()
+            if kind == "tokens":
+                piece = decoder.feed(payload)  # type: ignore[arg-type]
+                if piece:
+                    yield "text", piece
+            elif kind == "done":
+                tail = decoder.flush()
+                if tail:
+                    yield "text", tail
+                yield "done", payload
+                return
+            else:
+                raise payload  # type: ignore[misc]
+    finally:
+        cancel.set()
 
 
 def _prepare_request(
