@@ -208,6 +208,39 @@ def test_stop_token_and_sequence(engine):
         assert streamed == list(res.tokens)  # the held-back part of the stop sequence never streamed
 
 
+def test_stop_strings_match_the_text(engine):
+    """A stop string stops generation where it appears in the text, whatever tokens carry it
+    (here it begins inside a token, so its own encoding never comes up): the text ends right
+    before it, the tokens before the token where it begins; streams never show any of it."""
+    tok = engine.tokenizer
+    full = engine.generate(PROMPT, max_new_tokens=40, ignore_eos=True, medusa=False)
+    pieces = [tok.decode(full.tokens[:k]) for k in range(len(full.tokens) + 1)]
+    # A 3-character stop string starting inside a token of at least 2 characters.
+    k = next(k for k in range(5, len(full.tokens)) if len(pieces[k + 1]) - len(pieces[k]) >= 2
+             and pieces[k + 1].startswith(pieces[k]) and len(full.text) >= len(pieces[k]) + 4)
+    stop = full.text[len(pieces[k]) + 1:len(pieces[k]) + 4]
+    cut = full.text.find(stop)
+    want_tokens = full.tokens[:max(j for j in range(len(pieces)) if len(pieces[j]) <= cut)]
+    for kw in ({}, {"medusa": False}):
+        r = engine.generate(PROMPT, max_new_tokens=40, ignore_eos=True, stop=[stop], **kw)
+        assert r.finish_reason == "stop" and r.text == full.text[:cut] and r.tokens == want_tokens
+        assert r.stats.new_tokens == len(r.tokens)
+        with engine.session() as s:
+            shown = list(s.stream(PROMPT, max_new_tokens=40, ignore_eos=True, stop=[stop], **kw))
+            assert "".join(shown) == r.text and s.last_result.text == r.text and s.last_result.tokens == r.tokens
+    batch = engine.generate_batch([PROMPT, PROMPT[:4]], max_new_tokens=40, ignore_eos=True, stop=[stop])
+    assert batch[0].text == r.text and batch[0].finish_reason == "stop"
+    assert batch[1].tokens == engine.generate(PROMPT[:4], max_new_tokens=40, ignore_eos=True, stop=[stop]).tokens
+
+    import asyncio
+
+    got = asyncio.run(engine.agenerate(PROMPT, max_new_tokens=40, ignore_eos=True, stop=[stop]))
+    assert got.text == r.text and got.tokens == r.tokens
+    # A stop string that never appears changes nothing.
+    same = engine.generate(PROMPT, max_new_tokens=40, ignore_eos=True, stop=["\u2603never"])
+    assert same.tokens == full.tokens and same.finish_reason == "length"
+
+
 def test_eos_stops(engine):
     with engine.session() as s:
         full = s.generate(PROMPT, max_new_tokens=30, ignore_eos=True).tokens

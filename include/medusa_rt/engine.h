@@ -153,7 +153,8 @@ struct GenerationConfig {
   /// The stop token itself is not part of the result.
   std::vector<int32_t> stop_token_ids;
   /// Token sequences that end generation when the generated tokens end with one of them.
-  /// The matched sequence is removed from the result.
+  /// The matched sequence is removed from the result. (Matched on tokens: the Python API also
+  /// matches stop strings on the decoded text, which the same text reaches as other tokens.)
   std::vector<std::vector<int32_t>> stop_sequences;
   /// Do not stop at the model's EOS tokens.
   bool ignore_eos = false;

@@ -8,6 +8,7 @@ a text stream. The GIL is released while the engine computes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import queue
 import threading
@@ -294,7 +295,9 @@ class Engine:
 
         Keyword arguments are those of :meth:`Session.generate` and apply to every request.
         ``on_tokens(index, tokens)`` (called from the engine while it works) receives each
-        request's new tokens; returning False cancels that request only. Each request takes the
+        request's new tokens (with stop strings: up to the token block in whose text a stop
+        string appears; the results are cut before it); returning False cancels that request
+        only. Each request takes the
         free slot whose cache shares the longest start with its prompt and prefills only the rest
         (``reuse_context``): a shared instruction or few-shot prefix is prefilled once per slot.
         """
@@ -302,8 +305,16 @@ class Engine:
         chat = kwargs.pop("chat", False)
         ids = [_encode_prompt(self, p, chat) for p in prompts]
         config = _make_config(self, **kwargs)
-        core = self._engine.generate_batch(ids, config, on_tokens)
-        return [_make_result(self, r) for r in core]
+        stops = _stop_strings(kwargs.get("stop"))
+        if not stops:
+            return [_make_result(self, r) for r in self._engine.generate_batch(ids, config, on_tokens)]
+        outs = [_Output(self, stops) for _ in ids]
+
+        def watch(i: int, tokens: List[int]) -> bool:
+            go_on = outs[i].feed(tokens)[1]
+            return (on_tokens is None or on_tokens(i, tokens) is not False) and go_on
+
+        return [out.result(r)[0] for out, r in zip(outs, self._engine.generate_batch(ids, config, watch))]
 
 
 class Session:
@@ -331,11 +342,11 @@ class Session:
         return self._session
 
     # -- generation ----------------------------------------------------------------------
-    def _prepare(self, *args) -> "tuple[List[int], _core.GenerationConfig]":
+    def _prepare(self, *args) -> "tuple[List[int], _core.GenerationConfig, List[str]]":
         return _prepare_request(self._engine, *args)
 
-    def _result(self, core_result: "_core.GenerationResult") -> GenerationResult:
-        self.last_result = _make_result(self._engine, core_result)
+    def _result(self, core_result: "_core.GenerationResult", out: Optional["_Output"] = None) -> GenerationResult:
+        self.last_result = out.result(core_result)[0] if out is not None else _make_result(self._engine, core_result)
         return self.last_result
 
     def generate(
@@ -373,7 +384,9 @@ class Session:
                 and its generation prompt).
             max_new_tokens: upper bound on new tokens (>= 0).
             stop: stop strings and/or token ids; the model's EOS tokens always stop unless
-                ``ignore_eos``. A stop string is matched as the token sequence it encodes to.
+                ``ignore_eos``. A stop string is matched on the decoded text, whatever tokens
+                carry it: the text ends right before it and ``tokens`` before the token where it
+                begins (finish reason "stop").
             chat: wrap a text prompt in the model's chat template (one user turn).
             ignore_eos: keep generating past EOS tokens.
             medusa: Medusa tree decoding: None = when the engine has heads, True = require
@@ -404,10 +417,13 @@ class Session:
                 negative max_new_tokens, negative or NaN temperature, ...).
             CapacityError: the prompt does not fit in max_seq_len.
         """
-        ids, config = self._prepare(prompt, max_new_tokens, stop, chat, ignore_eos, medusa, acceptance,
-                                    posterior_threshold, posterior_alpha, temperature, prompt_lookup, do_sample,
-                                    top_k, top_p, seed, reuse_context)
-        return self._result(self._core().generate(ids, config))
+        ids, config, stops = self._prepare(prompt, max_new_tokens, stop, chat, ignore_eos, medusa, acceptance,
+                                           posterior_threshold, posterior_alpha, temperature, prompt_lookup,
+                                           do_sample, top_k, top_p, seed, reuse_context)
+        if not stops:
+            return self._result(self._core().generate(ids, config))
+        out = _Output(self._engine, stops)
+        return self._result(self._core().generate(ids, config, lambda tokens: out.feed(tokens)[1]), out)
 
     def stream(
         self,
@@ -434,23 +450,25 @@ class Session:
         Pieces never split a UTF-8 character. Closing the iterator early cancels the
         generation. Afterwards :attr:`last_result` holds the full :class:`GenerationResult`.
         """
-        ids, config = self._prepare(prompt, max_new_tokens, stop, chat, ignore_eos, medusa, acceptance,
-                                    posterior_threshold, posterior_alpha, temperature, prompt_lookup, do_sample,
-                                    top_k, top_p, seed, reuse_context)
+        ids, config, stops = self._prepare(prompt, max_new_tokens, stop, chat, ignore_eos, medusa, acceptance,
+                                           posterior_threshold, posterior_alpha, temperature, prompt_lookup,
+                                           do_sample, top_k, top_p, seed, reuse_context)
         core = self._core()
+        out = _Output(self._engine, stops)  # fed by the worker; read here once it is done
         # A short queue: the engine runs at most a block or two ahead of the consumer, and a
         # consumer that stops (closes the iterator) cancels the generation at its next block.
         events: "queue.Queue[tuple[str, object]]" = queue.Queue(maxsize=2)
         cancel = threading.Event()
 
         def on_tokens(tokens: List[int]) -> bool:
-            while not cancel.is_set():
+            piece, go_on = out.feed(tokens)
+            while piece and not cancel.is_set():
                 try:
-                    events.put(("tokens", tokens), timeout=0.05)
-                    return True
+                    events.put(("text", piece), timeout=0.05)
+                    break
                 except queue.Full:
                     continue
-            return False
+            return go_on and not cancel.is_set()
 
         def run() -> None:
             try:
@@ -470,19 +488,15 @@ class Session:
 
         worker = threading.Thread(target=run, name="medusa_rt-stream", daemon=True)
         worker.start()
-        decoder = self._engine.tokenizer.incremental_decoder()
         finished = False
         try:
             while True:
                 kind, payload = events.get()
-                if kind == "tokens":
-                    piece = decoder.feed(payload)  # type: ignore[arg-type]
-                    if piece:
-                        yield piece
+                if kind == "text":
+                    yield payload  # type: ignore[misc]
                 elif kind == "done":
                     finished = True
-                    tail = decoder.flush()
-                    self._result(payload)  # type: ignore[arg-type]
+                    self.last_result, tail = out.result(payload)  # type: ignore[arg-type]
                     if tail:
                         yield tail
                     return
@@ -501,7 +515,7 @@ class Session:
                         break
                     continue
                 if kind == "done":
-                    self._result(payload)  # type: ignore[arg-type]
+                    self._result(payload, out)  # type: ignore[arg-type]
                     finished = True
                 elif kind == "error":
                     finished = True
@@ -540,8 +554,9 @@ async def _generate_in_thread(engine: Engine, prompt: Prompt, wait: float,
     """One generation on a session of its own, run in a worker thread: yields ("text", piece) as
     tokens are decoded, then ("done", GenerationResult); raises what the generation raised. On
     leaving early the worker is told to stop at its next token block (and releases its slot)."""
-    ids, config = _prepare_request(engine, prompt, **kwargs)
+    ids, config, stops = _prepare_request(engine, prompt, **kwargs)
     wait = _check_float("wait", wait)
+    out = _Output(engine, stops)  # fed by the worker; read here once it is done
     loop = asyncio.get_running_loop()
     events: "asyncio.Queue[tuple[str, object]]" = asyncio.Queue()
     cancel = threading.Event()
@@ -555,33 +570,32 @@ async def _generate_in_thread(engine: Engine, prompt: Prompt, wait: float,
     def on_tokens(tokens: List[int]) -> bool:
         if cancel.is_set():
             return False
-        post(("tokens", list(tokens)))
-        return True
+        piece, go_on = out.feed(tokens)
+        if piece:
+            post(("text", piece))
+        return go_on
 
     def work() -> None:
         try:
             with engine.session(wait=wait, prompt=ids) as s:
                 if cancel.is_set():  # given up while waiting for the slot
                     return
-                item: "tuple[str, object]" = ("done", s._result(s._core().generate(ids, config, on_tokens)))
+                item: "tuple[str, object]" = ("done", s._core().generate(ids, config, on_tokens))
         except BaseException as exc:  # re-raised in the event loop
             item = ("error", exc)
         post(item)
 
     threading.Thread(target=work, name="medusa_rt-async", daemon=True).start()
-    decoder = engine.tokenizer.incremental_decoder()
     try:
         while True:
             kind, payload = await events.get()
-            if kind == "tokens":
-                piece = decoder.feed(payload)  # type: ignore[arg-type]
-                if piece:
-                    yield "text", piece
+            if kind == "text":
+                yield "text", payload
             elif kind == "done":
-                tail = decoder.flush()
+                result, tail = out.result(payload)  # type: ignore[arg-type]
                 if tail:
                     yield "text", tail
-                yield "done", payload
+                yield "done", result
                 return
             else:
                 raise payload  # type: ignore[misc]
@@ -607,12 +621,77 @@ def _prepare_request(
     top_p: float = 1.0,
     seed: int = -1,
     reuse_context: bool = True,
-) -> "tuple[List[int], _core.GenerationConfig]":
-    """Token ids and the engine's GenerationConfig for one request (see Session.generate)."""
+) -> "tuple[List[int], _core.GenerationConfig, List[str]]":
+    """Token ids, the engine's GenerationConfig and the stop strings (matched on the text by
+    :class:`_Output`) of one request (see Session.generate)."""
     ids = _encode_prompt(engine, prompt, chat)
     config = _make_config(engine, max_new_tokens, stop, ignore_eos, medusa, acceptance, posterior_threshold,
                           posterior_alpha, temperature, prompt_lookup, do_sample, top_k, top_p, seed, reuse_context)
-    return ids, config
+    return ids, config, _stop_strings(stop)
+
+
+def _stop_strings(stop: Stop) -> List[str]:
+    """The stop strings among a request's stops (its token ids are the engine's alone)."""
+    items = [] if stop is None else [stop] if isinstance(stop, (str, int)) else list(stop)
+    return [x for x in items if isinstance(x, str)]
+
+
+class _Output:
+    """One generation's text as the engine commits its tokens, with the request's stop strings
+    matched on that text. The engine matches each stop string as the token sequence it encodes
+    to, but the same text can come as other tokens ("fruit" inside " fruits"); this catches
+    those. :meth:`feed` returns the text that can be shown so far (a tail that could begin a stop
+    string is held back) and whether to go on; :meth:`result` cuts the result at the first stop
+    string. Not thread-safe: one thread feeds it, and reads the result once generation ended."""
+
+    def __init__(self, engine: Engine, stops: Sequence[str]) -> None:
+        self._engine = engine
+        self._stops = list(stops)
+        self._longest = max((len(x) for x in self._stops), default=0)
+        self._decoder = engine.tokenizer.incremental_decoder()
+        self._text = ""  # decoded so far
+        self._shown = 0  # characters of it handed out
+        self._cut: Optional[int] = None  # where the first stop string starts
+
+    def feed(self, tokens: Sequence[int]) -> "tuple[str, bool]":
+        if self._cut is None:
+            self._scan(self._decoder.feed(tokens))
+        return self._take(final=False), self._cut is None
+
+    def _scan(self, piece: str) -> None:
+        if not piece:
+            return
+        start = max(0, len(self._text) - self._longest + 1)  # where a new occurrence can begin
+        self._text += piece
+        hits = [i for i in (self._text.find(x, start) for x in self._stops) if i >= 0]
+        if hits:
+            self._cut = min(hits)
+
+    def _take(self, final: bool) -> str:
+        end = len(self._text) if self._cut is None else self._cut
+        if not final and self._cut is None:  # hold back a tail that may begin a stop string
+            end -= next((k for k in range(min(self._longest - 1, end), 0, -1)
+                         if any(x.startswith(self._text[-k:]) for x in self._stops)), 0)
+        piece = self._text[self._shown:end]
+        self._shown = max(self._shown, end)
+        return piece
+
+    def result(self, core_result: "_core.GenerationResult") -> "tuple[GenerationResult, str]":
+        """The engine's result, cut before the first stop string in its text (finish reason
+        "stop"; ``tokens`` then end before the token where the stop string begins), and the text
+        not handed out yet."""
+        if self._cut is None:
+            self._scan(self._decoder.flush())
+        result = _make_result(self._engine, core_result)
+        if self._cut is not None:
+            decode = self._engine.tokenizer.decode
+            k = len(result.tokens)
+            while k > 0 and len(decode(result.tokens[:k])) > self._cut:
+                k -= 1
+            result = dataclasses.replace(result, tokens=result.tokens[:k], text=self._text[:self._cut],
+                                         finish_reason="stop",
+                                         stats=dataclasses.replace(result.stats, new_tokens=k))
+        return result, self._take(final=True)
 
 
 def _encode_prompt(engine: Engine, prompt: Prompt, chat: bool) -> List[int]:
