@@ -1,4 +1,4 @@
-"""The ``medusa-rt`` command line: pull, export, generate, chat, info, train-heads, fit-tree, eval-heads."""
+"""The ``medusa-rt`` command line: pull, export, generate, chat, serve, info, train-heads, fit-tree, eval-heads."""
 
 from __future__ import annotations
 
@@ -57,8 +57,8 @@ def _cmd_export_heads(args: argparse.Namespace) -> int:
     return 0
 
 
-def _decoding_engine(args: argparse.Namespace) -> "Engine":
-    """The engine of `generate` and `chat` (their shared options)."""
+def _decoding_engine(args: argparse.Namespace, **extra: object) -> "Engine":
+    """The engine of `generate`, `chat` and `serve` (their shared options)."""
     from .engine import Engine
 
     return Engine(
@@ -72,6 +72,7 @@ def _decoding_engine(args: argparse.Namespace) -> "Engine":
         tree=_tree_arg(args.tree),
         prompt_lookup=args.prompt_lookup,
         progress=not args.quiet,
+        **extra,  # type: ignore[arg-type]
     )
 
 
@@ -170,6 +171,16 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             messages.append({"role": "assistant", "content": result.text})
             if not args.quiet:
                 print(_stats_line(engine, result), file=sys.stderr)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    if args.max_batch_size < 1:
+        raise InvalidArgumentError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
+    engine = _decoding_engine(args, max_batch_size=args.max_batch_size)
+    serve(engine, args.host, args.port, model_name=args.model, slot_wait=args.slot_wait, verbose=not args.quiet)
+    return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -367,9 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
         sp.add_argument("--max-seq-len", type=int, default=0)
 
-    def decoding_args(sp: argparse.ArgumentParser) -> None:
+    def decoding_engine_args(sp: argparse.ArgumentParser) -> None:
         engine_args(sp)
-        sp.add_argument("--max-new-tokens", "-n", type=int, default=128)
         sp.add_argument("--threads", type=int, default=0)
         sp.add_argument("--kv-dtype", default="fp32", choices=["fp32", "bf16"],
                         help="KV cache precision (bf16: half the cache memory, CPU only)")
@@ -377,13 +387,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fp32: exact; bf16: round the matrix products' inputs to bf16 and use AVX512-BF16 (bf16 "
                              "weights; about 2x prefill, faster decoding; outputs change slightly); auto: bf16 where "
                              "the CPU has it")
-        sp.add_argument("--stop", action="append", help="stop string (repeatable)")
         sp.add_argument("--medusa-heads", help="Medusa heads file to use instead of the model's own")
         sp.add_argument("--tree", help="Medusa tree: a built-in name or a JSON list of paths")
-        sp.add_argument("--no-medusa", action="store_true", help="plain decoding even when the model has heads")
         sp.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
                         help="also verify up to N tokens looked up in the context (0: off; default: the "
                              "device's, 4 on the CPU)")
+
+    def decoding_args(sp: argparse.ArgumentParser) -> None:
+        decoding_engine_args(sp)
+        sp.add_argument("--max-new-tokens", "-n", type=int, default=128)
+        sp.add_argument("--stop", action="append", help="stop string (repeatable)")
+        sp.add_argument("--no-medusa", action="store_true", help="plain decoding even when the model has heads")
         sp.add_argument("--acceptance", default="greedy", choices=["greedy", "typical"])
         sp.add_argument("--temperature", type=float, default=0.0,
                         help="sample at this temperature (0: greedy); with --acceptance typical, the "
@@ -406,6 +420,17 @@ def build_parser() -> argparse.ArgumentParser:
     decoding_args(sp)
     sp.add_argument("--system", help="system message opening the conversation")
     sp.set_defaults(fn=_cmd_chat)
+
+    sp = sub.add_parser("serve", help="an HTTP server with the OpenAI chat and completions API "
+                                      "(POST /v1/chat/completions, /v1/completions)")
+    decoding_engine_args(sp)
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--max-batch-size", type=int, default=4,
+                    help="sequence slots: requests served at once, sharing decode steps")
+    sp.add_argument("--slot-wait", type=float, default=30.0,
+                    help="seconds a request waits for a free slot before a 503")
+    sp.set_defaults(fn=_cmd_serve)
 
     sp = sub.add_parser("info", help="load a model and print the engine's facts as JSON")
     engine_args(sp)

@@ -1,0 +1,238 @@
+"""``medusa-rt serve``: an HTTP server with the OpenAI chat and completions API over one engine.
+
+Endpoints: ``POST /v1/chat/completions`` (``messages``), ``POST /v1/completions`` (``prompt``,
+text), ``GET /v1/models``, ``GET /health``. Each request runs on a session of its own in the
+server's thread for it, so concurrent requests share the engine's decode steps (up to its
+``max_batch_size`` at once; a request waits up to ``slot_wait`` seconds for a free slot, then gets
+503). A request takes the free slot whose cache shares the longest start with its prompt, so the
+next turn of a conversation prefills only itself (``usage.prompt_tokens_details.cached_tokens``).
+
+Request fields read: ``max_tokens`` / ``max_completion_tokens`` (default 256), ``temperature``
+(default 0: greedy; above 0 samples, still lossless with Medusa), ``top_p``, ``top_k``, ``seed``,
+``stop`` (a string or a list), ``stream`` (server-sent events, ending with ``data: [DONE]``).
+``model`` is accepted and ignored (one model per server). Errors are JSON
+``{"error": {"message", "type"}}``: 400 for a bad request, 503 when no slot came free, 404 for
+an unknown path.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Dict, Optional, Tuple
+
+from .engine import Engine, GenerationResult
+from .errors import CapacityError, InvalidArgumentError, MedusaError
+
+DEFAULT_MAX_TOKENS = 256
+MAX_BODY_BYTES = 8 << 20
+
+
+class _BadRequest(Exception):
+    pass
+
+
+def _field(body: Dict[str, Any], name: str, kind: type, default: Any) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+        raise _BadRequest(f"'{name}' must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _options(body: Dict[str, Any]) -> Dict[str, Any]:
+    """Session.generate keyword arguments from an OpenAI request body."""
+    max_tokens = _field(body, "max_completion_tokens", int, None)
+    if max_tokens is None:
+        max_tokens = _field(body, "max_tokens", int, DEFAULT_MAX_TOKENS)
+    temperature = _field(body, "temperature", float, 0.0)
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, str) and not (
+            isinstance(stop, list) and all(isinstance(x, str) for x in stop)):
+        raise _BadRequest("'stop' must be a string or a list of strings")
+    opts: Dict[str, Any] = dict(max_new_tokens=max_tokens, stop=stop)
+    if temperature > 0:
+        opts.update(do_sample=True, temperature=temperature, top_p=_field(body, "top_p", float, 1.0),
+                    top_k=_field(body, "top_k", int, 0), seed=_field(body, "seed", int, -1))
+    elif temperature < 0:
+        raise _BadRequest(f"'temperature' must be >= 0, got {temperature}")
+    return opts
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: "MedusaServer"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt: str, *args: Any) -> None:  # quiet unless asked
+        if self.server.verbose:
+            sys.stderr.write(f"[medusa_rt serve] {self.address_string()} {fmt % args}\n")
+
+    def _send_json(self, status: int, obj: Dict[str, Any]) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, message: str, kind: str) -> None:
+        self._send_json(status, {"error": {"message": message, "type": kind}})
+
+    def do_GET(self) -> None:
+        if self.path == "/health":
+            self._send_json(200, {"status": "ok"})
+        elif self.path == "/v1/models":
+            self._send_json(200, {"object": "list", "data": [
+                {"id": self.server.model_name, "object": "model", "owned_by": "medusa_rt"}]})
+        else:
+            self._error(404, f"no such path: {self.path}", "not_found_error")
+
+    def do_POST(self) -> None:
+        chat = self.path == "/v1/chat/completions"
+        if not chat and self.path != "/v1/completions":
+            self._error(404, f"no such path: {self.path}", "not_found_error")
+            return
+        try:
+            prompt, opts, stream = self._request(chat)
+        except _BadRequest as exc:
+            self._error(400, str(exc), "invalid_request_error")
+            return
+        try:
+            session = self.server.engine.session(wait=self.server.slot_wait, prompt=prompt)
+        except CapacityError as exc:  # no slot came free in time
+            self._error(503, str(exc), "server_busy")
+            return
+        except MedusaError as exc:  # e.g. messages the chat template refuses
+            self._error(400, str(exc), "invalid_request_error")
+            return
+        try:
+            with session as s:
+                if stream:
+                    self._stream(s, prompt, opts, chat)
+                else:
+                    self._send_json(200, self._response(s.generate(prompt, **opts), chat))
+        except MedusaError as exc:  # bad options, a prompt longer than the engine's max_seq_len, ...
+            self._error(400, str(exc), "invalid_request_error")
+        except (BrokenPipeError, ConnectionResetError):  # the client left; its generation is cancelled
+            pass
+
+    def _request(self, chat: bool) -> Tuple[Any, Dict[str, Any], bool]:
+        try:
+            n = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            raise _BadRequest("bad Content-Length") from None
+        if n <= 0 or n > MAX_BODY_BYTES:
+            raise _BadRequest(f"the request needs a JSON body of at most {MAX_BODY_BYTES} bytes")
+        try:
+            body = json.loads(self.rfile.read(n))
+        except ValueError as exc:
+            raise _BadRequest(f"the body is not JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise _BadRequest("the body must be a JSON object")
+        if body.get("n", 1) != 1:
+            raise _BadRequest("only n = 1 is supported")
+        if chat:
+            prompt = body.get("messages")
+            if not isinstance(prompt, list) or not prompt:
+                raise _BadRequest("'messages' must be a non-empty list of {'role', 'content'} objects")
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str) or not prompt:
+                raise _BadRequest("'prompt' must be a non-empty string")
+        return prompt, _options(body), _field(body, "stream", bool, False)
+
+    def _chunk(self, rid: str, chat: bool, text: Optional[str], finish: Optional[str],
+               first: bool = False) -> Dict[str, Any]:
+        choice: Dict[str, Any] = {"index": 0, "finish_reason": finish}
+        if chat:
+            choice["delta"] = ({"role": "assistant"} if first else {}) | ({} if text is None else {"content": text})
+        else:
+            choice["text"] = text or ""
+        return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": self.server.model_name, "choices": [choice]}
+
+    def _stream(self, s: Any, prompt: Any, opts: Dict[str, Any], chat: bool) -> None:
+        pieces = s.stream(prompt, **opts)
+        first = next(pieces, None)  # errors in the request surface here, before any header is sent
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        try:
+            self._event(self._chunk(rid, chat, first, None, first=True))
+            for piece in pieces:
+                self._event(self._chunk(rid, chat, piece, None))
+        except MedusaError as exc:  # after the headers: reported as an event
+            self._event({"error": {"message": str(exc), "type": "server_error"}})
+            return
+        finally:
+            pieces.close()  # a client that left cancels the generation
+        r = s.last_result
+        self._event(self._chunk(rid, chat, None, _finish(r)))
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+    def _event(self, obj: Dict[str, Any]) -> None:
+        self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+        self.wfile.flush()
+
+    def _response(self, r: GenerationResult, chat: bool) -> Dict[str, Any]:
+        choice: Dict[str, Any] = {"index": 0, "finish_reason": _finish(r)}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": r.text}
+        else:
+            choice["text"] = r.text
+        st = r.stats
+        return {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
+                "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": self.server.model_name, "choices": [choice],
+                "usage": {"prompt_tokens": st.prompt_tokens, "completion_tokens": len(r.tokens),
+                          "total_tokens": st.prompt_tokens + len(r.tokens),
+                          "prompt_tokens_details": {"cached_tokens": st.cached_prompt_tokens}}}
+
+
+def _finish(r: Optional[GenerationResult]) -> str:
+    return "length" if r is None or r.finish_reason != "stop" else "stop"
+
+
+class MedusaServer(ThreadingHTTPServer):
+    """The HTTP server of :func:`serve` (``server_address`` holds the bound host and port)."""
+
+    daemon_threads = True
+
+    def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 8000, *, model_name: str = "",
+                 slot_wait: float = 30.0, verbose: bool = False) -> None:
+        if engine.tokenizer.chat_template is None:
+            raise InvalidArgumentError(f"the model at {engine.model_dir} has no chat template to serve chats with")
+        super().__init__((host, port), _Handler)
+        self.engine = engine
+        self.model_name = model_name or engine.model_dir.name
+        self.slot_wait = float(slot_wait)
+        self.verbose = verbose
+
+    def start(self) -> threading.Thread:
+        """Serves in a daemon thread (for embedding and tests); ``shutdown()`` stops it."""
+        t = threading.Thread(target=self.serve_forever, name="medusa_rt-serve", daemon=True)
+        t.start()
+        return t
+
+
+def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, **kwargs: Any) -> None:
+    """Serves the engine until interrupted (see the module's docstring for the API)."""
+    server = MedusaServer(engine, host, port, **kwargs)
+    print(f"[medusa_rt] serving {server.model_name} on http://{server.server_address[0]}:{server.server_address[1]}/v1 "
+          f"({engine.info.max_batch_size} sequence slots)", file=sys.stderr)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()

@@ -1,0 +1,122 @@
+"""`medusa-rt serve`: the OpenAI chat and completions API over an engine (tiny model): the same
+answers as the Python API, streaming, prompt caching across requests, concurrency, errors."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+
+pytest.importorskip("torch")
+
+import medusa_rt  # noqa: E402
+from medusa_rt.server import MedusaServer  # noqa: E402
+
+from _tiny_models import build_hf_model, save_and_export  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    d = save_and_export(build_hf_model("llama-gqa-untied", seed=7), tmp_path_factory.mktemp("serve"), "srv")
+    engine = medusa_rt.Engine(d, dtype="fp32", max_seq_len=128, max_batch_size=2)
+    server = MedusaServer(engine, port=0, model_name="tiny", slot_wait=20)
+    server.start()
+    yield engine, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _post(url: str, body: object, raw: bool = False):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            text = r.read().decode()
+            return r.status, (text if raw else json.loads(text))
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read().decode())
+
+
+CHAT = [{"role": "user", "content": "hi there"}]
+
+
+def test_chat_and_completions_match_the_python_api(served):
+    engine, url = served
+    want = engine.generate(CHAT, max_new_tokens=12, ignore_eos=True)
+    status, r = _post(url + "/v1/chat/completions", {"model": "x", "messages": CHAT, "max_tokens": 12})
+    assert status == 200 and r["object"] == "chat.completion" and r["model"] == "tiny"
+    msg = r["choices"][0]["message"]
+    assert msg == {"role": "assistant", "content": engine.generate(CHAT, max_new_tokens=12).text}
+    assert r["usage"]["prompt_tokens"] == want.stats.prompt_tokens
+    assert r["usage"]["total_tokens"] == r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"]
+    # The next turn finds the first one in a slot's cache.
+    turn2 = CHAT + [msg, {"role": "user", "content": "and then?"}]
+    status, r2 = _post(url + "/v1/chat/completions", {"messages": turn2, "max_tokens": 8})
+    assert status == 200 and r2["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert r2["choices"][0]["message"]["content"] == engine.generate(turn2, max_new_tokens=8).text
+    status, c = _post(url + "/v1/completions", {"prompt": "hello world", "max_tokens": 10, "stop": ["zz"]})
+    assert status == 200 and c["choices"][0]["text"] == engine.generate("hello world", max_new_tokens=10,
+                                                                        stop=["zz"]).text
+    # Sampling with a seed is reproducible.
+    body = {"messages": CHAT, "max_tokens": 10, "temperature": 0.8, "seed": 5}
+    assert _post(url + "/v1/chat/completions", body)[1]["choices"] == _post(url + "/v1/chat/completions", body)[1]["choices"]
+    with urllib.request.urlopen(url + "/v1/models", timeout=10) as m:
+        assert json.loads(m.read())["data"][0]["id"] == "tiny"
+
+
+def test_streaming(served):
+    engine, url = served
+    status, text = _post(url + "/v1/chat/completions", {"messages": CHAT, "max_tokens": 12, "stream": True}, raw=True)
+    events = [line[len("data: "):] for line in text.split("\n\n") if line.startswith("data: ")]
+    assert status == 200 and events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert content == engine.generate(CHAT, max_new_tokens=12).text
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks) and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_concurrent_requests_share_the_slots(served):
+    engine, url = served
+    prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(5)]
+    want = [engine.generate(p, max_new_tokens=10).text for p in prompts]
+    got = [None] * 5
+
+    def ask(i: int) -> None:
+        got[i] = _post(url + "/v1/chat/completions", {"messages": prompts[i], "max_tokens": 10})[1]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [g["choices"][0]["message"]["content"] for g in got] == want
+
+
+def test_bad_requests(served):
+    engine, url = served
+    chat = url + "/v1/chat/completions"
+    for body, match in ((b"{not json", "not JSON"), ([1, 2], "JSON object"), ({"messages": []}, "messages"),
+                        ({"messages": CHAT, "max_tokens": "5"}, "max_tokens"),
+                        ({"messages": CHAT, "temperature": -1}, "temperature"),
+                        ({"messages": CHAT, "stop": [1]}, "stop"), ({"messages": CHAT, "n": 2}, "n = 1"),
+                        ({"messages": [{"content": "x"}]}, "role"),
+                        ({"messages": CHAT, "max_tokens": -3}, "max_new_tokens"),
+                        ({"messages": [{"role": "user", "content": "x " * 300}]}, "max_seq_len")):
+        status, r = _post(chat, body)
+        assert status == 400 and match in r["error"]["message"], (body, r)
+    assert _post(url + "/v1/completions", {"prompt": 5})[0] == 400
+    assert _post(url + "/v1/nope", {})[0] == 404
+    # No slot within the wait: 503.
+    server = MedusaServer(engine, port=0, slot_wait=0.05)
+    server.start()
+    try:
+        with engine.session(), engine.session():
+            status, r = _post(f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions", {"messages": CHAT})
+        assert status == 503 and r["error"]["type"] == "server_busy"
+    finally:
+        server.shutdown()
+        server.server_close()
