@@ -134,6 +134,30 @@ def test_gpu_medusa_greedy_is_lossless(medusa_dir, tree):
 
 
 @gpu_only
+def test_gpu_prompt_caching_is_exact(medusa_dir):
+    """The cache entries decode steps (trees, then plain steps) leave equal a prefill's of the same
+    tokens bit for bit, so a request reusing them (reuse_context) gives a fresh prefill's tokens."""
+    e = medusa_rt.Engine(medusa_dir, device="cuda", dtype="bf16", max_seq_len=200, max_batch_size=2,
+                         medusa_max_batch=16)
+    p = PROMPTS[0]
+    plain = e.generate(p, max_new_tokens=90, ignore_eos=True, medusa=False).tokens
+    with e.session() as s, e.session() as fresh:
+        _core._testing.set_oracle(s._core(), p + plain)
+        r = s.generate(p, max_new_tokens=60, ignore_eos=True)
+        assert r.stats.tokens_per_step > 2.0 and r.tokens == plain[:60]
+        n = s.context_length
+        ctx = (p + plain)[:n]
+        fresh.forward(ctx)
+        for layer in range(2):
+            (k1, v1), (k2, v2) = _core._testing.read_kv(s._core(), layer, n), _core._testing.read_kv(fresh._core(), layer, n)
+            assert np.array_equal(k1, k2) and np.array_equal(v1, v2)
+        turn2 = ctx + PROMPTS[1][:5]
+        reused = s.generate(turn2, max_new_tokens=30, ignore_eos=True)
+        assert reused.stats.cached_prompt_tokens == n
+        assert reused.tokens == fresh.generate(turn2, max_new_tokens=30, ignore_eos=True, reuse_context=False).tokens
+
+
+@gpu_only
 def test_gpu_batch_equals_single(medusa_dir):
     e = medusa_rt.Engine(medusa_dir, device="cuda", dtype="fp16", max_batch_size=4, max_seq_len=160,
                          medusa_max_batch=4)
