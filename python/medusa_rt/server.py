@@ -25,7 +25,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, Optional, Tuple
 
-from .engine import Engine, GenerationResult
+from .engine import Engine, GenerationResult, _encode_prompt
 from .errors import CapacityError, InvalidArgumentError, MedusaError
 
 DEFAULT_MAX_TOKENS = 256
@@ -83,6 +83,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _error(self, status: int, message: str, kind: str) -> None:
+        self.close_connection = True  # the request's body may be unread
         self._send_json(status, {"error": {"message": message, "type": kind}})
 
     def do_GET(self) -> None:
@@ -104,20 +105,23 @@ class _Handler(BaseHTTPRequestHandler):
         except _BadRequest as exc:
             self._error(400, str(exc), "invalid_request_error")
             return
+        engine = self.server.engine
         try:
-            session = self.server.engine.session(wait=self.server.slot_wait, prompt=prompt)
-        except CapacityError as exc:  # no slot came free in time
-            self._error(503, str(exc), "server_busy")
-            return
+            ids = _encode_prompt(engine, prompt, False)  # messages go through the chat template
         except MedusaError as exc:  # e.g. messages the chat template refuses
             self._error(400, str(exc), "invalid_request_error")
             return
         try:
+            session = engine.session(wait=self.server.slot_wait, prompt=ids)
+        except CapacityError as exc:  # no slot came free in time
+            self._error(503, str(exc), "server_busy")
+            return
+        try:
             with session as s:
                 if stream:
-                    self._stream(s, prompt, opts, chat)
+                    self._stream(s, ids, opts, chat)
                 else:
-                    self._send_json(200, self._response(s.generate(prompt, **opts), chat))
+                    self._send_json(200, self._response(s.generate(ids, **opts), chat))
         except MedusaError as exc:  # bad options, a prompt longer than the engine's max_seq_len, ...
             self._error(400, str(exc), "invalid_request_error")
         except (BrokenPipeError, ConnectionResetError):  # the client left; its generation is cancelled
