@@ -85,6 +85,25 @@ def test_cancel_one_request(model_dir):
         assert got[i].tokens == alone[i].tokens and got[i].finish_reason == "length"
 
 
+def test_a_failing_callback_frees_every_slot(model_dir):
+    """A callback that raises (at a request's first token, or later) ends the batch with its
+    error, and every slot the batch held is free again."""
+    engine = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=96, max_batch_size=2, medusa_max_batch=16)
+    prompts = _prompts(3, seed=4)
+    for after in (1, 6):
+        seen = {}
+
+        def on_tokens(i, toks):
+            seen[i] = seen.get(i, 0) + len(toks)
+            if seen[i] >= after:
+                raise RuntimeError("callback failed")
+
+        with pytest.raises(RuntimeError, match="callback failed"):
+            engine.generate_batch(prompts, max_new_tokens=20, ignore_eos=True, on_tokens=on_tokens)
+        with engine.session(), engine.session():  # both slots came back
+            pass
+
+
 def test_eight_threads_share_steps(model_dir):
     engine = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=160, max_batch_size=8, medusa_max_batch=16)
     prompts = _prompts(8, seed=3)
