@@ -498,8 +498,9 @@ def run_suite(model: str = "smollm2-135m", *, new_tokens: int = 128, repeats: in
     if "tokens_per_second" in hf_res:
         for d in dtypes:
             ratios[f"decode_{d}_vs_hf_fp32"] = dec[d]["tokens_per_second"] / hf_res["tokens_per_second"]  # type: ignore[index]
-        if "medusa" in med["fp32"]:  # type: ignore[index]
-            ratios["medusa_fp32_vs_hf_fp32"] = med["fp32"]["medusa"]["tokens_per_second"] / hf_res["tokens_per_second"]  # type: ignore[index]
+        for d in ("fp32", "bf16"):  # the same precision, and the engine's default against HF's
+            if "medusa" in med[d]:  # type: ignore[index]
+                ratios[f"medusa_{d}_vs_hf_fp32"] = med[d]["medusa"]["tokens_per_second"] / hf_res["tokens_per_second"]  # type: ignore[index]
     lc = report["peers"]["llama_cpp"]  # type: ignore[index]
     for d in dtypes:
         if d in lc:  # side by side with llama.cpp, per prompt
