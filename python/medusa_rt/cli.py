@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, List, Optional
 from .errors import InvalidArgumentError, MedusaError
 
 if TYPE_CHECKING:
+    import numpy
+
     from .engine import Engine, GenerationResult
 
 
