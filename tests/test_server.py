@@ -102,7 +102,7 @@ def test_bad_requests(served):
     for body, match in ((b"{not json", "not JSON"), ([1, 2], "JSON object"), ({"messages": []}, "messages"),
                         ({"messages": CHAT, "max_tokens": "5"}, "max_tokens"),
                         ({"messages": CHAT, "temperature": -1}, "temperature"),
-                        ({"messages": CHAT, "stop": [1]}, "stop"), ({"messages": CHAT, "n": 2}, "n = 1"),
+                        ({"messages": CHAT, "stop": [1]}, "stop"), ({"messages": CHAT, "n": 2}, "'n'"),
                         ({"messages": [{"content": "x"}]}, "role"),
                         ({"messages": CHAT, "max_tokens": -3}, "max_new_tokens"),
                         ({"messages": [{"role": "user", "content": "x " * 300}]}, "max_seq_len")):
@@ -120,3 +120,62 @@ def test_bad_requests(served):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_openai_request_forms(served):
+    engine, url = served
+    chat = url + "/v1/chat/completions"
+    want = engine.generate(CHAT, max_new_tokens=8).text
+    # Content as text parts; the defaults of unsupported fields sent explicitly are accepted.
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]}]
+    status, r = _post(chat, {"messages": parts, "max_tokens": 8, "logprobs": False, "n": 1, "tools": [],
+                             "presence_penalty": 0, "frequency_penalty": 0.0, "response_format": {"type": "text"}})
+    assert status == 200
+    assert r["choices"][0]["message"]["content"] == engine.generate(
+        [{"role": "user", "content": "hi\nthere"}], max_new_tokens=8).text
+    # Completions take token ids or a list of one text.
+    ids = engine.tokenizer.encode("hello world")
+    text = engine.generate("hello world", max_new_tokens=6).text
+    for prompt in (ids, ["hello world"]):
+        status, c = _post(url + "/v1/completions", {"prompt": prompt, "max_tokens": 6})
+        assert status == 200 and c["choices"][0]["text"] == text, prompt
+    # stream_options.include_usage: a last chunk with the usage and no choices.
+    status, raw = _post(chat, {"messages": CHAT, "max_tokens": 8, "stream": True,
+                               "stream_options": {"include_usage": True}}, raw=True)
+    chunks = [json.loads(e[len("data: "):]) for e in raw.split("\n\n") if e.startswith("data: {")]
+    assert status == 200 and chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["completion_tokens"] == len(engine.generate(CHAT, max_new_tokens=8).tokens)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1]) == want
+
+
+def test_unsupported_fields_are_refused(served):
+    engine, url = served
+    chat = url + "/v1/chat/completions"
+    for extra, name in (({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                        ({"logprobs": True}, "logprobs"), ({"logit_bias": {"5": 10}}, "logit_bias"),
+                        ({"presence_penalty": 0.5}, "presence_penalty"),
+                        ({"response_format": {"type": "json_object"}}, "response_format"),
+                        ({"stream_options": 3}, "stream_options")):
+        status, r = _post(chat, {"messages": CHAT, **extra})
+        assert status == 400 and name in r["error"]["message"], (extra, r)
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    status, r = _post(chat, {"messages": image})
+    assert status == 400 and "image_url" in r["error"]["message"]
+    status, r = _post(chat, {"messages": [{"role": "user", "content": 5}]})
+    assert status == 400 and "content" in r["error"]["message"]
+    status, r = _post(url + "/v1/completions", {"prompt": "x", "echo": True})
+    assert status == 400 and "echo" in r["error"]["message"]
+
+
+def test_a_server_failure_is_a_500_and_the_server_goes_on(served, monkeypatch):
+    engine, url = served
+    import medusa_rt.server as server_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(server_module, "_encode_prompt", broken)
+    status, r = _post(url + "/v1/chat/completions", {"messages": CHAT})
+    assert status == 500 and "boom" in r["error"]["message"] and r["error"]["type"] == "server_error"
+    monkeypatch.undo()
+    assert _post(url + "/v1/chat/completions", {"messages": CHAT, "max_tokens": 4})[0] == 200

@@ -9,10 +9,14 @@ next turn of a conversation prefills only itself (``usage.prompt_tokens_details.
 
 Request fields read: ``max_tokens`` / ``max_completion_tokens`` (default 256), ``temperature``
 (default 0: greedy; above 0 samples, still lossless with Medusa), ``top_p``, ``top_k``, ``seed``,
-``stop`` (a string or a list), ``stream`` (server-sent events, ending with ``data: [DONE]``).
-``model`` is accepted and ignored (one model per server). Errors are JSON
-``{"error": {"message", "type"}}``: 400 for a bad request, 503 when no slot came free, 404 for
-an unknown path.
+``stop`` (a string or a list), ``stream`` (server-sent events, ending with ``data: [DONE]``) and
+``stream_options.include_usage`` (a last chunk with ``usage`` and no choices). A completions
+``prompt`` is a text, a list of token ids, or a list holding one text. ``model`` and ``user`` are
+accepted and ignored (one model per server). Fields that would change the answer in ways this
+server does not implement (tools, a JSON ``response_format``, logprobs, logit_bias, presence or
+frequency penalties, echo, best_of, suffix, n > 1) are refused rather than ignored. Errors are
+JSON ``{"error": {"message", "type"}}``: 400 for a bad request, 503 when no slot came free, 404
+for an unknown path, 500 for a failure of the server itself.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import sys
 import threading
 import time
+import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, Optional, Tuple
@@ -47,6 +52,26 @@ def _field(body: Dict[str, Any], name: str, kind: type, default: Any) -> Any:
     return value
 
 
+# Request fields this server does not implement, with the value each may take when it asks for
+# nothing (clients often send the defaults explicitly).
+_UNSUPPORTED: Dict[str, Tuple[Any, ...]] = {
+    "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none"), "function_call": (None, "none"),
+    "logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "echo": (None, False),
+    "best_of": (None, 1), "suffix": (None, ""), "n": (None, 1),
+}
+
+
+def _refuse_unsupported(body: Dict[str, Any]) -> None:
+    for name, neutral in _UNSUPPORTED.items():
+        value = body.get(name)
+        if not any(value == v and type(value) is type(v) for v in neutral):
+            raise _BadRequest(f"'{name}' is not supported by this server (got {json.dumps(value)[:80]})")
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise _BadRequest("only response_format {'type': 'text'} is supported by this server")
+
+
 def _options(body: Dict[str, Any]) -> Dict[str, Any]:
     """Session.generate keyword arguments from an OpenAI request body."""
     max_tokens = _field(body, "max_completion_tokens", int, None)
@@ -69,6 +94,7 @@ def _options(body: Dict[str, Any]) -> Dict[str, Any]:
 class _Handler(BaseHTTPRequestHandler):
     server: "MedusaServer"
     protocol_version = "HTTP/1.1"
+    _headers_sent = False  # a streamed response's headers went out: errors can no longer be a status
 
     def log_message(self, fmt: str, *args: Any) -> None:  # quiet unless asked
         if self.server.verbose:
@@ -101,7 +127,20 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, f"no such path: {self.path}", "not_found_error")
             return
         try:
-            prompt, opts, stream = self._request(chat)
+            self._post(chat)
+        except (BrokenPipeError, ConnectionResetError):  # the client left; its generation is cancelled
+            self.close_connection = True
+        except Exception as exc:  # a failure of the server itself: reported, and the server goes on
+            self.close_connection = True
+            if self.server.verbose:
+                traceback.print_exc()
+            if not self._headers_sent:
+                self._error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+
+    def _post(self, chat: bool) -> None:
+        self._headers_sent = False
+        try:
+            prompt, opts, stream, usage = self._request(chat)
         except _BadRequest as exc:
             self._error(400, str(exc), "invalid_request_error")
             return
@@ -119,15 +158,15 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             with session as s:
                 if stream:
-                    self._stream(s, ids, opts, chat)
+                    self._stream(s, ids, opts, chat, usage)
                 else:
                     self._send_json(200, self._response(s.generate(ids, **opts), chat))
         except MedusaError as exc:  # bad options, a prompt longer than the engine's max_seq_len, ...
+            if self._headers_sent:
+                raise
             self._error(400, str(exc), "invalid_request_error")
-        except (BrokenPipeError, ConnectionResetError):  # the client left; its generation is cancelled
-            pass
 
-    def _request(self, chat: bool) -> Tuple[Any, Dict[str, Any], bool]:
+    def _request(self, chat: bool) -> Tuple[Any, Dict[str, Any], bool, bool]:
         try:
             n = int(self.headers.get("Content-Length", "0"))
         except ValueError:
@@ -140,17 +179,21 @@ class _Handler(BaseHTTPRequestHandler):
             raise _BadRequest(f"the body is not JSON: {exc}") from None
         if not isinstance(body, dict):
             raise _BadRequest("the body must be a JSON object")
-        if body.get("n", 1) != 1:
-            raise _BadRequest("only n = 1 is supported")
+        _refuse_unsupported(body)
         if chat:
             prompt = body.get("messages")
             if not isinstance(prompt, list) or not prompt:
                 raise _BadRequest("'messages' must be a non-empty list of {'role', 'content'} objects")
         else:
             prompt = body.get("prompt")
-            if not isinstance(prompt, str) or not prompt:
-                raise _BadRequest("'prompt' must be a non-empty string")
-        return prompt, _options(body), _field(body, "stream", bool, False)
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+                prompt = prompt[0]
+            ids = isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+            if not (isinstance(prompt, str) or ids) or not prompt:
+                raise _BadRequest("'prompt' must be a non-empty text, a list of token ids or a list of one text")
+        stream_options = _field(body, "stream_options", dict, {})
+        usage = _field(stream_options, "include_usage", bool, False)
+        return prompt, _options(body), _field(body, "stream", bool, False), usage
 
     def _chunk(self, rid: str, chat: bool, text: Optional[str], finish: Optional[str],
                first: bool = False) -> Dict[str, Any]:
@@ -162,9 +205,10 @@ class _Handler(BaseHTTPRequestHandler):
         return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": self.server.model_name, "choices": [choice]}
 
-    def _stream(self, s: Any, prompt: Any, opts: Dict[str, Any], chat: bool) -> None:
+    def _stream(self, s: Any, prompt: Any, opts: Dict[str, Any], chat: bool, usage: bool) -> None:
         pieces = s.stream(prompt, **opts)
         first = next(pieces, None)  # errors in the request surface here, before any header is sent
+        self._headers_sent = True
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -183,6 +227,8 @@ class _Handler(BaseHTTPRequestHandler):
             pieces.close()  # a client that left cancels the generation
         r = s.last_result
         self._event(self._chunk(rid, chat, None, _finish(r)))
+        if usage:
+            self._event({**self._chunk(rid, chat, None, None), "choices": [], "usage": _usage(r)})
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
 
@@ -196,13 +242,16 @@ class _Handler(BaseHTTPRequestHandler):
             choice["message"] = {"role": "assistant", "content": r.text}
         else:
             choice["text"] = r.text
-        st = r.stats
         return {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
                 "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": self.server.model_name, "choices": [choice],
-                "usage": {"prompt_tokens": st.prompt_tokens, "completion_tokens": len(r.tokens),
-                          "total_tokens": st.prompt_tokens + len(r.tokens),
-                          "prompt_tokens_details": {"cached_tokens": st.cached_prompt_tokens}}}
+                "model": self.server.model_name, "choices": [choice], "usage": _usage(r)}
+
+
+def _usage(r: GenerationResult) -> Dict[str, Any]:
+    st = r.stats
+    return {"prompt_tokens": st.prompt_tokens, "completion_tokens": len(r.tokens),
+            "total_tokens": st.prompt_tokens + len(r.tokens),
+            "prompt_tokens_details": {"cached_tokens": st.cached_prompt_tokens}}
 
 
 def _finish(r: Optional[GenerationResult]) -> str:
