@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -416,3 +417,47 @@ def test_session_refuses_concurrent_use(engine):
         r = core.generate(PROMPT, cfg, reenter)
         assert len(r.tokens) == 5 and seen
         assert len(s.generate(PROMPT, max_new_tokens=2, ignore_eos=True).tokens) == 2
+
+
+def test_close_frees_the_slot_now(model_dir):
+    """close() (and leaving a ``with``) gives the slot back whatever still refers to the session:
+    a stream that failed (its exception's traceback holds the generator), or a close from another
+    thread while the session generates (the slot goes back when that call returns)."""
+    eng = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=64, max_batch_size=1)
+    s = eng.session()
+    core = s._core()  # another reference to the engine's session
+    s.close()
+    with pytest.raises(medusa_rt.InvalidArgumentError, match="closed"):
+        core.generate(PROMPT, _core.GenerationConfig())
+    with pytest.raises(medusa_rt.InvalidArgumentError, match="closed"):
+        core.context_length
+    core.close()  # a second close does nothing
+    with eng.session() as s2:  # the one slot is free
+        pieces = s2.stream(PROMPT * 20, max_new_tokens=4)  # longer than max_seq_len: fails
+        with pytest.raises(medusa_rt.CapacityError):
+            next(pieces)
+    with eng.session():
+        pass
+    # Closed from another thread while generating: the call finishes, then the slot is free.
+    s3 = eng.session()
+    started, results = threading.Event(), []
+
+    def on_tokens(tokens):
+        started.set()
+        time.sleep(0.01)
+        return True
+
+    cfg = _core.GenerationConfig()
+    cfg.max_new_tokens = 20
+    cfg.ignore_eos = True
+    core3 = s3._core()
+    t = threading.Thread(target=lambda: results.append(core3.generate(PROMPT, cfg, on_tokens)))
+    t.start()
+    assert started.wait(30)
+    s3.close()
+    with pytest.raises(medusa_rt.CapacityError):
+        eng.session()  # still generating
+    t.join()
+    assert len(results[0].tokens) == 20
+    with eng.session(wait=5):
+        pass

@@ -3,6 +3,7 @@ answers as the Python API, streaming, prompt caching across requests, concurrenc
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import urllib.error
@@ -114,7 +115,7 @@ def test_bad_requests(served):
     server = MedusaServer(engine, port=0, slot_wait=0.05)
     server.start()
     try:
-        with engine.session(), engine.session():
+        with engine.session(wait=5), engine.session(wait=5):  # a streamed request may still be closing
             status, r = _post(f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions", {"messages": CHAT})
         assert status == 503 and r["error"]["type"] == "server_busy"
     finally:
@@ -179,3 +180,41 @@ def test_a_server_failure_is_a_500_and_the_server_goes_on(served, monkeypatch):
     assert status == 500 and "boom" in r["error"]["message"] and r["error"]["type"] == "server_error"
     monkeypatch.undo()
     assert _post(url + "/v1/chat/completions", {"messages": CHAT, "max_tokens": 4})[0] == 200
+
+
+def test_a_client_that_leaves_cancels_its_generation(served, monkeypatch):
+    import socket
+
+    from medusa_rt.server import _Handler
+
+    class Probe:
+        connection = None
+
+    a, b = socket.socketpair()
+    Probe.connection = a
+    assert not _Handler._client_gone(Probe)
+    b.sendall(b"GET")  # a pipelined request is data, not a departure
+    assert not _Handler._client_gone(Probe)
+    a.recv(3)
+    b.close()
+    assert _Handler._client_gone(Probe)
+    a.close()
+    # A non-streamed request whose client is gone stops after its first token block and answers
+    # nothing; its slot is free again at once.
+    engine, url = served
+    cancelled = []
+    real = _Handler._generate
+
+    def spy(self, s, prompt, opts):
+        r = real(self, s, prompt, opts)
+        cancelled.append((r, s.last_result))
+        return r
+
+    monkeypatch.setattr(_Handler, "_client_gone", lambda self: True)
+    monkeypatch.setattr(_Handler, "_generate", spy)
+    with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+        _post(url + "/v1/chat/completions", {"messages": CHAT, "max_tokens": 100})
+    assert cancelled[0][0] is None and cancelled[0][1].finish_reason == "cancelled"
+    monkeypatch.undo()
+    with engine.session(wait=5), engine.session(wait=5):  # both slots are free
+        pass

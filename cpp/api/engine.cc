@@ -733,19 +733,40 @@ void validate_request(const Engine::Impl& e, const std::vector<int32_t>& prompt,
 struct Session::State {
   Engine::Impl* engine = nullptr;
   SequenceState seq;
-  std::mutex busy;  // a session serves one call at a time
+  std::mutex busy;      // a session serves one call at a time
+  std::mutex close_mu;  // orders close() against calls starting and ending
+  bool closed = false;  // close() was called: no new calls; the slot goes back when no call runs
 
-  std::unique_lock<std::mutex> claim() {
-    std::unique_lock<std::mutex> lock(busy, std::try_to_lock);
-    if (!lock.owns_lock()) {
+  // Held for the length of a call; the call that was running when close() came releases the slot.
+  class Claim {
+   public:
+    explicit Claim(State& st) : st_(st) {}
+    Claim(const Claim&) = delete;
+    Claim& operator=(const Claim&) = delete;
+    ~Claim() {
+      std::lock_guard<std::mutex> lock(st_.close_mu);
+      if (st_.closed) st_.release();
+      st_.busy.unlock();
+    }
+
+   private:
+    State& st_;
+  };
+
+  Claim claim() {
+    std::lock_guard<std::mutex> lock(close_mu);
+    if (closed) throw InvalidArgumentError("this session is closed");
+    if (!busy.try_lock()) {
       throw InvalidArgumentError("this session is already generating (from another thread or from its own "
                                  "stream callback); use one session per concurrent request");
     }
-    return lock;
+    return Claim(*this);
   }
-  ~State() {
+  void release() {
     if (engine && seq.slot >= 0) engine->release_slot(seq);
+    engine = nullptr;
   }
+  ~State() { release(); }
 };
 
 Session Engine::session(double wait_seconds, const std::vector<int32_t>& prompt) {
@@ -766,12 +787,33 @@ Session::Session(Session&&) noexcept = default;
 Session& Session::operator=(Session&&) noexcept = default;
 Session::~Session() = default;
 
+Session::State& Session::live() const {
+  if (!state_) throw InvalidArgumentError("this Session was moved from");
+  return *state_;
+}
+
+void Session::close() {
+  if (!state_) return;
+  std::lock_guard<std::mutex> lock(state_->close_mu);
+  if (state_->closed) return;
+  state_->closed = true;
+  if (state_->busy.try_lock()) {  // else the running call releases the slot as it returns
+    state_->release();
+    state_->busy.unlock();
+  }
+}
+
 void Session::reset() {
-  auto claim = state_->claim();
+  auto claim = live().claim();
   state_->seq.length = 0;
 }
 
-int Session::context_length() const { return state_->seq.length; }
+int Session::context_length() const {
+  State& st = live();
+  std::lock_guard<std::mutex> lock(st.close_mu);
+  if (st.closed) throw InvalidArgumentError("this session is closed");
+  return st.seq.length;
+}
 
 namespace {
 // Validates tokens for an append to s (non-empty, in range, room left in the cache).
@@ -799,7 +841,7 @@ std::vector<float> Session::hidden_states(const std::vector<int32_t>& tokens, co
 }
 
 std::vector<float> Session::append(const std::vector<int32_t>& tokens, Output what, const std::vector<int>* layers) {
-  auto claim = state_->claim();
+  auto claim = live().claim();
   Engine::Impl& e = *state_->engine;
   SequenceState& s = state_->seq;
   check_append(e, s, tokens, what == Output::kHidden ? "hidden_states" : "forward");
@@ -826,7 +868,7 @@ std::vector<float> Session::append(const std::vector<int32_t>& tokens, Output wh
 
 GenerationResult Session::generate(const std::vector<int32_t>& prompt, const GenerationConfig& config,
                                    const TokenCallback& on_tokens) {
-  auto claim = state_->claim();
+  auto claim = live().claim();
   Engine::Impl& e = *state_->engine;
   validate_request(e, prompt, config);
   SequenceState& s = state_->seq;

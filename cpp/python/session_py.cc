@@ -29,6 +29,7 @@ void register_session(py::module_& m) {
           },
           py::arg("prompt"), py::arg("config"), py::arg("on_tokens") = py::none())
       .def("reset", &Session::reset)
+      .def("close", &Session::close)
       .def_property_readonly("context_length", &Session::context_length)
       .def(
           "forward",

@@ -312,6 +312,11 @@ class Session {
   /// Clears the session's context.
   void reset();
 
+  /// Lets the slot go now (what its cache holds stays for later sessions, as when the Session is
+  /// destroyed). A call running on this session in another thread is not interrupted: the slot
+  /// goes back when it returns. Afterwards every call but close() throws InvalidArgumentError.
+  void close();
+
   /// Number of tokens in the session's context (the KV cache of its slot).
   int context_length() const;
 
@@ -334,6 +339,7 @@ class Session {
   friend struct SessionAccess;  // internal test hooks
   struct State;
   explicit Session(std::unique_ptr<State> state);
+  State& live() const;  // the state, or InvalidArgumentError for a moved-from Session
   enum class Output { kLastLogits, kAllLogits, kHidden };
   std::vector<float> append(const std::vector<int32_t>& tokens, Output what,
                             const std::vector<int>* layers = nullptr);  // forward / hidden_states

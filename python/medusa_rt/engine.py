@@ -327,8 +327,12 @@ class Session:
 
     # -- lifecycle -----------------------------------------------------------------------
     def close(self) -> None:
-        """Frees the session's slot. The session cannot be used afterwards."""
-        self._session = None
+        """Frees the session's slot now (whatever else still refers to the session; a
+        generation running in another thread keeps it until it returns). The session cannot be
+        used afterwards."""
+        if self._session is not None:
+            self._session.close()
+            self._session = None
 
     def __enter__(self) -> "Session":
         return self

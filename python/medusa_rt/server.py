@@ -22,6 +22,8 @@ for an unknown path, 500 for a failure of the server itself.
 from __future__ import annotations
 
 import json
+import select
+import socket
 import sys
 import threading
 import time
@@ -159,12 +161,15 @@ class _Handler(BaseHTTPRequestHandler):
             with session as s:
                 if stream:
                     self._stream(s, ids, opts, chat, usage)
-                else:
-                    self._send_json(200, self._response(s.generate(ids, **opts), chat))
+                    return
+                r = self._generate(s, ids, opts)
         except MedusaError as exc:  # bad options, a prompt longer than the engine's max_seq_len, ...
             if self._headers_sent:
                 raise
             self._error(400, str(exc), "invalid_request_error")
+            return
+        if r is not None:  # answered once the slot is free again
+            self._send_json(200, self._response(r, chat))
 
     def _request(self, chat: bool) -> Tuple[Any, Dict[str, Any], bool, bool]:
         try:
@@ -204,6 +209,28 @@ class _Handler(BaseHTTPRequestHandler):
             choice["text"] = text or ""
         return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": self.server.model_name, "choices": [choice]}
+
+    def _generate(self, s: Any, prompt: Any, opts: Dict[str, Any]) -> Optional[GenerationResult]:
+        """The whole answer, or None when the client left first (its generation is then cancelled
+        at the next token block rather than holding a slot to the end)."""
+        pieces = s.stream(prompt, **opts)
+        try:
+            for _ in pieces:
+                if self._client_gone():
+                    self.close_connection = True
+                    return None
+        finally:
+            pieces.close()
+        return s.last_result
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed its connection (readable with nothing to read: EOF; a
+        pipelined next request is data, not EOF)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     def _stream(self, s: Any, prompt: Any, opts: Dict[str, Any], chat: bool, usage: bool) -> None:
         pieces = s.stream(prompt, **opts)
