@@ -218,3 +218,29 @@ def test_a_client_that_leaves_cancels_its_generation(served, monkeypatch):
     monkeypatch.undo()
     with engine.session(wait=5), engine.session(wait=5):  # both slots are free
         pass
+
+
+def test_metrics(served):
+    engine, url = served
+
+    def scrape() -> dict:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as m:
+            assert m.headers["Content-Type"].startswith("text/plain")
+            lines = m.read().decode().splitlines()
+        return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in lines if not line.startswith("#"))}
+
+    before = scrape()
+    r = _post(url + "/v1/chat/completions", {"messages": CHAT, "max_tokens": 9})[1]
+    assert _post(url + "/v1/chat/completions", {"messages": []})[0] == 400
+    after = scrape()
+
+    def grew(name: str) -> float:
+        return after.get(name, 0) - before.get(name, 0)
+
+    ok = 'medusa_rt_requests_total{endpoint="/v1/chat/completions",status="200"}'
+    bad = 'medusa_rt_requests_total{endpoint="/v1/chat/completions",status="400"}'
+    assert grew(ok) == 1 and grew(bad) == 1
+    assert grew("medusa_rt_generation_tokens_total") == r["usage"]["completion_tokens"]
+    assert grew("medusa_rt_prompt_tokens_total") == r["usage"]["prompt_tokens"]
+    assert grew("medusa_rt_decode_steps_total") >= 1 and grew("medusa_rt_decode_seconds_total") > 0
+    assert after["medusa_rt_requests_running"] == 0 and after["medusa_rt_slots"] == 2

@@ -1,7 +1,10 @@
 """``medusa-rt serve``: an HTTP server with the OpenAI chat and completions API over one engine.
 
 Endpoints: ``POST /v1/chat/completions`` (``messages``), ``POST /v1/completions`` (``prompt``,
-text), ``GET /v1/models``, ``GET /health``. Each request runs on a session of its own in the
+text), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text format: requests by
+endpoint and status, requests running, prompt / cached / generated tokens, decode steps and
+Medusa tree steps, so tokens per step is ``generation_tokens / decode_steps`` over a window,
+prefill and decode seconds). Each request runs on a session of its own in the
 server's thread for it, so concurrent requests share the engine's decode steps (up to its
 ``max_batch_size`` at once; a request waits up to ``slot_wait`` seconds for a free slot, then gets
 503). A request takes the free slot whose cache shares the longest start with its prompt, so the
@@ -37,10 +40,62 @@ from .errors import CapacityError, InvalidArgumentError, MedusaError
 
 DEFAULT_MAX_TOKENS = 256
 MAX_BODY_BYTES = 8 << 20
+_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 
 
 class _BadRequest(Exception):
     pass
+
+
+class Metrics:
+    """The server's counters, exported at ``GET /metrics`` in the Prometheus text format."""
+
+    _TOTALS = (  # (metric, GenerationStats field, help)
+        ("prompt_tokens", "prompt_tokens", "prompt tokens of finished requests"),
+        ("cached_prompt_tokens", "cached_prompt_tokens", "prompt tokens taken from a slot's cache, not prefilled"),
+        ("generation_tokens", "new_tokens", "tokens generated"),
+        ("decode_steps", "steps", "decode steps (generation_tokens / decode_steps: tokens per step)"),
+        ("tree_steps", "tree_steps", "decode steps that verified a Medusa tree"),
+        ("lookup_tokens", "lookup_tokens", "accepted tokens found by prompt lookup"),
+        ("prefill_seconds", "prefill_seconds", "seconds spent prefilling"),
+        ("decode_seconds", "decode_seconds", "seconds spent decoding"),
+    )
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: Dict[Tuple[str, int], int] = {}
+        self.running = 0
+        self.totals: Dict[str, float] = {name: 0 for name, _, _ in self._TOTALS}
+
+    def response(self, endpoint: str, status: int) -> None:
+        with self._lock:
+            self.requests[(endpoint, status)] = self.requests.get((endpoint, status), 0) + 1
+
+    def started(self, delta: int) -> None:
+        with self._lock:
+            self.running += delta
+
+    def finished(self, r: GenerationResult) -> None:
+        with self._lock:
+            for name, attr, _ in self._TOTALS:
+                self.totals[name] += getattr(r.stats, attr)
+
+    def render(self, slots: int) -> str:
+        with self._lock:
+            out = ["# HELP medusa_rt_requests_total HTTP responses by endpoint and status",
+                   "# TYPE medusa_rt_requests_total counter"]
+            out += [f'medusa_rt_requests_total{{endpoint="{e}",status="{c}"}} {n}'
+                    for (e, c), n in sorted(self.requests.items())]
+            out += ["# HELP medusa_rt_requests_running generations in progress",
+                    "# TYPE medusa_rt_requests_running gauge", f"medusa_rt_requests_running {self.running}",
+                    "# HELP medusa_rt_slots sequence slots (requests served at once)",
+                    "# TYPE medusa_rt_slots gauge", f"medusa_rt_slots {slots}"]
+            for name, _, help_text in self._TOTALS:
+                value = self.totals[name]
+                out += [f"# HELP medusa_rt_{name}_total {help_text}", f"# TYPE medusa_rt_{name}_total counter",
+                        f"medusa_rt_{name}_total {value:.6f}" if isinstance(value, float) else
+                        f"medusa_rt_{name}_total {value}"]
+        return "\n".join(out) + "\n"
 
 
 def _field(body: Dict[str, Any], name: str, kind: type, default: Any) -> Any:
@@ -102,6 +157,12 @@ class _Handler(BaseHTTPRequestHandler):
         if self.server.verbose:
             sys.stderr.write(f"[medusa_rt serve] {self.address_string()} {fmt % args}\n")
 
+    def send_response(self, code: int, message: Optional[str] = None) -> None:
+        path = getattr(self, "path", "")  # unset when the request line itself was bad
+        endpoint = path if path in _ENDPOINTS else "other"
+        self.server.metrics.response(endpoint, code)
+        super().send_response(code, message)
+
     def _send_json(self, status: int, obj: Dict[str, Any]) -> None:
         data = json.dumps(obj).encode()
         self.send_response(status)
@@ -117,6 +178,13 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path == "/health":
             self._send_json(200, {"status": "ok"})
+        elif self.path == "/metrics":
+            data = self.server.metrics.render(self.server.engine.info.max_batch_size).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
         elif self.path == "/v1/models":
             self._send_json(200, {"object": "list", "data": [
                 {"id": self.server.model_name, "object": "model", "owned_by": "medusa_rt"}]})
@@ -157,12 +225,19 @@ class _Handler(BaseHTTPRequestHandler):
         except CapacityError as exc:  # no slot came free in time
             self._error(503, str(exc), "server_busy")
             return
+        metrics = self.server.metrics
+        metrics.started(1)
         try:
             with session as s:
-                if stream:
-                    self._stream(s, ids, opts, chat, usage)
-                    return
-                r = self._generate(s, ids, opts)
+                try:
+                    if stream:
+                        self._stream(s, ids, opts, chat, usage)
+                        return
+                    r = self._generate(s, ids, opts)
+                finally:
+                    metrics.started(-1)
+                    if s.last_result is not None:
+                        metrics.finished(s.last_result)
         except MedusaError as exc:  # bad options, a prompt longer than the engine's max_seq_len, ...
             if self._headers_sent:
                 raise
@@ -299,6 +374,7 @@ class MedusaServer(ThreadingHTTPServer):
         self.model_name = model_name or engine.model_dir.name
         self.slot_wait = float(slot_wait)
         self.verbose = verbose
+        self.metrics = Metrics()
 
     def start(self) -> threading.Thread:
         """Serves in a daemon thread (for embedding and tests); ``shutdown()`` stops it."""
