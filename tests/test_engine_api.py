@@ -172,6 +172,8 @@ def test_chat_messages_and_multi_turn(engine):
         engine.generate([{"role": "user", "content": "x"}, 5], max_new_tokens=2)
     with pytest.raises(medusa_rt.errors.InvalidArgumentError, match="role"):
         engine.generate([{"content": "x"}], max_new_tokens=2)
+    with pytest.raises(medusa_rt.errors.InvalidArgumentError, match="'content' must be"):
+        engine.generate([{"role": "user", "content": 5}], max_new_tokens=2)  # not rendered as "5"
 
 
 def test_forward_matches_generate(engine):
@@ -437,6 +439,12 @@ def test_close_frees_the_slot_now(model_dir):
         with pytest.raises(medusa_rt.CapacityError):
             next(pieces)
     with eng.session():
+        pass
+    # A stream left paused (neither run to its end nor closed) is cancelled by the session's close.
+    with eng.session() as s4:
+        paused = s4.stream(PROMPT, max_new_tokens=40, ignore_eos=True)
+        next(paused)
+    with eng.session(wait=10):
         pass
     # Closed from another thread while generating: the call finishes, then the slot is free.
     s3 = eng.session()

@@ -166,6 +166,16 @@ def test_unsupported_fields_are_refused(served):
     assert status == 400 and "content" in r["error"]["message"]
     status, r = _post(url + "/v1/completions", {"prompt": "x", "echo": True})
     assert status == 400 and "echo" in r["error"]["message"]
+    status, r = _post(chat, {"messages": [1, 2, 3]})  # token ids are not messages
+    assert status == 400 and "messages" in r["error"]["message"]
+    status, r = _post(chat, b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}')
+    assert status == 400 and "finite" in r["error"]["message"]
+    status, r = _post(chat, b"[" * 100000 + b"]" * 100000)
+    assert status == 400 and "JSON" in r["error"]["message"]
+    calls = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None,
+                                               "tool_calls": [{"id": "1", "type": "function"}]}]
+    status, r = _post(chat, {"messages": calls})
+    assert status == 400 and "content" in r["error"]["message"]
 
 
 def test_a_server_failure_is_a_500_and_the_server_goes_on(served, monkeypatch):

@@ -733,8 +733,8 @@ void validate_request(const Engine::Impl& e, const std::vector<int32_t>& prompt,
 struct Session::State {
   Engine::Impl* engine = nullptr;
   SequenceState seq;
-  std::mutex busy;      // a session serves one call at a time
-  std::mutex close_mu;  // orders close() against calls starting and ending
+  std::mutex mu;        // guards busy and closed
+  bool busy = false;    // a call runs (a session serves one call at a time)
   bool closed = false;  // close() was called: no new calls; the slot goes back when no call runs
 
   // Held for the length of a call; the call that was running when close() came releases the slot.
@@ -744,9 +744,9 @@ struct Session::State {
     Claim(const Claim&) = delete;
     Claim& operator=(const Claim&) = delete;
     ~Claim() {
-      std::lock_guard<std::mutex> lock(st_.close_mu);
+      std::lock_guard<std::mutex> lock(st_.mu);
+      st_.busy = false;
       if (st_.closed) st_.release();
-      st_.busy.unlock();
     }
 
    private:
@@ -754,12 +754,13 @@ struct Session::State {
   };
 
   Claim claim() {
-    std::lock_guard<std::mutex> lock(close_mu);
+    std::lock_guard<std::mutex> lock(mu);
     if (closed) throw InvalidArgumentError("this session is closed");
-    if (!busy.try_lock()) {
+    if (busy) {
       throw InvalidArgumentError("this session is already generating (from another thread or from its own "
                                  "stream callback); use one session per concurrent request");
     }
+    busy = true;
     return Claim(*this);
   }
   void release() {
@@ -794,13 +795,9 @@ Session::State& Session::live() const {
 
 void Session::close() {
   if (!state_) return;
-  std::lock_guard<std::mutex> lock(state_->close_mu);
-  if (state_->closed) return;
+  std::lock_guard<std::mutex> lock(state_->mu);
   state_->closed = true;
-  if (state_->busy.try_lock()) {  // else the running call releases the slot as it returns
-    state_->release();
-    state_->busy.unlock();
-  }
+  if (!state_->busy) state_->release();  // else the running call releases the slot as it returns
 }
 
 void Session::reset() {
@@ -810,7 +807,7 @@ void Session::reset() {
 
 int Session::context_length() const {
   State& st = live();
-  std::lock_guard<std::mutex> lock(st.close_mu);
+  std::lock_guard<std::mutex> lock(st.mu);
   if (st.closed) throw InvalidArgumentError("this session is closed");
   return st.seq.length;
 }

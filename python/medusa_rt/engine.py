@@ -324,15 +324,19 @@ class Session:
         self._engine = engine
         self._session: Optional[_core.Session] = core_session
         self.last_result: Optional[GenerationResult] = None
+        self._streams: "set[threading.Event]" = set()  # cancel flags of this session's live streams
 
     # -- lifecycle -----------------------------------------------------------------------
     def close(self) -> None:
-        """Frees the session's slot now (whatever else still refers to the session; a
-        generation running in another thread keeps it until it returns). The session cannot be
-        used afterwards."""
-        if self._session is not None:
-            self._session.close()
-            self._session = None
+        """Frees the session's slot now, whatever else still refers to the session. A stream
+        still open (an iterator not run to its end nor closed) is cancelled: its slot goes back at
+        its next token block. A generation running in another thread keeps the slot until it
+        returns. The session cannot be used afterwards."""
+        core, self._session = self._session, None
+        for cancel in list(self._streams):
+            cancel.set()
+        if core is not None:
+            core.close()
 
     def __enter__(self) -> "Session":
         return self
@@ -462,7 +466,8 @@ class Session:
         # A short queue: the engine runs at most a block or two ahead of the consumer, and a
         # consumer that stops (closes the iterator) cancels the generation at its next block.
         events: "queue.Queue[tuple[str, object]]" = queue.Queue(maxsize=2)
-        cancel = threading.Event()
+        cancel = threading.Event()  # set by closing the iterator or the session
+        self._streams.add(cancel)
 
         def on_tokens(tokens: List[int]) -> bool:
             piece, go_on = out.feed(tokens)
@@ -511,6 +516,7 @@ class Session:
             # Closing the iterator early cancels the engine at its next token block; the
             # cancelled result still becomes last_result.
             cancel.set()
+            self._streams.discard(cancel)
             while not finished:
                 try:
                     kind, payload = events.get(timeout=0.05)

@@ -25,6 +25,7 @@ for an unknown path, 500 for a failure of the server itself.
 from __future__ import annotations
 
 import json
+import math
 import select
 import socket
 import sys
@@ -106,6 +107,8 @@ def _field(body: Dict[str, Any], name: str, kind: type, default: Any) -> Any:
         value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
         raise _BadRequest(f"'{name}' must be {kind.__name__}, got {type(value).__name__}")
+    if kind is float and not math.isfinite(value):
+        raise _BadRequest(f"'{name}' must be a finite number, got {value}")
     return value
 
 
@@ -127,6 +130,26 @@ def _refuse_unsupported(body: Dict[str, Any]) -> None:
     fmt = body.get("response_format")
     if fmt is not None and fmt != {"type": "text"}:
         raise _BadRequest("only response_format {'type': 'text'} is supported by this server")
+
+
+def _chat_message(k: int, m: Dict[str, Any]) -> Dict[str, Any]:
+    """An OpenAI chat message with its content as text: text parts are joined with newlines;
+    other parts (images, audio) and tool calls are refused."""
+    content = m.get("content")
+    if isinstance(content, list) and content:
+        texts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise _BadRequest(f"message {k}: only text content parts are supported, got {kind!r}")
+            texts.append(part["text"])
+        content = "\n".join(texts)
+    if not isinstance(content, str):
+        raise _BadRequest(f"message {k} needs a 'content' string or a list of text parts "
+                          f"(got {json.dumps(content)[:80]})")
+    if m.get("tool_calls"):
+        raise _BadRequest(f"message {k}: 'tool_calls' is not supported by this server")
+    return {**m, "content": content}
 
 
 def _options(body: Dict[str, Any]) -> Dict[str, Any]:
@@ -152,6 +175,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: "MedusaServer"
     protocol_version = "HTTP/1.1"
     _headers_sent = False  # a streamed response's headers went out: errors can no longer be a status
+    _rid = ""  # the id of the streamed response
 
     def log_message(self, fmt: str, *args: Any) -> None:  # quiet unless asked
         if self.server.verbose:
@@ -230,10 +254,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             with session as s:
                 try:
-                    if stream:
-                        self._stream(s, ids, opts, chat, usage)
-                        return
-                    r = self._generate(s, ids, opts)
+                    r = self._stream(s, ids, opts, chat) if stream else self._generate(s, ids, opts)
                 finally:
                     metrics.started(-1)
                     if s.last_result is not None:
@@ -243,7 +264,11 @@ class _Handler(BaseHTTPRequestHandler):
                 raise
             self._error(400, str(exc), "invalid_request_error")
             return
-        if r is not None:  # answered once the slot is free again
+        if r is None:  # the client left, or the stream reported its error
+            return
+        if stream:  # the end of the stream goes out once the slot is free again
+            self._end_stream(r, chat, usage)
+        else:  # so does the answer
             self._send_json(200, self._response(r, chat))
 
     def _request(self, chat: bool) -> Tuple[Any, Dict[str, Any], bool, bool]:
@@ -255,15 +280,16 @@ class _Handler(BaseHTTPRequestHandler):
             raise _BadRequest(f"the request needs a JSON body of at most {MAX_BODY_BYTES} bytes")
         try:
             body = json.loads(self.rfile.read(n))
-        except ValueError as exc:
-            raise _BadRequest(f"the body is not JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:
+            raise _BadRequest(f"the body is not JSON (or nested too deeply): {exc}") from None
         if not isinstance(body, dict):
             raise _BadRequest("the body must be a JSON object")
         _refuse_unsupported(body)
         if chat:
             prompt = body.get("messages")
-            if not isinstance(prompt, list) or not prompt:
+            if not isinstance(prompt, list) or not prompt or not all(isinstance(m, dict) for m in prompt):
                 raise _BadRequest("'messages' must be a non-empty list of {'role', 'content'} objects")
+            prompt = [_chat_message(k, m) for k, m in enumerate(prompt)]
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -300,14 +326,22 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _client_gone(self) -> bool:
         """Whether the client closed its connection (readable with nothing to read: EOF; a
-        pipelined next request is data, not EOF)."""
+        pipelined next request is data, not EOF). A client that shuts down only its sending side
+        and still reads looks the same, and is taken for gone."""
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
+            poller = select.poll()
+            poller.register(self.connection, select.POLLIN)
+            return bool(poller.poll(0)) and self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except ConnectionError:  # reset
             return True
+        except OSError:  # unknown: keep going
+            return False
 
-    def _stream(self, s: Any, prompt: Any, opts: Dict[str, Any], chat: bool, usage: bool) -> None:
+    def _stream(self, s: Any, prompt: Any, opts: Dict[str, Any], chat: bool) -> Optional[GenerationResult]:
+        """Sends the headers and the text as it comes; returns the result (None after an error,
+        reported as an event) for :meth:`_end_stream`."""
         pieces = s.stream(prompt, **opts)
         first = next(pieces, None)  # errors in the request surface here, before any header is sent
         self._headers_sent = True
@@ -317,20 +351,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         self.end_headers()
         self.close_connection = True
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self._rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         try:
-            self._event(self._chunk(rid, chat, first, None, first=True))
+            self._event(self._chunk(self._rid, chat, first, None, first=True))
             for piece in pieces:
-                self._event(self._chunk(rid, chat, piece, None))
+                self._event(self._chunk(self._rid, chat, piece, None))
         except MedusaError as exc:  # after the headers: reported as an event
             self._event({"error": {"message": str(exc), "type": "server_error"}})
-            return
+            return None
         finally:
             pieces.close()  # a client that left cancels the generation
-        r = s.last_result
-        self._event(self._chunk(rid, chat, None, _finish(r)))
+        return s.last_result
+
+    def _end_stream(self, r: GenerationResult, chat: bool, usage: bool) -> None:
+        self._event(self._chunk(self._rid, chat, None, _finish(r)))
         if usage:
-            self._event({**self._chunk(rid, chat, None, None), "choices": [], "usage": _usage(r)})
+            self._event({**self._chunk(self._rid, chat, None, None), "choices": [], "usage": _usage(r)})
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
 

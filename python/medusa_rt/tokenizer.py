@@ -272,6 +272,9 @@ class Tokenizer:
                                              **context))
         except jinja2.TemplateError as exc:
             raise InvalidArgumentError(f"chat template of {self.path} failed: {exc}") from exc
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:  # on odd message data
+            raise InvalidArgumentError(f"chat template of {self.path} failed on these messages: "
+                                       f"{type(exc).__name__}: {exc}") from exc
 
     def encode_chat(self, messages: str | Sequence[Mapping[str, Any]], *,
                     add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
@@ -293,28 +296,14 @@ def _normalize_messages(messages: Any) -> list[dict[str, Any]]:
     for k, m in enumerate(messages):
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
             raise InvalidArgumentError(f"message {k} must be a dict with a string 'role'")
-        m = dict(m)
-        m["content"] = _message_text(k, m.get("content"))
-        out.append(m)
+        content = m.get("content")
+        if not (content is None or isinstance(content, (str, list, tuple))):
+            # A list (content parts) or None (a tool call's message) goes to the template as in HF
+            # transformers; anything else would be rendered as its Python repr.
+            raise InvalidArgumentError(f"message {k}: 'content' must be a string, a list of content parts "
+                                       f"or None, got {type(content).__name__}")
+        out.append(dict(m))
     return out
-
-
-def _message_text(k: int, content: Any) -> str:
-    """A message's content as text: a string, or a list of text parts (the OpenAI form), which are
-    joined with newlines. Anything else (an image part, a number, no content) is refused rather than
-    rendered as its Python repr."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, (list, tuple)) and content:
-        texts = []
-        for part in content:
-            if not (isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
-                raise InvalidArgumentError(f"message {k}: only text content parts are supported, got {kind!r}")
-            texts.append(part["text"])
-        return "\n".join(texts)
-    raise InvalidArgumentError(f"message {k} needs a 'content' string (or a list of text parts), "
-                               f"got {type(content).__name__}")
 
 
 def _raise_exception(message: str) -> None:
