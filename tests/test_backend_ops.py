@@ -36,6 +36,23 @@ def round_to(a: np.ndarray, dtype: str) -> np.ndarray:
     return r.view(np.float32)
 
 
+def quantize_int8(w: np.ndarray, group: int = 32) -> np.ndarray:
+    """The weights dtype="int8" multiplies: per row and group of `group` columns, symmetric int8
+    with scale max|w| / 127 (fp32), dequantized as q * scale rounded to fp32."""
+    w = np.asarray(w, dtype=np.float32)
+    out = np.empty_like(w)
+    for g in range(0, w.shape[1], group):
+        blk = w[:, g:g + group]
+        scale = (np.abs(blk).max(axis=1, keepdims=True) / np.float32(127)).astype(np.float32)
+        q = np.clip(np.rint(np.divide(blk, scale, out=np.zeros_like(blk), where=scale > 0)), -127, 127)
+        out[:, g:g + group] = (q.astype(np.float32) * scale).astype(np.float32)
+    return out
+
+
+def weights_as(w: np.ndarray, dtype: str) -> np.ndarray:
+    return quantize_int8(w) if dtype == "int8" else round_to(w, dtype)
+
+
 def arr(x, shape=None) -> np.ndarray:
     a = np.asarray(x, dtype=np.float32)
     return a.reshape(shape) if shape is not None else a
@@ -59,21 +76,22 @@ def cpu():
 RNG = np.random.default_rng(5)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("k", [96, 100])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16", "int8"])
+@pytest.mark.parametrize("k", [96, 100, 300])
 def test_linear(h, dev, dtype, k):
     n, rows = 200, 70
     x = RNG.standard_normal((rows, k)).astype(np.float32)
     w = (RNG.standard_normal((n, k)) * 0.1).astype(np.float32)
+    w[3, :] = 0  # an all-zero row: scale 0
     b = RNG.standard_normal(n).astype(np.float32)
-    if dev != "cpu" and dtype == "fp32":
+    if dev != "cpu" and dtype in ("fp32", "int8"):
         with pytest.raises(InvalidArgumentError, match="bf16 or fp16"):
             h.linear(x.ravel(), rows, w.ravel(), n, k, dtype, [])
         return
     y = arr(h.linear(x.ravel(), rows, w.ravel(), n, k, dtype, b), (rows, n))
     # The CPU multiplies fp32 activations; CUDA's tensor cores take them rounded to the weights' type.
     xin = x if dev == "cpu" else round_to(x, dtype)
-    ref = xin.astype(np.float64) @ round_to(w, dtype).T.astype(np.float64) + b
+    ref = xin.astype(np.float64) @ weights_as(w, dtype).T.astype(np.float64) + b
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
     # Row independence: every batch size gives each row the same bits (tree rows = plain rows).
     for m in (1, 3, 17):
@@ -114,7 +132,7 @@ x = rng.standard_normal((70, k)).astype(np.float32)
 w = (rng.standard_normal((n, k)) * 0.1).astype(np.float32)
 b = rng.standard_normal(n).astype(np.float32)
 out = {}
-for dt in ("fp32", "bf16", "fp16"):
+for dt in ("fp32", "bf16", "fp16", "int8"):
     for m in (1, 2, 3, 5, 7, 8, 13, 70):
         out[f"{dt}-{m}"] = np.asarray(h.linear(x[:m].ravel(), m, w.ravel(), n, k, dt, b), np.float32)
 np.savez(sys.argv[1], **out)
@@ -148,13 +166,15 @@ def test_linear_same_bits_on_every_isa(tmp_path):
             np.testing.assert_allclose(out[key], got["generic"][key], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_embed_and_matrix_row(h, dtype):
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "int8"])
+def test_embed_and_matrix_row(h, dev, dtype):
+    if dev != "cpu" and dtype == "int8":
+        pytest.skip("int8 weights are CPU-only")
     rows, cols = 50, 36
     t = RNG.standard_normal((rows, cols)).astype(np.float32)
     toks = [3, 0, 49, 3]
     out = arr(h.embed(t.ravel(), rows, cols, dtype, toks), (len(toks) + 1, cols))
-    r = round_to(t, dtype)
+    r = weights_as(t, dtype)
     assert np.array_equal(out[:-1], r[toks])
     assert np.array_equal(out[-1], r[-1])
 
@@ -206,10 +226,12 @@ def test_elementwise(h):
     assert np.array_equal(arr(h.gather_rows(xs.ravel(), 33, idx), (4, 33)), xs[idx])
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
-def test_linear_argmax_is_linear_then_argmax(h, dtype):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16", "int8"])
+def test_linear_argmax_is_linear_then_argmax(h, dev, dtype):
     """The greedy lm_head (linear fused with argmax) picks exactly the index linear() then
     argmax() picks, ties included (lowest index), across column chunks and threads."""
+    if dev != "cpu" and dtype in ("fp32", "int8"):
+        pytest.skip("CUDA weights are bf16 or fp16")
     n, k = 3000, 64  # 188 panels, the last one partial: two threads, several chunks each
     for rows in (1, 3, 9, 40):
         x = RNG.standard_normal((rows, k)).astype(np.float32)

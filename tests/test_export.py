@@ -447,10 +447,14 @@ def test_gguf_six_types_dequantized_exactly(tmp_path) -> None:
         assert np.array_equal(got[k], v), k
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16", "int8"])
 def test_gguf_retyped_copy_holds_the_same_weights(tmp_path, dtype) -> None:
     """retype_gguf (the llama.cpp peer's model files): a quantized GGUF rewritten as F32/BF16/F16
-    keeps its metadata and gives the importer the same weights, rounded to the new type."""
+    keeps its metadata and gives the importer the same weights, rounded to the new type (Q8_0:
+    gguf's own quantization of them)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
     from gguf import GGUFReader
 
     from medusa_rt.export.gguf_retype import retype_gguf
@@ -460,7 +464,7 @@ def test_gguf_retyped_copy_holds_the_same_weights(tmp_path, dtype) -> None:
     dst = retype_gguf(src, tmp_path / f"{dtype}.gguf", dtype)
     a, b = GGUFReader(str(src)), GGUFReader(str(dst))
     assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
-    expect_type = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}[dtype]
+    expect_type = {"fp32": "F32", "bf16": "BF16", "fp16": "F16", "int8": "Q8_0"}[dtype]
     assert {t.tensor_type.name for t in b.tensors if len(t.shape) == 2} == {expect_type}
     assert {t.tensor_type.name for t in b.tensors if len(t.shape) == 1} <= {"F32"}
     for key, field in a.fields.items():
@@ -468,8 +472,10 @@ def test_gguf_retyped_copy_holds_the_same_weights(tmp_path, dtype) -> None:
             assert b.fields[key].contents() == field.contents(), key
     got = load_export_f32(export_model(dst, tmp_path / "rt", progress=False, name="retyped"))
     for k, v in want.items():
+        q8 = GGMLQuantizationType.Q8_0
         ref = v if v.ndim == 1 or dtype == "fp32" else (
-            v.astype(np.float16).astype(np.float32) if dtype == "fp16" else bf16_bits_to_f32(f32_to_bf16_bits(v)))
+            v.astype(np.float16).astype(np.float32) if dtype == "fp16" else
+            dequantize(quantize(v, q8), q8).reshape(v.shape) if dtype == "int8" else bf16_bits_to_f32(f32_to_bf16_bits(v)))
         assert np.array_equal(got[k], ref), k
     with pytest.raises(InvalidArgumentError, match="GGUF dtype"):
         retype_gguf(src, tmp_path / "x.gguf", "q8")

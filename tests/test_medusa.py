@@ -851,6 +851,24 @@ def test_bf16_kv_cache(own_dir, setup):
             medusa_rt.Engine(own_dir, kv_dtype=bad)
 
 
+def test_int8_weights(own_dir, setup):
+    """dtype="int8" (weight-only, quantized at load; CPU only): Medusa trees, prompt lookup and
+    batches give exactly int8 plain decoding's tokens; logits close to fp32's; about half bf16's
+    weight bytes; the heads stay bf16 unless asked."""
+    kw = dict(max_seq_len=256, max_batch_size=2, medusa_max_batch=16, prompt_lookup=3)
+    q = medusa_rt.Engine(own_dir, dtype="int8", **kw)
+    ref = medusa_rt.Engine(own_dir, dtype="fp32", **kw)
+    assert (q.info.dtype, q.info.medusa_heads_dtype, q.info.matmul_inputs) == ("int8", "bf16", "fp32")
+    base_bytes = {d: medusa_rt.Engine(own_dir, dtype=d, medusa_heads_dtype="bf16", max_seq_len=64).info.weight_bytes
+                  for d in ("int8", "bf16")}
+    assert base_bytes["int8"] < 0.8 * base_bytes["bf16"]
+    _lossless_and_close(q, ref, setup["prompts"][:2] + _unseen(2), tol=0.05)
+    assert medusa_rt.Engine(own_dir, dtype="int8", medusa_heads_dtype="int8", max_seq_len=64).info.medusa_heads_dtype == "int8"
+    for bad in (dict(kv_dtype="int8"), dict(dtype="int8", matmul_inputs="bf16"), dict(dtype="int4")):
+        with pytest.raises(InvalidArgumentError):
+            medusa_rt.Engine(own_dir, **bad)
+
+
 def test_bf16_matmul_inputs(own_dir, setup):
     """matmul_inputs="bf16" (bf16 weights on a CPU with AVX512-BF16): Medusa trees, prompt lookup
     and batches still give exactly plain decoding's tokens; logits close to the exact inputs'."""

@@ -13,7 +13,8 @@ DType weight_dtype(const std::string& s) {
   if (s == "fp32") return DType::kF32;
   if (s == "bf16") return DType::kBF16;
   if (s == "fp16") return DType::kF16;
-  throw InvalidArgumentError("dtype must be fp32, bf16 or fp16, got " + s);
+  if (s == "int8") return DType::kI8;
+  throw InvalidArgumentError("dtype must be fp32, bf16, fp16 or int8, got " + s);
 }
 
 }  // namespace
@@ -67,9 +68,9 @@ std::vector<T> BackendHarness::download(const Buf& b, size_t n) {
 Matrix BackendHarness::matrix(const std::vector<float>& w, int rows, int cols, const std::string& dtype) {
   if (w.size() != size_t(rows) * cols) throw InvalidArgumentError("matrix data does not match its shape");
   const DType dt = weight_dtype(dtype);
-  std::vector<uint8_t> host(dtype_size(dt) * w.size());
+  std::vector<uint8_t> host((dt == DType::kI8 ? 4 : dtype_size(dt)) * w.size());  // int8: quantized from fp32
   for (size_t i = 0; i < w.size(); ++i) {
-    if (dt == DType::kF32) {
+    if (dt == DType::kF32 || dt == DType::kI8) {
       std::memcpy(host.data() + 4 * i, &w[i], 4);
     } else {
       const uint16_t h = dt == DType::kBF16 ? f32_to_bf16(w[i]) : f32_to_f16(w[i]);

@@ -58,10 +58,14 @@ DType parse_engine_dtype(const std::string& s, const char* what = "dtype") {
   if (s == "fp32" || s == "float32") return DType::kF32;
   if (s == "bf16" || s == "bfloat16") return DType::kBF16;
   if (s == "fp16" || s == "float16") return DType::kF16;
-  throw InvalidArgumentError(std::string(what) + " must be \"fp32\", \"bf16\" or \"fp16\", got \"" + s + "\"");
+  if (s == "int8") return DType::kI8;
+  throw InvalidArgumentError(std::string(what) + " must be \"fp32\", \"bf16\", \"fp16\" or \"int8\", got \"" + s +
+                             "\"");
 }
 
-const char* dtype_option_name(DType d) { return d == DType::kF32 ? "fp32" : d == DType::kBF16 ? "bf16" : "fp16"; }
+const char* dtype_option_name(DType d) {
+  return d == DType::kF32 ? "fp32" : d == DType::kBF16 ? "bf16" : d == DType::kF16 ? "fp16" : "int8";
+}
 
 std::string mib(size_t b) { return std::to_string((b + (1 << 20) - 1) >> 20) + " MiB"; }
 
@@ -312,8 +316,9 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
   const ModelConfig& c = e.cfg;
   const DType dtype = parse_engine_dtype(options.dtype);
   const int gpu = parse_device(options.device);
-  if (gpu >= 0 && dtype == DType::kF32) {
-    throw InvalidArgumentError("dtype=\"fp32\" is not supported on CUDA (weights are bf16 or fp16 there)");
+  if (gpu >= 0 && (dtype == DType::kF32 || dtype == DType::kI8)) {
+    throw InvalidArgumentError(std::string("dtype=\"") + dtype_option_name(dtype) +
+                               "\" is not supported on CUDA (weights are bf16 or fp16 there)");
   }
   const std::string& mi = options.matmul_inputs;
   if (mi != "auto" && mi != "fp32" && mi != "bf16") {
@@ -328,17 +333,19 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
                                "rounds the inputs to the weight type)");
   }
   const DType kv_dtype = parse_engine_dtype(options.kv_dtype, "kv_dtype");
-  if (kv_dtype == DType::kF16 || (gpu >= 0 && kv_dtype != DType::kF32)) {
+  if (kv_dtype == DType::kF16 || kv_dtype == DType::kI8 || (gpu >= 0 && kv_dtype != DType::kF32)) {
     throw InvalidArgumentError("kv_dtype must be \"fp32\" or \"bf16\" (\"bf16\" on the CPU only), got \"" +
                                options.kv_dtype + "\"");
   }
   // The heads only draft (the base model verifies every token), so an fp32 model's heads run in
   // bf16 on the CPU by default: half the bytes per heads pass, the same acceptance (measured).
+  // An int8 model's heads too (their few MB do not pay for quantizing them).
   const DType heads_dtype = !options.medusa_heads_dtype.empty()
                                 ? parse_engine_dtype(options.medusa_heads_dtype, "medusa_heads_dtype")
-                                : (gpu < 0 && dtype == DType::kF32 ? DType::kBF16 : dtype);
-  if (gpu >= 0 && heads_dtype == DType::kF32) {
-    throw InvalidArgumentError("medusa_heads_dtype=\"fp32\" is not supported on CUDA (weights are bf16 or fp16 there)");
+                                : (gpu < 0 && (dtype == DType::kF32 || dtype == DType::kI8) ? DType::kBF16 : dtype);
+  if (gpu >= 0 && (heads_dtype == DType::kF32 || heads_dtype == DType::kI8)) {
+    throw InvalidArgumentError(std::string("medusa_heads_dtype=\"") + dtype_option_name(heads_dtype) +
+                               "\" is not supported on CUDA (weights are bf16 or fp16 there)");
   }
 
   if (options.max_batch_size < 1 || options.max_batch_size > 4096) {

@@ -28,6 +28,7 @@ cpu::WType wtype(DType d) {
     case DType::kF32: return cpu::WType::kF32;
     case DType::kBF16: return cpu::WType::kBF16;
     case DType::kF16: return cpu::WType::kF16;
+    case DType::kI8: return cpu::WType::kI8;
     default: throw UnsupportedModelError(std::string("weight dtype ") + dtype_name(d) + " is not supported by the CPU backend");
   }
 }

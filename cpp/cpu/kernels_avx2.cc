@@ -22,6 +22,7 @@ inline float hsum(__m256 v) {
 // Loads of one k row of a panel (16 weights) as two fp32 vectors: columns 0..7 and 8..15.
 struct F32W {
   using T = float;
+  static constexpr bool kScaled = false;
   static inline void load16(const T* p, __m256& lo, __m256& hi) {
     lo = _mm256_loadu_ps(p);
     hi = _mm256_loadu_ps(p + 8);
@@ -29,6 +30,7 @@ struct F32W {
 };
 struct BF16W {  // interleaved pairs (c_j, c_j+8) per 32-bit lane: a shift and a mask widen them
   using T = uint16_t;
+  static constexpr bool kScaled = false;
   static inline void load16(const T* p, __m256& lo, __m256& hi) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     lo = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
@@ -37,9 +39,19 @@ struct BF16W {  // interleaved pairs (c_j, c_j+8) per 32-bit lane: a shift and a
 };
 struct F16W {
   using T = uint16_t;
+  static constexpr bool kScaled = false;
   static inline void load16(const T* p, __m256& lo, __m256& hi) {
     lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  }
+};
+struct I8W {  // widened exactly; the tile multiplies them by their group's scales
+  using T = int8_t;
+  static constexpr bool kScaled = true;
+  static inline void load16(const T* p, __m256& lo, __m256& hi) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+    hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(v, v)));
   }
 };
 
@@ -67,10 +79,13 @@ constexpr int kPrefetchBytes = MEDUSA_RT_PREFETCH;
 
 // A tile: MR rows of x against NP consecutive panels (16 NP columns, panel p at p0 + p * ps),
 // over all of k. Weights are read once per tile and reused by the MR rows; MR * NP * 2
-// accumulators are independent chains. `valid`: columns of the last panel that exist.
+// accumulators are independent chains. `valid`: columns of the last panel that exist. Scaled
+// (int8) weights: sc holds the first panel's scales (16 per group of kI8Group k), the next
+// panel's ps bytes further; each weight vector is multiplied by its scales before the FMAs.
 template <class W, int MR, int NP>
 __attribute__((always_inline)) inline void tile(const float* x, int ldx, int K, const typename W::T* p0, int64_t ps,
-                                                const float* bias, int n, int valid, float* y, int ldy) {
+                                                const float* bias, int n, int valid, float* y, int ldy,
+                                                const float* sc) {
   __m256 acc[MR][NP][2];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
@@ -84,11 +99,16 @@ __attribute__((always_inline)) inline void tile(const float* x, int ldx, int K, 
       // Software prefetch a few cache lines ahead of the weight stream, once per 64-byte line
       // (the hardware prefetcher alone leaves the FMA units waiting when several rows share
       // each weight).
-      if (sizeof(typename W::T) == 4 || (k & 1) == 0) {
+      if (k % (64 / (16 * sizeof(typename W::T))) == 0) {
         _mm_prefetch(reinterpret_cast<const char*>(p0 + p * ps + o) + kPrefetchBytes, _MM_HINT_T0);
       }
       __m256 wl, wh;
       W::load16(p0 + p * ps + o, wl, wh);
+      if constexpr (W::kScaled) {  // (the scales stay in L1: 64 bytes per panel and group)
+        const float* s = reinterpret_cast<const float*>(reinterpret_cast<const char*>(sc) + p * ps) + (k / kI8Group) * 16;
+        wl = _mm256_mul_ps(wl, _mm256_loadu_ps(s));
+        wh = _mm256_mul_ps(wh, _mm256_loadu_ps(s + 8));
+      }
 #pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) {
         const __m256 xv = _mm256_broadcast_ss(x + static_cast<int64_t>(i) * ldx + k);
@@ -117,13 +137,14 @@ constexpr int panels_for() {
 // Row blocks [m, m + MR) of all M rows against the panel group at p0 (np panels, np <= NPmax).
 template <class W, int MR>
 inline void rows_tile(const float* x, int ldx, int K, const typename W::T* p0, int64_t ps, int np, const float* bias,
-                      int n, int valid, float* y, int ldy) {
+                      int n, int valid, float* y, int ldy, const float* sc) {
   constexpr int NP = panels_for<MR>();
   if (np == NP) {
-    tile<W, MR, NP>(x, ldx, K, p0, ps, bias, n, valid, y, ldy);
+    tile<W, MR, NP>(x, ldx, K, p0, ps, bias, n, valid, y, ldy, sc);
   } else {
     for (int p = 0; p < np; ++p) {
-      tile<W, MR, 1>(x, ldx, K, p0 + p * ps, ps, bias, n + 16 * p, p == np - 1 ? valid : 16, y, ldy);
+      tile<W, MR, 1>(x, ldx, K, p0 + p * ps, ps, bias, n + 16 * p, p == np - 1 ? valid : 16, y, ldy,
+                     reinterpret_cast<const float*>(reinterpret_cast<const char*>(sc) + p * ps));
     }
   }
 }
@@ -132,7 +153,7 @@ inline void rows_tile(const float* x, int ldx, int K, const typename W::T* p0, i
 // gets a panel group wide enough for 8 chains (see gemm_t), 6-row blocks loop over its panels.
 template <class W>
 inline void all_rows(const float* x, int ldx, int M, int K, const typename W::T* p0, int64_t ps, int np,
-                     const float* bias, int n, int valid, float* y, int ldy) {
+                     const float* bias, int n, int valid, float* y, int ldy, const float* sc) {
   int m = 0;
   while (m < M) {
     const int left = M - m;
@@ -140,12 +161,12 @@ inline void all_rows(const float* x, int ldx, int M, int K, const typename W::T*
     const float* xm = x + static_cast<int64_t>(m) * ldx;
     float* ym = y + static_cast<int64_t>(m) * ldy;
     switch (mr) {
-      case 1: rows_tile<W, 1>(xm, ldx, K, p0, ps, np, bias, n, valid, ym, ldy); break;
-      case 2: rows_tile<W, 2>(xm, ldx, K, p0, ps, np, bias, n, valid, ym, ldy); break;
-      case 3: rows_tile<W, 3>(xm, ldx, K, p0, ps, np, bias, n, valid, ym, ldy); break;
-      case 4: rows_tile<W, 4>(xm, ldx, K, p0, ps, np, bias, n, valid, ym, ldy); break;
-      case 5: rows_tile<W, 5>(xm, ldx, K, p0, ps, np, bias, n, valid, ym, ldy); break;
-      default: rows_tile<W, 6>(xm, ldx, K, p0, ps, np, bias, n, valid, ym, ldy); break;
+      case 1: rows_tile<W, 1>(xm, ldx, K, p0, ps, np, bias, n, valid, ym, ldy, sc); break;
+      case 2: rows_tile<W, 2>(xm, ldx, K, p0, ps, np, bias, n, valid, ym, ldy, sc); break;
+      case 3: rows_tile<W, 3>(xm, ldx, K, p0, ps, np, bias, n, valid, ym, ldy, sc); break;
+      case 4: rows_tile<W, 4>(xm, ldx, K, p0, ps, np, bias, n, valid, ym, ldy, sc); break;
+      case 5: rows_tile<W, 5>(xm, ldx, K, p0, ps, np, bias, n, valid, ym, ldy, sc); break;
+      default: rows_tile<W, 6>(xm, ldx, K, p0, ps, np, bias, n, valid, ym, ldy, sc); break;
     }
     m += mr;
   }
@@ -154,7 +175,9 @@ inline void all_rows(const float* x, int ldx, int M, int K, const typename W::T*
 template <class W>
 void gemm_t(const float* x, int ldx, int M, int K, const void* wv, const float* bias, int n0, int n1, float* y, int ldy) {
   const typename W::T* w = static_cast<const typename W::T*>(wv);
-  const int64_t ps = static_cast<int64_t>(16) * K;
+  // A panel: (int8) its scales, 64 bytes per group of kI8Group k, then 16 values per k.
+  const int64_t scale_bytes = W::kScaled ? static_cast<int64_t>((K + kI8Group - 1) / kI8Group) * 64 : 0;
+  const int64_t ps = scale_bytes + static_cast<int64_t>(16) * K;
   // Panel groups as wide as the tile of the last row block when it has 1 or 2 rows (they need
   // several panels for 8 chains; measured: 7 and 8 rows as 6 + 1 / 6 + 2 this way took 10-15%
   // less time than 4 + 3 / 4 + 4), else one panel; later row blocks find the weights in L1/L2.
@@ -165,7 +188,9 @@ void gemm_t(const float* x, int ldx, int M, int K, const void* wv, const float* 
   const int rest = M % 6;
   const int group = rest == 1 ? panels_for<1>() : rest == 2 ? panels_for<2>() : 1;
   for_each_panel_pass(K, n0, n1, group, K, [&](const PanelPass& q) {
-    all_rows<W>(x, ldx, M, K, w + (q.n / 16) * ps, ps, q.np, bias, q.n, q.valid, y, ldy);
+    const typename W::T* panel = w + (q.n / 16) * ps;
+    all_rows<W>(x, ldx, M, K, panel + scale_bytes, ps, q.np, bias, q.n, q.valid, y, ldy,
+                reinterpret_cast<const float*>(panel));
   });
 }
 
@@ -175,6 +200,7 @@ void gemm_avx2(const float* x, int ldx, int M, int K, const void* w, WType wt, c
     case WType::kF32: gemm_t<F32W>(x, ldx, M, K, w, bias, n0, n1, y, ldy); break;
     case WType::kBF16: gemm_t<BF16W>(x, ldx, M, K, w, bias, n0, n1, y, ldy); break;
     case WType::kF16: gemm_t<F16W>(x, ldx, M, K, w, bias, n0, n1, y, ldy); break;
+    case WType::kI8: gemm_t<I8W>(x, ldx, M, K, w, bias, n0, n1, y, ldy); break;
     case WType::kBF16Pairs: generic_kernels().gemm(x, ldx, M, K, w, wt, bias, n0, n1, y, ldy); break;
   }
 }

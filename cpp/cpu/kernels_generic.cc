@@ -15,8 +15,17 @@ inline float load_w(const void* w, WType wt, int64_t i) {
     case WType::kBF16:
     case WType::kBF16Pairs: return bf16_to_f32(static_cast<const uint16_t*>(w)[i]);
     case WType::kF16: return f16_to_f32(static_cast<const uint16_t*>(w)[i]);
+    case WType::kI8: break;  // needs its scale: see weight()
   }
   return 0.f;
+}
+
+// W[n, k] as the GEMMs multiply it (int8: q * scale, rounded once to fp32 as in the SIMD kernels).
+inline float weight(const void* w, WType wt, int n, int k, int K) {
+  if (wt != WType::kI8) return load_w(w, wt, packed_index(n, k, K, wt));
+  float scale;
+  std::memcpy(&scale, static_cast<const uint8_t*>(w) + i8_scale_index(n, k, K), 4);
+  return float(static_cast<const int8_t*>(w)[packed_index(n, k, K, wt)]) * scale;
 }
 
 // Same packed layout and the same per-element order (one chain over k, then the bias) as the
@@ -31,7 +40,7 @@ void gemm_generic(const float* x, int ldx, int M, int K, const void* w, WType wt
       float s = 0.f;
       for (int k = 0; k < K; ++k) {
         const float xv = wt == WType::kBF16Pairs ? bf16_to_f32(f32_to_bf16(xm[k])) : xm[k];
-        s += xv * load_w(w, wt, packed_index(n, k, K, wt));
+        s += xv * weight(w, wt, n, k, K);
       }
       y[static_cast<int64_t>(m) * ldy + n] = bias ? s + bias[n] : s;
     }

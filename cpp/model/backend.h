@@ -110,8 +110,9 @@ class Backend {
   virtual void copy_on_device(void* dst, const void* src, size_t bytes) = 0;
   // Waits until all work issued so far has finished (timing; a no-op on the CPU).
   virtual void synchronize() {}
-  // Allocates a matrix and fills it from host data (row-major [rows, cols] of dtype) in the
-  // layout the backend's kernels want. Free it with deallocate(matrix.data).
+  // Allocates a matrix and fills it from host data (row-major [rows, cols] of dtype; for kI8,
+  // weight-only int8 (CPU only), fp32 values that the backend quantizes) in the layout the
+  // backend's kernels want. Free it with deallocate(matrix.data).
   virtual Matrix upload_matrix(const void* host, DType dtype, int rows, int cols, const char* what) = 0;
   // Bytes the device can still provide (0 if unknown).
   virtual size_t available_memory() const = 0;

@@ -28,12 +28,13 @@ void ForwardRows::clear() {
 }
 
 size_t LlamaModel::weight_bytes_for(const ModelConfig& c, DType dtype) {
-  const size_t es = dtype_size(dtype);
+  // Eighths of a byte per weight (int8: a byte and an fp32 scale per 32 weights).
+  const size_t es8 = dtype == DType::kI8 ? 9 : 8 * dtype_size(dtype);
   const size_t H = c.hidden_size, F = c.intermediate_size, hd = c.head_dim;
   const size_t qkv = (size_t(c.num_heads) + 2 * c.num_kv_heads) * hd;
-  size_t per_layer = es * (qkv * H + H * c.num_heads * hd + 2 * F * H + H * F) + 4 * (2 * H + (c.attention_bias ? qkv : 0));
-  size_t total = per_layer * c.num_layers + es * size_t(c.vocab_size) * H * (c.tie_word_embeddings ? 1 : 2) + 4 * H;
-  return total;
+  const size_t matrices = (qkv * H + H * c.num_heads * hd + 2 * F * H + H * F) * c.num_layers +
+                          size_t(c.vocab_size) * H * (c.tie_word_embeddings ? 1 : 2);
+  return es8 * matrices / 8 + 4 * (2 * H + (c.attention_bias ? qkv : 0)) * c.num_layers + 4 * H;
 }
 
 size_t LlamaModel::kv_bytes_for(const ModelConfig& c, const ModelLimits& lim) {

@@ -43,6 +43,16 @@ void convert_into(const TensorView& t, DType dst_type, void* dst) {
   }
 }
 
+// The host type a matrix of `dtype` is staged in: int8 matrices are quantized by the backend
+// from fp32 values (Backend::upload_matrix).
+DType staging_dtype(DType dtype) { return dtype == DType::kI8 ? DType::kF32 : dtype; }
+
+size_t matrix_bytes(DType dtype, int rows, int cols) {
+  const size_t n = size_t(rows) * cols;
+  // int8: a byte per weight and an fp32 scale per 32 (the CPU backend's groups)
+  return dtype == DType::kI8 ? n + (size_t(cols + 31) / 32) * rows * 4 : n * dtype_size(dtype);
+}
+
 }  // namespace
 
 void check_float_dtype(const TensorView& t) {
@@ -72,6 +82,7 @@ void* WeightArena::buffer(size_t bytes, const char* what) {
   return p;
 }
 
+
 Matrix WeightArena::matrix(const std::vector<const TensorView*>& parts, int cols, DType dtype) {
   int rows = 0;
   for (const TensorView* t : parts) {
@@ -82,38 +93,40 @@ Matrix WeightArena::matrix(const std::vector<const TensorView*>& parts, int cols
     }
     rows += static_cast<int>(t->shape[0]);
   }
-  const size_t es = dtype_size(dtype);
+  const DType host = staging_dtype(dtype);
+  const size_t es = dtype_size(host);
   std::vector<uint8_t> staging(es * size_t(rows) * cols);
   size_t off = 0;
   for (const TensorView* t : parts) {
-    convert_into(*t, dtype, staging.data() + off);
+    convert_into(*t, host, staging.data() + off);
     off += es * size_t(t->numel());
   }
   Matrix m = be_.upload_matrix(staging.data(), dtype, rows, cols, ("weights (" + parts[0]->name + ")").c_str());
   allocations_.push_back(const_cast<void*>(m.data));
-  weight_bytes_ += staging.size();
+  weight_bytes_ += matrix_bytes(dtype, rows, cols);
   return m;
 }
 
 Matrix WeightArena::rows_of(const Matrix& src, const std::vector<int32_t>& rows, DType dtype, const char* what) {
-  const size_t es = dtype_size(dtype), cols = size_t(src.cols);
+  const DType host = staging_dtype(dtype);
+  const size_t es = dtype_size(host), cols = size_t(src.cols);
   std::vector<uint8_t> staging(es * rows.size() * cols);
   std::vector<float> row(cols);
   for (size_t i = 0; i < rows.size(); ++i) {
     be_.matrix_row(src, rows[i], row.data());
     uint8_t* dst = staging.data() + es * i * cols;
     for (size_t c = 0; c < cols; ++c) {
-      if (dtype == DType::kF32) {
+      if (host == DType::kF32) {
         std::memcpy(dst + 4 * c, &row[c], 4);
       } else {
-        const uint16_t h = dtype == DType::kBF16 ? f32_to_bf16(row[c]) : f32_to_f16(row[c]);
+        const uint16_t h = host == DType::kBF16 ? f32_to_bf16(row[c]) : f32_to_f16(row[c]);
         std::memcpy(dst + 2 * c, &h, 2);
       }
     }
   }
   Matrix m = be_.upload_matrix(staging.data(), dtype, static_cast<int>(rows.size()), src.cols, what);
   allocations_.push_back(const_cast<void*>(m.data));
-  weight_bytes_ += staging.size();
+  weight_bytes_ += matrix_bytes(dtype, static_cast<int>(rows.size()), src.cols);
   return m;
 }
 

@@ -31,9 +31,12 @@ struct EngineOptions {
   /// Where the model runs: "cpu", or "cuda" / "cuda:N" (GPU N; builds with the CUDA backend
   /// only, see cuda_device_count()).
   std::string device = "cpu";
-  /// Weight precision in memory: "fp32", "bf16" or "fp16" ("bf16" or "fp16" on CUDA).
-  /// Arithmetic and activations are fp32 (on CUDA the GEMM inputs are rounded to the weight
-  /// type, with fp32 accumulation).
+  /// Weight precision in memory: "fp32", "bf16" or "fp16" ("bf16" or "fp16" on CUDA), or
+  /// "int8" (CPU only): weight-only int8, quantized at load, symmetric with one scale per
+  /// output feature and 32 inputs; about half the bytes of bf16, so decoding, which reads every
+  /// weight per step, is faster; the outputs differ slightly from bf16's (greedy Medusa stays
+  /// identical to greedy plain decoding in int8). Arithmetic and activations are fp32 (on CUDA
+  /// the GEMM inputs are rounded to the weight type, with fp32 accumulation).
   std::string dtype = "bf16";
   /// Inputs of the matrix products with bf16 weights on the CPU: "fp32" (exact), or "bf16":
   /// rounded to bf16 and multiplied with the CPU's AVX512-BF16 dot product, twice the
@@ -72,8 +75,9 @@ struct EngineOptions {
   std::vector<std::vector<int>> tree_paths;
   /// Candidates kept per head; every rank in the tree must be below it.
   int medusa_top_k = 10;
-  /// Precision of the heads' weights in memory: "fp32", "bf16" or "fp16" ("bf16" or "fp16" on
-  /// CUDA). Empty: the model's dtype, except "bf16" for an fp32 model on the CPU. The heads only
+  /// Precision of the heads' weights in memory: "fp32", "bf16", "fp16" or "int8" ("bf16" or
+  /// "fp16" on CUDA). Empty: the model's dtype, except "bf16" for an fp32 or int8 model on the
+  /// CPU. The heads only
   /// draft (the base model verifies every token), so this changes speed, not the output.
   std::string medusa_heads_dtype;
   /// Speculation policy: a decode step of more sequences than this verifies no trees (each

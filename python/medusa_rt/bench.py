@@ -5,10 +5,11 @@ Sections (SmolLM2-135M by default, greedy, 128 new tokens):
 - machine: CPU, cores, the engine's kernel set (``avx512``, ``avx2`` or ``generic``: runtime
   dispatch, capped by ``MEDUSA_RT_ISA``), streaming read bandwidth and fp32 FMA peak (all cores,
   measured here), and whether the backend's memory is on transparent huge pages;
-- decode: engine autoregressive decode tokens/s with fp32, bf16 and fp16 weights, next to the
+- decode: engine autoregressive decode tokens/s with fp32, bf16, fp16 and int8 weights (int8:
+  weight-only, quantized at load, a byte per weight and an fp32 scale per 32), next to the
   memory-bandwidth bound (weight bytes per token / streaming bandwidth measured on a buffer of
   that size);
-- medusa: engine with the model's Medusa heads and its tree (``auto`` = sized to this machine)
+- medusa (bf16, fp32, int8): engine with the model's Medusa heads and its tree (``auto`` = sized to this machine)
   against plain decoding of the same prompts (held-out evaluation prompts; greedy, so both produce
   the same tokens): tokens/s, tokens per step, speedup; and the same sampling (``SAMPLED``:
   temperature 0.7, top-p 0.9, one seed per prompt; lossless, so again the same tokens);
@@ -23,7 +24,7 @@ Sections (SmolLM2-135M by default, greedy, 128 new tokens):
   with the cached start reused (``reuse_context``) and with a full prefill, side by side per turn;
 - peers: HF transformers fp32 decode (needs torch + transformers), llama.cpp through
   ``llama-cpp-python`` when it is installed (else reported as skipped) on F32 and BF16 GGUFs of
-  the same weights (written once into the cache), same prompt token ids, same thread count,
+  the same weights and a Q8_0 GGUF of them against int8 (written once into the cache), same prompt token ids, same thread count,
   interleaved prompt by prompt with the engine's plain and Medusa decoding (the ratios to
   llama.cpp come from those pairs).
 
@@ -51,6 +52,7 @@ DECODE_PROMPTS = [
 ]
 TREE_SIZES = [1, 2, 4, 8, 16, 32, 64]
 VERIFY_CONTEXT = 256  # cached tokens before a timed verify step (a typical chat turn)
+WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1 + 4 / 32}  # per weight (int8: with its scale)
 SAMPLED = {"do_sample": True, "temperature": 0.7, "top_p": 0.9}  # the sampled Medusa runs' settings
 CHAT_TURNS = ["Explain how a CPU cache works.", "And what is a cache miss?", "How do programmers avoid them?",
               "Give a short example in C.", "Summarise this conversation in two sentences."]
@@ -94,9 +96,9 @@ def bench_decode(model: str, dtype: str, new_tokens: int, repeats: int, bandwidt
     # Bytes read per token: the model's weights without the heads and without the embedding
     # table (one row is gathered), plus the lm_head (tied: the same table, read in full).
     info = engine.info
-    elem = 4 if dtype == "fp32" else 2
+    elem = WEIGHT_BYTES[dtype]
     cfg = json.loads((engine.model_dir / "config.json").read_text())
-    embed = info.vocab_size * info.hidden_size * elem
+    embed = int(info.vocab_size * info.hidden_size * elem)
     body = _model_weight_bytes(cfg, elem)
     per_token = body - embed + (embed if cfg.get("tie_word_embeddings") else 0)
     # The bound streams the same number of bytes: a buffer the size of the weights read over and
@@ -131,10 +133,10 @@ def _matmul_weights(cfg: Dict) -> int:
     return L * (h * (q + 2 * kv) + q * h + 3 * h * f) + v * h
 
 
-def _model_weight_bytes(cfg: Dict, elem: int) -> int:
+def _model_weight_bytes(cfg: Dict, elem: float) -> int:
     """Bytes of every weight matrix of the model (embedding included, lm_head if untied)."""
     untied_embedding = 0 if cfg.get("tie_word_embeddings") else cfg["vocab_size"] * cfg["hidden_size"]
-    return elem * (_matmul_weights(cfg) + untied_embedding)
+    return int(elem * (_matmul_weights(cfg) + untied_embedding))
 
 
 def bench_medusa(model: str, dtype: str, prompts: Sequence[str], new_tokens: int, tree: Optional[str],
@@ -392,7 +394,7 @@ def _llama_greedy(llm: object, prompt: List[int], new_tokens: int) -> tuple:
 
 
 def bench_llama_cpp(model: str, prompts: List[List[int]], new_tokens: int, repeats: int, threads: int,
-                    tree: Optional[str], dtypes: Sequence[str] = ("fp32", "bf16"), seq: int = 1024) -> Dict:
+                    tree: Optional[str], dtypes: Sequence[str] = ("fp32", "bf16", "int8"), seq: int = 1024) -> Dict:
     """llama.cpp (through llama-cpp-python) decoding the same weights at the same precision from the
     same prompt token ids, greedy, on as many threads as the engine. Side by side: for every
     prompt the engine decodes plainly, then with Medusa (its heads and tree at batch 1), then
@@ -445,7 +447,8 @@ def bench_llama_cpp(model: str, prompts: List[List[int]], new_tokens: int, repea
 
 
 def run_suite(model: str = "smollm2-135m", *, new_tokens: int = 128, repeats: int = 1, medusa_prompts: int = 12,
-              hf: bool = True, llama_cpp: bool = True, dtypes: Sequence[str] = ("fp32", "bf16", "fp16"), tree: Optional[str] = None) -> Dict:
+              hf: bool = True, llama_cpp: bool = True, dtypes: Sequence[str] = ("fp32", "bf16", "fp16", "int8"),
+              tree: Optional[str] = None) -> Dict:
     from .train.evaluate import load_eval_prompts
 
     t0 = time.time()
@@ -474,7 +477,7 @@ def run_suite(model: str = "smollm2-135m", *, new_tokens: int = 128, repeats: in
     prompts = [p for _, p in load_eval_prompts()][:: max(1, 64 // max(1, medusa_prompts))][:medusa_prompts]
     no_heads = {"skipped": f"{model} has no Medusa heads"}
     report["medusa"] = {d: bench_medusa(model, d, prompts, new_tokens, tree, seq) if heads else no_heads
-                        for d in ("bf16", "fp32")}
+                        for d in ("bf16", "fp32", "int8") if d in dtypes or d != "int8"}
     report["verify_bf16"] = bench_verify(model, "bf16", seq, fma_peak=_core._testing.fma_peak(threads, 5)) if heads \
         else no_heads
     report["prefill"] = {d: bench_prefill(model, d, min(512, seq - 16)) for d in ("bf16", "fp32")}
@@ -482,12 +485,13 @@ def run_suite(model: str = "smollm2-135m", *, new_tokens: int = 128, repeats: in
     report["prompt_cache"] = bench_prompt_cache(model, "bf16", min(new_tokens, 96), seq)
     report["peers"] = {"hf_transformers_fp32": bench_hf(Path(model_dir), new_tokens, repeats) if hf
                        else {"skipped": "--no-hf"},
-                       "llama_cpp": bench_llama_cpp(model, decode_prompts, new_tokens, repeats, threads, tree, seq=seq)
+                       "llama_cpp": bench_llama_cpp(model, decode_prompts, new_tokens, repeats, threads, tree,
+                                                    dtypes=[d for d in ("fp32", "bf16", "int8") if d in dtypes], seq=seq)
                        if llama_cpp else {"skipped": "--no-llama-cpp"}}
     ratios: Dict[str, float] = {}
     dec = report["decode"]
     med = report["medusa"]
-    for d in ("bf16", "fp32"):
+    for d in med:
         if "speedup" in med[d]:  # type: ignore[index]
             ratios[f"medusa_vs_plain_{d}"] = med[d]["speedup"]  # type: ignore[index]
         if "heads_only_speedup" in med[d]:  # type: ignore[operator]
@@ -498,7 +502,7 @@ def run_suite(model: str = "smollm2-135m", *, new_tokens: int = 128, repeats: in
     if "tokens_per_second" in hf_res:
         for d in dtypes:
             ratios[f"decode_{d}_vs_hf_fp32"] = dec[d]["tokens_per_second"] / hf_res["tokens_per_second"]  # type: ignore[index]
-        for d in ("fp32", "bf16"):  # the same precision, and the engine's default against HF's
+        for d in med:  # the same precision, the engine's default and int8 against HF's
             if "medusa" in med[d]:  # type: ignore[index]
                 ratios[f"medusa_{d}_vs_hf_fp32"] = med[d]["medusa"]["tokens_per_second"] / hf_res["tokens_per_second"]  # type: ignore[index]
     lc = report["peers"]["llama_cpp"]  # type: ignore[index]

@@ -377,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def engine_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--model", "-m", default="smollm2-135m", help="registry name or model directory")
-        sp.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
+        sp.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16", "int8"],
+                        help="weight precision (int8: weight-only, quantized at load; CPU only)")
         sp.add_argument("--max-seq-len", type=int, default=0)
 
     def decoding_engine_args(sp: argparse.ArgumentParser) -> None:

@@ -116,8 +116,11 @@ class Engine:
     Args:
         model: a registry name (``"smollm2-135m"``, pulled and converted on first use) or the
             path of a model directory in the runtime format (see ``medusa-rt export``).
-        dtype: weight precision in memory, ``"bf16"``, ``"fp32"`` or ``"fp16"`` (``"bf16"`` or
-            ``"fp16"`` on CUDA); arithmetic is fp32.
+        dtype: weight precision in memory, ``"bf16"``, ``"fp32"``, ``"fp16"`` or ``"int8"``
+            (``"bf16"`` or ``"fp16"`` on CUDA); arithmetic is fp32. ``"int8"`` (CPU only) quantizes
+            the weights at load (symmetric, one scale per output feature and 32 inputs): about
+            half of bf16's bytes, so faster decoding, at a small cost in fidelity (on SmolLM2-135M,
+            98% of next-token argmaxes equal fp32's against bf16's 99.6%).
         device: ``"cpu"``, or ``"cuda"`` / ``"cuda:N"`` in builds with the CUDA backend
             (:func:`medusa_rt.cuda_device_count`).
         matmul_inputs: ``"fp32"`` (exact), or ``"bf16"``: with bf16 weights on a CPU with
@@ -141,8 +144,8 @@ class Engine:
             ``mc_sim_7b_63`` cut to the number of heads.
         auto_tree_max_nodes: the largest tree ``"auto"`` considers.
         medusa_top_k: candidates kept per head (tree ranks must be below it).
-        medusa_heads_dtype: precision of the heads' weights, ``"fp32"``, ``"bf16"`` or ``"fp16"``;
-            None: the model's dtype, except ``"bf16"`` for an fp32 model on the CPU (the heads
+        medusa_heads_dtype: precision of the heads' weights, ``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"int8"``;
+            None: the model's dtype, except ``"bf16"`` for an fp32 or int8 model on the CPU (the heads
             only draft, so this changes speed, not the output; ``info.medusa_heads_dtype``).
         medusa_max_batch: a decode step shared by more sequences than this verifies no trees
             (speculation stops paying once a step is compute-bound); 0 = never; None = measure
