@@ -599,3 +599,21 @@ def test_smollm2_gguf_matches_transformers(tmp_path) -> None:
     got = load_export_f32(out)
     for k, v in got.items():
         assert np.array_equal(v, ref[k].numpy()), k
+
+
+def test_q8_0_gguf_runs_exactly_in_int8(tmp_path) -> None:
+    """A Q8_0 GGUF's weights are what dtype="int8" holds exactly: per row and block of 32, the
+    block's fp16 scale times int8 values, and requantizing the dequantized block (scale = max|w|
+    / 127) gives them back. So an int8 engine's logits equal, bit for bit, an fp32 engine's on the
+    dequantized weights (each weight is the same fp32 value, multiplied in the same order)."""
+    import medusa_rt
+
+    src = tmp_path / "q8.gguf"
+    write_gguf(src, default_type="Q8_0", hidden=64, ffn=96, vocab_size=300)
+    out = export_model(src, tmp_path / "rt", progress=False)
+    e8 = medusa_rt.Engine(out, dtype="int8", max_seq_len=64)
+    e32 = medusa_rt.Engine(out, dtype="fp32", max_seq_len=64)
+    prompt = [5, 17, 99, 200, 3, 42, 7, 250, 1]
+    with e8.session() as a, e32.session() as b:
+        assert np.array_equal(a.forward(prompt, all_logits=True), b.forward(prompt, all_logits=True))
+    assert e8.info.weight_bytes < 0.6 * e32.info.weight_bytes
