@@ -191,7 +191,7 @@ def test_unreadable_gguf(tmp_path):
 
 def test_bad_engine_options(tiny_dir):
     with pytest.raises(InvalidArgumentError, match="dtype"):
-        medusa_rt.Engine(tiny_dir, dtype="int8")
+        medusa_rt.Engine(tiny_dir, dtype="int4")
     with pytest.raises(InvalidArgumentError, match="max_batch_size"):
         medusa_rt.Engine(tiny_dir, max_batch_size=0)
     with pytest.raises(InvalidArgumentError, match="max_position_embeddings"):
