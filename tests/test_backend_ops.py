@@ -36,21 +36,12 @@ def round_to(a: np.ndarray, dtype: str) -> np.ndarray:
     return r.view(np.float32)
 
 
-def quantize_int8(w: np.ndarray, group: int = 32) -> np.ndarray:
-    """The weights dtype="int8" multiplies: per row and group of `group` columns, symmetric int8
-    with scale max|w| / 127 (fp32), dequantized as q * scale rounded to fp32."""
-    w = np.asarray(w, dtype=np.float32)
-    out = np.empty_like(w)
-    for g in range(0, w.shape[1], group):
-        blk = w[:, g:g + group]
-        scale = (np.abs(blk).max(axis=1, keepdims=True) / np.float32(127)).astype(np.float32)
-        q = np.clip(np.rint(np.divide(blk, scale, out=np.zeros_like(blk), where=scale > 0)), -127, 127)
-        out[:, g:g + group] = (q.astype(np.float32) * scale).astype(np.float32)
-    return out
-
-
 def weights_as(w: np.ndarray, dtype: str) -> np.ndarray:
-    return quantize_int8(w) if dtype == "int8" else round_to(w, dtype)
+    """The weights a `dtype` matrix multiplies (int8: the NumPy quantizer of the training tools,
+    an independent implementation of the backend's)."""
+    from medusa_rt.train.heads_np import round_to as runtime_values
+
+    return runtime_values(w, dtype) if dtype == "int8" else round_to(w, dtype)
 
 
 def arr(x, shape=None) -> np.ndarray:

@@ -272,7 +272,8 @@ def _measure_ranks(args: argparse.Namespace) -> "numpy.ndarray":
     engine = Engine(args.model, dtype=args.dtype, medusa_heads=args.medusa_heads, medusa_max_batch=0,
                     progress=not args.quiet)
     heads_path = Path(args.medusa_heads) if args.medusa_heads else engine.model_dir / "medusa_heads.safetensors"
-    heads = RuntimeHeads.load(heads_path, args.dtype, config=json.loads((engine.model_dir / "config.json").read_text()))
+    heads = RuntimeHeads.load(heads_path, engine.info.medusa_heads_dtype or args.dtype,
+                              config=json.loads((engine.model_dir / "config.json").read_text()))
     feats = data.extract_hidden_states(engine, records, heads.num_heads, Path(args.answers).with_suffix(".features.npz"),
                                        layers=heads.feature_layers, progress=not args.quiet)
     lm_head = load_lm_head(engine.model_dir, args.dtype)

@@ -30,13 +30,23 @@ def _f32(f: SafetensorsFile, name: str) -> np.ndarray:
 
 
 def round_to(arr: np.ndarray, dtype: str) -> np.ndarray:
-    """Float32 values as the engine holds them in ``dtype`` weights ("bf16", "fp16", "fp32")."""
+    """Float32 values as the engine holds them in ``dtype`` weights ("bf16", "fp16", "fp32", or
+    "int8": per row and group of 32 columns, symmetric int8 with scale max|w| / 127)."""
     from ..export.safetensors_io import f32_to_bf16_bits
 
     if dtype in ("bf16", "bfloat16"):
         return bf16_bits_to_f32(f32_to_bf16_bits(arr))
     if dtype in ("fp16", "float16"):
         return np.asarray(arr, dtype=np.float16).astype(np.float32)
+    if dtype == "int8" and np.ndim(arr) == 2:
+        w = np.asarray(arr, dtype=np.float32)
+        out = np.empty_like(w)
+        for g in range(0, w.shape[1], 32):
+            blk = w[:, g:g + 32]
+            scale = (np.abs(blk).max(axis=1, keepdims=True) / np.float32(127)).astype(np.float32)
+            q = np.clip(np.rint(np.divide(blk, scale, out=np.zeros_like(blk), where=scale > 0)), -127, 127)
+            out[:, g:g + 32] = q.astype(np.float32) * scale
+        return out
     return np.asarray(arr, dtype=np.float32)
 
 
