@@ -28,13 +28,11 @@ void ForwardRows::clear() {
 }
 
 size_t LlamaModel::weight_bytes_for(const ModelConfig& c, DType dtype) {
-  // Eighths of a byte per weight (int8: a byte and an fp32 scale per 32 weights).
-  const size_t es8 = dtype == DType::kI8 ? 9 : 8 * dtype_size(dtype);
-  const size_t H = c.hidden_size, F = c.intermediate_size, hd = c.head_dim;
-  const size_t qkv = (size_t(c.num_heads) + 2 * c.num_kv_heads) * hd;
-  const size_t matrices = (qkv * H + H * c.num_heads * hd + 2 * F * H + H * F) * c.num_layers +
-                          size_t(c.vocab_size) * H * (c.tie_word_embeddings ? 1 : 2);
-  return es8 * matrices / 8 + 4 * (2 * H + (c.attention_bias ? qkv : 0)) * c.num_layers + 4 * H;
+  const int H = c.hidden_size, F = c.intermediate_size, nq = c.num_heads * c.head_dim;
+  const int qkv = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim;
+  const size_t per_layer = matrix_bytes(dtype, qkv, H) + matrix_bytes(dtype, H, nq) + matrix_bytes(dtype, 2 * F, H) +
+                           matrix_bytes(dtype, H, F) + 4 * (2 * size_t(H) + (c.attention_bias ? qkv : 0));
+  return per_layer * c.num_layers + matrix_bytes(dtype, c.vocab_size, H) * (c.tie_word_embeddings ? 1 : 2) + 4 * size_t(H);
 }
 
 size_t LlamaModel::kv_bytes_for(const ModelConfig& c, const ModelLimits& lim) {

@@ -47,13 +47,12 @@ void convert_into(const TensorView& t, DType dst_type, void* dst) {
 // from fp32 values (Backend::upload_matrix).
 DType staging_dtype(DType dtype) { return dtype == DType::kI8 ? DType::kF32 : dtype; }
 
+}  // namespace
+
 size_t matrix_bytes(DType dtype, int rows, int cols) {
   const size_t n = size_t(rows) * cols;
-  // int8: a byte per weight and an fp32 scale per 32 (the CPU backend's groups)
   return dtype == DType::kI8 ? n + (size_t(cols + 31) / 32) * rows * 4 : n * dtype_size(dtype);
 }
-
-}  // namespace
 
 void check_float_dtype(const TensorView& t) {
   if (t.dtype != DType::kF32 && t.dtype != DType::kBF16 && t.dtype != DType::kF16) {

@@ -14,6 +14,9 @@ namespace medusa_rt {
 void check_float_dtype(const TensorView& t);
 // Throws ModelFormatError naming the tensor, its shape and the expected one.
 void check_shape(const TensorView& t, const std::vector<int64_t>& expect, const std::string& source);
+// Bytes a [rows, cols] weight matrix of dtype holds (int8: a byte per weight and an fp32 scale
+// per row and 32 columns, the CPU backend's layout).
+size_t matrix_bytes(DType dtype, int rows, int cols);
 
 // Owns what it allocates on the backend; frees it on destruction.
 class WeightArena {
