@@ -477,7 +477,7 @@ def run_suite(model: str = "smollm2-135m", *, new_tokens: int = 128, repeats: in
     prompts = [p for _, p in load_eval_prompts()][:: max(1, 64 // max(1, medusa_prompts))][:medusa_prompts]
     no_heads = {"skipped": f"{model} has no Medusa heads"}
     report["medusa"] = {d: bench_medusa(model, d, prompts, new_tokens, tree, seq) if heads else no_heads
-                        for d in ("bf16", "fp32", "int8") if d in dtypes or d != "int8"}
+                        for d in ["bf16", "fp32"] + (["int8"] if "int8" in dtypes else [])}
     report["verify_bf16"] = bench_verify(model, "bf16", seq, fma_peak=_core._testing.fma_peak(threads, 5)) if heads \
         else no_heads
     report["prefill"] = {d: bench_prefill(model, d, min(512, seq - 16)) for d in ("bf16", "fp32")}

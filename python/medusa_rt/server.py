@@ -72,13 +72,15 @@ class Metrics:
         with self._lock:
             self.requests[(endpoint, status)] = self.requests.get((endpoint, status), 0) + 1
 
-    def started(self, delta: int) -> None:
+    def started(self) -> None:
         with self._lock:
-            self.running += delta
+            self.running += 1
 
-    def finished(self, r: GenerationResult) -> None:
+    def finished(self, r: Optional[GenerationResult]) -> None:
+        """A generation ended; r is its result (None when it failed before one existed)."""
         with self._lock:
-            for name, attr, _ in self._TOTALS:
+            self.running -= 1
+            for name, attr, _ in self._TOTALS if r is not None else ():
                 self.totals[name] += getattr(r.stats, attr)
 
     def render(self, slots: int) -> str:
@@ -250,15 +252,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(503, str(exc), "server_busy")
             return
         metrics = self.server.metrics
-        metrics.started(1)
+        metrics.started()
         try:
             with session as s:
                 try:
                     r = self._stream(s, ids, opts, chat) if stream else self._generate(s, ids, opts)
                 finally:
-                    metrics.started(-1)
-                    if s.last_result is not None:
-                        metrics.finished(s.last_result)
+                    metrics.finished(s.last_result)
         except MedusaError as exc:  # bad options, a prompt longer than the engine's max_seq_len, ...
             if self._headers_sent:
                 raise
