@@ -34,6 +34,9 @@ def test_bench_suite_runs_on_a_tiny_model(tmp_path):
     assert n >= 2 and pc["identical_outputs"] == f"{n}/{n}"
     assert all(0 < t["cached_prompt_tokens"] < t["prompt_tokens"] for t in pc["turns"])
     assert r["ratios"]["prompt_cache_ttft_speedup"] == pc["ttft_speedup"] > 0
+    sp = pc["shared_prefix"]  # a batch with one system prompt: its later requests copy it, the same answers
+    assert sp["identical_outputs"] == f"{2 * sp['requests']}/{2 * sp['requests']}" and sp["requests"] >= 2
+    assert r["ratios"]["shared_prefix_ttft_speedup"] == sp["ttft_speedup"] > 0
     assert r["peers"] == {"hf_transformers_fp32": {"skipped": "--no-hf"}, "llama_cpp": {"skipped": "--no-llama-cpp"}}
     assert r["ratios"]["decode_fp32_fraction_of_bandwidth_bound"] == d["fraction_of_bound"]
     out = io.StringIO()

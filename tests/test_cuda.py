@@ -158,6 +158,23 @@ def test_gpu_prompt_caching_is_exact(medusa_dir):
 
 
 @gpu_only
+def test_gpu_prompt_prefix_copied_across_slots(medusa_dir):
+    """A prompt whose start another slot holds copies those KV entries (device to device):
+    bit for bit a prefill's, so a fresh prefill's tokens."""
+    e = medusa_rt.Engine(medusa_dir, device="cuda", dtype="bf16", max_seq_len=200, max_batch_size=3)
+    p = PROMPTS[0] + PROMPTS[1]
+    with e.session() as a, e.session() as b, e.session() as c:
+        a.generate(p + [3], max_new_tokens=20, ignore_eos=True)
+        r = b.generate(p + [4], max_new_tokens=40, ignore_eos=True)
+        assert r.stats.cached_prompt_tokens == len(p)
+        want = c.generate(p + [4], max_new_tokens=40, ignore_eos=True, reuse_context=False)
+        assert r.tokens == want.tokens
+        for layer in range(2):
+            (k1, v1), (k2, v2) = (_core._testing.read_kv(x._core(), layer, len(p) + 1) for x in (b, c))
+            assert np.array_equal(k1, k2) and np.array_equal(v1, v2)
+
+
+@gpu_only
 def test_gpu_batch_equals_single(medusa_dir):
     e = medusa_rt.Engine(medusa_dir, device="cuda", dtype="fp16", max_batch_size=4, max_seq_len=160,
                          medusa_max_batch=4)

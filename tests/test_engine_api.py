@@ -59,7 +59,7 @@ def test_generate_result_and_stats(engine):
 
 def test_generate_is_deterministic_and_fresh(engine):
     with engine.session() as s:
-        a = s.generate(PROMPT, max_new_tokens=15, ignore_eos=True)
+        a = s.generate(PROMPT, max_new_tokens=15, ignore_eos=True, reuse_context=False)  # (other slots hold PROMPT)
         assert a.stats.cached_prompt_tokens == 0
         s.forward([1, 2, 3])  # leaves context behind: the prompt's start is reused, the rest dropped
         b = s.generate(PROMPT, max_new_tokens=15, ignore_eos=True)
@@ -73,9 +73,10 @@ def test_generate_is_deterministic_and_fresh(engine):
     assert a.tokens == b.tokens == c.tokens == d.tokens
 
 
-def test_session_context_carries_to_the_next_request(engine):
+def test_session_context_carries_to_the_next_request(model_dir):
     """The next prompt is prefilled only after the start the session's context holds: the
     previous prompt and answer (but its last token), or what forward() appended."""
+    engine = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=128, max_batch_size=2)  # no other slot holds more
     with engine.session() as s, engine.session() as fresh:
         r1 = s.generate(PROMPT, max_new_tokens=12, ignore_eos=True, medusa=False)
         assert s.context_length == len(PROMPT) + 11
@@ -106,7 +107,9 @@ def test_slots_keep_their_cache_for_the_next_session_and_batch(model_dir):
     turn2 = PROMPT + r1.tokens + [11, 12]
     with engine.session() as s:  # no prompt given: the slot let go longest ago (not the one above)
         assert s.context_length == 0
-        assert s.generate(turn2, max_new_tokens=4, ignore_eos=True).stats.cached_prompt_tokens == 0
+        # ... whose request copies the start the other slot holds instead of prefilling it
+        copied = s.generate(turn2, max_new_tokens=4, ignore_eos=True).stats.cached_prompt_tokens
+        assert copied == len(PROMPT) + r1.stats.new_tokens - 1
     want = engine.generate(turn2, max_new_tokens=10, ignore_eos=True, reuse_context=False)
     r2 = engine.generate(turn2, max_new_tokens=10, ignore_eos=True)
     assert r2.stats.cached_prompt_tokens == len(turn2) - 1 and r2.tokens == want.tokens
@@ -120,6 +123,47 @@ def test_slots_keep_their_cache_for_the_next_session_and_batch(model_dir):
     assert [r.tokens for r in got] == [r.tokens for r in fresh]
     assert all(r.stats.cached_prompt_tokens == 0 for r in fresh)
     assert all(r.stats.cached_prompt_tokens >= len(prefix) for r in got)  # the slots hold the prefix now
+
+
+def test_prompt_prefix_shared_across_slots(model_dir):
+    """A prompt whose start another slot's cache holds (a session still generating, or done) copies
+    those KV entries instead of prefilling them: bit for bit the entries of a fresh prefill, so the
+    same tokens. A slot whose sequence moved on offers only what it still holds."""
+    engine = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=128, max_batch_size=3)
+    other = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=128)
+    prefix = [7, 3, 9, 200, 150, 33, 2, 90, 91, 92, 14, 15]
+
+    def fresh(prompt, n=12):
+        return other.generate(prompt, max_new_tokens=n, ignore_eos=True, reuse_context=False).tokens
+
+    with engine.session() as a, engine.session() as b:
+        a.generate(prefix + [1, 2], max_new_tokens=12, ignore_eos=True)
+        r = b.generate(prefix + [3, 4], max_new_tokens=12, ignore_eos=True)
+        assert r.stats.cached_prompt_tokens == len(prefix) and r.tokens == fresh(prefix + [3, 4])
+        with engine.session() as c:
+            c.generate(prefix + [3, 4], max_new_tokens=12, ignore_eos=True, reuse_context=False)
+            n = len(prefix) + 2 + 11
+            for layer in range(engine.info.num_layers):
+                (kb, vb), (kc, vc) = (_core._testing.read_kv(x._core(), layer, n) for x in (b, c))
+                assert np.array_equal(kb, kc) and np.array_equal(vb, vc)
+        # a rewinds to the first 4 tokens: the rest of what it held is gone, b's own slot and the
+        # third (c's prompt, still cached) offer more.
+        a.generate(prefix[:4] + [9, 9, 9, 9], max_new_tokens=6, ignore_eos=True)
+        b.reset()
+        b.generate([1], max_new_tokens=40, ignore_eos=True, reuse_context=False)  # b's slot: other tokens
+        with engine.session() as c:
+            assert c.generate(prefix + [5], max_new_tokens=1).stats.cached_prompt_tokens == len(prefix)
+            c.reset()
+            c.generate([2], max_new_tokens=40, ignore_eos=True, reuse_context=False)
+        with engine.session() as c:  # only a's 4 tokens are left anywhere
+            r = c.generate(prefix + [6], max_new_tokens=12, ignore_eos=True)
+            assert r.stats.cached_prompt_tokens == 4 and r.tokens == fresh(prefix + [6])
+        # forward() offers what it appended; reuse_context=False takes nothing.
+        a.reset()
+        a.forward(prefix + [8])
+        assert b.generate(prefix + [7], max_new_tokens=2, reuse_context=False).stats.cached_prompt_tokens == 0
+        r = b.generate(prefix + [8, 1], max_new_tokens=12, ignore_eos=True)
+        assert r.stats.cached_prompt_tokens == len(prefix) + 1 and r.tokens == fresh(prefix + [8, 1])
 
 
 def test_asyncio_generation(model_dir):

@@ -98,10 +98,14 @@ struct Engine::Impl {
   std::mutex slot_mu;
   std::condition_variable slot_cv;
   std::vector<bool> slot_used;
-  // What each free slot's cache holds: the tokens of the valid entries its last sequence left
-  // (SequenceState::history), handed to the next sequence that takes the slot, whose first
-  // request then prefills only what follows the start it shares with them. Anything else that
-  // writes a slot's cache clears them.
+  // What each slot's cache offers: tokens whose entries stay valid until the slot's sequence
+  // writes over them. A free slot's are what its last sequence left (SequenceState::history),
+  // handed to the next sequence that takes it, whose first request then prefills only what
+  // follows the start it shares with them. A held slot's are those until its sequence writes,
+  // then the prompt (or appended tokens) it last prefilled; they shrink before any write below
+  // their end (unshare_from).
+  // Another sequence whose prompt starts the same way copies those entries instead of
+  // prefilling them (take_shared_prefix). Anything else that writes a slot's cache clears them.
   std::vector<std::vector<int32_t>> slot_tokens;
   std::vector<uint64_t> slot_released;  // when each slot was let go (a counter): the oldest is taken first
   uint64_t releases = 0;
@@ -138,8 +142,7 @@ struct Engine::Impl {
         slot_used[best] = true;
         s.slot = best;
         s.length = 0;
-        s.history.swap(slot_tokens[best]);
-        slot_tokens[best].clear();
+        s.history = slot_tokens[best];
       }
       return best;
     };
@@ -163,6 +166,42 @@ struct Engine::Impl {
     }
     s.slot = -1;
     slot_cv.notify_one();
+  }
+
+  // s is about to write its slot's cache from position `from` on: the slot offers only the
+  // tokens before it from now on (share() offers more after a write that succeeds; one that
+  // fails part way leaves this). Callers hold forward_mu, so no copy reads the slot meanwhile.
+  void unshare_from(const SequenceState& s, int from) {
+    std::lock_guard<std::mutex> lock(slot_mu);
+    std::vector<int32_t>& t = slot_tokens[s.slot];
+    if (t.size() > size_t(from)) t.resize(from);
+  }
+  // s's cache holds s.history now (after a prefill or append): offered to other sequences.
+  void share(const SequenceState& s) {
+    std::lock_guard<std::mutex> lock(slot_mu);
+    slot_tokens[s.slot] = s.history;
+  }
+  // Where another slot's cache holds a longer start of `prompt` than the `cached` tokens s's own
+  // does, copies those entries into s's slot (they are what a prefill of the same tokens writes)
+  // and returns the new number of cached tokens. At most prompt.size() - 1: the last prompt
+  // token always runs. Callers hold forward_mu and have unshared s's slot from `cached`.
+  int take_shared_prefix(SequenceState& s, const std::vector<int32_t>& prompt, int cached) {
+    std::lock_guard<std::mutex> lock(slot_mu);
+    const size_t limit = prompt.size() - 1;
+    int from = -1;
+    size_t best = size_t(cached);
+    for (size_t i = 0; i < slot_tokens.size(); ++i) {
+      if (int(i) == s.slot) continue;
+      const size_t len = std::min(common_prefix(slot_tokens[i], prompt), limit);
+      if (len > best) {
+        best = len;
+        from = static_cast<int>(i);
+      }
+    }
+    if (from < 0) return cached;
+    model->copy_slot_prefix(from, s.slot, cached, static_cast<int>(best));
+    s.history.assign(prompt.begin(), prompt.begin() + best);
+    return static_cast<int>(best);
   }
 
   // Runs the steps of a batch under the forward lock, with the batch-size speculation policy.
@@ -595,10 +634,12 @@ class Generation {
     st.medusa = s.options.medusa;
     st.accepted_per_head.assign(s.options.medusa ? e.heads->num_heads() : 0, 0);
     max_new_tokens_ = config.max_new_tokens;
+    reuse_ = config.reuse_context;
   }
 
   // Prefills the prompt after its first `cached` tokens (which the sequence's cache holds
-  // already: at most prompt.size() - 1) and takes the first token.
+  // already: at most prompt.size() - 1), or after a longer start another slot's cache holds
+  // (copied; with reuse_context), and takes the first token.
   void start(const std::vector<int32_t>& prompt, int cached = 0) {
     t0_ = Clock::now();
     fwd0_ = e_.decoder->forward_seconds();
@@ -608,12 +649,15 @@ class Generation {
       done_ = true;
       return;
     }
-    result_.stats.cached_prompt_tokens = cached;
     {
       std::lock_guard<std::mutex> lock(e_.forward_mu);
+      e_.unshare_from(s_, cached);
+      if (reuse_) cached = s_.length = e_.take_shared_prefix(s_, prompt, cached);
       e_.decoder->append(s_, prompt.data() + cached, static_cast<int>(prompt.size()) - cached, s_.options.medusa,
                          nullptr, false);
+      e_.share(s_);
     }
+    result_.stats.cached_prompt_tokens = cached;
     t_first_ = Clock::now();
     result_.stats.prefill_seconds = std::chrono::duration<double>(t_first_ - t0_).count();
     block_.assign(1, s_.root);
@@ -684,6 +728,7 @@ class Generation {
   std::vector<int32_t> block_, piece_;
   size_t emitted_ = 0;
   int max_new_tokens_ = 0;
+  bool reuse_ = true;  // GenerationConfig::reuse_context
   bool done_ = false;
   double fwd0_ = 0;
   Clock::time_point t0_, t_first_;
@@ -851,6 +896,7 @@ std::vector<float> Session::append(const std::vector<int32_t>& tokens, Output wh
   check_append(e, s, tokens, what == Output::kHidden ? "hidden_states" : "forward");
   std::vector<float> out;
   std::lock_guard<std::mutex> lock(e.forward_mu);
+  e.unshare_from(s, s.length);
   const int n = static_cast<int>(tokens.size());
   if (what == Output::kHidden) {
     // The model's layer taps are the heads' (feature layers) between calls: these layers for this
@@ -867,6 +913,7 @@ std::vector<float> Session::append(const std::vector<int32_t>& tokens, Output wh
   } else {
     e.decoder->append(s, tokens.data(), n, false, &out, what == Output::kAllLogits);
   }
+  e.share(s);
   return out;
 }
 

@@ -216,6 +216,24 @@ void LlamaModel::copy_kv(const int32_t* slots, const int32_t* src, const int32_t
   be_.kv_copy(k_cache_, v_cache_, cfg_.num_layers, kv_layout_, d_copy_slots_, d_copy_src_, d_copy_dst_, n);
 }
 
+void LlamaModel::copy_slot_prefix(int src, int dst, int begin, int end) {
+  const KVLayout& L = kv_layout_;
+  if (src < 0 || src >= L.slots || dst < 0 || dst >= L.slots || src == dst || begin < 0 || end > L.max_seq) {
+    throw Error("internal: KV prefix copy out of range");
+  }
+  if (begin >= end) return;
+  const size_t row = size_t(L.head_dim) * L.elem_bytes();
+  for (int l = 0; l < cfg_.num_layers; ++l) {
+    for (int h = 0; h < L.kv_heads; ++h) {
+      const size_t layer = L.layer_bytes() * l + size_t(begin) * row;
+      const size_t from = layer + (size_t(src) * L.kv_heads + h) * L.max_seq * row;
+      const size_t to = layer + (size_t(dst) * L.kv_heads + h) * L.max_seq * row;
+      be_.copy_on_device(k_cache_ + to, k_cache_ + from, size_t(end - begin) * row);
+      be_.copy_on_device(v_cache_ + to, v_cache_ + from, size_t(end - begin) * row);
+    }
+  }
+}
+
 void LlamaModel::set_taps(const std::vector<int>& layers) {
   if (layers.size() > size_t(kMaxTaps)) {
     throw InvalidArgumentError("at most " + std::to_string(kMaxTaps) + " layer taps, got " + std::to_string(layers.size()));

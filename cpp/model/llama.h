@@ -89,6 +89,11 @@ class LlamaModel {
   // i = 0..n-1 in order (host arrays; n <= limits().max_rows).
   void copy_kv(const int32_t* slots, const int32_t* src, const int32_t* dst, int n);
 
+  // Copies the KV entries at positions [begin, end) of every layer from slot src to slot dst
+  // (a prompt prefix one sequence computed, for another with the same start: the entries depend
+  // only on the tokens and positions, so they are what dst's own prefill would write).
+  void copy_slot_prefix(int src, int dst, int begin, int end);
+
   // K and V of one layer for positions [0, length) of a slot, as [kv_heads][length][head_dim].
   void read_kv(int slot, int layer, int length, std::vector<float>& k, std::vector<float>& v);
 

@@ -191,8 +191,10 @@ struct GenerationConfig {
   /// Keep the longest start of the prompt that the sequence slot's cache already holds (the
   /// previous request's prompt and answer, or what forward() appended, in this session or the
   /// last one that held the slot) and prefill only the rest; a multi-turn chat then prefills
-  /// just the new turn. The cached entries are bit for bit what a prefill of the same tokens
-  /// writes, so the output is the same either way. false: prefill the whole prompt.
+  /// just the new turn. Where another slot's cache holds a longer start (a prompt another
+  /// session prefilled, still generating or done; a shared system prompt), its entries are
+  /// copied instead of computed. Cached and copied entries are bit for bit what a prefill of the
+  /// same tokens writes, so the output is the same either way. false: prefill the whole prompt.
   bool reuse_context = true;
 };
 
@@ -215,7 +217,8 @@ const char* to_string(Acceptance acceptance);
 /// Statistics of one generation.
 struct GenerationStats {
   int prompt_tokens = 0;
-  /// Prompt tokens taken from the session's context instead of prefilled (reuse_context).
+  /// Prompt tokens taken from the slot's cache, or copied from another slot's, instead of
+  /// prefilled (reuse_context).
   int cached_prompt_tokens = 0;
   int new_tokens = 0;
   int steps = 0;                ///< decode steps (forwards after the prefill)
@@ -283,7 +286,8 @@ class Engine {
   /// returning false cancels that request only. Throws like Session::generate (naming the
   /// request), or CapacityError when sessions hold every slot. Each request takes the free slot
   /// whose cache shares the longest start with its prompt and prefills only the rest
-  /// (config.reuse_context): a shared instruction or few-shot prefix is prefilled once per slot.
+  /// (config.reuse_context): a shared instruction or few-shot prefix is prefilled once, by the
+  /// first request, and copied from its slot for the others.
   std::vector<GenerationResult> generate_batch(const std::vector<std::vector<int32_t>>& prompts,
                                                const GenerationConfig& config,
                                                const BatchCallback& on_tokens = BatchCallback());

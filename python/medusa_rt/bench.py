@@ -22,6 +22,8 @@ Sections (SmolLM2-135M by default, greedy, 128 new tokens):
   prefill tokens/s and a batch of 8 sequences' tokens/s (skipped where the CPU lacks it);
 - prompt_cache: a 5-turn chat sent whole every turn, bf16: time to the first token of turns 2-5
   with the cached start reused (``reuse_context``) and with a full prefill, side by side per turn;
+  and a batch of 4 requests with one long system prompt: time to the first token of requests 2-4,
+  which copy the system prompt's KV entries from the first one's slot, against full prefills;
 - peers: HF transformers fp32 decode (needs torch + transformers), llama.cpp through
   ``llama-cpp-python`` when it is installed (else reported as skipped) on F32 and BF16 GGUFs of
   the same weights and a Q8_0 GGUF of them against int8 (written once into the cache), same prompt token ids, same thread count,
@@ -245,15 +247,17 @@ def bench_prefill(model: str, dtype: str, tokens: int = 512) -> Dict:
 def bench_prompt_cache(model: str, dtype: str, new_tokens: int, seq: int) -> Dict:
     """Time to the first token of each turn of a conversation sent whole every turn (as chat
     clients do), with the cached start reused and with a full prefill, side by side per turn
-    (two sessions of one engine, the same answers)."""
-    engine = Engine(model, dtype=dtype, max_seq_len=seq, max_batch_size=2, progress=False)
+    (two engines, since one engine's sessions share their prompts' starts; the same answers);
+    then the shared-prefix batch (bench_shared_prefix) on the same two engines."""
+    engines = [Engine(model, dtype=dtype, max_seq_len=seq, max_batch_size=4, medusa_max_batch=0, progress=False)
+               for _ in range(2)]
     msgs: List[Dict[str, str]] = []
     turns = []
     same = done = 0
-    with engine.session() as cached, engine.session() as full:
+    with engines[0].session() as cached, engines[1].session() as full:
         for i, text in enumerate(CHAT_TURNS):
             msgs.append({"role": "user", "content": text})
-            if len(engine.tokenizer.encode_chat(msgs)) + new_tokens > seq:
+            if len(engines[0].tokenizer.encode_chat(msgs)) + new_tokens > seq:
                 break  # the conversation no longer fits the engine's max_seq_len
             done += 1
             order = [(cached, True), (full, False)] if i % 2 == 0 else [(full, False), (cached, True)]
@@ -271,7 +275,42 @@ def bench_prompt_cache(model: str, dtype: str, new_tokens: int, seq: int) -> Dic
     log(f"prompt cache {dtype}: turns 2-{done} first token {speedup:.1f}x sooner "
         f"(last turn {turns[-1]['prompt_tokens']} prompt tokens, {turns[-1]['cached_prompt_tokens']} cached)")
     return {"dtype": dtype, "new_tokens": new_tokens, "turns": turns, "ttft_speedup": speedup,
-            "identical_outputs": f"{same}/{done}"}
+            "identical_outputs": f"{same}/{done}", "shared_prefix": bench_shared_prefix(engines, new_tokens, seq)}
+
+
+def bench_shared_prefix(engines: Sequence[Engine], new_tokens: int, seq: int, rounds: int = 2) -> Dict:
+    """A batch of requests with one long system prompt and different questions (max_batch_size of
+    them at once): the first prefills the system prompt, the others copy its KV entries from that
+    slot (reuse_context) against every prompt prefilled whole, side by side (engines[0] reuses,
+    engines[1] does not). Each round's system prompt is new to both engines."""
+    shared, full = engines
+    n = shared.info.max_batch_size
+    questions = [DECODE_PROMPTS[i % len(DECODE_PROMPTS)] + f" (request {i + 1})" for i in range(n)]
+    ttft: Dict[bool, List[float]] = {True: [], False: []}
+    same = total = 0
+    prompt_tokens = 0
+    for rnd in range(rounds):
+        for reps in range(6, -1, -1):  # the longest system prompt that fits the engine's max_seq_len
+            system = f"Session {rnd + 1}. You are a helpful assistant. Notes: " + " ".join(DECODE_PROMPTS * reps)
+            prompts = [shared.tokenizer.encode_chat([{"role": "system", "content": system},
+                                                     {"role": "user", "content": q}]) for q in questions]
+            if max(len(p) for p in prompts) + new_tokens <= seq:
+                break
+        else:
+            return {"skipped": f"the requests with a system prompt do not fit in max_seq_len {seq}"}
+        prompt_tokens = len(prompts[0])
+        order = [True, False] if rnd % 2 == 0 else [False, True]
+        res = {reuse: (shared if reuse else full).generate_batch(prompts, max_new_tokens=new_tokens, reuse_context=reuse)
+               for reuse in order}
+        for reuse in (True, False):  # the first request has nothing to share
+            ttft[reuse] += [r.stats.prefill_seconds for r in res[reuse][1:]]
+        same += sum(a.tokens == b.tokens for a, b in zip(res[True], res[False]))
+        total += len(prompts)
+    speedup = sum(ttft[False]) / max(sum(ttft[True]), 1e-9)
+    log(f"shared prefix: requests 2-{n} of a batch ({prompt_tokens} prompt tokens) first token {speedup:.1f}x sooner")
+    return {"requests": n, "prompt_tokens": prompt_tokens, "rounds": rounds,
+            "ttft_seconds": statistics.mean(ttft[True]), "full_prefill_ttft_seconds": statistics.mean(ttft[False]),
+            "ttft_speedup": speedup, "identical_outputs": f"{same}/{total}"}
 
 
 def bench_bf16_inputs(model: str, prompts: List[List[int]], new_tokens: int, seq: int) -> Dict:
@@ -519,6 +558,9 @@ def run_suite(model: str = "smollm2-135m", *, new_tokens: int = 128, repeats: in
             ratios[f"bf16_inputs_vs_exact_{key}"] = bi[f"{key}_speedup"]  # type: ignore[index]
     if "ttft_speedup" in report["prompt_cache"]:  # type: ignore[operator]
         ratios["prompt_cache_ttft_speedup"] = report["prompt_cache"]["ttft_speedup"]  # type: ignore[index]
+        sp = report["prompt_cache"]["shared_prefix"]  # type: ignore[index]
+        if "ttft_speedup" in sp:
+            ratios["shared_prefix_ttft_speedup"] = sp["ttft_speedup"]
     report["ratios"] = ratios
     report["seconds"] = time.time() - t0
     return report
@@ -570,6 +612,14 @@ def print_table(r: Dict, file=sys.stderr) -> None:
               + ", ".join(f"{1e3 * t['ttft_seconds']:.0f} vs {1e3 * t['full_prefill_ttft_seconds']:.0f} ms "
                           f"({t['prompt_tokens']} tokens)" for t in pc["turns"])
               + f"; {pc['ttft_speedup']:.1f}x, identical outputs {pc['identical_outputs']}", file=file)
+        sp = pc.get("shared_prefix", {"skipped": "not measured"})
+        if "skipped" in sp:
+            print(f"shared prefix: skipped ({sp['skipped']})", file=file)
+        else:
+            print(f"shared prefix (a batch of {sp['requests']} requests, one system prompt, {sp['prompt_tokens']} "
+                  f"prompt tokens): first token of requests 2+, copied vs full prefill: "
+                  f"{1e3 * sp['ttft_seconds']:.0f} vs {1e3 * sp['full_prefill_ttft_seconds']:.0f} ms, "
+                  f"{sp['ttft_speedup']:.1f}x, identical outputs {sp['identical_outputs']}", file=file)
     for name, x in r["peers"].items():
         if "skipped" in x:
             text = x["skipped"]

@@ -43,8 +43,8 @@ class GenerationStats:
     ``accepted_per_head[d]`` is the number of steps in which d + 1 or more speculative tokens
     were accepted. ``lookup_steps`` counts the steps that verified tokens looked up in the
     context (prompt lookup), ``lookup_tokens`` the looked-up tokens accepted.
-    ``cached_prompt_tokens`` is the start of the prompt taken from the session's context instead
-    of prefilled (``reuse_context``).
+    ``cached_prompt_tokens`` is the start of the prompt taken from the session's context, or
+    copied from another slot's cache, instead of prefilled (``reuse_context``).
     ``forward_seconds`` is the time spent in model and head forwards, ``other_seconds`` the rest.
     """
 
@@ -302,7 +302,8 @@ class Engine:
         string appears; the results are cut before it); returning False cancels that request
         only. Each request takes the
         free slot whose cache shares the longest start with its prompt and prefills only the rest
-        (``reuse_context``): a shared instruction or few-shot prefix is prefilled once per slot.
+        (``reuse_context``): a shared instruction or few-shot prefix is prefilled once, by the
+        first request, and copied from its slot's cache for the others.
         """
         # The options are shared: one config; only the prompts differ.
         chat = kwargs.pop("chat", False)
@@ -420,8 +421,9 @@ class Session:
             seed: seed of the draws (>= 0), or -1 for a random one per request;
                 :meth:`Engine.generate_batch` gives request i the seed ``seed + i``.
             reuse_context: keep the start of the prompt that the slot's cache holds (see
-                above; also what an earlier session or batch request left in the slot); False
-                prefills the whole prompt.
+                above; also what an earlier session or batch request left in the slot), or copy
+                a longer start from another slot's cache (a prompt another session prefilled,
+                e.g. a shared system prompt); False prefills the whole prompt.
 
         Raises:
             InvalidArgumentError: bad prompt or options (empty prompt, token id out of range,
