@@ -129,6 +129,41 @@ def test_eight_threads_share_steps(model_dir):
     assert not errors and got == alone
 
 
+def test_threads_share_prompt_prefixes_while_stepping(model_dir):
+    """Sessions in threads whose prompts share starts copy them from each other's slots while the
+    others decode (Medusa steps included), and every answer is the one a fresh prefill gives."""
+    engine = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=160, max_batch_size=4, medusa_max_batch=16)
+    reference = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=160)
+    rs = np.random.RandomState(8)
+    bases = [[int(x) for x in rs.randint(3, 384, 24)] for _ in range(2)]
+    work = [[bases[(i + j) % 2][: 8 + 8 * ((i + j) % 3)] + [int(x) for x in rs.randint(3, 384, 3)] for j in range(4)]
+            for i in range(4)]
+    want = [[reference.generate(p, max_new_tokens=30, ignore_eos=True, reuse_context=False).tokens for p in w]
+            for w in work]
+    got = [[None] * 4 for _ in range(4)]
+    copied, errors = [], []
+    start = threading.Barrier(4)
+
+    def worker(i):
+        try:
+            start.wait()
+            with engine.session() as s:
+                for j, p in enumerate(work[i]):
+                    r = s.generate(p, max_new_tokens=30, ignore_eos=True)
+                    got[i][j] = r.tokens
+                    copied.append(r.stats.cached_prompt_tokens)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and got == want
+    assert sum(c >= 8 for c in copied) >= 8  # most requests found their start in some slot
+
+
 def test_admission_while_sessions_run(model_dir):
     """A generate_batch and sessions in other threads share the engine's slots and steps."""
     engine = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=160, max_batch_size=4, medusa_max_batch=16)
