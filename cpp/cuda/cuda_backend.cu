@@ -111,6 +111,13 @@ class CudaBackend final : public Backend {
     bind_device(device_);
     MRT_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_));
   }
+  void copy_on_device_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t bytes,
+                         int rows) override {
+    bind_device(device_);
+    if (rows <= 0 || bytes == 0) return;
+    MRT_CUDA_CHECK(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, bytes, size_t(rows), cudaMemcpyDeviceToDevice,
+                                     stream_));
+  }
   void synchronize() override {
     bind_device(device_);
     MRT_CUDA_CHECK(cudaStreamSynchronize(stream_));

@@ -108,6 +108,14 @@ class Backend {
   virtual void copy_to_host(void* dst, const void* src, size_t bytes) = 0;
   virtual void fill_zero(void* dst, size_t bytes) = 0;
   virtual void copy_on_device(void* dst, const void* src, size_t bytes) = 0;
+  // `rows` copies of `bytes` bytes, row r from src + r * src_pitch to dst + r * dst_pitch (device
+  // memory; one strided copy where the device has it).
+  virtual void copy_on_device_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t bytes,
+                                 int rows) {
+    for (int r = 0; r < rows; ++r) {
+      copy_on_device(static_cast<char*>(dst) + r * dst_pitch, static_cast<const char*>(src) + r * src_pitch, bytes);
+    }
+  }
   // Waits until all work issued so far has finished (timing; a no-op on the CPU).
   virtual void synchronize() {}
   // Allocates a matrix and fills it from host data (row-major [rows, cols] of dtype; for kI8,

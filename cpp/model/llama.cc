@@ -222,14 +222,13 @@ void LlamaModel::copy_slot_prefix(int src, int dst, int begin, int end) {
     throw Error("internal: KV prefix copy out of range");
   }
   if (begin >= end) return;
-  const size_t row = size_t(L.head_dim) * L.elem_bytes();
+  // Per layer and cache: the slot's KV heads are max_seq rows apart, one strided copy of them.
+  const size_t row = size_t(L.head_dim) * L.elem_bytes(), head_pitch = size_t(L.max_seq) * row;
   for (int l = 0; l < cfg_.num_layers; ++l) {
-    for (int h = 0; h < L.kv_heads; ++h) {
-      const size_t layer = L.layer_bytes() * l + size_t(begin) * row;
-      const size_t from = layer + (size_t(src) * L.kv_heads + h) * L.max_seq * row;
-      const size_t to = layer + (size_t(dst) * L.kv_heads + h) * L.max_seq * row;
-      be_.copy_on_device(k_cache_ + to, k_cache_ + from, size_t(end - begin) * row);
-      be_.copy_on_device(v_cache_ + to, v_cache_ + from, size_t(end - begin) * row);
+    const size_t layer = L.layer_bytes() * l + size_t(begin) * row;
+    const size_t from = layer + size_t(src) * L.kv_heads * head_pitch, to = layer + size_t(dst) * L.kv_heads * head_pitch;
+    for (char* cache : {k_cache_, v_cache_}) {
+      be_.copy_on_device_2d(cache + to, head_pitch, cache + from, head_pitch, size_t(end - begin) * row, L.kv_heads);
     }
   }
 }
