@@ -103,9 +103,9 @@ struct Engine::Impl {
   // handed to the next sequence that takes it, whose first request then prefills only what
   // follows the start it shares with them. A held slot's are those until its sequence writes,
   // then the prompt (or appended tokens) it last prefilled; they shrink before any write below
-  // their end (unshare_from).
-  // Another sequence whose prompt starts the same way copies those entries instead of
-  // prefilling them (take_shared_prefix). Anything else that writes a slot's cache clears them.
+  // their end (unshare_from). Another sequence whose prompt starts the same way copies those
+  // entries instead of prefilling them (take_shared_prefix). Anything else that writes a slot's
+  // cache clears them.
   std::vector<std::vector<int32_t>> slot_tokens;
   std::vector<uint64_t> slot_released;  // when each slot was let go (a counter): the oldest is taken first
   uint64_t releases = 0;
