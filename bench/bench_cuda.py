@@ -10,7 +10,9 @@ in one run and printed as JSON (and written to --json):
   rows, forward, acceptance, KV compaction and heads on the device, replayed from a CUDA graph;
   random heads accept ~nothing, so this measures a verify step's cost, not a speed-up);
 - CUDA-graph replay against eager launches (MEDUSA_RT_CUDA_GRAPHS=0) on a SmolLM2-135M-shaped
-  model at batch 1, plain and Medusa steps;
+  model at batch 1, plain and Medusa steps (the shipped SmolLM2 heads' 128-node default tree), and
+  that model's verify steps of 1 to 128 nodes (whether 128-node trees are as cheap there as the
+  shipped tree's size assumes);
 - PyTorch eager decoding of the same shapes with the same fp16 weights on the same GPU (the peer):
   one token per step with a static KV cache, F.scaled_dot_product_attention.
 
@@ -45,6 +47,7 @@ SHAPES = {
                  num_key_value_heads=4, vocab_size=1000),
 }
 TREE_SIZES = [1, 2, 4, 8, 16, 32, 64]
+SMALL_TREE_SIZES = TREE_SIZES + [128]
 
 
 def say(msg: str) -> None:
@@ -227,8 +230,9 @@ def generation(e, c: dict, context: int, steps: int) -> dict:
     return out
 
 
-def engine_for(model_dir: Path, device: str, max_seq_len: int, graphs: bool = True):
-    """An fp16 engine with the random heads and the 64-node tree, Medusa at batch 1."""
+def engine_for(model_dir: Path, device: str, max_seq_len: int, graphs: bool = True, tree_paths=None):
+    """An fp16 engine with the random heads, Medusa at batch 1, and the 64-node tree
+    (or the given paths)."""
     from medusa_rt import _core
 
     os.environ["MEDUSA_RT_CUDA_GRAPHS"] = "1" if graphs else "0"  # read when the backend is created
@@ -237,8 +241,38 @@ def engine_for(model_dir: Path, device: str, max_seq_len: int, graphs: bool = Tr
     opts.dtype = "fp16"
     opts.max_seq_len = max_seq_len
     opts.medusa_max_batch = 1
-    opts.tree = "mc_sim_7b_63"
+    if tree_paths:
+        opts.tree_paths = tree_paths
+    else:
+        opts.tree = "mc_sim_7b_63"
     return _core.Engine(str(model_dir), opts)
+
+
+def shipped_tree() -> list:
+    """The default tree of the heads shipped for SmolLM2-135M (128 nodes)."""
+    from safetensors import safe_open
+
+    import medusa_rt
+
+    path = Path(medusa_rt.__file__).parent / "data" / "smollm2-135m" / "medusa_heads.safetensors"
+    with safe_open(str(path), "np") as f:
+        return json.loads(f.metadata()["default_tree"])
+
+
+def verify_steps(e, sizes) -> dict:
+    """Forward (+ heads) time of trees of each size, from the engine's own hook: the engine's tree
+    cut to that size, written at the start of an empty cache (its rows attend over the tree's keys
+    only), host-built rows, eager launches; and each as a multiple of the 1-node step."""
+    from medusa_rt import _core
+
+    steps = {}
+    for n in sizes:
+        fwd, heads = _core._testing.time_tree_step(e, n, 10)
+        steps[n] = {"forward_ms": round(1e3 * fwd, 4), "heads_ms": round(1e3 * heads, 4),
+                    "step_ms": round(1e3 * (fwd + heads), 4)}
+    for n in sizes:
+        steps[n]["x_decode"] = round(steps[n]["step_ms"] / steps[sizes[0]]["forward_ms"], 3)
+    return steps
 
 
 def main(argv=None) -> int:
@@ -252,8 +286,6 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default="", help="also write the JSON here")
     ap.add_argument("--no-peer", action="store_true", help="skip the PyTorch eager peer")
     args = ap.parse_args(argv)
-
-    from medusa_rt import _core
 
     c = SHAPES[args.shape]
     result = {"shape": args.shape, "config": c, "context": args.context, "steps": args.steps}
@@ -277,17 +309,8 @@ def main(argv=None) -> int:
     result["weight_bytes"] = info.weight_bytes
     say(f"{info.device}: {info.weight_bytes / 1e9:.2f} GB of weights (heads included)")
 
-    # Forward (+ heads) timings from the engine's own hook: a tree written at the start of an
-    # empty cache (its rows attend over the tree's keys only), host-built rows, eager launches.
-    steps = {}
-    for n in TREE_SIZES:
-        fwd, heads = _core._testing.time_tree_step(e, n, 10)
-        steps[n] = {"forward_ms": round(1e3 * fwd, 4), "heads_ms": round(1e3 * heads, 4),
-                    "step_ms": round(1e3 * (fwd + heads), 4)}
+    result["verify_steps"] = steps = verify_steps(e, TREE_SIZES)
     decode_ms = steps[1]["forward_ms"]
-    for n in TREE_SIZES:
-        steps[n]["x_decode"] = round(steps[n]["step_ms"] / decode_ms, 3)
-    result["verify_steps"] = steps
     say("verify steps: " + ", ".join(f"{n}: {v['step_ms']:.2f} ms" for n, v in steps.items()))
 
     bw = copy_bandwidth(args.device) if args.device == "cuda" else None
@@ -305,10 +328,14 @@ def main(argv=None) -> int:
     small = root / f"llama-{args.small_shape}-random"
     if not (small / "model.safetensors").exists():
         build_model(small, SHAPES[args.small_shape])
-    graphs = {"shape": args.small_shape}
+    graphs = {"shape": args.small_shape, "tree_nodes": len(shipped_tree()) + 1}
     for on in (True, False):
-        es = engine_for(small, args.device, args.context + 256, graphs=on)
+        es = engine_for(small, args.device, args.context + 256, graphs=on, tree_paths=shipped_tree())
         graphs["graphs" if on else "eager"] = generation(es, SHAPES[args.small_shape], args.context, args.steps)
+        if on:
+            result["small_verify_steps"] = verify_steps(es, SMALL_TREE_SIZES)
+            say("small model's verify steps: " + ", ".join(
+                f"{n}: {v['step_ms']:.3f} ms" for n, v in result["small_verify_steps"].items()))
         del es
     os.environ.pop("MEDUSA_RT_CUDA_GRAPHS", None)
     for kind in ("plain", "medusa"):

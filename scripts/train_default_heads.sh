@@ -18,7 +18,7 @@ if [ ! -e "$WORK/self_prompts.jsonl" ]; then
 fi
 medusa-rt train-heads "$OUT" --model smollm2-135m --dtype bf16 --work-dir "$WORK" \
   --prompts 1728 --everyday-prompts 170 --self-prompts 4000 --max-new-tokens 256 --batch 32 --heads 4 --layers 2 \
-  --layout shared --path-input --epochs 2 --lr 1e-3 --batch-size 256 --seed 0 --tree-nodes 64 \
+  --layout shared --path-input --epochs 2 --lr 1e-3 --batch-size 256 --seed 0 --tree-nodes 128 \
   --feature-layers 8,16,24 --distill 0.5 --overwrite
 # The accuracy table `tree="auto"` predicts from: measured on the development prompts (unlike the
 # training templates; the template held-out table overstates acceptance). The default tree stays

@@ -110,6 +110,30 @@ def test_fit_tree_known_table():
         tree_fit.fit_tree(table, 0)
 
 
+def test_shipped_heads_tree_is_the_fit_of_their_report():
+    """The shipped SmolLM2 heads' default tree is what fit-tree grows from their training report's
+    held-out table at the report's size (what scripts/train_default_heads.sh reproduces), and the
+    file's expected tokens/step is that tree's under the file's own (dev) table."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    import medusa_rt
+
+    d = Path(medusa_rt.__file__).parent / "data" / "smollm2-135m"
+    report = json.loads((d / "training_report.json").read_text())
+    with safe_open(str(d / "medusa_heads.safetensors"), "np") as f:
+        meta = f.metadata()
+    tree = json.loads(meta["default_tree"])
+    assert report["tree_nodes"] == len(tree) + 1 == 128 and report["tree"] == tree
+    assert tree_fit.fit_tree(report["accuracy_table"], report["tree_nodes"]) == tree
+    # The 64-node tree, the published trees' size, is the start of the same greedy growth.
+    assert all(p in tree for p in tree_fit.fit_tree(report["accuracy_table"], 64))
+    table = json.loads(meta["accuracy_table"])
+    assert float(meta["expected_tokens_per_step"]) == pytest.approx(tree_fit.expected_tokens_per_step(table, tree),
+                                                                    abs=1e-4)
+
+
 def test_head_labels():
     lab = data.head_labels([10, 11, 12, 13], 2)
     assert lab.tolist() == [[11, 12], [12, 13], [13, -1], [-1, -1]]

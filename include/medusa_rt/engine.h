@@ -69,8 +69,9 @@ struct EngineOptions {
   /// Empty: "auto" when the heads have an accuracy table, else their default tree, else
   /// "mc_sim_7b_63" cut to the number of heads. Ignored without heads.
   std::string tree;
-  /// Largest tree "auto" considers (nodes, root included).
-  int auto_tree_max_nodes = 64;
+  /// Largest tree "auto" considers (nodes, root included). The calibration stops timing larger
+  /// trees once none can win, so a machine where rows cost much (a CPU) pays little for it.
+  int auto_tree_max_nodes = 128;
   /// Tree as explicit paths; overrides `tree` when non-empty.
   std::vector<std::vector<int>> tree_paths;
   /// Candidates kept per head; every rank in the tree must be below it.

@@ -523,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("calibrate", help="size the Medusa tree to this machine: step costs vs expected tokens")
     engine_args(sp)
-    sp.add_argument("--max-nodes", type=int, default=64, help="largest tree considered")
+    sp.add_argument("--max-nodes", type=int, default=128, help="largest tree considered")
     sp.add_argument("--measure", type=int, default=4, metavar="N",
                     help="then generate N held-out prompts with and without Medusa (0: skip)")
     sp.set_defaults(fn=_cmd_calibrate)

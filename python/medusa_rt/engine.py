@@ -184,7 +184,7 @@ class Engine:
         tree: Tree = None,
         medusa_top_k: int = 10,
         medusa_heads_dtype: Optional[str] = None,
-        auto_tree_max_nodes: int = 64,
+        auto_tree_max_nodes: int = 128,
         medusa_max_batch: Optional[int] = None,
         medusa_expected_tokens_per_step: Optional[float] = None,
         prompt_lookup: Optional[int] = None,
