@@ -166,6 +166,36 @@ def test_prompt_prefix_shared_across_slots(model_dir):
         assert r.stats.cached_prompt_tokens == len(prefix) + 1 and r.tokens == fresh(prefix + [8, 1])
 
 
+def test_a_used_prompt_start_is_kept_over_an_unused_one(model_dir):
+    """A free slot whose start later requests used (a shared system prompt), and which no other
+    slot holds, is taken last: an unrelated request takes a slot whose contents nobody reused,
+    even one freed more recently, so the next request with that start still finds it."""
+    engine = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=128, max_batch_size=2)
+    other = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=128)
+    prefix = [7, 3, 9, 200, 150, 33, 2, 90, 91, 92, 14, 15]
+
+    def run(prompt, **kw):
+        return engine.generate(prompt, max_new_tokens=8, ignore_eos=True, **kw)
+
+    assert run(prefix + [1, 2]).stats.cached_prompt_tokens == 0  # slot 0
+    assert run(prefix + [3, 4]).stats.cached_prompt_tokens == len(prefix)  # slot 0 again: its start used
+    run([300, 301, 302, 303])  # slot 1, never used
+    run([310, 311, 312])  # slot 1 again, though slot 0 was let go longer ago
+    r = run(prefix + [5])
+    assert r.stats.cached_prompt_tokens == len(prefix)
+    assert r.tokens == other.generate(prefix + [5], max_new_tokens=8, ignore_eos=True).tokens
+    # A session opened without its prompt also spares the used start.
+    with engine.session() as s:
+        s.generate([320, 321], max_new_tokens=8, ignore_eos=True)
+    assert run(prefix + [6]).stats.cached_prompt_tokens == len(prefix)
+    # Without reuse nothing is marked used: a start used only by a request that prefilled it anew
+    # is not kept over an older slot.
+    fresh = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=128, max_batch_size=2)
+    for p in (prefix + [1], prefix + [2], [300, 301], [310, 311]):
+        fresh.generate(p, max_new_tokens=8, ignore_eos=True, reuse_context=False)
+    assert fresh.generate(prefix + [5], max_new_tokens=2).stats.cached_prompt_tokens == 0
+
+
 def test_asyncio_generation(model_dir):
     """agenerate / astream run the engine in worker threads: the same tokens as generate,
     concurrent calls batched (more than the slots wait for one), early exit and cancellation

@@ -107,6 +107,10 @@ struct Engine::Impl {
   // entries instead of prefilling them (take_shared_prefix). Anything else that writes a slot's
   // cache clears them.
   std::vector<std::vector<int32_t>> slot_tokens;
+  // How many of each slot's offered tokens a later request has used (from the slot's own cache or
+  // copied from it), or were copied in: a start worth keeping, such as a shared system prompt.
+  // Never more than the offer.
+  std::vector<size_t> slot_used_prefix;
   std::vector<uint64_t> slot_released;  // when each slot was let go (a counter): the oldest is taken first
   uint64_t releases = 0;
   int medusa_max_batch = 0;
@@ -122,20 +126,32 @@ struct Engine::Impl {
   int generating = 0;  // sessions inside generate()
   bool stepping = false;
 
+  // Tokens of slot i's used start (slot_used_prefix) that taking it for a request sharing `kept`
+  // tokens with it would lose: those no other slot offers. Callers hold slot_mu.
+  size_t used_prefix_lost(size_t i, size_t kept) const {
+    const size_t used = slot_used_prefix[i];
+    size_t covered = kept;
+    for (size_t j = 0; j < slot_tokens.size() && covered < used; ++j) {
+      if (j != i) covered = std::max(covered, std::min(common_prefix(slot_tokens[i], slot_tokens[j]), used));
+    }
+    return used > covered ? used - covered : 0;
+  }
   // A free slot for s, waiting up to wait_seconds for one; -1 if none. The one whose cached
-  // tokens share the longest start with `prompt` (the request s will make first, if known), else
-  // the one let go longest ago; its cached tokens become s's (s's context stays empty).
+  // tokens share the most with `prompt` (the request s will make first, if known) less what it
+  // would lose of a start that earlier requests used and no other slot holds; on a tie the one
+  // let go longest ago. Its cached tokens become s's (s's context stays empty).
   int acquire_slot(SequenceState& s, double wait_seconds = 0, const std::vector<int32_t>* prompt = nullptr) {
     std::unique_lock<std::mutex> lock(slot_mu);
     auto take = [&]() -> int {
       int best = -1;
-      size_t best_len = 0;
+      long best_score = 0;
       for (size_t i = 0; i < slot_used.size(); ++i) {
         if (slot_used[i]) continue;
         const size_t len = prompt ? common_prefix(slot_tokens[i], *prompt) : 0;
-        if (best < 0 || len > best_len || (len == best_len && slot_released[i] < slot_released[best])) {
+        const long score = long(len) - long(used_prefix_lost(i, len));
+        if (best < 0 || score > best_score || (score == best_score && slot_released[i] < slot_released[best])) {
           best = static_cast<int>(i);
-          best_len = len;
+          best_score = score;
         }
       }
       if (best >= 0) {
@@ -161,8 +177,12 @@ struct Engine::Impl {
       std::lock_guard<std::mutex> lock(slot_mu);
       slot_used[s.slot] = false;
       slot_released[s.slot] = ++releases;
-      slot_tokens[s.slot].clear();
-      if (keep) slot_tokens[s.slot].swap(s.history);
+      if (keep) {
+        set_offer(s.slot, std::move(s.history));
+        s.history.clear();
+      } else {
+        set_offer(s.slot, {});
+      }
     }
     s.slot = -1;
     slot_cv.notify_one();
@@ -175,11 +195,20 @@ struct Engine::Impl {
     std::lock_guard<std::mutex> lock(slot_mu);
     std::vector<int32_t>& t = slot_tokens[s.slot];
     if (t.size() > size_t(from)) t.resize(from);
+    slot_used_prefix[s.slot] = std::min(slot_used_prefix[s.slot], t.size());
   }
-  // s's cache holds s.history now (after a prefill or append): offered to other sequences.
-  void share(const SequenceState& s) {
+  // s's cache holds s.history now (after a prefill or append): offered to other sequences. Its
+  // first `used` tokens came from a cache (its own or copied): a start requests share.
+  void share(const SequenceState& s, size_t used = 0) {
     std::lock_guard<std::mutex> lock(slot_mu);
-    slot_tokens[s.slot] = s.history;
+    set_offer(s.slot, s.history);
+    slot_used_prefix[s.slot] = std::max(slot_used_prefix[s.slot], std::min(used, s.history.size()));
+  }
+  // Slot i offers `tokens` now; what it had used stays used as far as the two agree. Callers hold
+  // slot_mu.
+  void set_offer(int i, std::vector<int32_t> tokens) {
+    slot_used_prefix[i] = std::min(slot_used_prefix[i], common_prefix(slot_tokens[i], tokens));
+    slot_tokens[i] = std::move(tokens);
   }
   // Where another slot's cache holds a longer start of `prompt` than the `cached` tokens s's own
   // does, copies those entries into s's slot (they are what a prefill of the same tokens writes)
@@ -200,6 +229,7 @@ struct Engine::Impl {
     }
     if (from < 0) return cached;
     model->copy_slot_prefix(from, s.slot, cached, static_cast<int>(best));
+    slot_used_prefix[from] = std::max(slot_used_prefix[from], best);
     s.history.assign(prompt.begin(), prompt.begin() + best);
     return static_cast<int>(best);
   }
@@ -563,6 +593,7 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
   }
   e.slot_used.assign(lim.slots, false);
   e.slot_tokens.assign(lim.slots, {});
+  e.slot_used_prefix.assign(lim.slots, 0);
   e.slot_released.assign(lim.slots, 0);
 
   ModelInfo& info = e.info;
@@ -655,7 +686,7 @@ class Generation {
       if (reuse_) cached = s_.length = e_.take_shared_prefix(s_, prompt, cached);
       e_.decoder->append(s_, prompt.data() + cached, static_cast<int>(prompt.size()) - cached, s_.options.medusa,
                          nullptr, false);
-      e_.share(s_);
+      e_.share(s_, cached);
     }
     result_.stats.cached_prompt_tokens = cached;
     t_first_ = Clock::now();
@@ -1071,7 +1102,7 @@ std::vector<double> time_tree_step(Engine& engine, int nodes, int reps, int cont
   for (bool used : e.slot_used) {
     if (used) throw InvalidArgumentError("time_tree_step needs an idle engine (it writes slot 0's cache)");
   }
-  e.slot_tokens[0].clear();
+  e.set_offer(0, {});
   const TreeSpec t = tree.truncated(nodes);
   return {e.decoder->time_forward(1, t, nodes, reps, context),
           nodes > 1 ? e.decoder->time_heads(1, reps, &t) : 0.0};
