@@ -350,6 +350,20 @@ def test_stream_cancel(engine):
         assert len(s.generate(PROMPT, max_new_tokens=3, ignore_eos=True).tokens) == 3
 
 
+def test_generate_cancel(engine):
+    """generate(cancel=...) is polled after each token block: True ends the generation there
+    ("cancelled"), with or without stop strings; False never changes the answer."""
+    with engine.session() as s:
+        want = s.generate(PROMPT, max_new_tokens=40, ignore_eos=True)
+        calls = []
+        r = s.generate(PROMPT, max_new_tokens=40, ignore_eos=True, cancel=lambda: calls.append(1) and False)
+        assert (r.tokens, r.text, r.finish_reason) == (want.tokens, want.text, want.finish_reason) and calls
+        for stop in (None, ["never in the text"]):
+            r = s.generate(PROMPT, max_new_tokens=40, ignore_eos=True, stop=stop, cancel=lambda: True)
+            assert r.finish_reason == "cancelled" and 0 < len(r.tokens) < 40
+            assert r.tokens == want.tokens[: len(r.tokens)] and s.last_result is r
+
+
 def test_callback_error_propagates(engine):
     def boom(tokens):
         raise RuntimeError("callback failed")

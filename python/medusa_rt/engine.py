@@ -380,6 +380,7 @@ class Session:
         top_p: float = 1.0,
         seed: int = -1,
         reuse_context: bool = True,
+        cancel: Optional[Callable[[], bool]] = None,
     ) -> GenerationResult:
         """Generates a continuation of ``prompt`` (greedily unless ``do_sample``).
 
@@ -424,6 +425,9 @@ class Session:
                 above; also what an earlier session or batch request left in the slot), or copy
                 a longer start from another slot's cache (a prompt another session prefilled,
                 e.g. a shared system prompt); False prefills the whole prompt.
+            cancel: called in this thread after each block of tokens the engine commits; when it
+                returns True the generation ends there (finish reason ``"cancelled"``), e.g. once
+                a server's client has left.
 
         Raises:
             InvalidArgumentError: bad prompt or options (empty prompt, token id out of range,
@@ -433,10 +437,15 @@ class Session:
         ids, config, stops = self._prepare(prompt, max_new_tokens, stop, chat, ignore_eos, medusa, acceptance,
                                            posterior_threshold, posterior_alpha, temperature, prompt_lookup,
                                            do_sample, top_k, top_p, seed, reuse_context)
-        if not stops:
+        out = _Output(self._engine, stops) if stops else None
+        if out is None and cancel is None:
             return self._result(self._core().generate(ids, config))
-        out = _Output(self._engine, stops)
-        return self._result(self._core().generate(ids, config, lambda tokens: out.feed(tokens)[1]), out)
+
+        def on_tokens(tokens: List[int]) -> bool:
+            go_on = out.feed(tokens)[1] if out is not None else True
+            return go_on and not (cancel is not None and cancel())
+
+        return self._result(self._core().generate(ids, config, on_tokens), out)
 
     def stream(
         self,

@@ -314,15 +314,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _generate(self, s: Any, prompt: Any, opts: Dict[str, Any]) -> Optional[GenerationResult]:
         """The whole answer, or None when the client left first (its generation is then cancelled
         at the next token block rather than holding a slot to the end)."""
-        pieces = s.stream(prompt, **opts)
-        try:
-            for _ in pieces:
-                if self._client_gone():
-                    self.close_connection = True
-                    return None
-        finally:
-            pieces.close()
-        return s.last_result
+        r = s.generate(prompt, cancel=self._client_gone, **opts)
+        if r.finish_reason == "cancelled":
+            self.close_connection = True
+            return None
+        return r
 
     def _client_gone(self) -> bool:
         """Whether the client closed its connection (readable with nothing to read: EOF; a
