@@ -253,8 +253,9 @@ class Engine:
 
     def generate(self, prompt: Prompt, **kwargs) -> GenerationResult:
         """A one-off generation on a session of its own (see :meth:`Session.generate`), in the
-        free slot whose cache shares the longest start with the prompt: stateless requests that
-        continue a conversation, or share an instruction prefix, prefill only what is new."""
+        free slot whose cache shares the longest start with the prompt (less what it would
+        overwrite of a start earlier requests used and no other slot holds): stateless requests
+        that continue a conversation, or share an instruction prefix, prefill only what is new."""
         ids = _encode_prompt(self, prompt, kwargs.pop("chat", False))
         with self.session(prompt=ids) as s:
             return s.generate(ids, **kwargs)
