@@ -10,6 +10,10 @@ namespace medusa_rt {
 
 enum class DType { kF32, kBF16, kF16, kF64, kI64, kI32, kI16, kI8, kU8, kBool, kF8E4M3, kF8E5M2 };
 
+// kI8 as a weight precision (weight-only int8, symmetric): one fp32 scale per output column and
+// group of this many k. The CPU kernels quantize to it, and weight sizes count its scales.
+constexpr int kI8WeightGroup = 32;
+
 size_t dtype_size(DType t);
 const char* dtype_name(DType t);  // safetensors spelling: "F32", "BF16", ...
 // Parses the safetensors spelling; returns false for unknown names.

@@ -12,6 +12,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "core/dtype.h"
+
 namespace medusa_rt::cpu {
 
 // Weight types of the packed GEMM. kBF16Pairs: bf16 weights packed by pairs of k for the
@@ -19,7 +21,7 @@ namespace medusa_rt::cpu {
 // kI8: weight-only int8, symmetric, one fp32 scale per output column and group of kI8Group k
 // (packing.h); the GEMM multiplies x by the dequantized weight q * scale.
 enum class WType { kF32, kBF16, kF16, kBF16Pairs, kI8 };
-constexpr int kI8Group = 32;
+constexpr int kI8Group = kI8WeightGroup;
 
 // A query's keys form a list: the visible prefix keys 0 .. prefix_len-1 in order, then its extra
 // keys. Attention works on ranges of that list that start at multiples of kAttendRange (fixed

@@ -51,7 +51,8 @@ DType staging_dtype(DType dtype) { return dtype == DType::kI8 ? DType::kF32 : dt
 
 size_t matrix_bytes(DType dtype, int rows, int cols) {
   const size_t n = size_t(rows) * cols;
-  return dtype == DType::kI8 ? n + (size_t(cols + 31) / 32) * rows * 4 : n * dtype_size(dtype);
+  return dtype == DType::kI8 ? n + (size_t(cols + kI8WeightGroup - 1) / kI8WeightGroup) * rows * 4
+                             : n * dtype_size(dtype);
 }
 
 void check_float_dtype(const TensorView& t) {
