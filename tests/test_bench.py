@@ -98,3 +98,27 @@ def test_fma_peak_probe_each_kernel_set():
         one, all_ = map(float, subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                                               check=True).stdout.split())
         assert 1e8 < one < 1e13 and 0.5 * one < all_ < 1e14
+
+
+def test_cuda_bench_script_runs_on_the_cpu(tmp_path):
+    """bench/bench_cuda.py (what scripts/gpu_check.sh runs on a lent GPU) end to end on tiny
+    random models on the CPU, so a rare GPU run does not find the script broken: verify steps up
+    to 64 nodes, the small model's up to 128 with the shipped heads' tree, generation with and
+    without Medusa, graphs against eager."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "bench_cuda.py"
+    spec = importlib.util.spec_from_file_location("bench_cuda", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "bench_cuda.json"
+    assert mod.main(["--shape", "tiny", "--small-shape", "tiny", "--device", "cpu", "--no-peer",
+                     "--work", str(tmp_path / "models"), "--json", str(out), "--steps", "8"]) == 0
+    r = json.loads(out.read_text())
+    assert [int(n) for n in r["verify_steps"]] == mod.TREE_SIZES
+    assert [int(n) for n in r["small_verify_steps"]] == mod.SMALL_TREE_SIZES and mod.SMALL_TREE_SIZES[-1] == 128
+    assert all(v["step_ms"] > 0 for v in r["small_verify_steps"].values())
+    assert r["cuda_graphs"]["tree_nodes"] == 128
+    for run in (r["generation"], r["cuda_graphs"]["graphs"], r["cuda_graphs"]["eager"]):
+        assert run["plain"]["tokens_per_step"] == 1.0 and run["medusa"]["tokens_per_step"] >= 1.0
