@@ -169,7 +169,8 @@ def test_prompt_prefix_shared_across_slots(model_dir):
 def test_a_used_prompt_start_is_kept_over_an_unused_one(model_dir):
     """A free slot whose start later requests used (a shared system prompt), and which no other
     slot holds, is taken last: an unrelated request takes a slot whose contents nobody reused,
-    even one freed more recently, so the next request with that start still finds it."""
+    even one freed more recently, so the next request with that start still finds it. Among used
+    starts, one left unused for long goes first."""
     engine = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=128, max_batch_size=2)
     other = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=128)
     prefix = [7, 3, 9, 200, 150, 33, 2, 90, 91, 92, 14, 15]
@@ -188,6 +189,15 @@ def test_a_used_prompt_start_is_kept_over_an_unused_one(model_dir):
     with engine.session() as s:
         s.generate([320, 321], max_new_tokens=8, ignore_eos=True)
     assert run(prefix + [6]).stats.cached_prompt_tokens == len(prefix)
+    # A used start weighs less the longer its slot sits unused: a long start nobody asked for
+    # since goes before a shorter one in use.
+    long_start, short_start = prefix + [20, 21, 22, 23, 24, 25, 26, 27], [40, 41, 42, 43, 44, 45]
+    stale = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=128, max_batch_size=2)
+    for p in [long_start + [1], long_start + [2]] + [short_start + [k] for k in range(1, 8)]:
+        stale.generate(p, max_new_tokens=4, ignore_eos=True)
+    stale.generate([330, 331], max_new_tokens=4, ignore_eos=True)
+    assert stale.generate(short_start + [9], max_new_tokens=2).stats.cached_prompt_tokens == len(short_start)
+    assert stale.generate(long_start + [9], max_new_tokens=2).stats.cached_prompt_tokens == 0
     # Without reuse nothing is marked used: a start used only by a request that prefilled it anew
     # is not kept over an older slot.
     fresh = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=128, max_batch_size=2)

@@ -138,17 +138,20 @@ struct Engine::Impl {
   }
   // A free slot for s, waiting up to wait_seconds for one; -1 if none. The one whose cached
   // tokens share the most with `prompt` (the request s will make first, if known) less what it
-  // would lose of a start that earlier requests used and no other slot holds; on a tie the one
+  // would lose of a start that earlier requests used and no other slot holds, that loss weighed
+  // down as the slot sits unused (by n / (n + a), n slots, a slots let go since); on a tie the one
   // let go longest ago. Its cached tokens become s's (s's context stays empty).
   int acquire_slot(SequenceState& s, double wait_seconds = 0, const std::vector<int32_t>* prompt = nullptr) {
     std::unique_lock<std::mutex> lock(slot_mu);
     auto take = [&]() -> int {
+      const double n = double(slot_used.size());
       int best = -1;
-      long best_score = 0;
+      double best_score = 0;
       for (size_t i = 0; i < slot_used.size(); ++i) {
         if (slot_used[i]) continue;
         const size_t len = prompt ? common_prefix(slot_tokens[i], *prompt) : 0;
-        const long score = long(len) - long(used_prefix_lost(i, len));
+        const double age = double(releases - slot_released[i]);
+        const double score = double(len) - double(used_prefix_lost(i, len)) * n / (n + age);
         if (best < 0 || score > best_score || (score == best_score && slot_released[i] < slot_released[best])) {
           best = static_cast<int>(i);
           best_score = score;
