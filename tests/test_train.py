@@ -175,6 +175,19 @@ def test_train_heads_end_to_end(tiny, capsys):
     # Step costs are medians of interleaved rounds, never lower for a larger tree (timing noise).
     assert [c.step_seconds for c in cal] == sorted(c.step_seconds for c in cal)
     assert all(0 < c.heads_seconds < c.step_seconds for c in cal)
+    # `medusa-rt info` prints those facts, the calibration included, as JSON.
+    import shutil
+
+    from medusa_rt import cli
+
+    own = tmp / "base_with_heads"
+    shutil.copytree(base, own)
+    shutil.copy(out, own / "medusa_heads.safetensors")
+    capsys.readouterr()
+    assert cli.main(["--quiet", "info", "--model", str(own), "--dtype", "fp32"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["tree"].startswith("auto-") and facts["medusa_heads"] == 4
+    assert facts["calibration"][0]["nodes"] == 2 and facts["calibration"][0]["step_seconds"] > 0
     recs = data.read_answers(tmp / "work" / data.ANSWERS)[:6]
     tps = []
     for r in recs:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 from .errors import InvalidArgumentError, MedusaError
 
@@ -185,12 +185,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plain(value: Any) -> Any:
+    """A JSON-ready copy of an engine fact: lists and records (such as the auto tree's
+    TreeCalibration entries) become lists and dicts of their public fields."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    fields = (n for n in dir(value) if not n.startswith("_") and not callable(getattr(value, n)))
+    return {n: _plain(getattr(value, n)) for n in fields}
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .engine import Engine
 
     info = Engine(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, progress=not args.quiet).info
-    fields = [name for name in dir(info) if not name.startswith("_")]
-    print(json.dumps({name: getattr(info, name) for name in fields}, indent=2))
+    print(json.dumps(_plain(info), indent=2))
     return 0
 
 
