@@ -250,13 +250,11 @@ def engine_for(model_dir: Path, device: str, max_seq_len: int, graphs: bool = Tr
 
 def shipped_tree() -> list:
     """The default tree of the heads shipped for SmolLM2-135M (128 nodes)."""
-    from safetensors import safe_open
-
     import medusa_rt
+    from medusa_rt.export.safetensors_io import SafetensorsFile
 
-    path = Path(medusa_rt.__file__).parent / "data" / "smollm2-135m" / "medusa_heads.safetensors"
-    with safe_open(str(path), "np") as f:
-        return json.loads(f.metadata()["default_tree"])
+    with SafetensorsFile(Path(medusa_rt.__file__).parent / "data" / "smollm2-135m" / "medusa_heads.safetensors") as f:
+        return json.loads(f.metadata["default_tree"])
 
 
 def verify_steps(e, sizes) -> dict:
@@ -328,9 +326,10 @@ def main(argv=None) -> int:
     small = root / f"llama-{args.small_shape}-random"
     if not (small / "model.safetensors").exists():
         build_model(small, SHAPES[args.small_shape])
-    graphs = {"shape": args.small_shape, "tree_nodes": len(shipped_tree()) + 1}
+    tree = shipped_tree()
+    graphs = {"shape": args.small_shape, "tree_nodes": len(tree) + 1}
     for on in (True, False):
-        es = engine_for(small, args.device, args.context + 256, graphs=on, tree_paths=shipped_tree())
+        es = engine_for(small, args.device, args.context + 256, graphs=on, tree_paths=tree)
         graphs["graphs" if on else "eager"] = generation(es, SHAPES[args.small_shape], args.context, args.steps)
         if on:
             result["small_verify_steps"] = verify_steps(es, SMALL_TREE_SIZES)

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
+#include <cstdint>
 #include <mutex>
 #include <random>
 #include <string>
@@ -69,9 +70,9 @@ const char* dtype_option_name(DType d) {
 
 std::string mib(size_t b) { return std::to_string((b + (1 << 20) - 1) >> 20) + " MiB"; }
 
-// Length of the longest common start of a and b.
-size_t common_prefix(const std::vector<int32_t>& a, const std::vector<int32_t>& b) {
-  const size_t n = std::min(a.size(), b.size());
+// Length of the longest common start of a and b, counted up to `limit`.
+size_t common_prefix(const std::vector<int32_t>& a, const std::vector<int32_t>& b, size_t limit = SIZE_MAX) {
+  const size_t n = std::min({a.size(), b.size(), limit});
   size_t i = 0;
   while (i < n && a[i] == b[i]) ++i;
   return i;
@@ -111,7 +112,9 @@ struct Engine::Impl {
   // copied from it), or were copied in: a start worth keeping, such as a shared system prompt.
   // Never more than the offer.
   std::vector<size_t> slot_used_prefix;
-  std::vector<uint64_t> slot_released;  // when each slot was let go (a counter): the oldest is taken first
+  // When each slot was let go, or (free) last copied from: a count of releases. The oldest is
+  // taken first.
+  std::vector<uint64_t> slot_released;
   uint64_t releases = 0;
   int medusa_max_batch = 0;
   int prompt_lookup = 0;  // EngineOptions::prompt_lookup
@@ -132,15 +135,18 @@ struct Engine::Impl {
     const size_t used = slot_used_prefix[i];
     size_t covered = kept;
     for (size_t j = 0; j < slot_tokens.size() && covered < used; ++j) {
-      if (j != i) covered = std::max(covered, std::min(common_prefix(slot_tokens[i], slot_tokens[j]), used));
+      if (j != i && slot_tokens[j].size() > covered) {
+        covered = std::max(covered, common_prefix(slot_tokens[i], slot_tokens[j], used));
+      }
     }
     return used > covered ? used - covered : 0;
   }
   // A free slot for s, waiting up to wait_seconds for one; -1 if none. The one whose cached
   // tokens share the most with `prompt` (the request s will make first, if known) less what it
-  // would lose of a start that earlier requests used and no other slot holds, that loss weighed
-  // down as the slot sits unused (by n / (n + a), n slots, a slots let go since); on a tie the one
-  // let go longest ago. Its cached tokens become s's (s's context stays empty).
+  // would lose of a start that earlier requests used and no other slot holds, that loss halved
+  // for every n slots let go since the slot last served (n slots: a conversation nobody continues
+  // fades, a system prompt copied from again and again does not); on a tie the one let go
+  // longest ago. Its cached tokens become s's (s's context stays empty).
   int acquire_slot(SequenceState& s, double wait_seconds = 0, const std::vector<int32_t>* prompt = nullptr) {
     std::unique_lock<std::mutex> lock(slot_mu);
     auto take = [&]() -> int {
@@ -151,7 +157,7 @@ struct Engine::Impl {
         if (slot_used[i]) continue;
         const size_t len = prompt ? common_prefix(slot_tokens[i], *prompt) : 0;
         const double age = double(releases - slot_released[i]);
-        const double score = double(len) - double(used_prefix_lost(i, len)) * n / (n + age);
+        const double score = double(len) - double(used_prefix_lost(i, len)) * std::exp2(-age / n);
         if (best < 0 || score > best_score || (score == best_score && slot_released[i] < slot_released[best])) {
           best = static_cast<int>(i);
           best_score = score;
@@ -233,6 +239,7 @@ struct Engine::Impl {
     if (from < 0) return cached;
     model->copy_slot_prefix(from, s.slot, cached, static_cast<int>(best));
     slot_used_prefix[from] = std::max(slot_used_prefix[from], best);
+    if (!slot_used[from]) slot_released[from] = releases;  // a free slot just served: as if let go now
     s.history.assign(prompt.begin(), prompt.begin() + best);
     return static_cast<int>(best);
   }

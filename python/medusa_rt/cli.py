@@ -186,14 +186,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _plain(value: Any) -> Any:
-    """A JSON-ready copy of an engine fact: lists and records (such as the auto tree's
-    TreeCalibration entries) become lists and dicts of their public fields."""
+    """A JSON-ready copy of an engine fact: lists and the engine's records (such as the auto
+    tree's TreeCalibration entries) become lists and dicts of their public fields; anything else
+    becomes its text."""
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
+    if not type(value).__module__.startswith("medusa_rt"):
+        return str(value)
     fields = (n for n in dir(value) if not n.startswith("_") and not callable(getattr(value, n)))
     return {n: _plain(getattr(value, n)) for n in fields}
 

@@ -427,8 +427,8 @@ class Session:
                 a longer start from another slot's cache (a prompt another session prefilled,
                 e.g. a shared system prompt); False prefills the whole prompt.
             cancel: called in this thread after each block of tokens the engine commits; when it
-                returns True the generation ends there (finish reason ``"cancelled"``), e.g. once
-                a server's client has left.
+                returns True the generation ends there (finish reason ``"cancelled"``, even on
+                the last block), e.g. once a server's client has left.
 
         Raises:
             InvalidArgumentError: bad prompt or options (empty prompt, token id out of range,
