@@ -216,7 +216,7 @@ struct Engine::Impl {
   // Slot i offers `tokens` now; what it had used stays used as far as the two agree. Callers hold
   // slot_mu.
   void set_offer(int i, std::vector<int32_t> tokens) {
-    slot_used_prefix[i] = std::min(slot_used_prefix[i], common_prefix(slot_tokens[i], tokens));
+    slot_used_prefix[i] = common_prefix(slot_tokens[i], tokens, slot_used_prefix[i]);
     slot_tokens[i] = std::move(tokens);
   }
   // Where another slot's cache holds a longer start of `prompt` than the `cached` tokens s's own
