@@ -16,6 +16,7 @@ from medusa_rt.errors import CapacityError, InvalidArgumentError  # noqa: E402
 from medusa_rt.export import export_medusa_heads  # noqa: E402
 
 from _medusa_heads import fit_heads, training_prompts, write_heads_only  # noqa: E402
+from _threads import run_in_threads  # noqa: E402
 from _tiny_models import build_hf_model, save_and_export  # noqa: E402
 
 
@@ -108,24 +109,15 @@ def test_eight_threads_share_steps(model_dir):
     engine = medusa_rt.Engine(model_dir, dtype="fp32", max_seq_len=160, max_batch_size=8, medusa_max_batch=16)
     prompts = _prompts(8, seed=3)
     alone = [r.tokens for r in _alone(engine, prompts, max_new_tokens=40, ignore_eos=True)]
-    got, errors = [None] * 8, []
-    start = threading.Barrier(8)
+    got = [None] * 8
 
     def worker(i):
-        try:
-            start.wait()
-            with engine.session() as s:
-                for _ in range(3):
-                    got[i] = s.generate(prompts[i], max_new_tokens=40, ignore_eos=True).tokens
-                    assert got[i] == alone[i]
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
+        with engine.session() as s:
+            for _ in range(3):
+                got[i] = s.generate(prompts[i], max_new_tokens=40, ignore_eos=True).tokens
+                assert got[i] == alone[i]
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_in_threads(worker, 8, together=True)
     assert not errors and got == alone
 
 
@@ -141,25 +133,16 @@ def test_threads_share_prompt_prefixes_while_stepping(model_dir):
     want = [[reference.generate(p, max_new_tokens=30, ignore_eos=True, reuse_context=False).tokens for p in w]
             for w in work]
     got = [[None] * 4 for _ in range(4)]
-    copied, errors = [], []
-    start = threading.Barrier(4)
+    copied = []
 
     def worker(i):
-        try:
-            start.wait()
-            with engine.session() as s:
-                for j, p in enumerate(work[i]):
-                    r = s.generate(p, max_new_tokens=30, ignore_eos=True)
-                    got[i][j] = r.tokens
-                    copied.append(r.stats.cached_prompt_tokens)
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
+        with engine.session() as s:
+            for j, p in enumerate(work[i]):
+                r = s.generate(p, max_new_tokens=30, ignore_eos=True)
+                got[i][j] = r.tokens
+                copied.append(r.stats.cached_prompt_tokens)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_in_threads(worker, 4, together=True)
     assert not errors and got == want
     assert sum(c >= 8 for c in copied) >= 8  # most requests found their start in some slot
 

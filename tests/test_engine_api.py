@@ -16,6 +16,7 @@ import pytest
 import medusa_rt
 from medusa_rt import _core
 
+from _threads import run_in_threads
 from _tiny_models import build_hf_model, save_and_export
 
 
@@ -407,22 +408,14 @@ def test_concurrent_sessions_from_threads(engine):
     with engine.session() as s:
         expected = [s.generate(p, max_new_tokens=24, ignore_eos=True).tokens for p in prompts]
     got = [None] * 4
-    errors = []
 
     def worker(i):
-        try:
-            with engine.session() as s:
-                for _ in range(3):
-                    got[i] = s.generate(prompts[i], max_new_tokens=24, ignore_eos=True).tokens
-                    assert got[i] == expected[i]
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
+        with engine.session() as s:
+            for _ in range(3):
+                got[i] = s.generate(prompts[i], max_new_tokens=24, ignore_eos=True).tokens
+                assert got[i] == expected[i]
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_in_threads(worker, 4)
     assert not errors and got == expected
 
 
