@@ -566,6 +566,14 @@ def run_suite(model: str = "smollm2-135m", *, new_tokens: int = 128, repeats: in
     return report
 
 
+def _measured(section: Dict, label: str, file) -> bool:
+    """Whether a report section was measured; if not, prints why it was skipped."""
+    if "skipped" in section:
+        print(f"{label}: skipped ({section['skipped']})", file=file)
+        return False
+    return True
+
+
 def print_table(r: Dict, file=sys.stderr) -> None:
     m = r["machine"]
     print(f"\nmachine: {m['cpu']}, {m['cores']} cores ({m['threads']} threads, {m.get('isa', '?')} kernels), stream read {m['stream_read_GBps']:.1f} GB/s, "
@@ -597,25 +605,19 @@ def print_table(r: Dict, file=sys.stderr) -> None:
                   + "  ".join(f"{row['nodes']}: {row['compute_floor_x_decode_step']:.2f}" for row in v["rows"]), file=file)
     print("prefill tok/s: " + ", ".join(f"{d} {x['tokens_per_second']:.0f}" for d, x in r["prefill"].items()), file=file)
     bi = r.get("bf16_inputs", {"skipped": "not measured"})
-    if "skipped" in bi:
-        print(f"bf16 inputs (AVX512-BF16): skipped ({bi['skipped']})", file=file)
-    else:
+    if _measured(bi, "bf16 inputs (AVX512-BF16)", file):
         print(f"bf16 inputs (AVX512-BF16) vs exact, bf16 weights: decode {bi['decode_speedup']:.2f}x, "
               f"prefill {bi['prefill_speedup']:.2f}x ({bi['bf16_inputs']['prefill_tokens_per_second']:.0f} tok/s), "
               f"batch of {bi['batch']} {bi['batch_speedup']:.2f}x", file=file)
     pc = r.get("prompt_cache", {"skipped": "not measured"})
-    if "skipped" in pc:
-        print(f"prompt cache: skipped ({pc['skipped']})", file=file)
-    else:
+    if _measured(pc, "prompt cache", file):
         print(f"prompt cache ({pc['dtype']}, a {len(pc['turns']) + 1}-turn chat, {pc['new_tokens']} tokens per answer): "
               "first token of turns 2+, reused vs full prefill: "
               + ", ".join(f"{1e3 * t['ttft_seconds']:.0f} vs {1e3 * t['full_prefill_ttft_seconds']:.0f} ms "
                           f"({t['prompt_tokens']} tokens)" for t in pc["turns"])
               + f"; {pc['ttft_speedup']:.1f}x, identical outputs {pc['identical_outputs']}", file=file)
         sp = pc.get("shared_prefix", {"skipped": "not measured"})
-        if "skipped" in sp:
-            print(f"shared prefix: skipped ({sp['skipped']})", file=file)
-        else:
+        if _measured(sp, "shared prefix", file):
             print(f"shared prefix (a batch of {sp['requests']} requests, one system prompt, {sp['prompt_tokens']} "
                   f"prompt tokens): first token of requests 2+, copied vs full prefill: "
                   f"{1e3 * sp['ttft_seconds']:.0f} vs {1e3 * sp['full_prefill_ttft_seconds']:.0f} ms, "
