@@ -170,11 +170,26 @@ def test_train_heads_end_to_end(tiny, capsys):
     auto = Engine(base, dtype="fp32", medusa_heads=out, auto_tree_max_nodes=12)
     cal = auto.info.calibration
     assert auto.info.tree.startswith("auto-") and cal and cal[0].nodes == 2 and auto.info.plain_step_seconds > 0
-    assert auto.info.tree_nodes == max(cal, key=lambda c: c.tokens_per_second).nodes
-    assert [c.expected_tokens_per_step for c in cal] == sorted(c.expected_tokens_per_step for c in cal)
-    # Step costs are medians of interleaved rounds, never lower for a larger tree (timing noise).
-    assert [c.step_seconds for c in cal] == sorted(c.step_seconds for c in cal)
+    chosen = max(cal, key=lambda c: c.tokens_per_second)
+    assert auto.info.tree_nodes == chosen.nodes
+    assert auto.info.tree in (f"auto-{chosen.nodes}", f"auto-{chosen.nodes}-d{chosen.depth}")
+    # Each size comes as the unlimited fit and as fits limited to each smaller depth; a limit
+    # never adds expected tokens.
+    sizes = sorted({c.nodes for c in cal})
+    by_size = {n: [c for c in cal if c.nodes == n] for n in sizes}
+    assert all(0 < c.depth <= 4 for c in cal) and any(len(v) > 1 for v in by_size.values())
+    for v in by_size.values():
+        assert [c.depth for c in v] == sorted({c.depth for c in v}, reverse=True)
+        assert all(c.expected_tokens_per_step <= v[0].expected_tokens_per_step for c in v)
+    unlimited = [by_size[n][0].expected_tokens_per_step for n in sizes]
+    assert unlimited == sorted(unlimited)
     assert all(0 < c.heads_seconds < c.step_seconds for c in cal)
+    # A size's forward is the median of interleaved rounds, never lower for a larger tree (timing
+    # noise); the heads are timed per tree.
+    forward = [by_size[n][0].step_seconds - by_size[n][0].heads_seconds for n in sizes]
+    assert all(b >= a * (1 - 1e-9) for a, b in zip(forward, forward[1:]))
+    for v in by_size.values():
+        assert all(abs((c.step_seconds - c.heads_seconds) - (v[0].step_seconds - v[0].heads_seconds)) < 1e-9 for c in v)
     # `medusa-rt info` prints those facts, the calibration included, as JSON.
     import shutil
 

@@ -338,7 +338,7 @@ bool wants_auto_tree(const EngineOptions& o, const MedusaHeadsMeta& heads) {
 
 // The auto tree's calibration: timing rounds, and the cached tokens a timed step attends to (a
 // typical chat turn's context).
-constexpr int kCalibrationRounds = 5;
+constexpr int kCalibrationRounds = 7;
 constexpr int kCalibrationContext = 256;
 constexpr double kCalibrationSlack = 1.25;
 
@@ -363,9 +363,18 @@ std::vector<int> auto_tree_sizes(int max_nodes) {
   return out;
 }
 
-TreeSpec fitted_tree(const MedusaHeadsMeta& heads, int nodes, int top_k) {
+// The tree of `nodes` nodes fitted to the heads' accuracies, at most max_depth deep (0: as deep as
+// the heads go): "auto-N", or "auto-N-dD" (D its depth) under a depth limit.
+TreeSpec fitted_tree(const MedusaHeadsMeta& heads, int nodes, int top_k, int max_depth = 0) {
   const int ranks = std::min<int>(top_k, static_cast<int>(heads.accuracy_table[0].size()));
-  return TreeSpec(fit_tree_paths(heads.accuracy_table, nodes, 0, ranks), "auto-" + std::to_string(nodes));
+  const auto paths = fit_tree_paths(heads.accuracy_table, nodes, max_depth, ranks);
+  std::string name = "auto-" + std::to_string(nodes);
+  if (max_depth > 0) {
+    size_t depth = 0;
+    for (const auto& p : paths) depth = std::max(depth, p.size());
+    name += "-d" + std::to_string(depth);
+  }
+  return TreeSpec(paths, name);
 }
 
 TreeSpec choose_tree(const EngineOptions& o, const MedusaHeadsMeta& heads) {
@@ -534,64 +543,91 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
   const bool auto_tree = e.heads && wants_auto_tree(options, heads_meta);
   if (auto_tree) {
     // Size the tree to this machine: expected tokens per second of fitted trees of growing size,
-    // each timed as one verify step (forward + heads) at batch 1 after kCalibrationContext cached
-    // tokens (attention grows with the rows times the context), against a plain step.
+    // each timed as one verify step at batch 1 after kCalibrationContext cached tokens (attention
+    // grows with the rows times the context): its forward, against a plain step's, then the
+    // heads, right after the forward as in a step (so their weights come from memory, not from a
+    // cache that a timing of the heads alone would have warmed: on a CPU 2-3x the time).
     ModelInfo& info = e.info;
     const int limit = std::min(tree.num_nodes(), max_seq);
     const int context = std::max(0, std::min(kCalibrationContext, max_seq - limit));
     const TreeSpec plain;
-    // The heads' time per tree (a tree runs only the heads it reads; with a path input, once per
-    // node with children), never less for a larger one.
-    std::vector<double> heads_time;  // [size]
-    auto time_heads = [&](const TreeSpec& t) {
-      heads_time.push_back(std::max(heads_time.empty() ? 0.0 : heads_time.back(), e.decoder->time_heads(1, 3, &t)));
+    const AccuracyTable& table = heads_meta.accuracy_table;
+    // Every size comes as the unlimited fit and as fits limited to each smaller depth (distinct
+    // trees of that size only): the heads run once per tree level (heads with a path input pass
+    // over their vocabulary projection at each), so a shallower tree can be the faster one
+    // where rows are cheap and levels are not. The forward's cost depends on the size alone.
+    struct Candidate {
+      TreeSpec tree;
+      std::vector<double> heads;  // seconds, one per timing
     };
-    const double best_possible = expected_tokens_per_step(heads_meta.accuracy_table, tree.paths());
+    struct Size {
+      int nodes;
+      std::vector<Candidate> trees;  // [0]: the unlimited fit
+      std::vector<double> ratios;    // [round]: forward / that round's plain forward
+    };
+    std::vector<Size> sizes;
+    auto time_heads = [&](Candidate& c) { c.heads.push_back(e.decoder->time_heads(1, 1, &c.tree)); };
+    const double best_possible = expected_tokens_per_step(table, tree.paths());
     // Round 0 finds the sizes worth timing: the search stops once no larger tree can win, with
     // slack for a single timing's noise.
-    std::vector<TreeSpec> trees;
-    std::vector<std::vector<double>> ratios;  // [size][round]: step / that round's plain step
     std::vector<double> plain_s{e.decoder->time_forward(1, plain, 1, 1, context)};
     double best_rate = 0;
+    double least_heads = 1e30;  // no tree's heads take less than the cheapest timed (one level)
     for (int n : auto_tree_sizes(limit)) {
-      trees.push_back(fitted_tree(heads_meta, n, options.medusa_top_k));
-      time_heads(trees.back());
-      const double step = e.decoder->time_forward(1, trees.back(), n, 1, context);
-      ratios.push_back({step / plain_s[0]});
-      best_rate = std::max(best_rate, expected_tokens_per_step(heads_meta.accuracy_table, trees.back().paths()) /
-                                          (step + heads_time.back()));
-      if (best_possible / (step + heads_time.back()) < best_rate / kCalibrationSlack) break;
+      Size z{0, {}, {}};
+      for (int d = 0;;) {  // d = 0: unlimited; then each depth below the previous fit's
+        TreeSpec t = fitted_tree(heads_meta, n, options.medusa_top_k, d);
+        const int depth = t.max_depth();
+        if (d == 0) z.nodes = t.num_nodes();  // below n where the table has no more paths
+        if (t.num_nodes() == z.nodes) z.trees.push_back({std::move(t), {}});
+        if (depth <= 1) break;
+        d = depth - 1;
+      }
+      if (!sizes.empty() && z.nodes <= sizes.back().nodes) break;  // no larger tree to fit
+      const double step = e.decoder->time_forward(1, z.trees[0].tree, z.nodes, 1, context);
+      z.ratios.push_back(step / plain_s[0]);
+      time_heads(z.trees[0]);
+      sizes.push_back(std::move(z));
+      const Candidate& c = sizes.back().trees[0];
+      least_heads = std::min(least_heads, c.heads[0]);
+      best_rate = std::max(best_rate, expected_tokens_per_step(table, c.tree.paths()) / (step + c.heads[0]));
+      if (best_possible / (step + least_heads) < best_rate / kCalibrationSlack) break;
     }
-    // More rounds, each a plain step then every size once: on a shared machine timings drift
-    // and jump by 10-20% between runs, so a size's cost is the median of its ratios to the plain
-    // step of the same round, not a best-of taken at a different moment than the plain step's.
+    // More rounds, each a plain step then every size once, its trees' heads in turn: on a shared
+    // machine timings drift and jump by 10-20% between runs, so a size's cost is the median of
+    // its ratios to the plain step of the same round, not a best-of taken at a different moment
+    // than the plain step's; a tree's heads, the median of its timings.
     for (int round = 1; round < kCalibrationRounds; ++round) {
       plain_s.push_back(e.decoder->time_forward(1, plain, 1, 1, context));
-      for (size_t i = 0; i < trees.size(); ++i) {
-        ratios[i].push_back(e.decoder->time_forward(1, trees[i], trees[i].num_nodes(), 1, context) / plain_s.back());
+      for (Size& z : sizes) {
+        z.ratios.push_back(e.decoder->time_forward(1, z.trees[0].tree, z.nodes, 1, context) / plain_s.back());
+        time_heads(z.trees[round % z.trees.size()]);
       }
     }
     info.plain_step_seconds = median(plain_s);
-    double best_ratio = 0;  // a larger tree never costs less than a smaller one (noise otherwise)
-    TreeSpec best;
+    const TreeSpec* best = nullptr;
     best_rate = 0;
-    for (size_t i = 0; i < trees.size(); ++i) {
-      best_ratio = std::max(best_ratio, median(ratios[i]));
-      TreeCalibration cal;
-      cal.nodes = trees[i].num_nodes();
-      cal.expected_tokens_per_step = expected_tokens_per_step(heads_meta.accuracy_table, trees[i].paths());
-      cal.heads_seconds = heads_time[i];
-      cal.step_seconds = best_ratio * info.plain_step_seconds + cal.heads_seconds;
-      cal.tokens_per_second = cal.expected_tokens_per_step / cal.step_seconds;
-      info.calibration.push_back(cal);
-      if (cal.tokens_per_second > best_rate) best_rate = cal.tokens_per_second, best = trees[i];
+    double forward = 0;  // a larger tree's forward never costs less than a smaller one's (noise otherwise)
+    for (const Size& z : sizes) {
+      forward = std::max(forward, median(z.ratios) * info.plain_step_seconds);
+      for (const Candidate& c : z.trees) {
+        TreeCalibration cal;
+        cal.nodes = z.nodes;
+        cal.depth = c.tree.max_depth();
+        cal.expected_tokens_per_step = expected_tokens_per_step(table, c.tree.paths());
+        cal.heads_seconds = median(c.heads);
+        cal.step_seconds = forward + cal.heads_seconds;
+        cal.tokens_per_second = cal.expected_tokens_per_step / cal.step_seconds;
+        info.calibration.push_back(cal);
+        if (cal.tokens_per_second > best_rate) best_rate = cal.tokens_per_second, best = &c.tree;
+      }
     }
     // A tree must promise a clear gain: accuracy tables measured on held-out data tend to
     // overstate acceptance on other prompts, and a predicted tie is a loss in practice.
     constexpr double kAutoTreeMargin = 1.1;
     trees_lose = best_rate * info.plain_step_seconds < kAutoTreeMargin;
-    expected_tps = expected_tokens_per_step(heads_meta.accuracy_table, best.paths());
-    e.decoder = std::make_unique<Decoder>(*e.model, e.heads.get(), best, options.max_batch_size, prompt_lookup);
+    expected_tps = expected_tokens_per_step(table, best->paths());
+    e.decoder = std::make_unique<Decoder>(*e.model, e.heads.get(), *best, options.max_batch_size, prompt_lookup);
   }
   if (options.medusa_max_batch >= 0) {
     e.medusa_max_batch = options.medusa_max_batch;

@@ -80,12 +80,14 @@ void register_options(py::module_& m) {
 
   py::class_<TreeCalibration>(m, "TreeCalibration")
       .def_readonly("nodes", &TreeCalibration::nodes)
+      .def_readonly("depth", &TreeCalibration::depth)
       .def_readonly("expected_tokens_per_step", &TreeCalibration::expected_tokens_per_step)
       .def_readonly("step_seconds", &TreeCalibration::step_seconds)
       .def_readonly("heads_seconds", &TreeCalibration::heads_seconds)
       .def_readonly("tokens_per_second", &TreeCalibration::tokens_per_second)
       .def("__repr__", [](const TreeCalibration& c) {
-        return "TreeCalibration(nodes=" + std::to_string(c.nodes) + ", expected_tokens_per_step=" +
+        return "TreeCalibration(nodes=" + std::to_string(c.nodes) + ", depth=" + std::to_string(c.depth) +
+               ", expected_tokens_per_step=" +
                std::to_string(c.expected_tokens_per_step) + ", step_seconds=" + std::to_string(c.step_seconds) +
                ", heads_seconds=" + std::to_string(c.heads_seconds) + ")";
       });

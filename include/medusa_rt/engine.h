@@ -64,8 +64,9 @@ struct EngineOptions {
   /// Medusa tree: a built-in name (see TreeSpec::named), "default": the heads file's own
   /// default_tree, or "auto": the tree sized to this
   /// machine (needs heads with an accuracy table): for trees fitted to the heads' accuracies
-  /// (fit_tree_paths) of 2 .. auto_tree_max_nodes nodes, the engine times a verify step and
-  /// keeps the tree with the most expected tokens per second (ModelInfo::calibration).
+  /// (fit_tree_paths) of 2 .. auto_tree_max_nodes nodes, each also limited to every smaller
+  /// depth, the engine times a verify step (forward, then the heads) and keeps the tree with the
+  /// most expected tokens per second (ModelInfo::calibration).
   /// Empty: "auto" when the heads have an accuracy table, else their default tree, else
   /// "mc_sim_7b_63" cut to the number of heads. Ignored without heads.
   std::string tree;
@@ -99,9 +100,10 @@ struct EngineOptions {
   int prompt_lookup = -1;
 };
 
-/// One tree size measured by the "auto" tree calibration.
+/// One tree measured by the "auto" tree calibration.
 struct TreeCalibration {
   int nodes = 0;                          ///< tree nodes, root included
+  int depth = 0;                          ///< tree depth (heads' levels drafted per step)
   double expected_tokens_per_step = 0;    ///< from the heads' accuracy table (bonus token included)
   double step_seconds = 0;                ///< measured: verify forward + heads, batch 1
   double heads_seconds = 0;               ///< the heads' share of step_seconds

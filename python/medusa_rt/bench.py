@@ -149,7 +149,8 @@ def bench_medusa(model: str, dtype: str, prompts: Sequence[str], new_tokens: int
     info = engine.info
     ids = _chat_ids(engine, prompts)
     out: Dict[str, object] = {"tree": info.tree, "tree_nodes": info.tree_nodes, "medusa_max_batch": info.medusa_max_batch,
-                              "calibration": [{"nodes": c.nodes, "expected_tokens_per_step": c.expected_tokens_per_step,
+                              "calibration": [{"nodes": c.nodes, "depth": c.depth,
+                                               "expected_tokens_per_step": c.expected_tokens_per_step,
                                                "step_ms": 1e3 * c.step_seconds,
                                                "heads_ms": 1e3 * c.heads_seconds,
                                                "predicted_tokens_per_second": c.tokens_per_second}

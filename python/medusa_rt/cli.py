@@ -339,15 +339,16 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                     auto_tree_max_nodes=args.max_nodes, prompt_lookup=0, progress=not args.quiet)
     info = engine.info
     print(f"plain decode step: {1e3 * info.plain_step_seconds:.1f} ms -> {1 / info.plain_step_seconds:.1f} tok/s")
-    print(f"{'nodes':>5} {'exp. tok/step':>13} {'step ms':>8} {'heads ms':>8} {'predicted tok/s':>15}")
-    for c in info.calibration:
-        mark = "  <- chosen" if c.nodes == info.tree_nodes else ""
-        print(f"{c.nodes:>5} {c.expected_tokens_per_step:>13.2f} {1e3 * c.step_seconds:>8.1f} "
+    cal = list(info.calibration)
+    best = max(cal, key=lambda c: c.tokens_per_second)  # the engine's choice
+    print(f"{'nodes':>5} {'depth':>5} {'exp. tok/step':>13} {'step ms':>8} {'heads ms':>8} {'predicted tok/s':>15}")
+    for c in cal:
+        mark = f"  <- chosen ({info.tree})" if c is best else ""
+        print(f"{c.nodes:>5} {c.depth:>5} {c.expected_tokens_per_step:>13.2f} {1e3 * c.step_seconds:>8.1f} "
               f"{1e3 * c.heads_seconds:>8.1f} {c.tokens_per_second:>15.1f}{mark}")
     if info.medusa_max_batch == 0:
         print("plain decoding is predicted faster than every tree here: Medusa stays off by default")
     if args.measure:
-        best = max(info.calibration, key=lambda c: c.tokens_per_second)
         prompts = [p for _, p in load_eval_prompts()][: args.measure]
         tot = {True: [0, 0.0, 0], False: [0, 0.0, 0]}
         with engine.session() as s:

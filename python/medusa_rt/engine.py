@@ -139,7 +139,8 @@ class Engine:
             directory's own (see ``medusa-rt export --medusa-heads``).
         tree: the Medusa tree: a built-in name (``TreeSpec.builtin_names()``, ``"chain-N"``), a
             list of paths of ranks, ``"default"``: the heads file's own tree, or ``"auto"``: the
-            tree sized to this machine from the heads' accuracy table (trees fitted to it are timed at creation; ``info.calibration``);
+            tree sized to this machine from the heads' accuracy table (trees fitted to it, of each size and
+            depth, are timed at creation; ``info.calibration``);
             default: ``"auto"`` for heads with an accuracy table, else the heads' own tree, else
             ``mc_sim_7b_63`` cut to the number of heads.
         auto_tree_max_nodes: the largest tree ``"auto"`` considers.
