@@ -104,7 +104,8 @@ struct EngineOptions {
 struct TreeCalibration {
   int nodes = 0;                          ///< tree nodes, root included
   int depth = 0;                          ///< tree depth (heads' levels drafted per step)
-  double expected_tokens_per_step = 0;    ///< from the heads' accuracy table (bonus token included)
+  double expected_tokens_per_step = 0;    ///< predicted from the heads' accuracy table: 1 (the bonus
+                                          ///< token) + 0.8 x the speculative tokens it predicts
   double step_seconds = 0;                ///< measured: verify forward + heads, batch 1
   double heads_seconds = 0;               ///< the heads' share of step_seconds
   double tokens_per_second = 0;           ///< expected_tokens_per_step / step_seconds
