@@ -120,6 +120,7 @@ void register_options(py::module_& m) {
       .def_readonly("medusa_max_batch", &ModelInfo::medusa_max_batch)
       .def_readonly("prompt_lookup", &ModelInfo::prompt_lookup)
       .def_readonly("calibration", &ModelInfo::calibration)
+      .def_readonly("calibration_choice", &ModelInfo::calibration_choice)
       .def_readonly("plain_step_seconds", &ModelInfo::plain_step_seconds);
 }
 

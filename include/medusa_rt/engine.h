@@ -139,9 +139,12 @@ struct ModelInfo {
   int medusa_max_batch = 0;        ///< batch size up to which steps verify trees (measured or given)
   int tree_nodes = 1;              ///< nodes of that tree, root included
   int prompt_lookup = 0;           ///< the chain length in use (EngineOptions::prompt_lookup resolved)
-  /// With tree "auto": the sizes measured (in increasing order; the search stops once no larger
-  /// tree can win) and the plain decode step they were compared with.
+  /// With tree "auto": the trees measured (by size, then depth, in increasing size; the search
+  /// stops once no larger tree can win) and the plain decode step they were compared with.
   std::vector<TreeCalibration> calibration;
+  /// The entry of `calibration` in use: the least step_seconds among those predicted within 3% of
+  /// the best tokens_per_second (a tie goes to the cheaper step); -1 without "auto".
+  int calibration_choice = -1;
   double plain_step_seconds = 0;
 };
 

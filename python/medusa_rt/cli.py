@@ -340,7 +340,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     info = engine.info
     print(f"plain decode step: {1e3 * info.plain_step_seconds:.1f} ms -> {1 / info.plain_step_seconds:.1f} tok/s")
     cal = list(info.calibration)
-    best = max(cal, key=lambda c: c.tokens_per_second)  # the engine's choice
+    best = cal[info.calibration_choice]  # the engine's choice
     print(f"{'nodes':>5} {'depth':>5} {'exp. tok/step':>13} {'step ms':>8} {'heads ms':>8} {'predicted tok/s':>15}")
     for c in cal:
         mark = f"  <- chosen ({info.tree})" if c is best else ""
