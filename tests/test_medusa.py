@@ -457,6 +457,67 @@ def test_heads_with_a_root_input(setup, tmp_path):
     _batch_fused_and_host(d, tree)
 
 
+def test_draft_vocabulary_cut_to_its_most_frequent_tokens(setup, tmp_path):
+    """medusa_draft_vocab=N: the heads rank only the N most frequent tokens of the file's draft
+    vocabulary (by medusa.draft_vocab_count; ties to the lower id). The engine's candidates are
+    the NumPy heads' top-k over those N, different from the whole vocabulary's, and lossless; bad
+    counts and limits are refused by name."""
+    import numpy as np
+
+    from medusa_rt.export.medusa_heads import write_heads_file
+    from medusa_rt.export.safetensors_io import SafetensorsFile, TensorToWrite, write_safetensors
+    from medusa_rt.train.heads_np import RuntimeHeads, load_lm_head
+
+    heads = {k: v.float().numpy() for k, v in setup["shared"].items()}
+    vocab = np.arange(3, VOCAB, 2)  # 191 draft tokens
+    counts = (np.arange(vocab.size) * 7919) % 61  # ties among them
+    f = tmp_path / "counted.safetensors"
+    write_heads_file(heads, f, hidden=96, vocab=VOCAB, dtype="float32", draft_vocab=vocab, draft_counts=counts,
+                     progress=False)
+    keep = np.sort(vocab[np.argsort(-counts, kind="stable")[:40]])
+    assert RuntimeHeads.load(f, draft_vocab=40).draft_vocab.tolist() == keep.tolist()
+    tree = [[0], [1], [0, 0]]
+    e = medusa_rt.Engine(setup["base"], dtype="fp32", medusa_heads=f, medusa_heads_dtype="fp32", tree=tree,
+                         medusa_max_batch=16, prompt_lookup=0, medusa_draft_vocab=40)
+    assert e.info.medusa_draft_vocab == 40
+    ref, whole = RuntimeHeads.load(f, draft_vocab=40), RuntimeHeads.load(f)
+    lm = load_lm_head(setup["base"])
+    differs = 0
+    for h, _, tree_tokens in _lossless_steps(e):
+        want = ref.top_k(h, lm, 2)
+        assert tree_tokens[1:] == [int(want[0, 0, 0]), int(want[0, 0, 1]), int(want[1, 0, 0])]
+        assert np.isin(tree_tokens[1:], keep).all()
+        differs += whole.top_k(h, lm, 2)[:, 0, 0].tolist() != want[:, 0, 0].tolist()
+    assert differs > 0  # the cut changes the candidates: the check above has teeth
+    # 0 (and anything at or above the file's size) keeps the whole draft vocabulary.
+    assert medusa_rt.Engine(setup["base"], medusa_heads=f, tree=tree, medusa_draft_vocab=0).info.medusa_draft_vocab == 191
+    assert medusa_rt.Engine(setup["base"], medusa_heads=f, tree=tree, medusa_draft_vocab=999).info.medusa_draft_vocab == 191
+    with pytest.raises(InvalidArgumentError, match="medusa_top_k"):
+        medusa_rt.Engine(setup["base"], medusa_heads=f, tree=tree, medusa_draft_vocab=5)
+    with pytest.raises(InvalidArgumentError, match="medusa_draft_vocab"):
+        medusa_rt.Engine(setup["base"], medusa_heads=f, tree=tree, medusa_draft_vocab=-2)
+    # Without counts the default keeps everything and an explicit cut is refused.
+    plain = tmp_path / "uncounted.safetensors"
+    write_heads_file(heads, plain, hidden=96, vocab=VOCAB, dtype="float32", draft_vocab=vocab, progress=False)
+    assert medusa_rt.Engine(setup["base"], medusa_heads=plain, tree=tree).info.medusa_draft_vocab == 191
+    with pytest.raises(InvalidArgumentError, match="draft_vocab_count"):
+        medusa_rt.Engine(setup["base"], medusa_heads=plain, tree=tree, medusa_draft_vocab=40)
+    with pytest.raises(InvalidArgumentError, match="draft_counts"):
+        write_heads_file(heads, tmp_path / "x.safetensors", hidden=96, vocab=VOCAB, dtype="float32",
+                         draft_vocab=vocab, draft_counts=counts[:-1], progress=False)
+    # Counts of the wrong shape or negative ones in a file are refused with the tensor named.
+    for bad_counts in (counts[:-1].astype("<i4"), np.full(vocab.size, -1, "<i4")):
+        bad = tmp_path / "bad.safetensors"
+        with SafetensorsFile(plain) as src:
+            items = [TensorToWrite(n, src.dtype(n), tuple(src.shape(n)), lambda a=np.array(src.get(n)): a)
+                     for n in src.keys()]
+            meta = dict(src.metadata)
+        items.append(TensorToWrite("medusa.draft_vocab_count", "I32", bad_counts.shape, lambda c=bad_counts: c))
+        write_safetensors(bad, items, metadata=meta)
+        with pytest.raises(ModelFormatError, match="medusa.draft_vocab_count"):
+            medusa_rt.Engine(setup["base"], medusa_heads=bad, tree=tree)
+
+
 def test_root_input_file_errors(setup, tmp_path):
     from medusa_rt.export.safetensors_io import SafetensorsFile, TensorToWrite, write_safetensors
 

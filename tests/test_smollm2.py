@@ -136,9 +136,14 @@ def test_shipped_heads_accept_on_held_out_prompts(engine):
 
     heads_file = engine.model_dir / "medusa_heads.safetensors"
     assert heads_file.is_file() and engine.info.medusa_heads == 4
-    meta = RuntimeHeads.load(heads_file, config=json.loads((engine.model_dir / "config.json").read_text())).metadata
+    config = json.loads((engine.model_dir / "config.json").read_text())
+    meta = RuntimeHeads.load(heads_file, config=config).metadata
     assert meta["format_version"] == "5" and json.loads(meta["feature_layers"]) == [8, 16, 24]
     assert meta["source"] == SHIPPED_SOURCE
+    # They count their draft tokens, so the CPU engine ranks the 6,144 most frequent by default.
+    assert RuntimeHeads.load(heads_file, config=config).draft_vocab.size == 12452
+    assert RuntimeHeads.load(heads_file, config=config, draft_vocab=6144).draft_vocab.size == 6144
+    assert engine.info.medusa_draft_vocab == 6144
     tree = tree_fit.fit_tree(json.loads(meta["accuracy_table"]), 24)
     eng = medusa_rt.Engine("smollm2-135m", dtype="bf16", max_seq_len=512, tree=tree, medusa_max_batch=1)
     items = load_eval_prompts()[::11]

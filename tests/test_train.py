@@ -158,6 +158,10 @@ def test_train_heads_end_to_end(tiny, capsys):
     assert report["prompts"] == 24 and report["rows"]["held_out"] > 0
     assert report["everyday_prompts"] == {"per_kind": 0, "count": 0}
     assert 0 < report["draft_vocab_size"] < 384  # the heads rank the answers' frequent tokens only
+    from medusa_rt.export.safetensors_io import SafetensorsFile
+    with SafetensorsFile(out) as f:  # ... and count them (for the engine's medusa_draft_vocab)
+        counts = np.array(f.get("medusa.draft_vocab_count"))
+        assert counts.shape == (report["draft_vocab_size"],) and counts.min() >= 1
     hist = json.loads((tmp / "work" / "report.json").read_text())
     assert hist["tree_nodes"] == 12 and len(hist["accuracy_table"]) == 4
     # Training lowered the loss (checkpoint history: first vs last running loss).

@@ -148,6 +148,11 @@ MedusaHeadsMeta read_meta_of(const SafetensorsFile& f, const ModelConfig& base) 
     }
     m.has_default_tree = true;
   }
+  auto dv = f.tensors().find("medusa.draft_vocab");  // checked when the heads load
+  if (dv != f.tensors().end() && dv->second.shape.size() == 1) {
+    m.draft_vocab = static_cast<int>(dv->second.shape[0]);
+    m.draft_vocab_counts = f.tensors().count("medusa.draft_vocab_count") > 0;
+  }
   return m;
 }
 
@@ -170,7 +175,7 @@ MedusaHeadsMeta MedusaHeads::read_meta(const std::string& file, const ModelConfi
 }
 
 MedusaHeads::MedusaHeads(const std::string& file, const ModelConfig& base, DType dtype, int max_rows, int top_k,
-                         Backend& be, const Matrix& base_lm_head, const Matrix& base_embed)
+                         Backend& be, const Matrix& base_lm_head, const Matrix& base_embed, int draft_vocab)
     : be_(be), arena_(be), hidden_(base.hidden_size), vocab_(base.vocab_size), max_rows_(max_rows), top_k_(top_k),
       base_lm_head_(base_lm_head), base_embed_(base_embed) {
   SafetensorsFile f(file);
@@ -279,6 +284,10 @@ MedusaHeads::MedusaHeads(const std::string& file, const ModelConfig& base, DType
   }
   proj_vocab_ = vocab_;
   auto dv = f.tensors().find("medusa.draft_vocab");
+  if (draft_vocab > 0 && dv == f.tensors().end()) {
+    throw InvalidArgumentError("medusa_draft_vocab=" + std::to_string(draft_vocab) + ": " + file +
+                               " has no draft vocabulary (medusa.draft_vocab) to take the most frequent tokens of");
+  }
   if (dv != f.tensors().end()) {
     const TensorView& t = dv->second;
     const std::string where = file + ": medusa.draft_vocab";
@@ -297,10 +306,44 @@ MedusaHeads::MedusaHeads(const std::string& file, const ModelConfig& base, DType
                                std::to_string(i) + " is " + std::to_string(ids[i]));
       }
     }
+    std::vector<int32_t> counts;
+    auto ct = f.tensors().find("medusa.draft_vocab_count");
+    if (ct != f.tensors().end()) {
+      const TensorView& c = ct->second;
+      const std::string cwhere = file + ": medusa.draft_vocab_count";
+      if (c.dtype != DType::kI32 || c.shape != std::vector<int64_t>{n}) {
+        throw ModelFormatError(cwhere + " must be an I32 tensor of medusa.draft_vocab's shape [" + std::to_string(n) + "]");
+      }
+      counts.resize(n);
+      std::memcpy(counts.data(), c.data, sizeof(int32_t) * size_t(n));
+      for (int i = 0; i < n; ++i) {
+        if (counts[i] < 0) throw ModelFormatError(cwhere + " must hold counts >= 0; entry " + std::to_string(i) + " is " +
+                                                  std::to_string(counts[i]));
+      }
+    }
+    if (draft_vocab > 0 && draft_vocab < n) {  // the most frequent of them (ties: the lower id)
+      if (counts.empty()) {
+        throw InvalidArgumentError("medusa_draft_vocab=" + std::to_string(draft_vocab) + " needs token counts, and " +
+                                   file + " has no medusa.draft_vocab_count");
+      }
+      if (draft_vocab < top_k) {
+        throw InvalidArgumentError("medusa_draft_vocab must be at least medusa_top_k (" + std::to_string(top_k) +
+                                   "), got " + std::to_string(draft_vocab));
+      }
+      std::vector<int> order(n);
+      for (int i = 0; i < n; ++i) order[i] = i;
+      std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return counts[a] > counts[b]; });
+      order.resize(draft_vocab);
+      std::sort(order.begin(), order.end());
+      std::vector<int32_t> kept(draft_vocab);
+      for (int i = 0; i < draft_vocab; ++i) kept[i] = ids[order[i]];
+      ids.swap(kept);
+    }
+    const int kept = static_cast<int>(ids.size());
     draft_proj_ = arena_.rows_of(base_lm_head_, ids, dtype, "Medusa draft vocabulary projection");
-    draft_ids_ = static_cast<int32_t*>(arena_.buffer(sizeof(int32_t) * size_t(n), "Medusa draft vocabulary"));
-    be_.copy_to_device(draft_ids_, ids.data(), sizeof(int32_t) * size_t(n));
-    proj_vocab_ = n;
+    draft_ids_ = static_cast<int32_t*>(arena_.buffer(sizeof(int32_t) * size_t(kept), "Medusa draft vocabulary"));
+    be_.copy_to_device(draft_ids_, ids.data(), sizeof(int32_t) * size_t(kept));
+    proj_vocab_ = kept;
   }
   if (meta_.path_input) return;  // each tree's plan holds the workspace
   const size_t rows = size_t(num_heads_) * max_rows_;

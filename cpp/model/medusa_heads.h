@@ -35,7 +35,9 @@
 // (JSON [head][rank] of probabilities, measured on held-out data). Optional tensor
 // medusa.draft_vocab (I32 [n], increasing token ids; shared lm_head only): the heads rank only
 // these tokens (a draft vocabulary: the lm_head pass of the heads reads n rows instead of all;
-// drafts never change the output, the base model verifies every token).
+// drafts never change the output, the base model verifies every token); with it, optional tensor
+// medusa.draft_vocab_count (I32 [n], >= 0): each token's count in the training answers, so that an
+// engine can rank only the most frequent of them (EngineOptions::medusa_draft_vocab).
 #pragma once
 
 #include <cstdint>
@@ -63,6 +65,8 @@ struct MedusaHeadsMeta {
   TreeSpec default_tree;
   double expected_tokens_per_step = 0;  // from the file's metadata, 0 if absent
   AccuracyTable accuracy_table;         // [head][rank] from the metadata, empty if absent
+  int draft_vocab = 0;                  // entries of medusa.draft_vocab (0: none)
+  bool draft_vocab_counts = false;      // medusa.draft_vocab_count is present
 };
 
 // How the heads draft the candidates of one tree (MedusaHeads::plan). candidates() writes
@@ -114,8 +118,11 @@ class MedusaHeads {
 
   // Loads and checks the heads against the base model (ModelFormatError on any mismatch).
   // max_rows: sequences per call of candidates().
+  // draft_vocab: rank only the file's draft_vocab most frequent draft tokens (by its
+  // medusa.draft_vocab_count; InvalidArgumentError without one, or below top_k); 0 or more than
+  // the file holds: all of them.
   MedusaHeads(const std::string& file, const ModelConfig& base, DType dtype, int max_rows, int top_k, Backend& be,
-              const Matrix& base_lm_head, const Matrix& base_embed);
+              const Matrix& base_lm_head, const Matrix& base_embed, int draft_vocab = 0);
 
   int num_heads() const { return meta_.num_heads; }
   int num_layers() const { return meta_.num_layers; }
@@ -126,7 +133,7 @@ class MedusaHeads {
   const std::vector<int>& feature_layers() const { return meta_.feature_layers; }
   int top_k() const { return top_k_; }
   size_t weight_bytes() const { return arena_.weight_bytes(); }
-  int draft_vocab_size() const { return draft_ids_ ? proj_vocab_ : 0; }  ///< 0: the full vocabulary
+  int draft_vocab_size() const { return draft_ids_ ? proj_vocab_ : 0; }  ///< in use; 0: the full vocabulary
 
   // The plan for drafting `tree` (checked to fit the heads: depth <= num_heads(), ranks < top_k)
   // for up to max_rows sequences per call. Allocates (once per tree; not per step).

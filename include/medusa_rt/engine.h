@@ -82,6 +82,11 @@ struct EngineOptions {
   /// CPU. The heads only
   /// draft (the base model verifies every token), so this changes speed, not the output.
   std::string medusa_heads_dtype;
+  /// Draft tokens the heads rank, where their file has a draft vocabulary with token counts: its
+  /// N most frequent (at least medusa_top_k); 0: all of it; -1: the device's default, 6144 on the
+  /// CPU (each heads level then reads fewer rows of the vocabulary projection) and all on CUDA.
+  /// Drafts only: this changes speed and tokens per step, not the output.
+  int medusa_draft_vocab = -1;
   /// Speculation policy: a decode step of more sequences than this verifies no trees (each
   /// sequence decodes one token; a big batch is already compute-bound). 0 = never verify trees.
   /// -1 = measure it at engine creation: the largest batch for which a tree step costs at most
@@ -135,6 +140,7 @@ struct ModelInfo {
   int medusa_heads = 0;            ///< 0 when the engine has no Medusa heads
   bool medusa_shared_lm_head = false;
   std::string medusa_heads_dtype;  ///< precision of the heads' weights ("" without heads)
+  int medusa_draft_vocab = 0;      ///< tokens the heads rank (0: the whole vocabulary, or no heads)
   std::string tree;                ///< name of the tree in use ("root" without heads)
   int medusa_max_batch = 0;        ///< batch size up to which steps verify trees (measured or given)
   int tree_nodes = 1;              ///< nodes of that tree, root included

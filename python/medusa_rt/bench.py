@@ -156,6 +156,7 @@ def bench_medusa(model: str, dtype: str, prompts: Sequence[str], new_tokens: int
                                                "predicted_tokens_per_second": c.tokens_per_second}
                                               for c in info.calibration],
                               "calibration_choice": info.calibration_choice,
+                              "medusa_draft_vocab": info.medusa_draft_vocab,
                               "plain_step_ms": 1e3 * info.plain_step_seconds, "prompt_lookup": info.prompt_lookup}
     # "medusa": the engine's default decoding (heads, and prompt lookup where the engine has it
     # on); "heads_only": the heads alone; "plain": no speculation; "sampled" and "sampled_plain":

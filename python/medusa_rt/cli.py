@@ -306,7 +306,7 @@ def _cmd_eval_heads(args: argparse.Namespace) -> int:
         items = items[:args.limit]
     engine = Engine(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, medusa_heads=args.medusa_heads,
                     tree=_tree_arg(args.tree) or "default", medusa_max_batch=1, prompt_lookup=args.prompt_lookup,
-                    progress=not args.quiet)
+                    medusa_draft_vocab=args.draft_vocab, progress=not args.quiet)
     ev = evaluate_heads(engine, items, max_new_tokens=args.max_new_tokens, check=args.check, progress=not args.quiet)
     print_evaluation(ev)
     if args.json:
@@ -534,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--check", action="store_true", help="also decode plainly and require identical answers")
     sp.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
                     help="also verify up to N tokens looked up in the context (0: off: the heads alone)")
+    sp.add_argument("--draft-vocab", type=int, default=0, metavar="N",
+                    help="rank only the heads' N most frequent draft tokens (the engine's medusa_draft_vocab; "
+                         "0: all of them, as trained)")
     sp.add_argument("--json", help="write the full results (per prompt) to this file")
     sp.set_defaults(fn=_cmd_eval_heads)
 

@@ -229,6 +229,7 @@ def write_heads_file(
     default_tree: TreeArg = None,
     extra_metadata: Optional[Dict[str, str]] = None,
     draft_vocab: Optional[np.ndarray] = None,
+    draft_counts: Optional[np.ndarray] = None,
     feature_layers: Sequence[int] = (),
     source: str = "",
     where: str = "",
@@ -242,7 +243,9 @@ def write_heads_file(
     output the heads also read), format_version 5) as a runtime heads file at ``out``
     (atomically), checking shapes
     against ``hidden`` / ``vocab``. ``draft_vocab`` (increasing token ids; shared lm_head only) is
-    the sub-vocabulary the heads rank. Returns the file's size in bytes."""
+    the sub-vocabulary the heads rank; ``draft_counts`` (optional, one per draft token, >= 0) its
+    tokens' counts in the training answers, so that an engine can keep only the most frequent
+    (``medusa_draft_vocab``). Returns the file's size in bytes."""
     where = where or str(out)
     safetensors_dtype_name(dtype)  # validates dtype
     tree_meta = ""
@@ -312,6 +315,14 @@ def write_heads_file(
                                        "and needs a shared lm_head")
         ids32 = ids.astype("<i4")
         items.append(TensorToWrite("medusa.draft_vocab", "I32", (int(ids32.size),), lambda: ids32))
+        if draft_counts is not None:
+            counts = np.asarray(draft_counts, dtype=np.int64)
+            if counts.shape != ids.shape or counts.min() < 0 or counts.max() >= 2 ** 31:
+                raise InvalidArgumentError(f"{where}: draft_counts must be one count in [0, 2^31) per draft token")
+            counts32 = counts.astype("<i4")
+            items.append(TensorToWrite("medusa.draft_vocab_count", "I32", (int(counts32.size),), lambda: counts32))
+    elif draft_counts is not None:
+        raise InvalidArgumentError(f"{where}: draft_counts needs a draft_vocab")
 
     metadata = {
         "format": "medusa_rt_heads",

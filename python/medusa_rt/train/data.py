@@ -235,6 +235,15 @@ def split_records(n: int, held_out: float, seed: int = 0) -> Tuple[np.ndarray, n
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
+def answer_token_counts(records: Sequence[dict]) -> Dict[int, int]:
+    """How often each token occurs in the records' answers."""
+    counts: Dict[int, int] = {}
+    for r in records:
+        for t in r["answer_ids"]:
+            counts[t] = counts.get(t, 0) + 1
+    return counts
+
+
 def draft_vocabulary(records: Sequence[dict], coverage: float, minimum: int = 64) -> Optional[np.ndarray]:
     """The most frequent answer tokens covering ``coverage`` of all answer tokens (at least
     ``minimum`` of them), as increasing ids: the heads' draft vocabulary. None for coverage >= 1."""
@@ -242,10 +251,7 @@ def draft_vocabulary(records: Sequence[dict], coverage: float, minimum: int = 64
         return None
     if not 0 < coverage:
         raise InvalidArgumentError(f"draft vocabulary coverage must be in (0, 1], got {coverage}")
-    counts: dict = {}
-    for r in records:
-        for t in r["answer_ids"]:
-            counts[t] = counts.get(t, 0) + 1
+    counts = answer_token_counts(records)
     if not counts:
         return None
     order = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))

@@ -171,10 +171,11 @@ class RuntimeHeads:
 
     @staticmethod
     def load(path: Union[str, os.PathLike], dtype: str = "fp32",
-             config: Optional[Dict[str, object]] = None) -> "RuntimeHeads":
+             config: Optional[Dict[str, object]] = None, draft_vocab: int = 0) -> "RuntimeHeads":
         """Heads of a runtime heads file with matrices rounded to ``dtype``; ``config`` (the base
         model's config.json) is needed for heads with a draft layer (its attention shape) or feature
-        layers (its RMSNorm epsilon)."""
+        layers (its RMSNorm epsilon). ``draft_vocab`` > 0 keeps the most frequent of the file's
+        draft tokens, as the engine's ``medusa_draft_vocab`` does."""
         with SafetensorsFile(path) as f:
             meta = dict(f.metadata)
             if meta.get("format") != "medusa_rt_heads":
@@ -185,6 +186,11 @@ class RuntimeHeads:
                        for l in range(L)] for k in range(K)]
             proj = None if shared else [round_to(_f32(f, f"medusa.{k}.lm_head.weight"), dtype) for k in range(K)]
             draft = np.array(f.get("medusa.draft_vocab"), dtype=np.int64) if "medusa.draft_vocab" in f else None
+            if draft is not None and 0 < draft_vocab < draft.size:
+                if "medusa.draft_vocab_count" not in f:
+                    raise InvalidArgumentError(f"{path}: draft_vocab={draft_vocab} needs medusa.draft_vocab_count")
+                counts = np.array(f.get("medusa.draft_vocab_count"), dtype=np.int64)
+                draft = np.sort(draft[np.argsort(-counts, kind="stable")[:draft_vocab]])
             version = meta.get("format_version")
             has_path = version == "3" or (version in ("4", "5") and meta.get("path_input") == "true")
             roots = [round_to(_f32(f, f"medusa.{k}.root.weight"), dtype) for k in range(K)] \

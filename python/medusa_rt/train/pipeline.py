@@ -111,7 +111,8 @@ def train_heads(
     # 3. Training.
     t0 = time.time()
     lm_head = load_lm_head(engine.model_dir, dtype)
-    draft = data.draft_vocabulary([records[i] for i in train_rec], cfg.draft_coverage) if cfg.shared_lm_head else None
+    train_records = [records[i] for i in train_rec]
+    draft = data.draft_vocabulary(train_records, cfg.draft_coverage) if cfg.shared_lm_head else None
     embedding = load_embedding(engine.model_dir, dtype) if cfg.root_input else None
     base_cfg = json.loads((Path(engine.model_dir) / "config.json").read_text())
     shape = DraftShape.from_config(base_cfg) if cfg.draft_layer else None
@@ -147,7 +148,12 @@ def train_heads(
         "seconds": {"answers": t_answers, "features": t_features, "training": t_train,
                     "total": time.time() - t_start},
     }
-    write_trained_heads(trainer.model.layout_tensors(), out, engine, dtype, report, draft, cfg.feature_layers)
+    counts = None
+    if draft is not None:  # so that an engine can keep only the most frequent (medusa_draft_vocab)
+        seen = data.answer_token_counts(train_records)
+        counts = np.array([seen.get(int(t), 0) for t in draft], dtype=np.int64)
+    write_trained_heads(trainer.model.layout_tensors(), out, engine, dtype, report, draft, cfg.feature_layers,
+                        draft_counts=counts)
     (work / "report.json").write_text(json.dumps(report, indent=1))
     if progress:
         print_report(report)
@@ -155,7 +161,8 @@ def train_heads(
 
 
 def write_trained_heads(tensors, out: Path, engine, dtype: str, report: Dict[str, object],
-                        draft_vocab: Optional[np.ndarray] = None, feature_layers: Sequence[int] = ()) -> None:
+                        draft_vocab: Optional[np.ndarray] = None, feature_layers: Sequence[int] = (),
+                        draft_counts: Optional[np.ndarray] = None) -> None:
     from ..export.medusa_heads import write_heads_file
 
     extra = {
@@ -167,7 +174,8 @@ def write_trained_heads(tensors, out: Path, engine, dtype: str, report: Dict[str
     out.parent.mkdir(parents=True, exist_ok=True)
     write_heads_file(tensors, out, hidden=engine.info.hidden_size, vocab=engine.info.vocab_size,
                      dtype=DTYPE_STORAGE[dtype], default_tree=report["tree"], extra_metadata=extra,
-                     draft_vocab=draft_vocab, feature_layers=feature_layers, source="medusa-rt train-heads",
+                     draft_vocab=draft_vocab, draft_counts=draft_counts, feature_layers=feature_layers,
+                     source="medusa-rt train-heads",
                      progress=False)
 
 
