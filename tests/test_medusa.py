@@ -648,8 +648,6 @@ def test_heads_with_feature_layers(setup, tmp_path):
     the host step agree."""
     import json
 
-    import numpy as np
-
     from medusa_rt.export.medusa_heads import write_heads_file
     from medusa_rt.export.safetensors_io import SafetensorsFile
     from medusa_rt.train.heads_np import RuntimeHeads, load_embedding, load_lm_head
@@ -750,11 +748,9 @@ def test_heads_with_a_draft_layer(setup, tmp_path):
     with prompt lookup too; a session's second prompt restarts the draft cache."""
     import json
 
-    import numpy as np
-
     from medusa_rt.export.medusa_heads import write_heads_file
     from medusa_rt.export.safetensors_io import SafetensorsFile
-    from medusa_rt.train.heads_np import RuntimeHeads, load_embedding, load_lm_head
+    from medusa_rt.train.heads_np import load_embedding, load_lm_head
 
     d = setup["base"]
     cfg = json.loads((d / "config.json").read_text())
