@@ -468,18 +468,25 @@ def test_draft_vocabulary_cut_to_its_most_frequent_tokens(setup, tmp_path):
     from medusa_rt.export.safetensors_io import SafetensorsFile, TensorToWrite, write_safetensors
     from medusa_rt.train.heads_np import RuntimeHeads, load_lm_head
 
+    from medusa_rt import _core
+
     heads = {k: v.float().numpy() for k, v in setup["shared"].items()}
     vocab = np.arange(3, VOCAB, 2)  # 191 draft tokens
-    counts = (np.arange(vocab.size) * 7919) % 61  # ties among them
+    # 38 tokens counted 9 times, 4 tied at 5 (the cut at 40 keeps the two with the lower ids),
+    # the rest once.
+    counts = np.ones(vocab.size, np.int64)
+    top = list(range(150, 188))
+    counts[top] = 9
+    counts[[120, 7, 99, 30]] = 5
+    keep = sorted(int(vocab[i]) for i in top + [7, 30])
     f = tmp_path / "counted.safetensors"
     write_heads_file(heads, f, hidden=96, vocab=VOCAB, dtype="float32", draft_vocab=vocab, draft_counts=counts,
                      progress=False)
-    keep = np.sort(vocab[np.argsort(-counts, kind="stable")[:40]])
-    assert RuntimeHeads.load(f, draft_vocab=40).draft_vocab.tolist() == keep.tolist()
+    assert RuntimeHeads.load(f, draft_vocab=40).draft_vocab.tolist() == keep
     tree = [[0], [1], [0, 0]]
     e = medusa_rt.Engine(setup["base"], dtype="fp32", medusa_heads=f, medusa_heads_dtype="fp32", tree=tree,
                          medusa_max_batch=16, prompt_lookup=0, medusa_draft_vocab=40)
-    assert e.info.medusa_draft_vocab == 40
+    assert e.info.medusa_draft_vocab == 40 and _core._testing.draft_vocab(e._engine) == keep
     ref, whole = RuntimeHeads.load(f, draft_vocab=40), RuntimeHeads.load(f)
     lm = load_lm_head(setup["base"])
     differs = 0
@@ -496,19 +503,29 @@ def test_draft_vocabulary_cut_to_its_most_frequent_tokens(setup, tmp_path):
         medusa_rt.Engine(setup["base"], medusa_heads=f, tree=tree, medusa_draft_vocab=5)
     with pytest.raises(InvalidArgumentError, match="medusa_draft_vocab"):
         medusa_rt.Engine(setup["base"], medusa_heads=f, tree=tree, medusa_draft_vocab=-2)
-    # Without counts the default keeps everything and an explicit cut is refused.
+    # Without counts the default keeps everything and an explicit cut is refused; without a draft
+    # vocabulary any explicit N is.
     plain = tmp_path / "uncounted.safetensors"
     write_heads_file(heads, plain, hidden=96, vocab=VOCAB, dtype="float32", draft_vocab=vocab, progress=False)
     assert medusa_rt.Engine(setup["base"], medusa_heads=plain, tree=tree).info.medusa_draft_vocab == 191
     with pytest.raises(InvalidArgumentError, match="draft_vocab_count"):
         medusa_rt.Engine(setup["base"], medusa_heads=plain, tree=tree, medusa_draft_vocab=40)
+    with pytest.raises(InvalidArgumentError, match="draft_vocab_count"):
+        RuntimeHeads.load(plain, draft_vocab=40)
+    full = tmp_path / "full.safetensors"
+    write_heads_file(heads, full, hidden=96, vocab=VOCAB, dtype="float32", progress=False)
+    assert medusa_rt.Engine(setup["base"], medusa_heads=full, tree=tree).info.medusa_draft_vocab == 0
+    with pytest.raises(InvalidArgumentError, match="no draft vocabulary"):
+        medusa_rt.Engine(setup["base"], medusa_heads=full, tree=tree, medusa_draft_vocab=400)
     with pytest.raises(InvalidArgumentError, match="draft_counts"):
         write_heads_file(heads, tmp_path / "x.safetensors", hidden=96, vocab=VOCAB, dtype="float32",
                          draft_vocab=vocab, draft_counts=counts[:-1], progress=False)
-    # Counts of the wrong shape or negative ones in a file are refused with the tensor named.
-    for bad_counts in (counts[:-1].astype("<i4"), np.full(vocab.size, -1, "<i4")):
+    # Counts of the wrong shape, negative ones, or counts without a draft vocabulary in a file are
+    # refused with the tensor named.
+    for src_file, bad_counts in ((plain, counts[:-1].astype("<i4")), (plain, np.full(vocab.size, -1, "<i4")),
+                                 (full, counts.astype("<i4"))):
         bad = tmp_path / "bad.safetensors"
-        with SafetensorsFile(plain) as src:
+        with SafetensorsFile(src_file) as src:
             items = [TensorToWrite(n, src.dtype(n), tuple(src.shape(n)), lambda a=np.array(src.get(n)): a)
                      for n in src.keys()]
             meta = dict(src.metadata)
@@ -516,6 +533,9 @@ def test_draft_vocabulary_cut_to_its_most_frequent_tokens(setup, tmp_path):
         write_safetensors(bad, items, metadata=meta)
         with pytest.raises(ModelFormatError, match="medusa.draft_vocab_count"):
             medusa_rt.Engine(setup["base"], medusa_heads=bad, tree=tree)
+        if src_file is plain:
+            with pytest.raises(ModelFormatError, match="medusa.draft_vocab_count"):
+                RuntimeHeads.load(bad, draft_vocab=40)
 
 
 def test_root_input_file_errors(setup, tmp_path):

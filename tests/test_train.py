@@ -211,6 +211,13 @@ def test_train_heads_end_to_end(tiny, capsys):
     facts = json.loads(capsys.readouterr().out)
     assert facts["tree"].startswith("auto-") and facts["medusa_heads"] == 4
     assert facts["calibration"][0]["nodes"] == 2 and facts["calibration"][0]["step_seconds"] > 0
+    assert facts["calibration_choice"] >= 0 and facts["medusa_draft_vocab"] == report["draft_vocab_size"]
+    # `medusa-rt calibrate` prints the trees and marks the choice; without heads it says so.
+    assert cli.main(["--quiet", "calibrate", "--model", str(own), "--dtype", "fp32", "--max-nodes", "8",
+                     "--measure", "0"]) == 0
+    assert "<- chosen (auto-" in capsys.readouterr().out
+    assert cli.main(["--quiet", "calibrate", "--model", str(base), "--dtype", "fp32", "--measure", "0"]) == 2
+    assert "no Medusa heads" in capsys.readouterr().err
     recs = data.read_answers(tmp / "work" / data.ANSWERS)[:6]
     tps = []
     for r in recs:

@@ -367,6 +367,7 @@ constexpr int kDefaultPromptLookup = 4;
 constexpr int kDefaultCpuDraftVocab = 6144;
 
 double median(std::vector<double> v) {
+  if (v.empty()) throw Error("internal: median of no values");
   std::sort(v.begin(), v.end());
   const size_t n = v.size();
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
@@ -383,11 +384,11 @@ std::vector<int> auto_tree_sizes(int max_nodes) {
 }
 
 // The tree of `nodes` nodes fitted to the heads' accuracies, at most max_depth deep (0: as deep as
-// the heads go): "auto-N", or "auto-N-dD" (D its depth) under a depth limit.
+// the heads go): "auto-N", or "auto-N-dD" (D its depth) under a depth limit, N its nodes.
 TreeSpec fitted_tree(const MedusaHeadsMeta& heads, int nodes, int top_k, int max_depth = 0) {
   const int ranks = std::min<int>(top_k, static_cast<int>(heads.accuracy_table[0].size()));
   const auto paths = fit_tree_paths(heads.accuracy_table, nodes, max_depth, ranks);
-  std::string name = "auto-" + std::to_string(nodes);
+  std::string name = "auto-" + std::to_string(paths.size() + 1);  // fewer than `nodes` where the table runs out
   if (max_depth > 0) {
     size_t depth = 0;
     for (const auto& p : paths) depth = std::max(depth, p.size());
@@ -587,6 +588,7 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
     // where rows are cheap and levels are not. The forward's cost depends on the size alone.
     struct Candidate {
       TreeSpec tree;
+      HeadsPlan plan;             // made once: a plan's buffers are new memory
       std::vector<double> heads;  // seconds, one per timing
     };
     struct Size {
@@ -595,7 +597,7 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
       std::vector<double> ratios;    // [round]: forward / that round's plain forward
     };
     std::vector<Size> sizes;
-    auto time_heads = [&](Candidate& c) { c.heads.push_back(e.decoder->time_heads(1, 1, &c.tree)); };
+    auto time_heads = [&](Candidate& c) { c.heads.push_back(e.decoder->time_heads(1, 1, &c.plan)); };
     const double best_possible = predicted_tokens_per_step(table, tree);
     // Round 0 finds the sizes worth timing: the search stops once no larger tree can win, with
     // slack for a single timing's noise.
@@ -608,7 +610,10 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
         TreeSpec t = fitted_tree(heads_meta, n, options.medusa_top_k, d);
         const int depth = t.max_depth();
         if (d == 0) z.nodes = t.num_nodes();  // below n where the table has no more paths
-        if (t.num_nodes() == z.nodes) z.trees.push_back({std::move(t), {}});
+        if (t.num_nodes() == z.nodes) {
+          HeadsPlan plan = e.heads->plan(t);
+          z.trees.push_back({std::move(t), std::move(plan), {}});
+        }
         if (depth <= 1) break;
         d = depth - 1;
       }
@@ -616,13 +621,18 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
       const double step = e.decoder->time_forward(1, z.trees[0].tree, z.nodes, 1, context);
       z.ratios.push_back(step / plain_s[0]);
       time_heads(z.trees[0]);
+      for (size_t c = 1; c < z.trees.size(); ++c) {  // every tree's heads once, each after a forward
+        z.ratios.push_back(e.decoder->time_forward(1, z.trees[0].tree, z.nodes, 1, context) / plain_s[0]);
+        time_heads(z.trees[c]);
+      }
       sizes.push_back(std::move(z));
       const Candidate& c = sizes.back().trees[0];
       least_heads = std::min(least_heads, c.heads[0]);
       best_rate = std::max(best_rate, predicted_tokens_per_step(table, c.tree) / (step + c.heads[0]));
       if (best_possible / (step + least_heads) < best_rate / kCalibrationSlack) break;
     }
-    // More rounds, each a plain step then every size once, its trees' heads in turn: on a shared
+    // More rounds, each a plain step then every size once, its trees' heads in turn (round 0
+    // timed each tree's once): on a shared
     // machine timings drift and jump by 10-20% between runs, so a size's cost is the median of
     // its ratios to the plain step of the same round, not a best-of taken at a different moment
     // than the plain step's; a tree's heads, the median of its timings.
@@ -673,8 +683,8 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
     // A tree must promise a clear gain: accuracy tables measured on held-out data tend to
     // overstate acceptance on other prompts, and a predicted tie is a loss in practice.
     constexpr double kAutoTreeMargin = 1.1;
-    trees_lose = info.calibration[chosen].tokens_per_second * info.plain_step_seconds < kAutoTreeMargin;
-    expected_tps = predicted_tokens_per_step(table, *best);
+    trees_lose = best_rate * info.plain_step_seconds < kAutoTreeMargin;
+    if (options.medusa_expected_tokens_per_step <= 0) expected_tps = predicted_tokens_per_step(table, *best);
     e.decoder = std::make_unique<Decoder>(*e.model, e.heads.get(), *best, options.max_batch_size, prompt_lookup);
   }
   if (options.medusa_max_batch >= 0) {
@@ -1181,6 +1191,11 @@ void read_kv(Session& s, int layer, int length, std::vector<float>& k, std::vect
   e.model->read_kv(st.seq.slot, layer, length, k, v);
 }
 
+std::vector<int32_t> draft_vocab(Engine& engine) {
+  const Engine::Impl& e = *EngineAccess::impl(engine);
+  return e.heads ? e.heads->draft_vocab() : std::vector<int32_t>();
+}
+
 std::vector<double> time_tree_step(Engine& engine, int nodes, int reps, int context) {
   Engine::Impl& e = *EngineAccess::impl(engine);
   const TreeSpec& tree = e.decoder->tree();
@@ -1199,8 +1214,10 @@ std::vector<double> time_tree_step(Engine& engine, int nodes, int reps, int cont
   }
   e.set_offer(0, {});
   const TreeSpec t = tree.truncated(nodes);
-  return {e.decoder->time_forward(1, t, nodes, reps, context),
-          nodes > 1 ? e.decoder->time_heads(1, reps, &t) : 0.0};
+  const double forward = e.decoder->time_forward(1, t, nodes, reps, context);
+  if (nodes == 1) return {forward, 0.0};
+  const HeadsPlan plan = e.heads->plan(t);
+  return {forward, e.decoder->time_heads(1, reps, &plan)};
 }
 
 double stream_bandwidth(size_t bytes, int threads, int reps) {

@@ -26,6 +26,8 @@ void read_kv(Session& s, int layer, int length, std::vector<float>& k, std::vect
 // tokens (best of reps): {forward seconds (as a greedy step runs it: the lm_head with a fused
 // argmax), heads seconds}. nodes = 1 is a plain decode step's forward.
 std::vector<double> time_tree_step(Engine& e, int nodes, int reps, int context = 0);
+// The token ids the engine's heads rank (increasing; empty: the whole vocabulary or no heads).
+std::vector<int32_t> draft_vocab(Engine& e);
 // Runs `jobs` parallel_for jobs of 1 .. max_tasks tasks back to back on a pool of `threads` and
 // returns how many tasks did not run exactly once in their job (0: the pool is sound).
 int thread_pool_check(int threads, int jobs, int max_tasks);

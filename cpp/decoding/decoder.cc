@@ -751,11 +751,10 @@ double Decoder::time_forward(int batch, const TreeSpec& tree, int nodes, int rep
   return best;
 }
 
-double Decoder::time_heads(int rows, int reps, const TreeSpec* tree) {
+double Decoder::time_heads(int rows, int reps, const HeadsPlan* other) {
   if (!heads_) return 0;
   rows = std::min(rows, max_batch_);
-  const HeadsPlan other = tree ? heads_->plan(*tree) : HeadsPlan();
-  const HeadsPlan& plan = tree ? other : plan_;
+  const HeadsPlan& plan = other ? *other : plan_;
   Backend& be = model_.backend();
   WeightArena scratch(be);
   int32_t* out = d_candidates_;

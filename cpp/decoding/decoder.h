@@ -112,10 +112,11 @@ class Decoder {
   // (whatever the cache holds there), written at cache positions [context, context + nodes) of
   // slots 0..batch-1.
   double time_forward(int batch, const TreeSpec& tree, int nodes, int reps = 3, int context = 0);
-  // Seconds (best of reps) of the heads' candidates for `rows` sequences (0 without heads), for
-  // `tree` (null: this decoder's tree). One rep right after a forward times them as a step runs
-  // them, their weights read from memory; later reps find them in the caches.
-  double time_heads(int rows, int reps = 3, const TreeSpec* tree = nullptr);
+  // Seconds (best of reps) of the heads' candidates for `rows` sequences (0 without heads), with
+  // `plan` (MedusaHeads::plan of a tree; null: this decoder's tree). One rep right after a
+  // forward times them as a step runs them, their weights read from memory; later reps find them
+  // in the caches.
+  double time_heads(int rows, int reps = 3, const HeadsPlan* plan = nullptr);
 
   // Seconds spent in model and head forwards since construction (statistics).
   double forward_seconds() const { return forward_seconds_; }

@@ -284,6 +284,9 @@ MedusaHeads::MedusaHeads(const std::string& file, const ModelConfig& base, DType
   }
   proj_vocab_ = vocab_;
   auto dv = f.tensors().find("medusa.draft_vocab");
+  if (dv == f.tensors().end() && f.tensors().count("medusa.draft_vocab_count")) {
+    throw ModelFormatError(file + ": medusa.draft_vocab_count needs medusa.draft_vocab (the tokens it counts)");
+  }
   if (draft_vocab > 0 && dv == f.tensors().end()) {
     throw InvalidArgumentError("medusa_draft_vocab=" + std::to_string(draft_vocab) + ": " + file +
                                " has no draft vocabulary (medusa.draft_vocab) to take the most frequent tokens of");
@@ -344,6 +347,7 @@ MedusaHeads::MedusaHeads(const std::string& file, const ModelConfig& base, DType
     draft_ids_ = static_cast<int32_t*>(arena_.buffer(sizeof(int32_t) * size_t(kept), "Medusa draft vocabulary"));
     be_.copy_to_device(draft_ids_, ids.data(), sizeof(int32_t) * size_t(kept));
     proj_vocab_ = kept;
+    draft_vocab_ = std::move(ids);
   }
   if (meta_.path_input) return;  // each tree's plan holds the workspace
   const size_t rows = size_t(num_heads_) * max_rows_;
@@ -435,6 +439,11 @@ HeadsPlan MedusaHeads::plan(const TreeSpec& tree) const {
   p.emb = static_cast<float*>(a.buffer(sizeof(float) * max_level_rows * H, "Medusa head workspace"));
   p.root_emb = static_cast<float*>(a.buffer(sizeof(float) * max_rows_ * H, "Medusa head workspace"));
   p.logits = static_cast<float*>(a.buffer(sizeof(float) * max_level_rows * proj_vocab_, "Medusa head logits"));
+  // Written once here, so a plan's first use (a timed one, in the auto tree's calibration) does
+  // not pay for the memory's first touch.
+  for (float* b : {p.x, p.tmp, p.emb}) be_.fill_zero(b, sizeof(float) * max_level_rows * H);
+  be_.fill_zero(p.root_emb, sizeof(float) * max_rows_ * H);
+  be_.fill_zero(p.logits, sizeof(float) * max_level_rows * proj_vocab_);
   be_.reserve_rows(static_cast<int>(max_level_rows));
   return p;
 }

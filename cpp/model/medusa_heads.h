@@ -118,9 +118,9 @@ class MedusaHeads {
 
   // Loads and checks the heads against the base model (ModelFormatError on any mismatch).
   // max_rows: sequences per call of candidates().
-  // draft_vocab: rank only the file's draft_vocab most frequent draft tokens (by its
-  // medusa.draft_vocab_count; InvalidArgumentError without one, or below top_k); 0 or more than
-  // the file holds: all of them.
+  // draft_vocab > 0: rank only the file's draft_vocab most frequent draft tokens (by its
+  // medusa.draft_vocab_count; all of them from the file's size on); InvalidArgumentError when the
+  // file has no draft vocabulary, or below its size without counts or below top_k. 0: all.
   MedusaHeads(const std::string& file, const ModelConfig& base, DType dtype, int max_rows, int top_k, Backend& be,
               const Matrix& base_lm_head, const Matrix& base_embed, int draft_vocab = 0);
 
@@ -134,6 +134,7 @@ class MedusaHeads {
   int top_k() const { return top_k_; }
   size_t weight_bytes() const { return arena_.weight_bytes(); }
   int draft_vocab_size() const { return draft_ids_ ? proj_vocab_ : 0; }  ///< in use; 0: the full vocabulary
+  const std::vector<int32_t>& draft_vocab() const { return draft_vocab_; }  ///< the tokens ranked (empty: all)
 
   // The plan for drafting `tree` (checked to fit the heads: depth <= num_heads(), ranks < top_k)
   // for up to max_rows sequences per call. Allocates (once per tree; not per step).
@@ -193,6 +194,7 @@ class MedusaHeads {
   float fuse_eps_ = 0;
   Matrix draft_proj_;                // rows of the base lm_head for the draft vocabulary
   int32_t* draft_ids_ = nullptr;     // backend memory: draft index -> token id
+  std::vector<int32_t> draft_vocab_;  // the same, on the host
   int proj_vocab_ = 0;               // columns of the heads' logits (vocab or draft size)
 };
 

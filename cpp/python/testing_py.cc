@@ -29,6 +29,7 @@ void register_testing(py::module_& m) {
   });
   t.def("time_tree_step", &testing::time_tree_step, py::arg("engine"), py::arg("nodes"), py::arg("reps") = 3,
         py::arg("context") = 0, py::call_guard<py::gil_scoped_release>());
+  t.def("draft_vocab", &testing::draft_vocab, py::arg("engine"));
   t.def("stream_bandwidth", &testing::stream_bandwidth, py::arg("bytes") = size_t(1) << 29, py::arg("threads") = 0,
         py::arg("reps") = 3, py::call_guard<py::gil_scoped_release>());
   t.def("thread_pool_check", &testing::thread_pool_check, py::arg("threads"), py::arg("jobs"), py::arg("max_tasks"),

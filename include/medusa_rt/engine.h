@@ -65,8 +65,9 @@ struct EngineOptions {
   /// default_tree, or "auto": the tree sized to this
   /// machine (needs heads with an accuracy table): for trees fitted to the heads' accuracies
   /// (fit_tree_paths) of 2 .. auto_tree_max_nodes nodes, each also limited to every smaller
-  /// depth, the engine times a verify step (forward, then the heads) and keeps the tree with the
-  /// most expected tokens per second (ModelInfo::calibration).
+  /// depth, the engine times a verify step (forward, then the heads) and keeps the cheapest step
+  /// among the trees predicted within 3% of the most tokens per second
+  /// (ModelInfo::calibration, calibration_choice).
   /// Empty: "auto" when the heads have an accuracy table, else their default tree, else
   /// "mc_sim_7b_63" cut to the number of heads. Ignored without heads.
   std::string tree;
@@ -82,17 +83,20 @@ struct EngineOptions {
   /// CPU. The heads only
   /// draft (the base model verifies every token), so this changes speed, not the output.
   std::string medusa_heads_dtype;
-  /// Draft tokens the heads rank, where their file has a draft vocabulary with token counts: its
-  /// N most frequent (at least medusa_top_k); 0: all of it; -1: the device's default, 6144 on the
-  /// CPU (each heads level then reads fewer rows of the vocabulary projection) and all on CUDA.
-  /// Drafts only: this changes speed and tokens per step, not the output.
+  /// Draft tokens the heads rank: N > 0 keeps the N most frequent of the heads file's draft
+  /// vocabulary by its token counts (all of it when N is at least its size; InvalidArgumentError
+  /// when the file has no draft vocabulary, or for N below its size without counts or below
+  /// medusa_top_k); 0: all of it; -1: the device's default, 6144 on the CPU where the file has
+  /// counts (each heads level then reads fewer rows of the vocabulary projection) and all on
+  /// CUDA. Drafts only: this changes speed and tokens per step, not the output.
   int medusa_draft_vocab = -1;
   /// Speculation policy: a decode step of more sequences than this verifies no trees (each
   /// sequence decodes one token; a big batch is already compute-bound). 0 = never verify trees.
   /// -1 = measure it at engine creation: the largest batch for which a tree step costs at most
   /// `medusa_expected_tokens_per_step` plain steps on this machine (see ModelInfo).
   int medusa_max_batch = -1;
-  /// The tokens per step the heads are expected to reach, for the measurement above. 0 = the
+  /// The tokens per step the heads are expected to reach, for the measurement above. 0 = with
+  /// the "auto" tree, its prediction (TreeCalibration::expected_tokens_per_step); otherwise the
   /// heads file's "expected_tokens_per_step" metadata if it has one, else 2.0.
   double medusa_expected_tokens_per_step = 0;
   /// Prompt lookup: the longest chain of tokens looked up in the context that a step verifies

@@ -339,7 +339,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                     auto_tree_max_nodes=args.max_nodes, prompt_lookup=0, progress=not args.quiet)
     info = engine.info
     print(f"plain decode step: {1e3 * info.plain_step_seconds:.1f} ms -> {1 / info.plain_step_seconds:.1f} tok/s")
-    cal = list(info.calibration)
+    cal = list(info.calibration)  # never empty: tree="auto" refuses heads without an accuracy table
     best = cal[info.calibration_choice]  # the engine's choice
     print(f"{'nodes':>5} {'depth':>5} {'exp. tok/step':>13} {'step ms':>8} {'heads ms':>8} {'predicted tok/s':>15}")
     for c in cal:

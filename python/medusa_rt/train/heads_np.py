@@ -152,6 +152,27 @@ class DraftLayerNp:
         return out
 
 
+def _most_frequent(f: SafetensorsFile, path, draft: Optional[np.ndarray], n: int) -> Optional[np.ndarray]:
+    """The n most frequent tokens of a heads file's draft vocabulary (by medusa.draft_vocab_count,
+    ties to the lower id), increasing; all of them for n = 0 or n >= its size. Refuses what the
+    engine's medusa_draft_vocab refuses."""
+    if n < 0:
+        raise InvalidArgumentError(f"draft_vocab must be >= 0, got {n}")
+    if draft is None:
+        if n > 0:
+            raise InvalidArgumentError(f"{path}: draft_vocab={n}: the file has no draft vocabulary")
+        return None
+    if "medusa.draft_vocab_count" in f:
+        counts = np.array(f.get("medusa.draft_vocab_count"), dtype=np.int64)
+        if counts.shape != draft.shape or (counts < 0).any():
+            raise ModelFormatError(f"{path}: medusa.draft_vocab_count must hold one count >= 0 per draft token")
+    elif 0 < n < draft.size:
+        raise InvalidArgumentError(f"{path}: draft_vocab={n} needs medusa.draft_vocab_count")
+    if not 0 < n < draft.size:
+        return draft
+    return np.sort(draft[np.argsort(-counts, kind="stable")[:n]])
+
+
 @dataclass
 class RuntimeHeads:
     blocks: List[List[tuple]]            # [head][layer] -> (weight [H, H], bias [H])
@@ -186,11 +207,7 @@ class RuntimeHeads:
                        for l in range(L)] for k in range(K)]
             proj = None if shared else [round_to(_f32(f, f"medusa.{k}.lm_head.weight"), dtype) for k in range(K)]
             draft = np.array(f.get("medusa.draft_vocab"), dtype=np.int64) if "medusa.draft_vocab" in f else None
-            if draft is not None and 0 < draft_vocab < draft.size:
-                if "medusa.draft_vocab_count" not in f:
-                    raise InvalidArgumentError(f"{path}: draft_vocab={draft_vocab} needs medusa.draft_vocab_count")
-                counts = np.array(f.get("medusa.draft_vocab_count"), dtype=np.int64)
-                draft = np.sort(draft[np.argsort(-counts, kind="stable")[:draft_vocab]])
+            draft = _most_frequent(f, path, draft, draft_vocab)
             version = meta.get("format_version")
             has_path = version == "3" or (version in ("4", "5") and meta.get("path_input") == "true")
             roots = [round_to(_f32(f, f"medusa.{k}.root.weight"), dtype) for k in range(K)] \
