@@ -588,7 +588,6 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
     // where rows are cheap and levels are not. The forward's cost depends on the size alone.
     struct Candidate {
       TreeSpec tree;
-      HeadsPlan plan;             // made once: a plan's buffers are new memory
       std::vector<double> heads;  // seconds, one per timing
     };
     struct Size {
@@ -597,7 +596,13 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
       std::vector<double> ratios;    // [round]: forward / that round's plain forward
     };
     std::vector<Size> sizes;
-    auto time_heads = [&](Candidate& c) { c.heads.push_back(e.decoder->time_heads(1, 1, &c.plan)); };
+    // A plan per timing (plans of every candidate at once would hold their buffers, sized for
+    // max_batch_size sequences, all through the calibration); plan() writes its buffers, so the
+    // timing does not pay for their first touch.
+    auto time_heads = [&](Candidate& c) {
+      const HeadsPlan plan = e.heads->plan(c.tree);
+      c.heads.push_back(e.decoder->time_heads(1, 1, &plan));
+    };
     const double best_possible = predicted_tokens_per_step(table, tree);
     // Round 0 finds the sizes worth timing: the search stops once no larger tree can win, with
     // slack for a single timing's noise.
@@ -610,10 +615,7 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
         TreeSpec t = fitted_tree(heads_meta, n, options.medusa_top_k, d);
         const int depth = t.max_depth();
         if (d == 0) z.nodes = t.num_nodes();  // below n where the table has no more paths
-        if (t.num_nodes() == z.nodes) {
-          HeadsPlan plan = e.heads->plan(t);
-          z.trees.push_back({std::move(t), std::move(plan), {}});
-        }
+        if (t.num_nodes() == z.nodes) z.trees.push_back({std::move(t), {}});
         if (depth <= 1) break;
         d = depth - 1;
       }
