@@ -148,12 +148,14 @@ class Engine:
         medusa_heads_dtype: precision of the heads' weights, ``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"int8"``;
             None: the model's dtype, except ``"bf16"`` for an fp32 or int8 model on the CPU (the heads
             only draft, so this changes speed, not the output; ``info.medusa_heads_dtype``).
-        medusa_draft_vocab: where the heads file has a draft vocabulary with token counts, rank
-            only its N most frequent tokens (at least ``medusa_top_k``); 0: all of it; None: the
-            device's default, 6144 on the CPU (each heads level reads fewer rows of the vocabulary
-            projection: on SmolLM2-135M a 4-node tree step cost 1.12-1.14x a plain step instead
-            of 1.18-1.19x, for 0.6% fewer tokens per step) and all on CUDA. Drafts only: the
-            output does not change (``info.medusa_draft_vocab``).
+        medusa_draft_vocab: N > 0: the heads rank only the N most frequent tokens of their
+            file's draft vocabulary, by its token counts (all of it for N at least its size;
+            InvalidArgumentError when the file has no draft vocabulary, or for N below its size
+            without counts or below ``medusa_top_k``); 0: all of it; None: the device's default,
+            6144 on the CPU where the file has counts (each heads level reads fewer rows of the
+            vocabulary projection: on SmolLM2-135M a 4-node tree step cost 1.12-1.14x a plain
+            step instead of 1.18-1.19x, for 0.6% fewer tokens per step) and all on CUDA. Drafts
+            only: the output does not change (``info.medusa_draft_vocab``).
         medusa_max_batch: a decode step shared by more sequences than this verifies no trees
             (speculation stops paying once a step is compute-bound); 0 = never; None = measure
             it at creation: the largest batch for which a tree step costs at most
