@@ -634,10 +634,10 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) : imp
       if (best_possible / (step + least_heads) < best_rate / kCalibrationSlack) break;
     }
     // More rounds, each a plain step then every size once, its trees' heads in turn (round 0
-    // timed each tree's once): on a shared
-    // machine timings drift and jump by 10-20% between runs, so a size's cost is the median of
-    // its ratios to the plain step of the same round, not a best-of taken at a different moment
-    // than the plain step's; a tree's heads, the median of its timings.
+    // timed each tree's once): on a shared machine timings drift and jump by 10-20% between
+    // runs, so a size's cost is the median of its ratios to the plain step of the same round,
+    // not a best-of taken at a different moment than the plain step's; a tree's heads, the
+    // median of its timings.
     for (int round = 1; round < kCalibrationRounds; ++round) {
       plain_s.push_back(e.decoder->time_forward(1, plain, 1, 1, context));
       for (Size& z : sizes) {
